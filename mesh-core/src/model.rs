@@ -1,0 +1,40 @@
+//! The model engine: a Llama-family decoder that runs as block spans.
+//!
+//! A server loads only blocks `[start, end)` ([`SpanModel`]) and keeps a KV cache per
+//! client session ([`SpanCache`]). The client owns the [`ClientHead`] (token embeddings,
+//! final norm, LM head), as in Petals: see `docs/architecture.md` for why.
+//!
+//! ```no_run
+//! # fn main() -> mesh_core::Result<()> {
+//! use mesh_core::model::{LocalModel, SamplingParams};
+//! let dir = mesh_core::model::tiny::ensure(std::path::Path::new("/tmp/mesh-tiny"))?;
+//! let mut model = LocalModel::load_split(&dir, 3, &candle_core::Device::Cpu)?;
+//! let out = model.generate("Hello", &SamplingParams::greedy(16), |_| {})?;
+//! println!("{}", out.text);
+//! # Ok(()) }
+//! ```
+
+mod cache;
+mod config;
+mod error;
+mod generate;
+mod head;
+mod layers;
+mod local;
+mod rope;
+mod sampling;
+mod span;
+pub mod tiny;
+mod tokenizer;
+mod weights;
+
+pub use cache::SpanCache;
+pub use config::{LlamaConfig, RopeScaling};
+pub use error::ModelError;
+pub use generate::{FinishReason, Generation};
+pub use head::ClientHead;
+pub use local::{GenerationOutput, LocalModel};
+pub use sampling::{Sampler, SamplingParams};
+pub use span::SpanModel;
+pub use tokenizer::{MeshTokenizer, TextStream};
+pub use weights::{parse_dtype, ModelFiles, Weights};

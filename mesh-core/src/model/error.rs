@@ -1,0 +1,66 @@
+//! Errors from loading and running a model span.
+
+use std::path::PathBuf;
+
+use crate::types::BlockRange;
+
+/// Why a model could not be loaded or run. Bad input is always one of these, never a panic.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file of the model directory could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `config.json` (or the safetensors index) is missing fields or is not valid JSON.
+    #[error("malformed {path}: {reason}")]
+    MalformedConfig { path: PathBuf, reason: String },
+    /// The config is well-formed but describes something this engine does not run.
+    #[error("unsupported model config: {0}")]
+    Unsupported(String),
+    /// No `*.safetensors` file was found in the model directory.
+    #[error("no safetensors weights in {0}")]
+    NoWeights(PathBuf),
+    /// A safetensors file is corrupt or its header cannot be parsed.
+    #[error("bad safetensors file {path}: {reason}")]
+    BadSafetensors { path: PathBuf, reason: String },
+    /// A tensor the span needs is not in any weight file.
+    #[error("weight {name} is missing from the model files")]
+    MissingWeight { name: String },
+    /// A tensor has a different shape than the config implies.
+    #[error("weight {name} has shape {actual:?}, config expects {expected:?}")]
+    WeightShape {
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    /// A tensor is stored in a dtype that is not a float type (f32, f16, bf16).
+    #[error("weight {name} has dtype {dtype}, expected one of f32, f16, bf16")]
+    WeightDtype { name: String, dtype: String },
+    /// The requested span does not lie inside the model.
+    #[error("block span {span} is out of range for a model with {num_blocks} blocks")]
+    SpanOutOfRange { span: BlockRange, num_blocks: u32 },
+    /// A sequence would exceed the model's (or the session's) maximum length.
+    #[error("sequence of {requested} tokens exceeds the context length of {max}")]
+    ContextOverflow { requested: usize, max: usize },
+    /// Hidden states arrived for positions that do not continue the session's cache.
+    #[error("positions start at {got}, but the session cache holds {expected} tokens")]
+    PositionMismatch { expected: usize, got: usize },
+    /// Hidden states have the wrong shape for this model.
+    #[error("hidden states have shape {actual:?}, expected [batch, seq, {hidden_size}]")]
+    HiddenShape {
+        actual: Vec<usize>,
+        hidden_size: usize,
+    },
+    /// A prompt encoded to no tokens at all.
+    #[error("empty prompt")]
+    EmptyPrompt,
+    /// `tokenizer.json` could not be loaded or used.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A tensor operation failed.
+    #[error("tensor op: {0}")]
+    Tensor(#[from] candle_core::Error),
+}

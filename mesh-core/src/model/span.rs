@@ -1,0 +1,128 @@
+//! A span of transformer blocks `[start, end)`: what one server loads and runs.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::layers::Block;
+use super::rope::RopeTables;
+use super::{LlamaConfig, ModelError, ModelFiles, SpanCache, Weights};
+use crate::types::BlockRange;
+
+/// Blocks `[start, end)` of one model, holding only those blocks' weights.
+#[derive(Clone, Debug)]
+pub struct SpanModel {
+    config: LlamaConfig,
+    range: BlockRange,
+    blocks: Vec<Block>,
+    rope: RopeTables,
+    dtype: DType,
+    device: Device,
+    weight_bytes: usize,
+}
+
+impl SpanModel {
+    /// Load blocks `range` of the model in `files`, reading only their tensors.
+    pub fn load(
+        files: &ModelFiles,
+        range: BlockRange,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let config = files.config.clone();
+        if !range.fits(config.num_blocks()) {
+            return Err(ModelError::SpanOutOfRange {
+                span: range,
+                num_blocks: config.num_blocks(),
+            });
+        }
+        let weights = Weights::open(files, dtype, device)?;
+        let blocks = (range.start..range.end)
+            .map(|i| Block::load(&weights, i as usize, &config))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rope = RopeTables::new(&config, dtype, device)?;
+        Ok(Self {
+            weight_bytes: weights.loaded_bytes(),
+            config,
+            range,
+            blocks,
+            rope,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn range(&self) -> BlockRange {
+        self.range
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes of weights this span copied out of the model files.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// A fresh cache for one session of at most `max_len` tokens.
+    pub fn new_cache(&self, max_len: usize) -> Result<SpanCache, ModelError> {
+        let limit = self.config.max_position_embeddings;
+        if max_len == 0 || max_len > limit {
+            return Err(ModelError::ContextOverflow {
+                requested: max_len,
+                max: limit,
+            });
+        }
+        Ok(SpanCache::new(self.blocks.len(), max_len))
+    }
+
+    /// Run hidden states `[batch, seq, hidden]` for positions `start_pos..start_pos+seq`
+    /// through every block of the span, extending the session's cache.
+    ///
+    /// A prefill is one call with many tokens; decoding is one call per token.
+    pub fn forward(
+        &self,
+        cache: &mut SpanCache,
+        hidden: &Tensor,
+        start_pos: usize,
+    ) -> Result<Tensor, ModelError> {
+        let dims = hidden.dims();
+        if dims.len() != 3 || dims[2] != self.config.hidden_size || dims[1] == 0 || dims[0] == 0 {
+            return Err(ModelError::HiddenShape {
+                actual: dims.to_vec(),
+                hidden_size: self.config.hidden_size,
+            });
+        }
+        if start_pos != cache.len() {
+            return Err(ModelError::PositionMismatch {
+                expected: cache.len(),
+                got: start_pos,
+            });
+        }
+        let seq = dims[1];
+        if start_pos + seq > cache.max_len() {
+            return Err(ModelError::ContextOverflow {
+                requested: start_pos + seq,
+                max: cache.max_len(),
+            });
+        }
+        if cache.layers.len() != self.blocks.len() {
+            return Err(ModelError::Unsupported(
+                "cache was made for a different span".into(),
+            ));
+        }
+        let mut x = hidden.to_device(&self.device)?.to_dtype(self.dtype)?;
+        for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            x = block.forward(&x, start_pos, &self.rope, kv)?;
+        }
+        cache.advance(seq);
+        Ok(x)
+    }
+}

@@ -1,0 +1,186 @@
+//! Reading only the tensors a span needs from a model's safetensors files.
+//!
+//! Files are memory-mapped, so opening a 100 GB model costs nothing; a tensor is copied
+//! into its own storage only when a span asks for it. [`Weights::loaded_bytes`] counts
+//! those copies, which is how a span's memory is shown to scale with its size.
+
+use std::cell::Cell;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use super::{LlamaConfig, ModelError};
+
+/// A model directory as Hugging Face writes it: `config.json`, one or more
+/// `*.safetensors` (sharded with `model.safetensors.index.json`), optional `tokenizer.json`.
+#[derive(Clone, Debug)]
+pub struct ModelFiles {
+    pub dir: PathBuf,
+    pub config: LlamaConfig,
+    pub weight_files: Vec<PathBuf>,
+}
+
+impl ModelFiles {
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let config = LlamaConfig::from_dir(dir)?;
+        let weight_files = locate_weights(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            weight_files,
+        })
+    }
+
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.dir.join("tokenizer.json")
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: std::collections::HashMap<String, String>,
+}
+
+fn locate_weights(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let index_path = dir.join("model.safetensors.index.json");
+    if index_path.exists() {
+        let text = std::fs::read_to_string(&index_path).map_err(|source| ModelError::Io {
+            path: index_path.clone(),
+            source,
+        })?;
+        let index: ShardIndex =
+            serde_json::from_str(&text).map_err(|e| ModelError::MalformedConfig {
+                path: index_path.clone(),
+                reason: e.to_string(),
+            })?;
+        let shards: BTreeSet<&String> = index.weight_map.values().collect();
+        let mut files = Vec::with_capacity(shards.len());
+        for shard in shards {
+            // A shard name is a file in this directory, never a path elsewhere.
+            if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
+                return Err(ModelError::MalformedConfig {
+                    path: index_path.clone(),
+                    reason: format!("shard name {shard:?} is not a plain file name"),
+                });
+            }
+            files.push(dir.join(shard));
+        }
+        if files.is_empty() {
+            return Err(ModelError::NoWeights(dir.to_path_buf()));
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|ext| ext == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::NoWeights(dir.to_path_buf()));
+    }
+    Ok(files)
+}
+
+/// Parse a dtype name as used on the command line and in configs.
+pub fn parse_dtype(name: &str) -> Option<DType> {
+    match name.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Some(DType::F32),
+        "f16" | "float16" | "half" => Some(DType::F16),
+        "bf16" | "bfloat16" => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+/// Lazily-read weights of one model, converted to `dtype` on `device` as they are taken.
+pub struct Weights {
+    tensors: MmapedSafetensors,
+    dtype: DType,
+    device: Device,
+    loaded_bytes: Cell<usize>,
+}
+
+impl Weights {
+    pub fn open(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        for path in &files.weight_files {
+            if !path.exists() {
+                return Err(ModelError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "weight shard"),
+                });
+            }
+        }
+        // SAFETY: the files are mapped read-only; like every safetensors reader we rely
+        // on nobody truncating a model file while a node is loading it.
+        let tensors = unsafe { MmapedSafetensors::multi(&files.weight_files) }.map_err(|e| {
+            ModelError::BadSafetensors {
+                path: files.dir.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Self {
+            tensors,
+            dtype,
+            device: device.clone(),
+            loaded_bytes: Cell::new(0),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes of tensor storage handed out so far.
+    pub fn loaded_bytes(&self) -> usize {
+        self.loaded_bytes.get()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.get(name).is_ok()
+    }
+
+    /// Take one tensor, checking its dtype and shape before copying it.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let view = self
+            .tensors
+            .get(name)
+            .map_err(|_| ModelError::MissingWeight {
+                name: name.to_string(),
+            })?;
+        use candle_core::safetensors::Load;
+        let stored = view.dtype();
+        if !matches!(
+            stored,
+            safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
+        ) {
+            return Err(ModelError::WeightDtype {
+                name: name.to_string(),
+                dtype: format!("{stored:?}"),
+            });
+        }
+        if view.shape() != shape {
+            return Err(ModelError::WeightShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: view.shape().to_vec(),
+            });
+        }
+        let tensor = view.load(&self.device)?.to_dtype(self.dtype)?;
+        self.loaded_bytes
+            .set(self.loaded_bytes.get() + tensor.elem_count() * self.dtype.size_in_bytes());
+        Ok(tensor)
+    }
+}

@@ -1,0 +1,185 @@
+//! The shared vocabulary: names every layer of mesh uses for models, blocks and sessions.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A model's name on the mesh, e.g. `tiny-llama-mesh` or `meta-llama/Llama-2-7b-hf`.
+///
+/// Peers serving the same `ModelId` must serve bit-compatible weights; the ledger also
+/// records a hash of the config so a receipt names exactly what ran.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ModelId(pub String);
+
+impl ModelId {
+    /// Longest accepted model name; keeps DHT keys and gossip topics bounded.
+    pub const MAX_LEN: usize = 128;
+
+    pub fn new(name: impl Into<String>) -> Self {
+        Self(name.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A name is valid when it is non-empty, bounded and printable without whitespace.
+    pub fn is_valid(&self) -> bool {
+        !self.0.is_empty()
+            && self.0.len() <= Self::MAX_LEN
+            && self.0.chars().all(|c| c.is_ascii_graphic())
+    }
+}
+
+impl fmt::Display for ModelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A half-open span of transformer blocks `[start, end)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BlockRange {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl BlockRange {
+    pub fn new(start: u32, end: u32) -> Self {
+        Self { start, end }
+    }
+
+    pub fn len(&self) -> u32 {
+        self.end.saturating_sub(self.start)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
+
+    pub fn contains(&self, block: u32) -> bool {
+        self.start <= block && block < self.end
+    }
+
+    /// True when the span is non-empty and lies inside a model of `num_blocks` blocks.
+    pub fn fits(&self, num_blocks: u32) -> bool {
+        !self.is_empty() && self.end <= num_blocks
+    }
+
+    /// Split `num_blocks` into `parts` contiguous spans whose sizes differ by at most one.
+    pub fn even_split(num_blocks: u32, parts: u32) -> Vec<BlockRange> {
+        let parts = parts.clamp(1, num_blocks.max(1));
+        let base = num_blocks / parts;
+        let extra = num_blocks % parts;
+        let mut start = 0;
+        (0..parts)
+            .map(|i| {
+                let len = base + u32::from(i < extra);
+                let span = BlockRange::new(start, start + len);
+                start += len;
+                span
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for BlockRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{}, {})", self.start, self.end)
+    }
+}
+
+/// Identifies one client's inference session; chosen at random by the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SessionId(pub [u8; 16]);
+
+impl SessionId {
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A server's self-reported load, carried in its heartbeats and updated by the node as it
+/// serves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServerLoad {
+    /// Free memory (VRAM on a GPU, RAM otherwise) for more sessions, in bytes.
+    pub free_memory_bytes: u64,
+    /// Measured throughput in tokens per second per block.
+    pub throughput_tps: f32,
+    /// Inference sessions open right now.
+    pub active_sessions: u32,
+    /// Busy fraction, `0.0` idle to `1.0` saturated (may exceed 1 when queueing).
+    pub load: f32,
+}
+
+/// A live server of a model as one peer last heard it in a gossip heartbeat.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerInfo {
+    pub peer_id: libp2p::PeerId,
+    /// Addresses the server announces (without the `/p2p/` suffix).
+    pub addrs: Vec<libp2p::Multiaddr>,
+    pub model: ModelId,
+    /// The blocks it serves.
+    pub span: BlockRange,
+    /// How many blocks the whole model has.
+    pub num_blocks: u32,
+    pub load: ServerLoad,
+    /// Price per token in micro-units (millionths of the ledger's unit); 0 = free.
+    pub price_per_token: u64,
+    /// The server's software version string.
+    pub version: String,
+    /// The server's clock when it sent the heartbeat, in ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The server's heartbeat interval; the entry is dropped after 3 silent intervals.
+    pub interval: std::time::Duration,
+}
+
+/// A server found in the DHT for a block: who it is, where to dial it, and its whole span.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteSpan {
+    pub peer_id: libp2p::PeerId,
+    pub addrs: Vec<libp2p::Multiaddr>,
+    pub model: ModelId,
+    pub span: BlockRange,
+    pub num_blocks: u32,
+    /// Price per token in micro-units; 0 = free.
+    pub price_per_token: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn even_split_covers_all_blocks_contiguously() {
+        for n in 1..20 {
+            for parts in 1..6 {
+                let spans = BlockRange::even_split(n, parts);
+                assert_eq!(spans.first().map(|s| s.start), Some(0));
+                assert_eq!(spans.last().map(|s| s.end), Some(n));
+                for w in spans.windows(2) {
+                    assert_eq!(w[0].end, w[1].start);
+                }
+                assert!(spans.iter().all(|s| !s.is_empty()));
+            }
+        }
+    }
+
+    #[test]
+    fn model_id_validation() {
+        assert!(ModelId::new("tiny-llama").is_valid());
+        assert!(!ModelId::new("").is_valid());
+        assert!(!ModelId::new("has space").is_valid());
+        assert!(!ModelId::new("x".repeat(200)).is_valid());
+    }
+}

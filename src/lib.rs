@@ -1,0 +1,1 @@
+//! Umbrella package for examples/ and benches/.
