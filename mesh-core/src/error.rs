@@ -8,6 +8,15 @@ pub enum Error {
     /// Loading or running a model span failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The peer-to-peer layer failed (swarm, DHT, gossip, requests).
+    #[error(transparent)]
+    P2p(#[from] crate::p2p::P2pError),
+    /// The peer identity could not be loaded or created.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    /// Bytes could not be encoded or decoded.
+    #[error(transparent)]
+    Wire(#[from] crate::wire::WireError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -5,13 +5,20 @@
 //! - [`model`]: a Llama-family decoder that loads and runs only a span of blocks
 //!   `[start, end)`, a per-session KV cache, the client-side head (embeddings, final norm,
 //!   LM head), sampling and generation, and the embedded tiny model.
-//! - [`types`]: the shared vocabulary (`ModelId`, `BlockRange`, `SessionId`).
+//! - [`types`]: the shared vocabulary (`ModelId`, `BlockRange`, `SessionId`, `ServerInfo`).
+//! - [`identity`]: the peer's persistent ed25519 key on disk (`PeerId`, receipt signing key).
+//! - [`wire`]: the only place values become bytes; every decode is bounded before allocating.
+//! - [`p2p`]: the libp2p swarm: Kademlia announcements and lookups, gossip heartbeats and the
+//!   live-server table, the `/mesh/session/1` request-response protocol, the bootstrap peer.
 //! - [`error`]: the crate's typed errors.
 
 pub mod error;
+pub mod identity;
 pub mod model;
+pub mod p2p;
 pub mod paths;
 pub mod types;
+pub mod wire;
 
 pub use error::{Error, Result};
-pub use types::{BlockRange, ModelId, SessionId};
+pub use types::{BlockRange, ModelId, RemoteSpan, ServerInfo, ServerLoad, SessionId};

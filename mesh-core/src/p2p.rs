@@ -1,0 +1,253 @@
+//! The peer-to-peer layer: a libp2p swarm with Kademlia, gossipsub heartbeats and the
+//! `/mesh/session/1` request-response protocol.
+//!
+//! Shaped like rust-libp2p's file-sharing example: [`new`] returns a cloneable [`Client`]
+//! (a handle over a bounded command queue, each command with a oneshot reply), a bounded
+//! receiver of [`Event`]s, and the [`EventLoop`], the only owner of the swarm. [`spawn`]
+//! does all of that, starts listening and dials the bootstrap peers.
+//!
+//! | file | idea |
+//! |---|---|
+//! | `behaviour.rs` | the composed behaviour: limits, identify, ping, Kademlia, gossipsub, session |
+//! | `codec.rs` | [`SESSION_PROTOCOL`]: length-prefixed opaque frames, bounded before allocating |
+//! | `dht.rs` | DHT keys, signed server records, validation of everything stored |
+//! | `heartbeat.rs` | heartbeat messages, their validation, the live-server table |
+//! | `client.rs` | [`Client`]: the handle every other part of mesh talks to |
+//! | `event_loop.rs` | [`EventLoop`]: swarm events, commands, announce and heartbeat timers |
+//! | `event_loop/lookup.rs` | the lookup state machine: providers, then signed server records |
+//! | `event_loop/dialback.rs` | asking a peer to dial our public address, and doing it for others |
+//! | `reachability.rs` | address scopes, the unreachable-node warning, the dial-back probe |
+//! | `run.rs` | [`run_bootstrap`] and [`serve`]: whole peers for the binaries |
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), mesh_core::p2p::P2pError> {
+//! use mesh_core::{identity::Identity, p2p, ModelId};
+//!
+//! let mut cfg = p2p::P2pConfig::new(Identity::generate(), p2p::Role::Client);
+//! cfg.bootstrap = vec!["/ip4/127.0.0.1/tcp/31337/p2p/12D3KooW...".parse().unwrap()];
+//! let peer = p2p::spawn(cfg).await?;
+//! let model = ModelId::new("tiny-llama-mesh");
+//! let servers = peer.client.discover(&model, 8).await?; // DHT: who serves which blocks
+//! let live = peer.client.live_servers(&model).await?; // gossip: who is alive right now
+//! # Ok(()) }
+//! ```
+
+mod behaviour;
+mod client;
+pub mod codec;
+pub mod dht;
+mod event_loop;
+pub mod heartbeat;
+pub mod reachability;
+mod run;
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+pub use behaviour::{KAD_PROTOCOL, MAX_GOSSIP_BYTES};
+pub use client::{Announcement, Client, P2pStats, ResponseChannel};
+pub use codec::{MAX_FRAME_BYTES, SESSION_PROTOCOL};
+pub use event_loop::EventLoop;
+pub use libp2p::multiaddr::Protocol;
+pub use libp2p::{Multiaddr, PeerId};
+pub use run::{run_bootstrap, serve};
+
+use crate::identity::Identity;
+use crate::types::{ModelId, ServerInfo};
+
+/// Capacity of the command queue from [`Client`]s to the [`EventLoop`].
+pub const COMMAND_QUEUE: usize = 64;
+/// Capacity of the [`Event`] queue; when full, events are dropped and counted.
+pub const EVENT_QUEUE: usize = 256;
+/// Default TCP (and UDP/QUIC) port of a bootstrap peer.
+pub const DEFAULT_BOOTSTRAP_PORT: u16 = 31337;
+
+/// What a peer is for; decides the Kademlia mode and whether it serves sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A DHT server that relays heartbeats; serves no model.
+    Bootstrap,
+    /// Serves a span of blocks: DHT server, announces, heartbeats, answers sessions.
+    Server,
+    /// Uses the mesh: DHT client mode, sends session requests only.
+    Client,
+}
+
+/// Everything a peer needs to start.
+#[derive(Debug, Clone)]
+pub struct P2pConfig {
+    pub identity: Identity,
+    pub role: Role,
+    /// Addresses to listen on, e.g. `/ip4/0.0.0.0/tcp/31337`, `/ip4/0.0.0.0/udp/31337/quic-v1`.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to join through (`.../p2p/<peer id>`): bootstraps or any other mesh peer.
+    pub bootstrap: Vec<Multiaddr>,
+    /// This peer's public addresses, announced instead of the listen addresses.
+    pub public_addrs: Vec<Multiaddr>,
+    /// Heartbeat period (±10 % jitter). Default 15 s.
+    pub heartbeat_interval: Duration,
+    /// DHT re-announcement, neighbour discovery and bootstrap re-dial period. Default 120 s.
+    pub announce_interval: Duration,
+    /// Lifetime of DHT records this peer stores. Default 360 s (3 announce periods).
+    pub record_ttl: Duration,
+    /// Heartbeats older or newer than this (by their timestamp) are rejected. Default 60 s.
+    pub max_clock_skew: Duration,
+    /// Timeout of one `/mesh/session/1` request. Default 60 s.
+    pub request_timeout: Duration,
+    /// Timeout of one Kademlia query. Default 5 s.
+    pub query_timeout: Duration,
+    /// Overall limit of [`Client::lookup`]. Default 8 s.
+    pub lookup_timeout: Duration,
+    /// Largest session frame accepted or sent; at most [`MAX_FRAME_BYTES`].
+    pub max_frame_bytes: usize,
+    /// Most established inbound connections.
+    pub max_connections: u32,
+    /// Connections idle this long are closed. Default 60 s.
+    pub idle_timeout: Duration,
+}
+
+impl P2pConfig {
+    /// Defaults for `role`, listening nowhere and joining through no one.
+    pub fn new(identity: Identity, role: Role) -> Self {
+        Self {
+            identity,
+            role,
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            public_addrs: Vec::new(),
+            heartbeat_interval: Duration::from_secs(15),
+            announce_interval: Duration::from_secs(120),
+            record_ttl: Duration::from_secs(360),
+            max_clock_skew: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(60),
+            query_timeout: Duration::from_secs(5),
+            lookup_timeout: Duration::from_secs(8),
+            max_frame_bytes: MAX_FRAME_BYTES,
+            max_connections: 256,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Errors of the peer-to-peer layer.
+#[derive(Debug, thiserror::Error)]
+pub enum P2pError {
+    /// The transport or a behaviour could not be built.
+    #[error("building the swarm: {0}")]
+    Transport(String),
+    /// Listening on an address failed.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    /// Dialing a peer failed.
+    #[error("dial failed: {0}")]
+    Dial(String),
+    /// The event loop has stopped; the client is no longer usable.
+    #[error("the p2p event loop has stopped")]
+    Closed,
+    /// An operation did not finish in time.
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    /// A session request failed (unreachable peer, timeout, protocol error).
+    #[error("request to {peer} failed: {reason}")]
+    Request { peer: PeerId, reason: String },
+    /// Sending a response failed (the requester went away, or the channel was dropped).
+    #[error("response could not be sent")]
+    Respond,
+    /// An argument is invalid (model name, span).
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    /// A DHT store operation failed.
+    #[error("DHT: {0}")]
+    Dht(String),
+    /// Signing a record failed.
+    #[error("signing: {0}")]
+    Signing(String),
+    /// No connected peer could do what was asked (e.g. a reachability check).
+    #[error("no connected peer to ask")]
+    NoPeers,
+    /// Encoding failed.
+    #[error(transparent)]
+    Wire(#[from] crate::wire::WireError),
+}
+
+/// What the event loop tells the rest of the program.
+#[derive(Debug)]
+pub enum Event {
+    /// A peer sent a `/mesh/session/1` request; answer with [`Client::respond`]. Dropping the
+    /// channel makes the request fail on the other side.
+    InboundRequest {
+        peer: PeerId,
+        request: Vec<u8>,
+        channel: ResponseChannel,
+    },
+    /// A server was heard for the first time (or again after being dropped).
+    ServerUp(ServerInfo),
+    /// A server left cleanly or was unheard for 3 of its heartbeat intervals.
+    ServerDown { peer: PeerId, model: ModelId },
+}
+
+/// A running peer: its handle, its events and where it listens.
+pub struct Peer {
+    pub client: Client,
+    pub events: mpsc::Receiver<Event>,
+    /// Listen addresses with the `/p2p/<peer id>` suffix.
+    pub listen_addrs: Vec<Multiaddr>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Builds the swarm and starts listening. Nothing runs until [`EventLoop::run`] is polled.
+pub fn new(cfg: P2pConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), P2pError> {
+    let mut swarm = behaviour::build_swarm(&cfg)?;
+    for addr in &cfg.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| P2pError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    for addr in &cfg.public_addrs {
+        swarm.add_external_address(addr.clone());
+    }
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+    let client = Client::new(cmd_tx, cfg.identity.peer_id());
+    Ok((client, ev_rx, EventLoop::new(swarm, cmd_rx, ev_tx, &cfg)))
+}
+
+/// Builds the swarm, runs its event loop on the tokio runtime, waits until every listener
+/// has an address (up to 10 s) and dials `cfg.bootstrap` (failures are logged, not fatal:
+/// the other bootstraps may answer).
+pub async fn spawn(cfg: P2pConfig) -> Result<Peer, P2pError> {
+    let bootstrap = cfg.bootstrap.clone();
+    let wanted = cfg.listen.len();
+    let (client, events, event_loop) = new(cfg)?;
+    let task = tokio::spawn(event_loop.run());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let listen_addrs = loop {
+        let addrs = client.listen_addrs().await?;
+        if addrs.len() >= wanted {
+            break addrs;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(P2pError::Timeout("waiting for listen addresses"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let dials = bootstrap.into_iter().map(|addr| {
+        let client = client.clone();
+        async move {
+            if let Err(e) = client.dial(addr.clone()).await {
+                tracing::warn!(%addr, "bootstrap peer unreachable: {e}");
+            }
+        }
+    });
+    futures::future::join_all(dials).await;
+    Ok(Peer {
+        client,
+        events,
+        listen_addrs,
+        task,
+    })
+}

@@ -1,0 +1,147 @@
+//! The composed libp2p behaviour and the swarm built from it.
+
+use libp2p::identity::Keypair;
+use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
+use libp2p::request_response::ProtocolSupport;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{
+    connection_limits, gossipsub, identify, kad, noise, ping, request_response, tcp, yamux,
+    StreamProtocol, Swarm, SwarmBuilder,
+};
+
+use super::codec::{FrameCodec, SESSION_PROTOCOL};
+use super::dht::MAX_RECORD_BYTES;
+use super::reachability::{
+    DIALBACK_CONNECT_TIMEOUT, DIALBACK_PROTOCOL, MAX_DIALBACK_ADDRS, MAX_DIALBACK_BYTES,
+};
+use super::{P2pConfig, P2pError, Role};
+
+/// Kademlia protocol name: a mesh-only DHT, separate from the public IPFS one.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/mesh/kad/1.0.0");
+/// Identify protocol version string.
+pub const IDENTIFY_PROTOCOL: &str = "/mesh/id/1.0.0";
+/// Largest gossip message the transport accepts (heartbeats are far smaller).
+pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
+/// Largest Kademlia message.
+pub const MAX_KAD_PACKET_BYTES: usize = 16 * 1024;
+
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    pub limits: connection_limits::Behaviour,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub kad: kad::Behaviour<MemoryStore>,
+    pub gossipsub: gossipsub::Behaviour,
+    pub session: request_response::Behaviour<FrameCodec>,
+    pub dialback: request_response::Behaviour<FrameCodec>,
+}
+
+fn behaviour(key: &Keypair, cfg: &P2pConfig) -> Result<Behaviour, P2pError> {
+    let peer_id = key.public().to_peer_id();
+
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_pending_incoming(Some(64))
+        .with_max_pending_outgoing(Some(64))
+        .with_max_established_incoming(Some(cfg.max_connections))
+        .with_max_established(Some(cfg.max_connections.saturating_mul(2)))
+        .with_max_established_per_peer(Some(4));
+
+    let identify = identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+            .with_agent_version(format!("mesh/{}", env!("CARGO_PKG_VERSION"))),
+    );
+
+    let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
+    kad_cfg
+        .set_query_timeout(cfg.query_timeout)
+        .set_record_ttl(Some(cfg.record_ttl))
+        .set_provider_record_ttl(Some(cfg.record_ttl))
+        // Servers re-announce on their own timer with fresh, signed records.
+        .set_publication_interval(None)
+        .set_provider_publication_interval(None)
+        .set_record_filtering(kad::StoreInserts::FilterBoth)
+        .set_max_packet_size(MAX_KAD_PACKET_BYTES);
+    let store = MemoryStore::with_config(
+        peer_id,
+        MemoryStoreConfig {
+            max_records: 4096,
+            max_value_bytes: MAX_RECORD_BYTES,
+            max_providers_per_key: 128,
+            max_provided_keys: 4096,
+        },
+    );
+    let mut kad = kad::Behaviour::with_config(peer_id, store, kad_cfg);
+    kad.set_mode(Some(match cfg.role {
+        Role::Client => kad::Mode::Client,
+        Role::Server | Role::Bootstrap => kad::Mode::Server,
+    }));
+
+    let gossip_cfg = gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .max_transmit_size(MAX_GOSSIP_BYTES)
+        .heartbeat_interval(std::time::Duration::from_secs(1))
+        .build()
+        .map_err(|e| P2pError::Transport(format!("gossipsub config: {e}")))?;
+    let gossipsub = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        gossip_cfg,
+    )
+    .map_err(|e| P2pError::Transport(format!("gossipsub: {e}")))?;
+
+    let support = match cfg.role {
+        Role::Server => ProtocolSupport::Full,
+        Role::Client | Role::Bootstrap => ProtocolSupport::Outbound,
+    };
+    let session = request_response::Behaviour::with_codec(
+        FrameCodec::new(cfg.max_frame_bytes),
+        [(SESSION_PROTOCOL, support)],
+        request_response::Config::default()
+            .with_request_timeout(cfg.request_timeout)
+            .with_max_concurrent_streams(256),
+    );
+
+    let dialback_support = match cfg.role {
+        Role::Server | Role::Bootstrap => ProtocolSupport::Full,
+        Role::Client => ProtocolSupport::Outbound,
+    };
+    let dialback = request_response::Behaviour::with_codec(
+        FrameCodec::new(MAX_DIALBACK_BYTES),
+        [(DIALBACK_PROTOCOL, dialback_support)],
+        request_response::Config::default()
+            .with_request_timeout(DIALBACK_CONNECT_TIMEOUT * (MAX_DIALBACK_ADDRS as u32 + 1))
+            .with_max_concurrent_streams(8),
+    );
+
+    Ok(Behaviour {
+        limits: connection_limits::Behaviour::new(limits),
+        identify,
+        ping: ping::Behaviour::default(),
+        kad,
+        gossipsub,
+        session,
+        dialback,
+    })
+}
+
+/// Builds the swarm: TCP (noise, yamux) and QUIC, with DNS resolution.
+pub(crate) fn build_swarm(cfg: &P2pConfig) -> Result<Swarm<Behaviour>, P2pError> {
+    let keypair = cfg.identity.keypair();
+    let behaviour = behaviour(&keypair, cfg)?;
+    let transport = |e: &dyn std::fmt::Display| P2pError::Transport(e.to_string());
+    Ok(SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| transport(&e))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| transport(&e))?
+        .with_behaviour(|_| behaviour)
+        .map_err(|e| transport(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(cfg.idle_timeout))
+        .build())
+}

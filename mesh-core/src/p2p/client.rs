@@ -1,0 +1,247 @@
+//! [`Client`]: the cloneable handle to a peer's event loop.
+
+use std::collections::{HashMap, HashSet};
+
+use libp2p::{request_response, Multiaddr, PeerId};
+use tokio::sync::{mpsc, oneshot};
+
+use super::heartbeat::GossipStats;
+use super::reachability::Reachability;
+use super::P2pError;
+use crate::types::{BlockRange, ModelId, RemoteSpan, ServerInfo, ServerLoad};
+
+/// What a server announces: the span it serves and what it charges.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Announcement {
+    pub model: ModelId,
+    pub span: BlockRange,
+    /// How many blocks the whole model has.
+    pub num_blocks: u32,
+    /// Micro-units per token; 0 = free.
+    pub price_per_token: u64,
+    /// Initial load figures; update them with [`Client::set_load`].
+    pub load: ServerLoad,
+}
+
+impl Announcement {
+    /// Checks the model name and that the span fits the model.
+    pub fn validate(&self) -> Result<(), P2pError> {
+        if !self.model.is_valid() {
+            return Err(P2pError::Invalid("model name"));
+        }
+        if self.num_blocks > super::dht::MAX_BLOCKS || !self.span.fits(self.num_blocks) {
+            return Err(P2pError::Invalid("span does not fit the model"));
+        }
+        Ok(())
+    }
+}
+
+/// The channel to answer one inbound session request on ([`Client::respond`]).
+#[derive(Debug)]
+pub struct ResponseChannel(pub(crate) request_response::ResponseChannel<Vec<u8>>);
+
+/// Counters of what this peer accepted, rejected and dropped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct P2pStats {
+    /// Heartbeat validation outcomes.
+    pub gossip: GossipStats,
+    pub heartbeats_published: u64,
+    pub heartbeat_publish_failures: u64,
+    /// Inbound DHT values (server records) stored / refused; refused also counts invalid
+    /// records met in lookups.
+    pub dht_records_accepted: u64,
+    pub dht_records_rejected: u64,
+    /// Inbound provider records stored / refused.
+    pub dht_providers_accepted: u64,
+    pub dht_providers_rejected: u64,
+    /// Events dropped because the event queue was full.
+    pub events_dropped: u64,
+    pub connected_peers: usize,
+}
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, P2pError>>;
+
+pub(crate) enum Command {
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    AnnounceAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Dial(Multiaddr, Reply<()>),
+    DialPeer(PeerId, Vec<Multiaddr>),
+    Announce(Announcement, Reply<()>),
+    Unannounce(Reply<()>),
+    SetLoad(ServerLoad),
+    Subscribe(ModelId, Reply<()>),
+    Lookup(ModelId, u32, Reply<Vec<RemoteSpan>>),
+    LiveServers(ModelId, oneshot::Sender<Vec<ServerInfo>>),
+    Request(PeerId, Vec<u8>, Reply<Vec<u8>>),
+    Respond(ResponseChannel, Vec<u8>, Reply<()>),
+    Stats(oneshot::Sender<P2pStats>),
+    CheckReachability(Reply<Vec<Reachability>>),
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A handle to a running peer. Cheap to clone; every call is a command to the event loop.
+#[derive(Clone, Debug)]
+pub struct Client {
+    tx: mpsc::Sender<Command>,
+    peer_id: PeerId,
+}
+
+impl Client {
+    pub(crate) fn new(tx: mpsc::Sender<Command>, peer_id: PeerId) -> Self {
+        Self { tx, peer_id }
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), P2pError> {
+        self.tx.send(cmd).await.map_err(|_| P2pError::Closed)
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, P2pError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx)).await?;
+        rx.await.map_err(|_| P2pError::Closed)
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, P2pError> {
+        self.ask(make).await?
+    }
+
+    /// This peer's id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Where this peer listens, each with its `/p2p/<peer id>` suffix.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, P2pError> {
+        self.ask(Command::ListenAddrs).await
+    }
+
+    /// The addresses this peer puts in its records and heartbeats (public addresses if
+    /// configured, else its concrete listen addresses).
+    pub async fn announce_addrs(&self) -> Result<Vec<Multiaddr>, P2pError> {
+        self.ask(Command::AnnounceAddrs).await
+    }
+
+    /// Connects to `addr`. With a `/p2p/<peer id>` suffix the peer is also added to the DHT
+    /// routing table. Resolves once the connection is up (or failed).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), P2pError> {
+        self.call(|r| Command::Dial(addr, r)).await
+    }
+
+    /// Starts announcing `ann` in the DHT and heartbeating it on its model's topic, until
+    /// [`Client::unannounce`]. Replaces a previous announcement.
+    pub async fn announce(&self, ann: Announcement) -> Result<(), P2pError> {
+        ann.validate()?;
+        self.call(|r| Command::Announce(ann, r)).await
+    }
+
+    /// Withdraws the announcement: stops providing, stores an offline record, sends a last
+    /// "leaving" heartbeat. Resolves once the offline record is stored (or the query ends).
+    pub async fn unannounce(&self) -> Result<(), P2pError> {
+        self.call(Command::Unannounce).await
+    }
+
+    /// Updates the load figures sent in the next heartbeats.
+    pub async fn set_load(&self, load: ServerLoad) -> Result<(), P2pError> {
+        self.send(Command::SetLoad(load)).await
+    }
+
+    /// Listens to heartbeats of `model` (a server is subscribed to its own model already).
+    pub async fn subscribe(&self, model: &ModelId) -> Result<(), P2pError> {
+        let model = model.clone();
+        self.call(|r| Command::Subscribe(model, r)).await
+    }
+
+    /// The servers of `block` of `model` announced in the DHT, with their addresses and spans.
+    /// Servers that left cleanly are skipped; for liveness, see [`Client::live_servers`].
+    pub async fn lookup(&self, model: &ModelId, block: u32) -> Result<Vec<RemoteSpan>, P2pError> {
+        let model = model.clone();
+        self.call(|r| Command::Lookup(model, block, r)).await
+    }
+
+    /// Subscribes to `model`'s heartbeats, looks up the servers of every block and connects
+    /// to them (so their heartbeats arrive directly). Returns each server once.
+    pub async fn discover(
+        &self,
+        model: &ModelId,
+        num_blocks: u32,
+    ) -> Result<Vec<RemoteSpan>, P2pError> {
+        if num_blocks == 0 || num_blocks > super::dht::MAX_BLOCKS {
+            return Err(P2pError::Invalid("num_blocks"));
+        }
+        self.subscribe(model).await?;
+        let lookups = (0..num_blocks).map(|b| self.lookup(model, b));
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for found in futures::future::join_all(lookups).await {
+            for span in found? {
+                if seen.insert(span.peer_id) {
+                    out.push(span);
+                }
+            }
+        }
+        let connected: HashSet<PeerId> = self.connected_peers().await?.into_iter().collect();
+        for span in &out {
+            if span.peer_id != self.peer_id && !connected.contains(&span.peer_id) {
+                self.send(Command::DialPeer(span.peer_id, span.addrs.clone()))
+                    .await?;
+            }
+        }
+        out.sort_by_key(|a| (a.span, a.peer_id));
+        Ok(out)
+    }
+
+    /// Groups `spans` by the block range they serve.
+    pub fn by_span(spans: &[RemoteSpan]) -> HashMap<BlockRange, Vec<PeerId>> {
+        let mut map: HashMap<BlockRange, Vec<PeerId>> = HashMap::new();
+        for s in spans {
+            map.entry(s.span).or_default().push(s.peer_id);
+        }
+        map
+    }
+
+    /// The live servers of `model` this peer has heard heartbeats from.
+    pub async fn live_servers(&self, model: &ModelId) -> Result<Vec<ServerInfo>, P2pError> {
+        let model = model.clone();
+        self.ask(|r| Command::LiveServers(model, r)).await
+    }
+
+    /// Sends a `/mesh/session/1` request to `peer` and waits for its response.
+    pub async fn request(&self, peer: PeerId, request: Vec<u8>) -> Result<Vec<u8>, P2pError> {
+        self.call(|r| Command::Request(peer, request, r)).await
+    }
+
+    /// Answers an [`super::Event::InboundRequest`].
+    pub async fn respond(
+        &self,
+        channel: ResponseChannel,
+        response: Vec<u8>,
+    ) -> Result<(), P2pError> {
+        self.call(|r| Command::Respond(channel, response, r)).await
+    }
+
+    /// Asks a connected peer (a bootstrap if possible) to open a TCP connection to each of
+    /// this peer's public addresses (`P2pConfig::public_addrs`) from the outside. Empty when
+    /// no public address is configured.
+    pub async fn check_reachability(&self) -> Result<Vec<Reachability>, P2pError> {
+        self.call(Command::CheckReachability).await
+    }
+
+    /// Counters of accepted, rejected and dropped messages.
+    pub async fn stats(&self) -> Result<P2pStats, P2pError> {
+        self.ask(Command::Stats).await
+    }
+
+    /// Peers with at least one open connection.
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, P2pError> {
+        self.ask(Command::ConnectedPeers).await
+    }
+
+    /// Stops the event loop (connections close). Other clones then get [`P2pError::Closed`].
+    pub async fn shutdown(&self) -> Result<(), P2pError> {
+        self.ask(Command::Shutdown).await
+    }
+}

@@ -1,0 +1,166 @@
+//! `/mesh/session/1`: request-response of opaque byte frames.
+//!
+//! One request and one response per stream, each a single frame: a 4-byte big-endian length
+//! followed by that many bytes. The length is checked against the codec's maximum before any
+//! byte of the body is read, and the body buffer grows only as bytes arrive, so a peer that
+//! claims a large frame and sends little costs little memory. Time is bounded by the
+//! request-response timeout ([`super::P2pConfig::request_timeout`]).
+
+use std::io;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::request_response;
+use libp2p::StreamProtocol;
+
+/// The session protocol's name; listed in docs/protocol.md.
+pub const SESSION_PROTOCOL: StreamProtocol = StreamProtocol::new("/mesh/session/1");
+
+/// Hard upper bound on one frame (request or response): 64 MiB.
+pub const MAX_FRAME_BYTES: usize = 64 << 20;
+
+/// Reads one length-prefixed frame of at most `max` bytes.
+pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, max: usize) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the limit of {max}"),
+        ));
+    }
+    let mut buf = Vec::with_capacity(len.min(64 * 1024));
+    io.take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("frame truncated at {} of {len} bytes", buf.len()),
+        ));
+    }
+    Ok(buf)
+}
+
+/// Writes one length-prefixed frame, refusing one over `max` bytes.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    data: &[u8],
+    max: usize,
+) -> io::Result<()> {
+    let len = u32::try_from(data.len())
+        .ok()
+        .filter(|&l| l as usize <= max)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("frame of {} bytes exceeds the limit of {max}", data.len()),
+            )
+        })?;
+    io.write_all(&len.to_be_bytes()).await?;
+    io.write_all(data).await?;
+    io.flush().await
+}
+
+/// The request-response codec for [`SESSION_PROTOCOL`]: opaque bytes both ways.
+#[derive(Clone, Debug)]
+pub struct FrameCodec {
+    max_frame: usize,
+}
+
+impl FrameCodec {
+    /// A codec accepting frames up to `max_frame` bytes (clamped to [`MAX_FRAME_BYTES`]).
+    pub fn new(max_frame: usize) -> Self {
+        Self {
+            max_frame: max_frame.min(MAX_FRAME_BYTES),
+        }
+    }
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        Self::new(MAX_FRAME_BYTES)
+    }
+}
+
+impl request_response::Codec for FrameCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_frame(io, self.max_frame).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_frame(io, self.max_frame).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &req, self.max_frame).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &res, self.max_frame).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::io::Cursor;
+
+    #[tokio::test]
+    async fn frame_roundtrip() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, b"hello", 16).await.unwrap();
+        assert_eq!(&buf[..4], &5u32.to_be_bytes());
+        let got = read_frame(&mut Cursor::new(buf), 16).await.unwrap();
+        assert_eq!(got, b"hello");
+    }
+
+    #[tokio::test]
+    async fn oversized_claim_is_rejected_before_reading_the_body() {
+        let mut bytes = u32::MAX.to_be_bytes().to_vec();
+        bytes.extend([0u8; 8]);
+        let err = read_frame(&mut Cursor::new(bytes), MAX_FRAME_BYTES)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let err = write_frame(&mut Vec::new(), &[0u8; 17], 16)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[tokio::test]
+    async fn truncated_frame_is_an_error() {
+        let mut bytes = 100u32.to_be_bytes().to_vec();
+        bytes.extend([1u8; 10]);
+        let err = read_frame(&mut Cursor::new(bytes), 1000).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(read_frame(&mut Cursor::new(vec![0u8, 1]), 1000)
+            .await
+            .is_err());
+    }
+}
