@@ -8,6 +8,9 @@ pub enum Error {
     /// Loading or running a model span failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// Remote inference failed.
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
     /// The peer-to-peer layer failed (swarm, DHT, gossip, requests).
     #[error(transparent)]
     P2p(#[from] crate::p2p::P2pError),

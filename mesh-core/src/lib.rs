@@ -14,9 +14,12 @@
 
 pub mod error;
 pub mod identity;
+pub mod local_mesh;
 pub mod model;
+pub mod node;
 pub mod p2p;
 pub mod paths;
+pub mod pipeline;
 pub mod types;
 pub mod wire;
 

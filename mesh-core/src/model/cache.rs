@@ -4,23 +4,31 @@ use candle_core::DType;
 use candle_nn::kv_cache::KvCache;
 
 use super::LlamaConfig;
+use crate::types::BlockRange;
 
 /// Keys and values of every block of a span for one session, preallocated to `max_len`
 /// tokens on first use so a server's memory budget is a reservation, not a hope.
 #[derive(Debug, Clone)]
 pub struct SpanCache {
+    pub(crate) range: BlockRange,
     pub(crate) layers: Vec<KvCache>,
     len: usize,
     max_len: usize,
 }
 
 impl SpanCache {
-    pub(crate) fn new(num_layers: usize, max_len: usize) -> Self {
+    pub(crate) fn new(range: BlockRange, max_len: usize) -> Self {
         Self {
-            layers: (0..num_layers).map(|_| KvCache::new(2, max_len)).collect(),
+            range,
+            layers: (0..range.len()).map(|_| KvCache::new(2, max_len)).collect(),
             len: 0,
             max_len,
         }
+    }
+
+    /// The blocks this cache belongs to.
+    pub fn range(&self) -> BlockRange {
+        self.range
     }
 
     /// Tokens held so far: the position the next hidden state must start at.

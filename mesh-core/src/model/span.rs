@@ -71,8 +71,24 @@ impl SpanModel {
         self.weight_bytes
     }
 
-    /// A fresh cache for one session of at most `max_len` tokens.
+    /// A fresh cache for one session of at most `max_len` tokens over the whole span.
     pub fn new_cache(&self, max_len: usize) -> Result<SpanCache, ModelError> {
+        self.new_sub_cache(self.range, max_len)
+    }
+
+    /// A fresh cache for a session that runs only blocks `range` of this span, so a
+    /// client can route through part of what a server holds.
+    pub fn new_sub_cache(
+        &self,
+        range: BlockRange,
+        max_len: usize,
+    ) -> Result<SpanCache, ModelError> {
+        if range.is_empty() || range.start < self.range.start || range.end > self.range.end {
+            return Err(ModelError::SpanOutOfRange {
+                span: range,
+                num_blocks: self.config.num_blocks(),
+            });
+        }
         let limit = self.config.max_position_embeddings;
         if max_len == 0 || max_len > limit {
             return Err(ModelError::ContextOverflow {
@@ -80,11 +96,11 @@ impl SpanModel {
                 max: limit,
             });
         }
-        Ok(SpanCache::new(self.blocks.len(), max_len))
+        Ok(SpanCache::new(range, max_len))
     }
 
     /// Run hidden states `[batch, seq, hidden]` for positions `start_pos..start_pos+seq`
-    /// through every block of the span, extending the session's cache.
+    /// through the blocks of the cache's range, extending the session's cache.
     ///
     /// A prefill is one call with many tokens; decoding is one call per token.
     pub fn forward(
@@ -113,13 +129,17 @@ impl SpanModel {
                 max: cache.max_len(),
             });
         }
-        if cache.layers.len() != self.blocks.len() {
-            return Err(ModelError::Unsupported(
-                "cache was made for a different span".into(),
-            ));
-        }
+        let first = cache.range.start.wrapping_sub(self.range.start) as usize;
+        let blocks = self
+            .blocks
+            .get(first..first + cache.layers.len())
+            .filter(|_| cache.range.start >= self.range.start)
+            .ok_or(ModelError::SpanOutOfRange {
+                span: cache.range,
+                num_blocks: self.config.num_blocks(),
+            })?;
         let mut x = hidden.to_device(&self.device)?.to_dtype(self.dtype)?;
-        for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+        for (block, kv) in blocks.iter().zip(cache.layers.iter_mut()) {
             x = block.forward(&x, start_pos, &self.rope, kv)?;
         }
         cache.advance(seq);

@@ -1,0 +1,123 @@
+//! Per-token decode latency of the embedded tiny model, side by side in one run:
+//!
+//! - `span/*`: one server's work, a span of 1, 3 and 8 blocks, one position per step;
+//! - `whole/local`: embeddings, all 8 blocks and the LM head in one process;
+//! - `whole/mesh-3`: the same through a 3-server mesh on loopback (real swarms, TCP,
+//!   noise, yamux, wire frames), as a client sees it.
+//!
+//! Run: `cargo bench --bench per_token`.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion};
+use mesh_core::local_mesh::LocalMesh;
+use mesh_core::model::{tiny, ClientHead, ModelFiles, SpanModel};
+use mesh_core::pipeline::{RemoteSession, SessionConfig};
+use mesh_core::BlockRange;
+
+/// Decode positions per session before it is restarted (the cache is preallocated).
+const SESSION_LEN: usize = 256;
+
+fn model_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    tiny::write(dir.path()).expect("tiny model");
+    dir
+}
+
+fn span_decode(c: &mut Criterion) {
+    let dir = model_dir();
+    let files = ModelFiles::open(dir.path()).expect("model");
+    let mut group = c.benchmark_group("span");
+    for blocks in [1u32, 3, 8] {
+        let span = SpanModel::load(&files, BlockRange::new(0, blocks), DType::F32, &Device::Cpu)
+            .expect("span");
+        let x = Tensor::randn(0f32, 1.0, (1, 1, 128), &Device::Cpu).expect("input");
+        group.bench_function(format!("{blocks}-blocks"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut cache = span.new_cache(SESSION_LEN).expect("cache");
+                for _ in 0..iters {
+                    if cache.len() == SESSION_LEN {
+                        cache.reset();
+                    }
+                    let start = Instant::now();
+                    let pos = cache.len();
+                    span.forward(&mut cache, &x, pos).expect("forward");
+                    total += start.elapsed();
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+fn whole_model(c: &mut Criterion) {
+    let dir = model_dir();
+    let files = ModelFiles::open(dir.path()).expect("model");
+    let head = ClientHead::load(&files, DType::F32, &Device::Cpu).expect("head");
+    let span =
+        SpanModel::load(&files, BlockRange::new(0, 8), DType::F32, &Device::Cpu).expect("span");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mesh = rt
+        .block_on(LocalMesh::start(dir.path(), &BlockRange::even_split(8, 3)))
+        .expect("mesh");
+    let client = rt.block_on(mesh.client()).expect("client");
+
+    let mut group = c.benchmark_group("whole");
+    group.bench_function("local", |b| {
+        b.iter_custom(|iters| {
+            let mut cache = span.new_cache(SESSION_LEN).expect("cache");
+            let start = Instant::now();
+            for _ in 0..iters {
+                if cache.len() == SESSION_LEN {
+                    cache.reset();
+                }
+                let pos = cache.len();
+                let h = head.embed(&[65]).expect("embed");
+                let h = span.forward(&mut cache, &h, pos).expect("forward");
+                head.last_logits(&h).expect("logits");
+            }
+            start.elapsed()
+        })
+    });
+    group.bench_function("mesh-3", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                let mut done = 0;
+                while done < iters {
+                    let mut session = RemoteSession::open(
+                        client.client.clone(),
+                        mesh.model().clone(),
+                        8,
+                        SessionConfig::default(),
+                    )
+                    .await
+                    .expect("session");
+                    let steps = (iters - done).min(SESSION_LEN as u64);
+                    let start = Instant::now();
+                    for pos in 0..steps {
+                        let h = head.embed(&[65]).expect("embed");
+                        let h = session.step(h, pos as u32).await.expect("step");
+                        head.last_logits(&h).expect("logits");
+                    }
+                    total += start.elapsed();
+                    done += steps;
+                    session.close().await;
+                }
+                total
+            })
+        })
+    });
+    group.finish();
+    rt.block_on(mesh.stop()).expect("stop");
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30).measurement_time(Duration::from_secs(4));
+    targets = span_decode, whole_model
+}
+criterion_main!(benches);

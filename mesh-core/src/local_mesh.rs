@@ -1,0 +1,182 @@
+//! A whole mesh inside one process: a bootstrap peer and span servers on loopback, with
+//! real swarms, real TCP, noise and yamux. For examples, benchmarks and tests; a real
+//! deployment runs each peer as its own process (`mesh-bootstrap`, `mesh-node`).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), mesh_core::node::NodeError> {
+//! use mesh_core::{local_mesh::LocalMesh, BlockRange};
+//! let dir = mesh_core::model::tiny::ensure(&mesh_core::model::tiny::default_dir())?;
+//! let mesh = LocalMesh::start(&dir, &BlockRange::even_split(8, 3)).await?;
+//! let client = mesh.client().await?;
+//! # Ok(()) }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::identity::Identity;
+use crate::model::{tiny, ModelFiles};
+use crate::node::{Node, NodeConfig, NodeError};
+use crate::p2p::{self, P2pConfig, Role};
+use crate::pipeline::{self, ServerLimits};
+use crate::types::{BlockRange, ModelId};
+
+/// Heartbeats in a local mesh come fast so tests and demos need not wait.
+const LOCAL_HEARTBEAT: Duration = Duration::from_millis(500);
+
+struct RunningNode {
+    peer: PeerId,
+    span: BlockRange,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), NodeError>>,
+}
+
+/// A bootstrap and span servers of one model, running on this process's runtime.
+pub struct LocalMesh {
+    model_dir: PathBuf,
+    model: ModelId,
+    num_blocks: u32,
+    boot_addr: Multiaddr,
+    boot_stop: Option<oneshot::Sender<()>>,
+    nodes: Vec<RunningNode>,
+}
+
+/// A peer config listening on an ephemeral loopback port.
+pub fn loopback_config(role: Role, bootstrap: Vec<Multiaddr>) -> P2pConfig {
+    let mut cfg = P2pConfig::new(Identity::generate(), role);
+    cfg.listen = vec![Multiaddr::from(std::net::Ipv4Addr::LOCALHOST).with(p2p::Protocol::Tcp(0))];
+    cfg.bootstrap = bootstrap;
+    cfg.heartbeat_interval = LOCAL_HEARTBEAT;
+    cfg
+}
+
+impl LocalMesh {
+    /// Start a bootstrap and one server per span of the model in `model_dir`.
+    pub async fn start(model_dir: &Path, spans: &[BlockRange]) -> Result<Self, NodeError> {
+        let files = ModelFiles::open(model_dir)?;
+        let boot = p2p::spawn(loopback_config(Role::Bootstrap, vec![])).await?;
+        let boot_addr =
+            boot.listen_addrs
+                .first()
+                .cloned()
+                .ok_or(NodeError::P2p(p2p::P2pError::Invalid(
+                    "bootstrap has no address",
+                )))?;
+        let (boot_stop, rx) = oneshot::channel::<()>();
+        tokio::spawn(p2p::run_bootstrap(boot, async {
+            let _ = rx.await;
+        }));
+        let mut mesh = LocalMesh {
+            model_dir: model_dir.to_path_buf(),
+            model: ModelId::new(tiny::TINY_MODEL_ID),
+            num_blocks: files.config.num_blocks(),
+            boot_addr,
+            boot_stop: Some(boot_stop),
+            nodes: Vec::new(),
+        };
+        for span in spans {
+            mesh.add_node(*span).await?;
+        }
+        Ok(mesh)
+    }
+
+    pub fn model(&self) -> &ModelId {
+        &self.model
+    }
+
+    pub fn model_dir(&self) -> &Path {
+        &self.model_dir
+    }
+
+    pub fn num_blocks(&self) -> u32 {
+        self.num_blocks
+    }
+
+    pub fn bootstrap_addr(&self) -> &Multiaddr {
+        &self.boot_addr
+    }
+
+    /// The servers running now, with their spans.
+    pub fn servers(&self) -> Vec<(PeerId, BlockRange)> {
+        self.nodes
+            .iter()
+            .filter(|n| !n.task.is_finished())
+            .map(|n| (n.peer, n.span))
+            .collect()
+    }
+
+    /// Start one more server of `span`.
+    pub async fn add_node(&mut self, span: BlockRange) -> Result<PeerId, NodeError> {
+        let cfg = NodeConfig {
+            model_id: self.model.clone(),
+            model_dir: self.model_dir.clone(),
+            span,
+            dtype: DType::F32,
+            device: Device::Cpu,
+            limits: ServerLimits::default(),
+            price_per_token: 0,
+            p2p: loopback_config(Role::Server, vec![self.boot_addr.clone()]),
+        };
+        let node = Node::start(cfg).await?;
+        let peer = node.peer_id();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(node.run(
+            async {
+                let _ = rx.await;
+            },
+            |_| {},
+        ));
+        self.nodes.push(RunningNode {
+            peer,
+            span,
+            stop: Some(tx),
+            task,
+        });
+        Ok(peer)
+    }
+
+    /// Drop a server without a goodbye: its swarm and connections vanish, as with kill -9.
+    pub fn crash(&mut self, peer: PeerId) {
+        if let Some(node) = self.nodes.iter().find(|n| n.peer == peer) {
+            node.task.abort();
+        }
+    }
+
+    /// A client peer that knows only the bootstrap, once the servers cover every block.
+    pub async fn client(&self) -> Result<p2p::Peer, NodeError> {
+        let client =
+            p2p::spawn(loopback_config(Role::Client, vec![self.boot_addr.clone()])).await?;
+        pipeline::wait_for_coverage(
+            &client.client,
+            &self.model,
+            self.num_blocks,
+            Duration::from_secs(30),
+        )
+        .await?;
+        Ok(client)
+    }
+
+    /// Stop every server cleanly, then the bootstrap.
+    pub async fn stop(mut self) -> Result<(), NodeError> {
+        for n in &mut self.nodes {
+            if let Some(s) = n.stop.take() {
+                let _ = s.send(());
+            }
+        }
+        for n in self.nodes.drain(..) {
+            // A crashed node's task was aborted; that is not an error of the shutdown.
+            if let Ok(result) = n.task.await {
+                result?;
+            }
+        }
+        if let Some(s) = self.boot_stop.take() {
+            let _ = s.send(());
+        }
+        Ok(())
+    }
+}

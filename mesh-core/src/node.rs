@@ -1,0 +1,261 @@
+//! A provider node: one span of one model, served to the mesh.
+//!
+//! ```no_run
+//! # async fn demo(cfg: mesh_core::node::NodeConfig) -> Result<(), mesh_core::node::NodeError> {
+//! let node = mesh_core::node::Node::start(cfg).await?;
+//! println!("serving as {}", node.peer_id());
+//! node.run(async { let _ = tokio::signal::ctrl_c().await; }, |_| {}).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The span's sessions live on one worker thread (tensor work is CPU- or GPU-bound and
+//! must not stall the network); requests reach it through a bounded queue, and a full
+//! queue is answered with [`Refusal::Busy`] at once.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::model::{ModelError, ModelFiles, SpanModel};
+use crate::p2p::{self, Announcement, Event, P2pConfig, P2pError};
+use crate::pipeline::{
+    Refusal, ServerLimits, ServerStats, SessionRequest, SessionResponse, SpanServer,
+};
+use crate::types::{BlockRange, ModelId, ServerLoad};
+use crate::wire;
+
+/// Requests waiting for the worker; beyond this a client is told the server is busy.
+const REQUEST_QUEUE: usize = 64;
+
+/// Everything a provider node needs.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub model_id: ModelId,
+    pub model_dir: PathBuf,
+    pub span: BlockRange,
+    pub dtype: DType,
+    pub device: Device,
+    pub limits: ServerLimits,
+    pub price_per_token: u64,
+    pub p2p: P2pConfig,
+}
+
+/// Why a node could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    P2p(#[from] P2pError),
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+    #[error("the span worker stopped unexpectedly")]
+    WorkerGone,
+}
+
+/// What the node reports about itself (status, heartbeats, metrics).
+#[derive(Clone, Debug, Default)]
+pub struct NodeSnapshot {
+    pub stats: ServerStats,
+    pub active_sessions: usize,
+    pub reserved_bytes: usize,
+    pub free_cache_bytes: usize,
+    pub throughput_tps: f32,
+}
+
+enum Job {
+    Request {
+        peer: PeerId,
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Vec<u8>>,
+    },
+    Snapshot(oneshot::Sender<NodeSnapshot>),
+    StopAccepting,
+}
+
+/// A started node: listening, span loaded, not yet announced.
+pub struct Node {
+    peer: p2p::Peer,
+    ann: Announcement,
+    jobs: mpsc::Sender<Job>,
+    worker: std::thread::JoinHandle<()>,
+    heartbeat_interval: Duration,
+}
+
+impl Node {
+    /// Load the span and start the peer.
+    pub async fn start(cfg: NodeConfig) -> Result<Self, NodeError> {
+        let (dir, span, dtype, device) = (
+            cfg.model_dir.clone(),
+            cfg.span,
+            cfg.dtype,
+            cfg.device.clone(),
+        );
+        let model = tokio::task::spawn_blocking(move || {
+            let files = ModelFiles::open(&dir)?;
+            SpanModel::load(&files, span, dtype, &device)
+        })
+        .await
+        .map_err(|_| NodeError::WorkerGone)??;
+        let num_blocks = model.config().num_blocks();
+        tracing::info!(model = %cfg.model_id, %span, weight_bytes = model.weight_bytes(), "span loaded");
+
+        let server = SpanServer::new(cfg.model_id.clone(), model, cfg.limits.clone());
+        let free = server.free_cache_bytes() as u64;
+        let (jobs, rx) = mpsc::channel(REQUEST_QUEUE);
+        let worker = std::thread::Builder::new()
+            .name("mesh-span".into())
+            .spawn(move || work(server, rx))
+            .map_err(|_| NodeError::WorkerGone)?;
+
+        let heartbeat_interval = cfg.p2p.heartbeat_interval;
+        let peer = p2p::spawn(cfg.p2p).await?;
+        let ann = Announcement {
+            model: cfg.model_id,
+            span,
+            num_blocks,
+            price_per_token: cfg.price_per_token,
+            load: ServerLoad {
+                free_memory_bytes: free,
+                ..ServerLoad::default()
+            },
+        };
+        ann.validate()?;
+        Ok(Self {
+            peer,
+            ann,
+            jobs,
+            worker,
+            heartbeat_interval,
+        })
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.peer.client.local_peer_id()
+    }
+
+    /// Listen addresses with `/p2p/<peer id>`.
+    pub fn listen_addrs(&self) -> &[Multiaddr] {
+        &self.peer.listen_addrs
+    }
+
+    pub fn announcement(&self) -> &Announcement {
+        &self.ann
+    }
+
+    /// Announce and serve until `shutdown`; other events go to `on_event`. On shutdown the
+    /// node stops taking sessions, withdraws its announcement and stops.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()>,
+        mut on_event: impl FnMut(&Event),
+    ) -> Result<(), NodeError> {
+        let Node {
+            peer,
+            ann,
+            jobs,
+            worker,
+            heartbeat_interval,
+        } = self;
+        let load_task = tokio::spawn(report_load(
+            peer.client.clone(),
+            jobs.clone(),
+            heartbeat_interval,
+        ));
+        let request_jobs = jobs.clone();
+        let result = p2p::serve(peer, ann, shutdown, move |client, event| match event {
+            Event::InboundRequest {
+                peer,
+                request,
+                channel,
+            } => dispatch(client, &request_jobs, peer, request, channel),
+            other => on_event(&other),
+        })
+        .await;
+        load_task.abort();
+        let _ = jobs.send(Job::StopAccepting).await;
+        drop(jobs);
+        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+        result.map_err(NodeError::from)
+    }
+}
+
+/// Queue one request for the worker and answer when it is done (or at once if full).
+fn dispatch(
+    client: &p2p::Client,
+    jobs: &mpsc::Sender<Job>,
+    peer: PeerId,
+    bytes: Vec<u8>,
+    channel: p2p::ResponseChannel,
+) {
+    let client = client.clone();
+    let (reply, answer) = oneshot::channel();
+    let queued = jobs.try_send(Job::Request { peer, bytes, reply });
+    tokio::spawn(async move {
+        let response = match queued {
+            Ok(()) => answer.await.ok(),
+            Err(_) => wire::encode(&SessionResponse::Refused(Refusal::Busy)).ok(),
+        };
+        if let Some(bytes) = response {
+            if let Err(e) = client.respond(channel, bytes).await {
+                tracing::debug!(%peer, "response not delivered: {e}");
+            }
+        }
+    });
+}
+
+/// The worker thread: owns the span and its sessions.
+fn work(mut server: SpanServer, mut jobs: mpsc::Receiver<Job>) {
+    while let Some(job) = jobs.blocking_recv() {
+        match job {
+            Job::Request { peer, bytes, reply } => {
+                let response = match wire::decode::<SessionRequest>(&bytes, wire::FRAME_LIMIT) {
+                    Ok(request) => server.handle(peer, request, Instant::now()),
+                    Err(e) => SessionResponse::Refused(Refusal::BadRequest(e.to_string())),
+                };
+                let bytes = wire::encode(&response).unwrap_or_else(|e| {
+                    let refusal = SessionResponse::Refused(Refusal::BadRequest(e.to_string()));
+                    wire::encode(&refusal).unwrap_or_default()
+                });
+                let _ = reply.send(bytes);
+            }
+            Job::Snapshot(reply) => {
+                server.expire_idle(Instant::now());
+                let _ = reply.send(NodeSnapshot {
+                    stats: server.stats(),
+                    active_sessions: server.active_sessions(),
+                    reserved_bytes: server.reserved_bytes(),
+                    free_cache_bytes: server.free_cache_bytes(),
+                    throughput_tps: server.throughput(),
+                });
+            }
+            Job::StopAccepting => server.stop_accepting(),
+        }
+    }
+}
+
+/// Refresh the heartbeat's load figures and expire idle sessions, once per heartbeat.
+async fn report_load(client: p2p::Client, jobs: mpsc::Sender<Job>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let (tx, rx) = oneshot::channel();
+        if jobs.send(Job::Snapshot(tx)).await.is_err() {
+            return;
+        }
+        let Ok(s) = rx.await else { return };
+        let load = ServerLoad {
+            free_memory_bytes: s.free_cache_bytes as u64,
+            throughput_tps: s.throughput_tps,
+            active_sessions: s.active_sessions as u32,
+            load: s.active_sessions as f32 / REQUEST_QUEUE as f32,
+        };
+        if client.set_load(load).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The inference path across peers.
+//!
+//! - [`protocol`]: the `/mesh/session/1` messages (open, forward, close, refusals).
+//! - [`server`]: [`SpanServer`], a span's sessions and their KV caches under hard limits.
+//! - [`route`]: choosing a chain of servers that covers every block.
+//! - [`session`]: [`RemoteSession`], the client's chain with fail-over and replay.
+//! - [`generate`]: token-by-token generation over a [`RemoteSession`].
+
+pub mod generate;
+pub mod protocol;
+pub mod route;
+pub mod server;
+pub mod session;
+
+use std::time::Duration;
+
+use libp2p::PeerId;
+
+pub use generate::{generate, TokenEvent};
+pub use protocol::{Refusal, SessionRequest, SessionResponse};
+pub use route::{Candidate, Hop, RoutePolicy};
+pub use server::{ServerLimits, ServerStats, SessionUsage, SpanServer};
+pub use session::{wait_for_coverage, RemoteSession, SessionConfig};
+
+use crate::types::{BlockRange, ModelId};
+
+/// Why a remote inference step or session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// No live servers cover these blocks (after excluding the ones that failed).
+    #[error("no route for blocks {range} of {model} ({excluded} failed servers excluded)")]
+    NoRoute {
+        model: ModelId,
+        range: BlockRange,
+        excluded: usize,
+    },
+    /// A server answered with a refusal.
+    #[error("{peer} refused: {reason}")]
+    Refused { peer: PeerId, reason: Refusal },
+    /// A server did not answer in time.
+    #[error("{peer} did not answer within {after:?}")]
+    Timeout { peer: PeerId, after: Duration },
+    /// A server could not be reached or the connection dropped.
+    #[error("{peer} unreachable: {reason}")]
+    Unreachable { peer: PeerId, reason: String },
+    /// A server sent something that is not a valid answer.
+    #[error("{peer} broke the protocol: {detail}")]
+    Protocol { peer: PeerId, detail: String },
+    /// Servers kept failing; the last failure is attached.
+    #[error("gave up after {failures} server failures; last: {last}")]
+    TooManyFailures {
+        failures: usize,
+        last: Box<PipelineError>,
+    },
+    #[error(transparent)]
+    P2p(#[from] crate::p2p::P2pError),
+    #[error(transparent)]
+    Wire(#[from] crate::wire::WireError),
+    #[error(transparent)]
+    TensorFrame(#[from] crate::wire::TensorFrameError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+}
+
+impl From<candle_core::Error> for PipelineError {
+    fn from(e: candle_core::Error) -> Self {
+        PipelineError::Model(e.into())
+    }
+}
+
+impl PipelineError {
+    /// The server to blame, when one is.
+    pub fn peer(&self) -> Option<PeerId> {
+        match self {
+            PipelineError::Refused { peer, .. }
+            | PipelineError::Timeout { peer, .. }
+            | PipelineError::Unreachable { peer, .. }
+            | PipelineError::Protocol { peer, .. } => Some(*peer),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! Generation over a chain of servers: the client embeds, the servers run the blocks,
+//! the client applies the LM head and samples.
+
+use std::time::{Duration, Instant};
+
+use super::{Hop, PipelineError, RemoteSession};
+use crate::model::{ClientHead, Generation};
+
+/// One generated token and how it was made.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenEvent {
+    pub token: u32,
+    /// Index of the token among the generated ones.
+    pub index: usize,
+    /// Wall time of the step that produced it (the prefill for the first token).
+    pub latency: Duration,
+    /// The servers the step went through.
+    pub route: Vec<Hop>,
+}
+
+/// Drive `generation` to the end through `session`; `on_token` sees each token as it is
+/// chosen.
+pub async fn generate(
+    head: &ClientHead,
+    session: &mut RemoteSession,
+    generation: &mut Generation,
+    mut on_token: impl FnMut(TokenEvent),
+) -> Result<(), PipelineError> {
+    while let Some((input, start)) = generation.next_input() {
+        let started = Instant::now();
+        let hidden = head.embed(input)?;
+        let out = session.step(hidden, start as u32).await?;
+        let logits = head.last_logits(&out)?;
+        if let Some(token) = generation.accept_logits(&logits) {
+            on_token(TokenEvent {
+                token,
+                index: generation.generated().len() - 1,
+                latency: started.elapsed(),
+                route: session.route(),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! The `/mesh/session/1` messages between a client and the server of one span.
+//!
+//! A session is opened on a sub-span of what the server serves, fed hidden states
+//! (prefill: many positions at once; decode: one), and closed. Every message is one
+//! bounded frame encoded by [`crate::wire`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{BlockRange, ModelId, SessionId};
+use crate::wire::WireTensor;
+
+/// What a client asks of a server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum SessionRequest {
+    /// Reserve a KV cache of `max_len` positions for blocks `span` of `model`.
+    Open {
+        session: SessionId,
+        model: ModelId,
+        span: BlockRange,
+        max_len: u32,
+    },
+    /// Run `hidden` (`[1, seq, hidden_size]`) at positions `start_pos..start_pos+seq`.
+    Forward {
+        session: SessionId,
+        start_pos: u32,
+        hidden: WireTensor,
+    },
+    /// Free the session's cache.
+    Close { session: SessionId },
+}
+
+/// What a server answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum SessionResponse {
+    Opened {
+        session: SessionId,
+        span: BlockRange,
+    },
+    /// The span's output for the positions just run, and the time the server spent on it.
+    Hidden {
+        session: SessionId,
+        hidden: WireTensor,
+        compute_micros: u64,
+    },
+    Closed {
+        session: SessionId,
+    },
+    /// The request was not served; nothing changed on the server.
+    Refused(Refusal),
+}
+
+/// Why a server refused: a clear reason instead of falling over.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    #[error("server does not serve model {0}")]
+    UnknownModel(ModelId),
+    #[error("server serves {served}, not {requested}")]
+    SpanNotServed {
+        served: BlockRange,
+        requested: BlockRange,
+    },
+    #[error("{open} sessions open, the limit is {limit}")]
+    TooManySessions { open: usize, limit: usize },
+    #[error("{open} sessions open for this client, the limit is {limit}")]
+    TooManyClientSessions { open: usize, limit: usize },
+    #[error("cache of {needed} bytes does not fit: {free} of {budget} bytes free")]
+    OverBudget {
+        needed: usize,
+        free: usize,
+        budget: usize,
+    },
+    #[error("max_len {requested} is over the server's limit of {limit}")]
+    MaxLenTooLarge { requested: u32, limit: u32 },
+    #[error("no such session (expired, closed, or opened by someone else)")]
+    UnknownSession,
+    #[error("session already exists")]
+    SessionExists,
+    #[error("server is busy; try another")]
+    Busy,
+    #[error("server is shutting down")]
+    ShuttingDown,
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}

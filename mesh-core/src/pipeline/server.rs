@@ -1,0 +1,517 @@
+//! The server end of inference sessions: one span, many clients' KV caches, hard limits.
+//!
+//! [`SpanServer`] is plain synchronous state so it can be tested without a network; the
+//! node runs it on a worker thread and feeds it decoded requests.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use libp2p::PeerId;
+
+use super::protocol::{Refusal, SessionRequest, SessionResponse};
+use crate::model::{SpanCache, SpanModel};
+use crate::types::{BlockRange, ModelId, SessionId};
+use crate::wire::WireTensor;
+
+/// What one server lets its clients spend.
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    /// Sessions open at once, all clients together.
+    pub max_sessions: usize,
+    /// Sessions open at once for one client peer.
+    pub max_sessions_per_client: usize,
+    /// Bytes of KV cache all sessions may reserve together.
+    pub cache_budget_bytes: usize,
+    /// A session unused this long is closed and its cache freed.
+    pub idle_timeout: Duration,
+    /// Longest session (prompt + generated tokens) a client may open.
+    pub max_len: u32,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 64,
+            max_sessions_per_client: 16,
+            cache_budget_bytes: 1 << 30,
+            idle_timeout: Duration::from_secs(120),
+            max_len: 2048,
+        }
+    }
+}
+
+/// Work done, by kind, for metrics, heartbeats and receipts.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ServerStats {
+    pub sessions_opened: u64,
+    pub sessions_expired: u64,
+    pub refusals: u64,
+    /// Positions run in prefill steps (more than one position per request).
+    pub prefill_tokens: u64,
+    /// Positions run one at a time.
+    pub decode_tokens: u64,
+    pub compute_micros: u64,
+}
+
+/// Work done for one session; the ledger turns this into receipts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionUsage {
+    pub session: SessionId,
+    pub client: PeerId,
+    pub span: BlockRange,
+    pub prefill_tokens: u64,
+    pub decode_tokens: u64,
+}
+
+struct Session {
+    usage: SessionUsage,
+    cache: SpanCache,
+    reserved: usize,
+    last_used: Instant,
+}
+
+/// Sessions on one loaded span.
+pub struct SpanServer {
+    model_id: ModelId,
+    span: SpanModel,
+    limits: ServerLimits,
+    sessions: HashMap<SessionId, Session>,
+    reserved: usize,
+    stats: ServerStats,
+    /// Exponentially weighted decode throughput, tokens per second per block.
+    throughput: f32,
+    accepting: bool,
+}
+
+impl SpanServer {
+    pub fn new(model_id: ModelId, span: SpanModel, limits: ServerLimits) -> Self {
+        Self {
+            model_id,
+            span,
+            limits,
+            sessions: HashMap::new(),
+            reserved: 0,
+            stats: ServerStats::default(),
+            throughput: 0.0,
+            accepting: true,
+        }
+    }
+
+    pub fn model_id(&self) -> &ModelId {
+        &self.model_id
+    }
+
+    pub fn span(&self) -> &SpanModel {
+        &self.span
+    }
+
+    pub fn limits(&self) -> &ServerLimits {
+        &self.limits
+    }
+
+    pub fn stats(&self) -> ServerStats {
+        self.stats
+    }
+
+    pub fn active_sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Bytes of KV cache reserved by open sessions.
+    pub fn reserved_bytes(&self) -> usize {
+        self.reserved
+    }
+
+    pub fn free_cache_bytes(&self) -> usize {
+        self.limits.cache_budget_bytes.saturating_sub(self.reserved)
+    }
+
+    /// Measured decode throughput in tokens/s per block (0 before the first decode).
+    pub fn throughput(&self) -> f32 {
+        self.throughput
+    }
+
+    /// Usage of every open session.
+    pub fn usage(&self) -> Vec<SessionUsage> {
+        self.sessions.values().map(|s| s.usage).collect()
+    }
+
+    /// Stop opening sessions (open ones keep running) before a graceful shutdown.
+    pub fn stop_accepting(&mut self) {
+        self.accepting = false;
+    }
+
+    /// Serve one request from `client`.
+    pub fn handle(
+        &mut self,
+        client: PeerId,
+        request: SessionRequest,
+        now: Instant,
+    ) -> SessionResponse {
+        let response = match request {
+            SessionRequest::Open {
+                session,
+                model,
+                span,
+                max_len,
+            } => self.open(client, session, model, span, max_len, now),
+            SessionRequest::Forward {
+                session,
+                start_pos,
+                hidden,
+            } => self.forward(client, session, start_pos, &hidden, now),
+            SessionRequest::Close { session } => self.close(client, session),
+        };
+        if matches!(response, SessionResponse::Refused(_)) {
+            self.stats.refusals += 1;
+        }
+        response
+    }
+
+    fn open(
+        &mut self,
+        client: PeerId,
+        session: SessionId,
+        model: ModelId,
+        span: BlockRange,
+        max_len: u32,
+        now: Instant,
+    ) -> SessionResponse {
+        let refuse = SessionResponse::Refused;
+        if !self.accepting {
+            return refuse(Refusal::ShuttingDown);
+        }
+        if model != self.model_id {
+            return refuse(Refusal::UnknownModel(model));
+        }
+        let served = self.span.range();
+        if span.is_empty() || span.start < served.start || span.end > served.end {
+            return refuse(Refusal::SpanNotServed {
+                served,
+                requested: span,
+            });
+        }
+        if max_len == 0 || max_len > self.limits.max_len {
+            return refuse(Refusal::MaxLenTooLarge {
+                requested: max_len,
+                limit: self.limits.max_len,
+            });
+        }
+        if self.sessions.contains_key(&session) {
+            return refuse(Refusal::SessionExists);
+        }
+        self.expire_idle(now);
+        if self.sessions.len() >= self.limits.max_sessions {
+            return refuse(Refusal::TooManySessions {
+                open: self.sessions.len(),
+                limit: self.limits.max_sessions,
+            });
+        }
+        let of_client = self
+            .sessions
+            .values()
+            .filter(|s| s.usage.client == client)
+            .count();
+        if of_client >= self.limits.max_sessions_per_client {
+            return refuse(Refusal::TooManyClientSessions {
+                open: of_client,
+                limit: self.limits.max_sessions_per_client,
+            });
+        }
+        let needed = SpanCache::bytes_for(
+            self.span.config(),
+            span.len() as usize,
+            max_len as usize,
+            self.span.dtype(),
+        );
+        if needed > self.free_cache_bytes() {
+            return refuse(Refusal::OverBudget {
+                needed,
+                free: self.free_cache_bytes(),
+                budget: self.limits.cache_budget_bytes,
+            });
+        }
+        let cache = match self.span.new_sub_cache(span, max_len as usize) {
+            Ok(cache) => cache,
+            Err(e) => return refuse(Refusal::BadRequest(e.to_string())),
+        };
+        self.reserved += needed;
+        self.stats.sessions_opened += 1;
+        self.sessions.insert(
+            session,
+            Session {
+                usage: SessionUsage {
+                    session,
+                    client,
+                    span,
+                    prefill_tokens: 0,
+                    decode_tokens: 0,
+                },
+                cache,
+                reserved: needed,
+                last_used: now,
+            },
+        );
+        tracing::debug!(%session, %client, %span, max_len, "session opened");
+        SessionResponse::Opened { session, span }
+    }
+
+    fn forward(
+        &mut self,
+        client: PeerId,
+        session: SessionId,
+        start_pos: u32,
+        hidden: &WireTensor,
+        now: Instant,
+    ) -> SessionResponse {
+        let Some(state) = self
+            .sessions
+            .get_mut(&session)
+            .filter(|s| s.usage.client == client)
+        else {
+            return SessionResponse::Refused(Refusal::UnknownSession);
+        };
+        let input = match hidden.to_tensor(&Device::Cpu) {
+            Ok(t) => t,
+            Err(e) => return SessionResponse::Refused(Refusal::BadRequest(e.to_string())),
+        };
+        let wire_dtype = input.dtype();
+        let started = Instant::now();
+        let output = self
+            .span
+            .forward(&mut state.cache, &input, start_pos as usize)
+            .and_then(|out| Ok(out.to_dtype(wire_dtype)?));
+        let output = match output {
+            Ok(t) => t,
+            Err(e) => return SessionResponse::Refused(Refusal::BadRequest(e.to_string())),
+        };
+        let micros = started.elapsed().as_micros() as u64;
+        let positions = input.dim(1).unwrap_or(0) as u64;
+        state.last_used = now;
+        if positions > 1 {
+            state.usage.prefill_tokens += positions;
+            self.stats.prefill_tokens += positions;
+        } else {
+            state.usage.decode_tokens += positions;
+            self.stats.decode_tokens += positions;
+            let blocks = state.usage.span.len() as f32;
+            let tps = blocks * 1e6 / (micros.max(1) as f32);
+            self.throughput = if self.throughput == 0.0 {
+                tps
+            } else {
+                0.9 * self.throughput + 0.1 * tps
+            };
+        }
+        self.stats.compute_micros += micros;
+        match WireTensor::from_tensor(&output) {
+            Ok(hidden) => SessionResponse::Hidden {
+                session,
+                hidden,
+                compute_micros: micros,
+            },
+            Err(e) => SessionResponse::Refused(Refusal::BadRequest(e.to_string())),
+        }
+    }
+
+    fn close(&mut self, client: PeerId, session: SessionId) -> SessionResponse {
+        match self.sessions.get(&session) {
+            Some(s) if s.usage.client == client => {
+                self.remove(session);
+                SessionResponse::Closed { session }
+            }
+            _ => SessionResponse::Refused(Refusal::UnknownSession),
+        }
+    }
+
+    fn remove(&mut self, session: SessionId) -> Option<SessionUsage> {
+        let s = self.sessions.remove(&session)?;
+        self.reserved = self.reserved.saturating_sub(s.reserved);
+        Some(s.usage)
+    }
+
+    /// Close sessions idle longer than the limit; returns their usage.
+    pub fn expire_idle(&mut self, now: Instant) -> Vec<SessionUsage> {
+        let idle: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| now.saturating_duration_since(s.last_used) > self.limits.idle_timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        let expired: Vec<SessionUsage> =
+            idle.into_iter().filter_map(|id| self.remove(id)).collect();
+        self.stats.sessions_expired += expired.len() as u64;
+        expired
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{tiny, ModelFiles};
+    use candle_core::{DType, Tensor};
+
+    fn server(limits: ServerLimits) -> (tempfile::TempDir, SpanServer) {
+        let dir = tempfile::tempdir().unwrap();
+        tiny::write(dir.path()).unwrap();
+        let files = ModelFiles::open(dir.path()).unwrap();
+        let span =
+            SpanModel::load(&files, BlockRange::new(2, 6), DType::F32, &Device::Cpu).unwrap();
+        (
+            dir,
+            SpanServer::new(ModelId::new(tiny::TINY_MODEL_ID), span, limits),
+        )
+    }
+
+    fn open(session: SessionId, span: BlockRange, max_len: u32) -> SessionRequest {
+        SessionRequest::Open {
+            session,
+            model: ModelId::new(tiny::TINY_MODEL_ID),
+            span,
+            max_len,
+        }
+    }
+
+    fn hidden(seq: usize) -> WireTensor {
+        let t = Tensor::ones((1, seq, 128), DType::F32, &Device::Cpu).unwrap();
+        WireTensor::from_tensor(&t).unwrap()
+    }
+
+    #[test]
+    fn open_forward_close_counts_tokens_and_frees_memory() {
+        let (_d, mut srv) = server(ServerLimits::default());
+        let (peer, s, now) = (PeerId::random(), SessionId::random(), Instant::now());
+        let r = srv.handle(peer, open(s, BlockRange::new(3, 5), 64), now);
+        assert_eq!(
+            r,
+            SessionResponse::Opened {
+                session: s,
+                span: BlockRange::new(3, 5)
+            }
+        );
+        assert!(srv.reserved_bytes() > 0);
+        let fwd = |start_pos, seq| SessionRequest::Forward {
+            session: s,
+            start_pos,
+            hidden: hidden(seq),
+        };
+        match srv.handle(peer, fwd(0, 5), now) {
+            SessionResponse::Hidden { hidden, .. } => assert_eq!(hidden.shape, vec![1, 5, 128]),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            srv.handle(peer, fwd(5, 1), now),
+            SessionResponse::Hidden { .. }
+        ));
+        // Wrong position: refused, state untouched.
+        assert!(matches!(
+            srv.handle(peer, fwd(9, 1), now),
+            SessionResponse::Refused(Refusal::BadRequest(_))
+        ));
+        let usage = srv.usage()[0];
+        assert_eq!((usage.prefill_tokens, usage.decode_tokens), (5, 1));
+        // Another peer cannot use or close it.
+        let stranger = PeerId::random();
+        assert_eq!(
+            srv.handle(stranger, fwd(6, 1), now),
+            SessionResponse::Refused(Refusal::UnknownSession)
+        );
+        assert_eq!(
+            srv.handle(stranger, SessionRequest::Close { session: s }, now),
+            SessionResponse::Refused(Refusal::UnknownSession)
+        );
+        assert_eq!(
+            srv.handle(peer, SessionRequest::Close { session: s }, now),
+            SessionResponse::Closed { session: s }
+        );
+        assert_eq!(srv.reserved_bytes(), 0);
+    }
+
+    #[test]
+    fn refuses_with_reasons() {
+        let limits = ServerLimits {
+            max_sessions: 2,
+            max_sessions_per_client: 1,
+            ..ServerLimits::default()
+        };
+        let (_d, mut srv) = server(limits);
+        let now = Instant::now();
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let span = BlockRange::new(2, 6);
+        assert!(matches!(
+            srv.handle(a, open(SessionId::random(), BlockRange::new(0, 3), 8), now),
+            SessionResponse::Refused(Refusal::SpanNotServed { .. })
+        ));
+        assert!(matches!(
+            srv.handle(a, open(SessionId::random(), span, 1 << 20), now),
+            SessionResponse::Refused(Refusal::MaxLenTooLarge { .. })
+        ));
+        let wrong_model = SessionRequest::Open {
+            session: SessionId::random(),
+            model: ModelId::new("other"),
+            span,
+            max_len: 8,
+        };
+        assert!(matches!(
+            srv.handle(a, wrong_model, now),
+            SessionResponse::Refused(Refusal::UnknownModel(_))
+        ));
+        assert!(matches!(
+            srv.handle(a, open(SessionId::random(), span, 8), now),
+            SessionResponse::Opened { .. }
+        ));
+        assert!(matches!(
+            srv.handle(a, open(SessionId::random(), span, 8), now),
+            SessionResponse::Refused(Refusal::TooManyClientSessions { .. })
+        ));
+        assert!(matches!(
+            srv.handle(b, open(SessionId::random(), span, 8), now),
+            SessionResponse::Opened { .. }
+        ));
+        assert!(matches!(
+            srv.handle(c, open(SessionId::random(), span, 8), now),
+            SessionResponse::Refused(Refusal::TooManySessions { open: 2, limit: 2 })
+        ));
+        assert_eq!(srv.stats().refusals, 5);
+    }
+
+    #[test]
+    fn cache_budget_is_a_hard_limit() {
+        // Room for exactly one 64-token cache over 4 blocks.
+        let per_session = SpanCache::bytes_for(&tiny::config(), 4, 64, DType::F32);
+        let limits = ServerLimits {
+            cache_budget_bytes: per_session + per_session / 2,
+            ..ServerLimits::default()
+        };
+        let (_d, mut srv) = server(limits);
+        let now = Instant::now();
+        let span = BlockRange::new(2, 6);
+        assert!(matches!(
+            srv.handle(PeerId::random(), open(SessionId::random(), span, 64), now),
+            SessionResponse::Opened { .. }
+        ));
+        match srv.handle(PeerId::random(), open(SessionId::random(), span, 64), now) {
+            SessionResponse::Refused(Refusal::OverBudget { needed, free, .. }) => {
+                assert_eq!(needed, per_session);
+                assert!(free < needed);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn idle_sessions_expire_and_free_their_cache() {
+        let limits = ServerLimits {
+            idle_timeout: Duration::from_secs(5),
+            ..ServerLimits::default()
+        };
+        let (_d, mut srv) = server(limits);
+        let now = Instant::now();
+        let s = SessionId::random();
+        srv.handle(PeerId::random(), open(s, BlockRange::new(2, 6), 16), now);
+        assert!(srv.expire_idle(now + Duration::from_secs(1)).is_empty());
+        let expired = srv.expire_idle(now + Duration::from_secs(6));
+        assert_eq!(expired.len(), 1);
+        assert_eq!((srv.active_sessions(), srv.reserved_bytes()), (0, 0));
+    }
+}

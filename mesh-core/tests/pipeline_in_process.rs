@@ -1,0 +1,176 @@
+//! Real swarms on loopback in one process ([`LocalMesh`]): bootstrap, span servers,
+//! clients. The process-level versions (separate OS processes) live in mesh-node/tests.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use mesh_core::local_mesh::LocalMesh;
+use mesh_core::model::{tiny, ClientHead, Generation, LocalModel, ModelFiles, SamplingParams};
+use mesh_core::pipeline::{self, PipelineError, RemoteSession, SessionConfig};
+use mesh_core::BlockRange;
+
+const PROMPT: &[u32] = &[1, 72, 105, 32, 109, 101, 115, 104];
+
+fn params() -> SamplingParams {
+    SamplingParams {
+        max_new_tokens: 12,
+        temperature: 0.7,
+        seed: 11,
+        ..SamplingParams::default()
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    mesh: LocalMesh,
+    head: ClientHead,
+    want: Vec<u32>,
+}
+
+async fn fixture(spans: &[BlockRange]) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write(dir.path()).unwrap();
+    let local = LocalModel::load_split(dir.path(), 1, &Device::Cpu).unwrap();
+    let want = local
+        .generate_ids(PROMPT.to_vec(), &params(), |_| {})
+        .unwrap()
+        .generated()
+        .to_vec();
+    let files = ModelFiles::open(dir.path()).unwrap();
+    let head = ClientHead::load(&files, DType::F32, &Device::Cpu).unwrap();
+    let mesh = LocalMesh::start(dir.path(), spans).await.unwrap();
+    Fixture {
+        _dir: dir,
+        mesh,
+        head,
+        want,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_generate_what_one_process_does() {
+    let f = fixture(&BlockRange::even_split(8, 3)).await;
+    let client = f.mesh.client().await.unwrap();
+    let model = f.mesh.model().clone();
+    let mut session =
+        RemoteSession::open(client.client.clone(), model, 8, SessionConfig::default())
+            .await
+            .unwrap();
+    assert_eq!(session.route().len(), 3);
+    let mut generation = Generation::new(PROMPT.to_vec(), params(), 512).unwrap();
+    let mut events = Vec::new();
+    pipeline::generate(&f.head, &mut session, &mut generation, |e| events.push(e))
+        .await
+        .unwrap();
+    assert_eq!(generation.generated(), f.want.as_slice());
+    assert_eq!(events.len(), 12);
+    session.close().await;
+    f.mesh.stop().await.unwrap();
+}
+
+/// Generate with `session`, crashing the route's middle server after 5 tokens.
+async fn generate_killing_middle(
+    mesh: &mut LocalMesh,
+    head: &ClientHead,
+    session: &mut RemoteSession,
+) -> Result<Vec<u32>, PipelineError> {
+    let mut generation = Generation::new(PROMPT.to_vec(), params(), 512)?;
+    let middle = session.route()[1].peer;
+    while let Some((input, start)) = generation.next_input() {
+        if generation.generated().len() == 5 {
+            mesh.crash(middle);
+        }
+        let out = session.step(head.embed(input)?, start as u32).await?;
+        generation.accept_logits(&head.last_logits(&out)?);
+    }
+    Ok(generation.generated().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_middle_server_is_replaced_and_the_output_is_unchanged() {
+    let r = BlockRange::new;
+    let original = [r(0, 3), r(3, 6), r(6, 8)];
+    let mut f = fixture(&original).await;
+    // A second server over the middle blocks, cut differently so routing must adapt.
+    f.mesh.add_node(r(2, 7)).await.unwrap();
+    let client = f.mesh.client().await.unwrap();
+    let mut cfg = SessionConfig::default();
+    cfg.policy.hop_penalty_ms = 1000.0;
+    // Open sessions until one routes through the original three servers, so that the
+    // crash hits a hop that must be replaced.
+    let mut session = None;
+    for _ in 0..40 {
+        let s = RemoteSession::open(
+            client.client.clone(),
+            f.mesh.model().clone(),
+            8,
+            cfg.clone(),
+        )
+        .await
+        .unwrap();
+        if s.route().iter().map(|h| h.span).eq(original) {
+            session = Some(s);
+            break;
+        }
+        s.close().await;
+    }
+    let mut session = session.expect("a route through the three original servers");
+    let middle = session.route()[1].peer;
+    let got = generate_killing_middle(&mut f.mesh, &f.head, &mut session)
+        .await
+        .unwrap();
+    assert_eq!(got, f.want);
+    assert!(session.banned().contains(&middle));
+    assert!(session.route().iter().all(|h| h.peer != middle));
+    session.close().await;
+    f.mesh.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_replacement_fails_with_a_clear_error_not_a_hang() {
+    let mut f = fixture(&BlockRange::even_split(8, 3)).await;
+    let client = f.mesh.client().await.unwrap();
+    let cfg = SessionConfig {
+        step_timeout: Duration::from_secs(5),
+        ..SessionConfig::default()
+    };
+    let mut session = RemoteSession::open(client.client.clone(), f.mesh.model().clone(), 8, cfg)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = generate_killing_middle(&mut f.mesh, &f.head, &mut session)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, PipelineError::NoRoute { range, .. } if range == BlockRange::new(3, 6)),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    f.mesh.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_concurrent_sessions_all_complete_correctly() {
+    let f = fixture(&BlockRange::even_split(8, 3)).await;
+    let client = f.mesh.client().await.unwrap();
+    let runs = (0..10).map(|_| {
+        let p2p = client.client.clone();
+        let head = f.head.clone();
+        let model = f.mesh.model().clone();
+        tokio::spawn(async move {
+            let mut session = RemoteSession::open(p2p, model, 8, SessionConfig::default()).await?;
+            let mut generation = Generation::new(PROMPT.to_vec(), params(), 512)?;
+            pipeline::generate(&head, &mut session, &mut generation, |_| {}).await?;
+            session.close().await;
+            Ok::<_, PipelineError>(generation.generated().to_vec())
+        })
+    });
+    for result in futures::future::join_all(runs).await {
+        assert_eq!(result.unwrap().unwrap(), f.want);
+    }
+    f.mesh.stop().await.unwrap();
+}
