@@ -115,7 +115,8 @@ impl LocalMesh {
         let cfg = NodeConfig {
             model_id: self.model.clone(),
             model_dir: self.model_dir.clone(),
-            span,
+            span: Some(span),
+            span_len: None,
             dtype: DType::F32,
             device: Device::Cpu,
             limits: ServerLimits::default(),

@@ -12,6 +12,7 @@
 //! must not stall the network); requests reach it through a bounded queue, and a full
 //! queue is answered with [`Refusal::Busy`] at once.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::model::{ModelError, ModelFiles, SpanModel};
 use crate::p2p::{self, Announcement, Event, P2pConfig, P2pError};
+use crate::pipeline::balance::{block_coverage, choose_span};
 use crate::pipeline::{
     Refusal, ServerLimits, ServerStats, SessionRequest, SessionResponse, SpanServer,
 };
@@ -36,7 +38,10 @@ const REQUEST_QUEUE: usize = 64;
 pub struct NodeConfig {
     pub model_id: ModelId,
     pub model_dir: PathBuf,
-    pub span: BlockRange,
+    /// The blocks to serve; `None` lets the node pick the least-served blocks of the mesh.
+    pub span: Option<BlockRange>,
+    /// How many blocks to take when picking automatically; `None` = the whole model.
+    pub span_len: Option<u32>,
     pub dtype: DType,
     pub device: Device,
     pub limits: ServerLimits,
@@ -87,21 +92,31 @@ pub struct Node {
 }
 
 impl Node {
-    /// Load the span and start the peer.
+    /// Start the peer, pick the span if not given, load it. Not yet announced.
     pub async fn start(cfg: NodeConfig) -> Result<Self, NodeError> {
-        let (dir, span, dtype, device) = (
-            cfg.model_dir.clone(),
-            cfg.span,
-            cfg.dtype,
-            cfg.device.clone(),
-        );
-        let model = tokio::task::spawn_blocking(move || {
-            let files = ModelFiles::open(&dir)?;
-            SpanModel::load(&files, span, dtype, &device)
-        })
-        .await
-        .map_err(|_| NodeError::WorkerGone)??;
-        let num_blocks = model.config().num_blocks();
+        let files = ModelFiles::open(&cfg.model_dir)?;
+        let num_blocks = files.config.num_blocks();
+        let heartbeat_interval = cfg.p2p.heartbeat_interval;
+        let peer = p2p::spawn(cfg.p2p).await?;
+        let span = match cfg.span {
+            Some(span) => span,
+            None => {
+                let len = cfg.span_len.unwrap_or(num_blocks).clamp(1, num_blocks);
+                pick_span(
+                    &peer.client,
+                    &cfg.model_id,
+                    num_blocks,
+                    len,
+                    heartbeat_interval,
+                )
+                .await?
+            }
+        };
+        let (dtype, device) = (cfg.dtype, cfg.device.clone());
+        let model =
+            tokio::task::spawn_blocking(move || SpanModel::load(&files, span, dtype, &device))
+                .await
+                .map_err(|_| NodeError::WorkerGone)??;
         tracing::info!(model = %cfg.model_id, %span, weight_bytes = model.weight_bytes(), "span loaded");
 
         let server = SpanServer::new(cfg.model_id.clone(), model, cfg.limits.clone());
@@ -111,9 +126,6 @@ impl Node {
             .name("mesh-span".into())
             .spawn(move || work(server, rx))
             .map_err(|_| NodeError::WorkerGone)?;
-
-        let heartbeat_interval = cfg.p2p.heartbeat_interval;
-        let peer = p2p::spawn(cfg.p2p).await?;
         let ann = Announcement {
             model: cfg.model_id,
             span,
@@ -182,6 +194,41 @@ impl Node {
         let _ = tokio::task::spawn_blocking(move || worker.join()).await;
         result.map_err(NodeError::from)
     }
+}
+
+/// Look at who serves what (DHT and a couple of heartbeats), then take the `len` blocks
+/// the mesh serves worst.
+async fn pick_span(
+    client: &p2p::Client,
+    model: &ModelId,
+    num_blocks: u32,
+    len: u32,
+    heartbeat: Duration,
+) -> Result<BlockRange, NodeError> {
+    let mut known: HashMap<PeerId, (BlockRange, f32)> = HashMap::new();
+    match client.discover(model, num_blocks).await {
+        Ok(found) => {
+            for s in found {
+                known.insert(s.peer_id, (s.span, 0.0));
+            }
+        }
+        Err(e) => tracing::debug!("discovery before picking a span: {e}"),
+    }
+    if !known.is_empty() {
+        // Let heartbeats (with throughput) arrive from the servers just found.
+        tokio::time::sleep((heartbeat * 2).min(Duration::from_secs(30))).await;
+    }
+    for s in client.live_servers(model).await? {
+        if s.num_blocks == num_blocks {
+            known.insert(s.peer_id, (s.span, s.load.throughput_tps));
+        }
+    }
+    let servers: Vec<(BlockRange, f32)> = known.into_values().collect();
+    let coverage = block_coverage(&servers, num_blocks);
+    let span =
+        choose_span(&coverage, len).ok_or(NodeError::P2p(P2pError::Invalid("span length")))?;
+    tracing::info!(%span, known_servers = servers.len(), ?coverage, "picked the least-served blocks");
+    Ok(span)
 }
 
 /// Queue one request for the worker and answer when it is done (or at once if full).

@@ -6,6 +6,7 @@
 //! - [`session`]: [`RemoteSession`], the client's chain with fail-over and replay.
 //! - [`generate`]: token-by-token generation over a [`RemoteSession`].
 
+pub mod balance;
 pub mod generate;
 pub mod protocol;
 pub mod route;

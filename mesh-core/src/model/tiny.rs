@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use super::{LlamaConfig, ModelError};
 
 /// The name the tiny model is served under.
-pub const TINY_MODEL_ID: &str = "mesh-tiny-llama";
+pub const TINY_MODEL_ID: &str = "tiny-llama-mesh";
 
 /// Bumped whenever the generated files change, so stale copies are rewritten.
 const TINY_VERSION: &str = "1";
