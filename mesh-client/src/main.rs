@@ -4,8 +4,13 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use mesh_core::model::{tiny, LocalModel, SamplingParams};
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use mesh_client::demo::ProcessMesh;
+use mesh_client::{MeshClient, SamplingParams};
+use mesh_core::model::{tiny, LocalModel};
+use mesh_core::p2p::Multiaddr;
+use mesh_core::BlockRange;
 
 #[derive(Parser)]
 #[command(
@@ -18,81 +23,245 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Args, Clone)]
+struct Sampling {
+    /// Text to continue.
+    #[arg(long, default_value = "The mesh runs models on everyone's GPUs.")]
+    prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 48)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.1)]
+    repetition_penalty: f32,
+    /// Sampling seed: the same seed gives the same text.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+impl Sampling {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            max_new_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_k: Some(self.top_k),
+            top_p: Some(self.top_p),
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            stop_tokens: Vec::new(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct MeshArgs {
+    /// Peers to join through (with /p2p/<id>), repeatable.
+    #[arg(long, required = true)]
+    bootstrap: Vec<Multiaddr>,
+    /// Model name on the mesh.
+    #[arg(long, default_value = tiny::TINY_MODEL_ID)]
+    model: String,
+    /// Local model directory (embeddings, LM head, tokenizer); default: the tiny model.
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    /// Refuse servers above this price (micro-units per token per block).
+    #[arg(long)]
+    max_price: Option<u64>,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Generate text with the embedded tiny model split into spans in this process.
+    /// Start a bootstrap and 3 nodes on this machine (child processes on loopback), stream
+    /// a generation through them with the route and per-token latency, and stop them.
     Demo {
-        /// Text to continue.
-        #[arg(long, default_value = "The mesh runs models on everyone's GPUs.")]
-        prompt: String,
-        /// Tokens to generate.
-        #[arg(long, default_value_t = 48)]
-        max_tokens: usize,
-        /// Number of spans to split the model into.
+        #[command(flatten)]
+        sampling: Sampling,
+        /// Nodes to split the tiny model over.
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+    },
+    /// Generate text through the mesh.
+    Generate {
+        #[command(flatten)]
+        mesh: MeshArgs,
+        #[command(flatten)]
+        sampling: Sampling,
+    },
+    /// List the live servers of a model and the blocks they cover.
+    Nodes {
+        #[command(flatten)]
+        mesh: MeshArgs,
+    },
+    /// Generate with the model split into spans inside this process (no network).
+    Local {
+        #[command(flatten)]
+        sampling: Sampling,
         #[arg(long, default_value_t = 3)]
         spans: u32,
-        /// Sampling temperature (0 = greedy).
-        #[arg(long, default_value_t = 0.8)]
-        temperature: f32,
-        /// Sampling seed.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        /// Model directory; the embedded tiny model is written here when absent.
+        /// Model directory; default: the embedded tiny model.
         #[arg(long)]
         model_dir: Option<PathBuf>,
     },
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Demo {
-            prompt,
-            max_tokens,
-            spans,
-            temperature,
-            seed,
-            model_dir,
-        } => {
-            let dir = match model_dir {
-                Some(dir) => dir,
-                None => tiny::ensure(&tiny::default_dir())?,
-            };
-            let model = LocalModel::load_split(&dir, spans, &candle_core::Device::Cpu)
-                .with_context(|| format!("loading {}", dir.display()))?;
-            println!("model: {}", dir.display());
-            for span in model.spans() {
+        Command::Demo { sampling, nodes } => demo(sampling, nodes).await,
+        Command::Generate { mesh, sampling } => {
+            let client = connect(mesh).await?;
+            stream(&client, &sampling).await
+        }
+        Command::Nodes { mesh } => {
+            let client = connect(mesh).await?;
+            for s in client.nodes().await? {
                 println!(
-                    "  span {} ({:.1} MiB of weights)",
-                    span.range(),
-                    span.weight_bytes() as f64 / (1 << 20) as f64
+                    "{} blocks {} of {}  {:.1} tok/s/block  {} sessions  price {}",
+                    s.peer_id,
+                    s.span,
+                    s.num_blocks,
+                    s.load.throughput_tps,
+                    s.load.active_sessions,
+                    s.price_per_token
                 );
             }
-            let params = SamplingParams {
-                max_new_tokens: max_tokens,
-                temperature,
-                seed,
-                ..SamplingParams::default()
-            };
-            print!("{prompt}");
-            let started = std::time::Instant::now();
-            let out = model.generate(&prompt, &params, |text| {
-                print!("{text}");
-                let _ = std::io::stdout().flush();
-            })?;
-            let secs = started.elapsed().as_secs_f64();
-            println!(
-                "\n-- {} tokens in {:.2} s ({:.1} tokens/s), finished by {:?}",
-                out.tokens.len(),
-                secs,
-                out.tokens.len() as f64 / secs.max(1e-9),
-                out.finish
-            );
+            Ok(())
+        }
+        Command::Local {
+            sampling,
+            spans,
+            model_dir,
+        } => local(sampling, spans, model_dir),
+    }
+}
+
+async fn connect(args: MeshArgs) -> anyhow::Result<MeshClient> {
+    let mut b = MeshClient::builder()
+        .bootstrap(args.bootstrap)
+        .model(args.model);
+    if let Some(dir) = args.model_dir {
+        b = b.model_dir(dir);
+    }
+    if let Some(p) = args.max_price {
+        b = b.max_price(p);
+    }
+    Ok(b.build().await?)
+}
+
+/// Stream a generation, then print each token's route and latency.
+async fn stream(client: &MeshClient, sampling: &Sampling) -> anyhow::Result<()> {
+    print!("{}", sampling.prompt);
+    let mut tokens = client.generate(&sampling.prompt, sampling.params()).await?;
+    let mut made = Vec::new();
+    while let Some(token) = tokens.next().await {
+        let token = token?;
+        print!("{}", token.text);
+        let _ = std::io::stdout().flush();
+        made.push(token);
+    }
+    println!();
+    if let Some(first) = made.first() {
+        println!("\nroute:");
+        for hop in &first.route {
+            println!("  blocks {} on {}", hop.span, hop.peer);
         }
     }
+    let mut decode: Vec<f64> = made
+        .iter()
+        .skip(1)
+        .map(|t| t.latency.as_secs_f64() * 1e3)
+        .collect();
+    decode.sort_by(f64::total_cmp);
+    if let (Some(first), Some(median)) = (made.first(), decode.get(decode.len() / 2)) {
+        println!(
+            "{} tokens; prefill {:.1} ms, per-token median {median:.2} ms, max {:.2} ms; cost {}",
+            made.len(),
+            first.latency.as_secs_f64() * 1e3,
+            decode.last().copied().unwrap_or(0.0),
+            made.last().map_or(0, |t| t.cost_so_far)
+        );
+    }
+    Ok(())
+}
+
+async fn demo(sampling: Sampling, nodes: u32) -> anyhow::Result<()> {
+    let home = tempdir_for_demo()?;
+    let model_dir = tiny::ensure(&tiny::default_dir())?;
+    // The nodes read the same tiny model from their MESH_HOME.
+    tiny::ensure(
+        &home
+            .join("models")
+            .join(model_dir.file_name().unwrap_or_default()),
+    )?;
+    let spans = BlockRange::even_split(8, nodes);
+    println!(
+        "starting a bootstrap and {} nodes on 127.0.0.1 ...",
+        spans.len()
+    );
+    let mesh = tokio::task::spawn_blocking({
+        let home = home.clone();
+        move || ProcessMesh::start(&home, &spans)
+    })
+    .await??;
+    println!("bootstrap {}", mesh.bootstrap());
+    for (addr, span) in &mesh.servers {
+        println!("node blocks {span} at {addr}");
+    }
+    let client = MeshClient::builder()
+        .bootstrap([mesh.bootstrap().clone()])
+        .model_dir(model_dir)
+        .build()
+        .await
+        .context("joining the local mesh")?;
+    let result = stream(&client, &sampling).await;
+    let mut mesh = mesh;
+    tokio::task::spawn_blocking(move || mesh.stop()).await?;
+    let _ = std::fs::remove_dir_all(&home);
+    println!("stopped every process");
+    result
+}
+
+fn tempdir_for_demo() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("mesh-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn local(sampling: Sampling, spans: u32, model_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = match model_dir {
+        Some(dir) => dir,
+        None => tiny::ensure(&tiny::default_dir())?,
+    };
+    let model = LocalModel::load_split(&dir, spans, &candle_core::Device::Cpu)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    for span in model.spans() {
+        println!(
+            "span {} ({:.1} MiB of weights)",
+            span.range(),
+            span.weight_bytes() as f64 / (1 << 20) as f64
+        );
+    }
+    print!("{}", sampling.prompt);
+    let out = model.generate(&sampling.prompt, &sampling.params(), |text| {
+        print!("{text}");
+        let _ = std::io::stdout().flush();
+    })?;
+    println!(
+        "\n-- {} tokens, finished by {:?}",
+        out.tokens.len(),
+        out.finish
+    );
     Ok(())
 }

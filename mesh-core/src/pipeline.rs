@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 
-pub use generate::{generate, TokenEvent};
+pub use generate::{generate, generate_into, TokenEvent};
 pub use protocol::{Refusal, SessionRequest, SessionResponse};
 pub use route::{Candidate, Hop, RoutePolicy};
 pub use server::{ServerLimits, ServerStats, SessionUsage, SpanServer};

@@ -143,7 +143,7 @@ impl LocalModel {
         let prompt_tokens = tokenizer.encode(prompt)?;
         let mut params = params.clone();
         params.stop_tokens.extend(self.files.config.eos_tokens());
-        let mut stream = TextStream::new(tokenizer);
+        let mut stream = TextStream::new(tokenizer.clone());
         let mut stream_error = None;
         let generation =
             self.generate_ids(prompt_tokens.clone(), &params, |id| match stream.push(id) {

@@ -62,14 +62,14 @@ impl MeshTokenizer {
 /// Turns tokens into text as they arrive, holding back bytes of an unfinished
 /// UTF-8 character so the stream never shows a replacement character mid-way.
 #[derive(Debug)]
-pub struct TextStream<'a> {
-    tokenizer: &'a MeshTokenizer,
+pub struct TextStream {
+    tokenizer: MeshTokenizer,
     ids: Vec<u32>,
     emitted: usize,
 }
 
-impl<'a> TextStream<'a> {
-    pub fn new(tokenizer: &'a MeshTokenizer) -> Self {
+impl TextStream {
+    pub fn new(tokenizer: MeshTokenizer) -> Self {
         Self {
             tokenizer,
             ids: Vec::new(),

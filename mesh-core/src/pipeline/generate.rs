@@ -1,7 +1,10 @@
 //! Generation over a chain of servers: the client embeds, the servers run the blocks,
 //! the client applies the LM head and samples.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
 
 use super::{Hop, PipelineError, RemoteSession};
 use crate::model::{ClientHead, Generation};
@@ -26,18 +29,49 @@ pub async fn generate(
     generation: &mut Generation,
     mut on_token: impl FnMut(TokenEvent),
 ) -> Result<(), PipelineError> {
+    run(head, session, generation, |event| {
+        on_token(event);
+        std::future::ready(true)
+    })
+    .await
+}
+
+/// Like [`generate`], but tokens go into a bounded channel: a slow reader slows the
+/// generation down, and a reader that went away (receiver dropped) stops it.
+pub async fn generate_into(
+    head: &ClientHead,
+    session: &mut RemoteSession,
+    generation: &mut Generation,
+    tokens: &mpsc::Sender<TokenEvent>,
+) -> Result<(), PipelineError> {
+    run(head, session, generation, |event| {
+        let tokens = tokens.clone();
+        async move { tokens.send(event).await.is_ok() }
+    })
+    .await
+}
+
+async fn run<F: Future<Output = bool>>(
+    head: &ClientHead,
+    session: &mut RemoteSession,
+    generation: &mut Generation,
+    mut on_token: impl FnMut(TokenEvent) -> F,
+) -> Result<(), PipelineError> {
     while let Some((input, start)) = generation.next_input() {
         let started = Instant::now();
         let hidden = head.embed(input)?;
         let out = session.step(hidden, start as u32).await?;
         let logits = head.last_logits(&out)?;
         if let Some(token) = generation.accept_logits(&logits) {
-            on_token(TokenEvent {
+            let event = TokenEvent {
                 token,
                 index: generation.generated().len() - 1,
                 latency: started.elapsed(),
                 route: session.route(),
-            });
+            };
+            if !on_token(event).await {
+                break;
+            }
         }
     }
     Ok(())

@@ -1,0 +1,380 @@
+//! # mesh-client
+//!
+//! Use the mesh from Rust: join through a bootstrap, find the servers of a model, and
+//! stream generated tokens. The client holds the model's embeddings and LM head (a local
+//! model directory) and the servers run the blocks.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), mesh_client::ClientError> {
+//! use futures::StreamExt;
+//! use mesh_client::{MeshClient, SamplingParams};
+//!
+//! let client = MeshClient::builder()
+//!     .bootstrap(["/ip4/127.0.0.1/tcp/31337/p2p/12D3KooW...".parse().unwrap()])
+//!     .model("tiny-llama-mesh")
+//!     .build()
+//!     .await?;
+//! let mut tokens = client.generate("Once upon a time", SamplingParams::greedy(32)).await?;
+//! while let Some(token) = tokens.next().await {
+//!     print!("{}", token?.text);
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod demo;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::identity::Identity;
+use mesh_core::model::{
+    tiny, ClientHead, Generation, MeshTokenizer, ModelError, ModelFiles, TextStream,
+};
+use mesh_core::p2p::{self, Multiaddr, P2pConfig, Role};
+use mesh_core::pipeline::{self, Hop, PipelineError, RemoteSession, SessionConfig};
+use mesh_core::{ModelId, ServerInfo};
+use tokio::sync::mpsc;
+
+pub use mesh_core::model::{FinishReason, SamplingParams};
+
+/// Attempts to open a route before giving up (the first try plus retries).
+const OPEN_ATTEMPTS: u32 = 3;
+/// Tokens buffered between the generation task and a slow reader.
+const TOKEN_QUEUE: usize = 32;
+
+/// What can go wrong for a caller.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No live servers cover every block of the model (within the price limit).
+    #[error("no route: {0}")]
+    NoRoute(String),
+    /// Servers were found, but all of them charge more than `max_price`.
+    #[error("every server of {model} is above the max price of {max_price}")]
+    OverPrice { model: ModelId, max_price: u64 },
+    /// A server or the discovery did not answer in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The model is not known locally (no directory) or not served on the mesh.
+    #[error("model unknown: {0}")]
+    ModelUnknown(String),
+    /// The mesh failed mid-generation in a way fail-over could not fix.
+    #[error(transparent)]
+    Pipeline(PipelineError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    P2p(#[from] p2p::P2pError),
+}
+
+impl From<PipelineError> for ClientError {
+    fn from(e: PipelineError) -> Self {
+        match e {
+            PipelineError::NoRoute { .. } => ClientError::NoRoute(e.to_string()),
+            PipelineError::Timeout { .. } => ClientError::Timeout(e.to_string()),
+            other => ClientError::Pipeline(other),
+        }
+    }
+}
+
+/// Tokens as they are generated; dropping it cancels the generation.
+pub type TokenStream = futures::stream::BoxStream<'static, Result<Token, ClientError>>;
+
+/// One streamed token with how it was made.
+#[derive(Clone, Debug)]
+pub struct Token {
+    pub id: u32,
+    /// Text this token completes (empty while a multi-byte character is unfinished).
+    pub text: String,
+    pub latency: Duration,
+    /// Servers and blocks of the step that made it.
+    pub route: Vec<Hop>,
+    /// Price so far, in micro-units: tokens × blocks × each server's announced price.
+    pub cost_so_far: u64,
+}
+
+/// Builds a [`MeshClient`].
+#[derive(Debug, Default)]
+pub struct MeshClientBuilder {
+    bootstrap: Vec<Multiaddr>,
+    model: Option<String>,
+    model_dir: Option<PathBuf>,
+    max_price: Option<u64>,
+    discovery_timeout: Option<Duration>,
+    session: SessionConfig,
+}
+
+impl MeshClientBuilder {
+    /// Peers to join through (bootstraps or any mesh peer), with `/p2p/<id>`.
+    pub fn bootstrap(mut self, addrs: impl IntoIterator<Item = Multiaddr>) -> Self {
+        self.bootstrap.extend(addrs);
+        self
+    }
+
+    /// The model to use (default: the embedded tiny model).
+    pub fn model(mut self, id: impl Into<String>) -> Self {
+        self.model = Some(id.into());
+        self
+    }
+
+    /// Local directory with the model's config, weights (for the head) and tokenizer.
+    pub fn model_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.model_dir = Some(dir.into());
+        self
+    }
+
+    /// Never use servers that charge more than this (micro-units per token per block).
+    pub fn max_price(mut self, price: u64) -> Self {
+        self.max_price = Some(price);
+        self
+    }
+
+    /// How long to wait for servers covering every block (default 30 s).
+    pub fn discovery_timeout(mut self, timeout: Duration) -> Self {
+        self.discovery_timeout = Some(timeout);
+        self
+    }
+
+    /// Per-step timeout, fail-over budget, session length.
+    pub fn session_config(mut self, cfg: SessionConfig) -> Self {
+        self.session = cfg;
+        self
+    }
+
+    /// Join the mesh and load the model's head and tokenizer.
+    pub async fn build(mut self) -> Result<MeshClient, ClientError> {
+        let model = ModelId::new(self.model.unwrap_or_else(|| tiny::TINY_MODEL_ID.into()));
+        let dir = match self.model_dir {
+            Some(dir) => dir,
+            None if model.as_str() == tiny::TINY_MODEL_ID => tiny::ensure(&tiny::default_dir())?,
+            None => {
+                return Err(ClientError::ModelUnknown(format!(
+                    "{model}: give the model directory (its embeddings, LM head and tokenizer run here)"
+                )))
+            }
+        };
+        let files = ModelFiles::open(&dir)?;
+        let head = ClientHead::load(&files, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+        let tokenizer = MeshTokenizer::from_file(&files.tokenizer_path())?;
+        self.session.policy.max_price = self.max_price;
+        let mut cfg = P2pConfig::new(Identity::generate(), Role::Client);
+        cfg.bootstrap = self.bootstrap;
+        let peer = p2p::spawn(cfg).await?;
+        let client = MeshClient {
+            inner: Arc::new(Inner {
+                p2p: peer.client,
+                model,
+                num_blocks: files.config.num_blocks(),
+                max_context: files.config.max_position_embeddings,
+                eos: files.config.eos_tokens(),
+                head,
+                tokenizer,
+                session: self.session,
+                max_price: self.max_price,
+            }),
+        };
+        client
+            .wait_for_servers(self.discovery_timeout.unwrap_or(Duration::from_secs(30)))
+            .await?;
+        Ok(client)
+    }
+}
+
+/// What the token stream holds between items.
+struct StreamState {
+    tokens: mpsc::Receiver<pipeline::TokenEvent>,
+    outcome: Option<tokio::sync::oneshot::Receiver<Result<(), PipelineError>>>,
+    text: TextStream,
+    prices: std::collections::HashMap<p2p::PeerId, u64>,
+    cost: u64,
+}
+
+impl StreamState {
+    fn token(&mut self, event: pipeline::TokenEvent) -> Token {
+        self.cost += event
+            .route
+            .iter()
+            .map(|h| self.prices.get(&h.peer).copied().unwrap_or(0) * u64::from(h.span.len()))
+            .sum::<u64>();
+        Token {
+            id: event.token,
+            text: self
+                .text
+                .push(event.token)
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+            latency: event.latency,
+            route: event.route,
+            cost_so_far: self.cost,
+        }
+    }
+}
+
+struct Inner {
+    p2p: p2p::Client,
+    model: ModelId,
+    num_blocks: u32,
+    max_context: usize,
+    eos: Vec<u32>,
+    head: ClientHead,
+    tokenizer: MeshTokenizer,
+    session: SessionConfig,
+    max_price: Option<u64>,
+}
+
+/// A handle to the mesh for one model; cheap to clone.
+#[derive(Clone)]
+pub struct MeshClient {
+    inner: Arc<Inner>,
+}
+
+impl MeshClient {
+    pub fn builder() -> MeshClientBuilder {
+        MeshClientBuilder::default()
+    }
+
+    pub fn model(&self) -> &ModelId {
+        &self.inner.model
+    }
+
+    /// The live servers of the model, as heard in heartbeats.
+    pub async fn nodes(&self) -> Result<Vec<ServerInfo>, ClientError> {
+        Ok(self.inner.p2p.live_servers(&self.inner.model).await?)
+    }
+
+    async fn wait_for_servers(&self, timeout: Duration) -> Result<(), ClientError> {
+        let i = &self.inner;
+        match pipeline::wait_for_coverage(&i.p2p, &i.model, i.num_blocks, timeout).await {
+            Ok(_) => Ok(()),
+            Err(PipelineError::NoRoute { .. }) => {
+                let live = i.p2p.live_servers(&i.model).await?;
+                if live.is_empty() {
+                    return Err(ClientError::ModelUnknown(format!(
+                        "no server of {} answered within {timeout:?}",
+                        i.model
+                    )));
+                }
+                Err(ClientError::NoRoute(format!(
+                    "{} servers of {} seen, but they leave blocks uncovered",
+                    live.len(),
+                    i.model
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Open a route, retrying with exponential backoff (3 attempts).
+    async fn open_session(&self) -> Result<RemoteSession, ClientError> {
+        let i = &self.inner;
+        let mut delay = Duration::from_millis(250);
+        let mut attempt = 1;
+        loop {
+            let opened = RemoteSession::open(
+                i.p2p.clone(),
+                i.model.clone(),
+                i.num_blocks,
+                i.session.clone(),
+            )
+            .await;
+            match opened {
+                Ok(s) => return Ok(s),
+                Err(PipelineError::NoRoute { .. })
+                    if i.max_price.is_some() && attempt == OPEN_ATTEMPTS =>
+                {
+                    let live = i.p2p.live_servers(&i.model).await?;
+                    let max = i.max_price.unwrap_or(u64::MAX);
+                    if !live.is_empty() && live.iter().all(|s| s.price_per_token > max) {
+                        return Err(ClientError::OverPrice {
+                            model: i.model.clone(),
+                            max_price: max,
+                        });
+                    }
+                    return Err(ClientError::NoRoute(format!(
+                        "blocks of {} uncovered",
+                        i.model
+                    )));
+                }
+                Err(e) if attempt >= OPEN_ATTEMPTS => return Err(e.into()),
+                Err(e) => {
+                    tracing::info!(
+                        attempt,
+                        "opening a route failed, retrying in {delay:?}: {e}"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Generate after `prompt`; tokens arrive on the stream as they are made. The model's
+    /// EOS ends generation. Dropping the stream cancels the generation.
+    pub async fn generate(
+        &self,
+        prompt: &str,
+        mut params: SamplingParams,
+    ) -> Result<TokenStream, ClientError> {
+        let i = self.inner.clone();
+        let ids = i.tokenizer.encode(prompt)?;
+        params.stop_tokens.extend(i.eos.iter().copied());
+        let mut generation = Generation::new(ids, params, i.max_context)?;
+        let mut session = self.open_session().await?;
+        let prices: std::collections::HashMap<_, _> = self
+            .nodes()
+            .await?
+            .into_iter()
+            .map(|s| (s.peer_id, s.price_per_token))
+            .collect();
+        let (tx, rx) = mpsc::channel(TOKEN_QUEUE);
+        let (err_tx, err_rx) = tokio::sync::oneshot::channel();
+        let task_inner = i.clone();
+        tokio::spawn(async move {
+            let i = task_inner;
+            let result = pipeline::generate_into(&i.head, &mut session, &mut generation, &tx).await;
+            drop(tx);
+            session.close().await;
+            let _ = err_tx.send(result);
+        });
+        let state = StreamState {
+            tokens: rx,
+            outcome: Some(err_rx),
+            text: TextStream::new(i.tokenizer.clone()),
+            prices,
+            cost: 0,
+        };
+        Ok(Box::pin(futures::stream::unfold(
+            state,
+            |mut st| async move {
+                match st.tokens.recv().await {
+                    Some(event) => {
+                        let token = st.token(event);
+                        Some((Ok(token), st))
+                    }
+                    // The generation ended: report its error, if any, once.
+                    None => match st.outcome.take()?.await {
+                        Ok(Err(e)) => Some((Err(e.into()), st)),
+                        _ => None,
+                    },
+                }
+            },
+        )))
+    }
+
+    /// Generate and collect the whole text.
+    pub async fn complete(
+        &self,
+        prompt: &str,
+        params: SamplingParams,
+    ) -> Result<String, ClientError> {
+        use futures::StreamExt;
+        let mut stream = self.generate(prompt, params).await?;
+        let mut out = String::new();
+        while let Some(t) = stream.next().await {
+            out.push_str(&t?.text);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,68 @@
+//! The embeddable client against a real (in-process, loopback) mesh.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use mesh_client::{ClientError, MeshClient, SamplingParams};
+use mesh_core::local_mesh::LocalMesh;
+use mesh_core::model::{tiny, LocalModel};
+use mesh_core::BlockRange;
+
+fn params() -> SamplingParams {
+    SamplingParams {
+        max_new_tokens: 20,
+        seed: 5,
+        ..SamplingParams::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_text_equals_local_generation_and_drop_cancels() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write(dir.path()).unwrap();
+    let want = LocalModel::load_split(dir.path(), 1, &candle_core::Device::Cpu)
+        .unwrap()
+        .generate("Hello mesh", &params(), |_| {})
+        .unwrap();
+    let mesh = LocalMesh::start(dir.path(), &BlockRange::even_split(8, 3))
+        .await
+        .unwrap();
+    let client = MeshClient::builder()
+        .bootstrap([mesh.bootstrap_addr().clone()])
+        .model_dir(dir.path())
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(client.nodes().await.unwrap().len(), 3);
+
+    let stream = client.generate("Hello mesh", params()).await.unwrap();
+    let tokens: Vec<_> = stream.map(|t| t.unwrap()).collect().await;
+    assert_eq!(tokens.iter().map(|t| t.id).collect::<Vec<_>>(), want.tokens);
+    assert_eq!(
+        tokens.iter().map(|t| t.text.as_str()).collect::<String>(),
+        want.text
+    );
+    assert!(tokens.iter().all(|t| t.route.len() == 3));
+
+    // Dropping the stream after two tokens stops the generation (no hang, no error).
+    let mut stream = client.generate("Hello mesh", params()).await.unwrap();
+    assert!(stream.next().await.is_some());
+    assert!(stream.next().await.is_some());
+    mesh.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_servers_is_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write(dir.path()).unwrap();
+    let mesh = LocalMesh::start(dir.path(), &[]).await.unwrap();
+    let err = MeshClient::builder()
+        .bootstrap([mesh.bootstrap_addr().clone()])
+        .model_dir(dir.path())
+        .discovery_timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, ClientError::ModelUnknown(_)), "{err}");
+}
