@@ -22,6 +22,7 @@
 //! ```
 
 pub mod demo;
+pub mod openai;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -75,6 +76,13 @@ impl From<PipelineError> for ClientError {
             other => ClientError::Pipeline(other),
         }
     }
+}
+
+/// One message of a chat, as OpenAI's API spells it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
 }
 
 /// Tokens as they are generated; dropping it cancels the generation.
@@ -361,6 +369,31 @@ impl MeshClient {
                 }
             },
         )))
+    }
+
+    /// The prompt a chat becomes. Models without a chat template (the tiny model) get a
+    /// plain role-tagged transcript ending with the assistant's turn.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> String {
+        let mut prompt = String::new();
+        for m in messages {
+            prompt.push_str(&format!("<|{}|>\n{}\n", m.role, m.content));
+        }
+        prompt.push_str("<|assistant|>\n");
+        prompt
+    }
+
+    /// Tokens of `text` under the model's tokenizer (0 if it cannot be encoded).
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.inner.tokenizer.encode(text).map_or(0, |ids| ids.len())
+    }
+
+    /// Answer a chat: [`MeshClient::generate`] on the chat's prompt.
+    pub async fn chat(
+        &self,
+        messages: &[ChatMessage],
+        params: SamplingParams,
+    ) -> Result<TokenStream, ClientError> {
+        self.generate(&self.chat_prompt(messages), params).await
     }
 
     /// Generate and collect the whole text.

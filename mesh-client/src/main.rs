@@ -93,6 +93,18 @@ enum Command {
         #[command(flatten)]
         sampling: Sampling,
     },
+    /// Serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions)
+    /// backed by the mesh, until Ctrl-C.
+    ServeOpenai {
+        #[command(flatten)]
+        mesh: MeshArgs,
+        /// Local port.
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Address to bind (keep it local unless you mean to share it).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+    },
     /// List the live servers of a model and the blocks they cover.
     Nodes {
         #[command(flatten)]
@@ -123,6 +135,21 @@ async fn main() -> anyhow::Result<()> {
         Command::Generate { mesh, sampling } => {
             let client = connect(mesh).await?;
             stream(&client, &sampling).await
+        }
+        Command::ServeOpenai { mesh, port, host } => {
+            let client = connect(mesh).await?;
+            let listener = tokio::net::TcpListener::bind((host, port))
+                .await
+                .with_context(|| format!("binding {host}:{port}"))?;
+            println!(
+                "OpenAI-compatible API on http://{}/v1",
+                listener.local_addr()?
+            );
+            mesh_client::openai::serve(client, listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+            Ok(())
         }
         Command::Nodes { mesh } => {
             let client = connect(mesh).await?;

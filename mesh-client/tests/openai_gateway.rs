@@ -1,0 +1,90 @@
+//! The official OpenAI Python SDK against `serve-openai` over a 3-node mesh: a streamed
+//! chat completion arrives and equals the direct client generation.
+//!
+//! Needs `python3` with the `openai` package (`.ci/run` installs it). Set
+//! `MESH_SKIP_OPENAI_SDK=1` to skip on a machine without them.
+
+use std::process::Command;
+
+use futures::StreamExt;
+use mesh_client::{ChatMessage, MeshClient, SamplingParams};
+use mesh_core::local_mesh::LocalMesh;
+use mesh_core::model::tiny;
+use mesh_core::BlockRange;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk_streams_what_the_client_generates() {
+    if std::env::var_os("MESH_SKIP_OPENAI_SDK").is_some() {
+        eprintln!("skipped: MESH_SKIP_OPENAI_SDK is set");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write(dir.path()).unwrap();
+    let mesh = LocalMesh::start(dir.path(), &BlockRange::even_split(8, 3))
+        .await
+        .unwrap();
+    let client = MeshClient::builder()
+        .bootstrap([mesh.bootstrap_addr().clone()])
+        .model_dir(dir.path())
+        .build()
+        .await
+        .unwrap();
+
+    let messages = vec![ChatMessage {
+        role: "user".into(),
+        content: "Say hello to the mesh.".into(),
+    }];
+    let params = SamplingParams {
+        max_new_tokens: 16,
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+        repetition_penalty: 1.0,
+        seed: 0,
+        stop_tokens: Vec::new(),
+    };
+    let direct: String = client
+        .chat(&messages, params)
+        .await
+        .unwrap()
+        .map(|t| t.unwrap().text)
+        .collect()
+        .await;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/v1", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(mesh_client::openai::serve(client, listener, async {
+        let _ = stopped.await;
+    }));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk.py");
+    let out =
+        tokio::task::spawn_blocking(move || Command::new("python3").arg(script).arg(base).output())
+            .await
+            .unwrap()
+            .expect("python3 must be installed (or set MESH_SKIP_OPENAI_SDK=1)");
+    assert!(
+        out.status.success(),
+        "the SDK script failed (is `pip install openai` done?):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["models"][0], tiny::TINY_MODEL_ID);
+    assert_eq!(
+        seen["streamed"].as_str().unwrap(),
+        direct,
+        "streamed chat equals direct generation"
+    );
+    assert!(seen["chunks"].as_u64().unwrap() >= 2);
+    assert_eq!(
+        seen["whole"].as_str().unwrap(),
+        direct,
+        "non-streamed chat too"
+    );
+    assert_eq!(seen["finish"], "length");
+    assert_eq!(seen["completion_tokens"], 16);
+
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+    mesh.stop().await.unwrap();
+}
