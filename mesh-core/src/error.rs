@@ -8,6 +8,9 @@ pub enum Error {
     /// Loading or running a model span failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// A receipt, the ledger store or a settlement batch failed.
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
     /// Remote inference failed.
     #[error(transparent)]
     Pipeline(#[from] crate::pipeline::PipelineError),

@@ -8,12 +8,15 @@
 //! - [`types`]: the shared vocabulary (`ModelId`, `BlockRange`, `SessionId`, `ServerInfo`).
 //! - [`identity`]: the peer's persistent ed25519 key on disk (`PeerId`, receipt signing key).
 //! - [`wire`]: the only place values become bytes; every decode is bounded before allocating.
+//! - [`ledger`]: signed contribution receipts, the sled ledger each peer keeps, settlement
+//!   batches anyone can verify offline.
 //! - [`p2p`]: the libp2p swarm: Kademlia announcements and lookups, gossip heartbeats and the
 //!   live-server table, the `/mesh/session/1` request-response protocol, the bootstrap peer.
 //! - [`error`]: the crate's typed errors.
 
 pub mod error;
 pub mod identity;
+pub mod ledger;
 pub mod local_mesh;
 pub mod model;
 pub mod node;

@@ -75,6 +75,31 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, WireError> {
     Ok(out)
 }
 
+/// Canonical bytes of `value`, for signing: what two peers must agree on byte for byte.
+///
+/// bincode 2.0.1's standard configuration with **fixed-width integers**, little-endian:
+/// every integer is its full width (`u64` is 8 bytes), lengths of strings and sequences are
+/// `u64`, enum variants are `u32`, `Option` is one tag byte. There is no version byte here:
+/// signers put their own domain-separation prefix and version in front (see
+/// `ledger::receipt`). This format is frozen; changing it breaks every stored signature, so
+/// a new format gets a new function and a new signing domain instead.
+pub fn canonical<T: Serialize>(value: &T) -> Result<Vec<u8>, WireError> {
+    let out = bincode::serde::encode_to_vec(value, canonical_config())?;
+    if out.len() > SMALL_LIMIT {
+        return Err(WireError::TooLarge {
+            len: out.len(),
+            max: SMALL_LIMIT,
+        });
+    }
+    Ok(out)
+}
+
+fn canonical_config() -> impl Config {
+    config::standard()
+        .with_little_endian()
+        .with_fixed_int_encoding()
+}
+
 /// Decodes a message written by [`encode`], refusing inputs longer than `max_len` bytes.
 ///
 /// `max_len` above [`FRAME_LIMIT`] is clamped to it.
@@ -262,6 +287,17 @@ mod tests {
             data: vec![1, 2, 3],
             n: 42,
         }
+    }
+
+    #[test]
+    fn canonical_is_fixed_width_and_stable() {
+        // u64 as 8 LE bytes, string length as a u64, then the bytes: no varints.
+        let bytes = canonical(&(1u64, "ab")).unwrap();
+        assert_eq!(
+            bytes,
+            [1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, b'a', b'b']
+        );
+        assert_eq!(canonical(&msg()).unwrap(), canonical(&msg()).unwrap());
     }
 
     #[test]
