@@ -105,6 +105,11 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1")]
         host: std::net::IpAddr,
     },
+    /// Check a settlement batch file offline: every signature, every total.
+    VerifyBatch {
+        /// The batch JSON written by `mesh-node settle`.
+        file: PathBuf,
+    },
     /// List the live servers of a model and the blocks they cover.
     Nodes {
         #[command(flatten)]
@@ -149,6 +154,12 @@ async fn main() -> anyhow::Result<()> {
                 let _ = tokio::signal::ctrl_c().await;
             })
             .await?;
+            Ok(())
+        }
+        Command::VerifyBatch { file } => {
+            let summary = mesh_core::ledger::verify_batch(&file)
+                .with_context(|| format!("{} does not verify", file.display()))?;
+            println!("{} verifies\n{summary}", file.display());
             Ok(())
         }
         Command::Nodes { mesh } => {
