@@ -34,15 +34,8 @@ async fn openai_python_sdk_streams_what_the_client_generates() {
         role: "user".into(),
         content: "Say hello to the mesh.".into(),
     }];
-    let params = SamplingParams {
-        max_new_tokens: 16,
-        temperature: 0.0,
-        top_k: None,
-        top_p: None,
-        repetition_penalty: 1.0,
-        seed: 0,
-        stop_tokens: Vec::new(),
-    };
+    // What the SDK asks for: temperature 0, no penalty, 16 tokens.
+    let params = SamplingParams::greedy(16);
     let direct: String = client
         .chat(&messages, params)
         .await

@@ -2,6 +2,9 @@
 //! `LlamaForCausalLM`. The fixtures and the script that made them are committed
 //! (`scripts/make_hf_fixture.py`, `tests/fixtures/README.md`); no Python runs here.
 
+mod common;
+use common::relative_error;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -35,15 +38,6 @@ fn expected(dir: &Path) -> Expected {
         logits: t["logits"].to_vec2::<f32>().unwrap(),
         greedy_ids: ids("greedy_ids"),
     }
-}
-
-fn relative_error(got: &[f32], want: &[f32]) -> f32 {
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    got.iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max)
-        / scale
 }
 
 /// Logits at every prompt position from one prefill through `ranges`.

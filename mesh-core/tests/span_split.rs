@@ -1,5 +1,8 @@
 //! Splitting the model into spans must not change a single logit.
 
+mod common;
+use common::relative_error;
+
 use candle_core::{DType, Device};
 use mesh_core::model::{tiny, ClientHead, ModelFiles, SpanModel};
 use mesh_core::BlockRange;
@@ -37,14 +40,6 @@ fn step_logits(files: &ModelFiles, head: &ClientHead, ranges: &[BlockRange]) -> 
     all
 }
 
-fn max_relative_error(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() / scale)
-        .fold(0f32, f32::max)
-}
-
 #[test]
 fn any_split_gives_the_unsplit_logits_at_every_step() {
     let dir = tempfile::tempdir().unwrap();
@@ -68,7 +63,7 @@ fn any_split_gives_the_unsplit_logits_at_every_step() {
     for ranges in splits {
         let got = step_logits(&files, &head, &ranges);
         for (step, (g, want)) in got.iter().zip(&reference).enumerate() {
-            let err = max_relative_error(g, want);
+            let err = relative_error(g, want);
             assert!(
                 err <= 1e-5,
                 "split {ranges:?}, step {step}: relative error {err}"
@@ -100,7 +95,7 @@ fn prefill_equals_token_by_token_decoding() {
         last = head.last_logits(&hidden).unwrap();
     }
     assert_eq!(step_cache.len(), PROMPT.len());
-    let err = max_relative_error(&last, &prefill);
+    let err = relative_error(&last, &prefill);
     assert!(err <= 1e-5, "relative error {err}");
 }
 

@@ -1,5 +1,8 @@
 //! Sharded checkpoints and half-precision weights load through the same path.
 
+mod common;
+use common::relative_error;
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -19,15 +22,6 @@ fn logits(dir: &Path, dtype: DType) -> Vec<f32> {
         hidden = span.forward(&mut cache, &hidden, 0).unwrap();
     }
     head.last_logits(&hidden).unwrap()
-}
-
-fn relative_error(got: &[f32], want: &[f32]) -> f32 {
-    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    got.iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max)
-        / scale
 }
 
 fn all_tensors(dir: &Path) -> HashMap<String, Tensor> {

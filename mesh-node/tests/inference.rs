@@ -215,9 +215,9 @@ async fn a_node_told_no_span_takes_the_blocks_nobody_serves() {
     let r = BlockRange::new;
     let mut cluster = Cluster::start(&[r(0, 3), r(6, 8)]).await;
     // Let the bootstrap learn of both servers before the newcomer looks.
-    let client = test_client(&cluster.boot_addr).await;
+    let scout = test_client(&cluster.boot_addr).await;
     wait_for(DISCOVERY_LIMIT, "both servers in the DHT", || {
-        let c = client.client.clone();
+        let c = scout.client.clone();
         async move {
             let found = c.discover(&ModelId::new(MODEL), NUM_BLOCKS).await.ok()?;
             (found.len() == 2).then_some(())
@@ -244,12 +244,5 @@ async fn a_node_told_no_span_takes_the_blocks_nobody_serves() {
         .nodes
         .push((Proc::peer_id(&node.listen_addr().await), node));
     // The gap is filled: the mesh now covers every block.
-    pipeline::wait_for_coverage(
-        &client.client,
-        &ModelId::new(MODEL),
-        NUM_BLOCKS,
-        DISCOVERY_LIMIT,
-    )
-    .await
-    .unwrap();
+    let (_client, _head) = cluster.client().await;
 }
