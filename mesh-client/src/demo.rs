@@ -137,6 +137,15 @@ impl ProcessMesh {
                 key(&name),
                 "--heartbeat-secs".into(),
                 "1".into(),
+                // Each node its own status port, PID file and ledger.
+                "--http".into(),
+                "127.0.0.1:0".into(),
+                "--pid-file".into(),
+                home.join(format!("{name}.pid")).display().to_string(),
+                "--ledger-dir".into(),
+                home.join(format!("{name}-ledger")).display().to_string(),
+                "--price-per-token".into(),
+                "1".into(),
             ];
             let (child, addr) = spawn(&name, "mesh-node", &args, home)?;
             mesh.children.push(child);

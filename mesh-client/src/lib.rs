@@ -29,11 +29,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::identity::Identity;
+use mesh_core::ledger::{ConfigHash, SignedReceipt, Store};
 use mesh_core::model::{
     tiny, ClientHead, Generation, MeshTokenizer, ModelError, ModelFiles, TextStream,
 };
 use mesh_core::p2p::{self, Multiaddr, P2pConfig, Role};
-use mesh_core::pipeline::{self, Hop, PipelineError, RemoteSession, SessionConfig};
+use mesh_core::pipeline::{self, ClientLedger, Hop, PipelineError, RemoteSession, SessionConfig};
 use mesh_core::{ModelId, ServerInfo};
 use tokio::sync::mpsc;
 
@@ -62,6 +63,9 @@ pub enum ClientError {
     /// The mesh failed mid-generation in a way fail-over could not fix.
     #[error(transparent)]
     Pipeline(PipelineError),
+    /// The local receipt ledger could not be opened or used.
+    #[error("ledger: {0}")]
+    Ledger(String),
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
@@ -97,7 +101,8 @@ pub struct Token {
     pub latency: Duration,
     /// Servers and blocks of the step that made it.
     pub route: Vec<Hop>,
-    /// Price so far, in micro-units: tokens × blocks × each server's announced price.
+    /// Price so far, in micro-units: positions run × blocks × each server's announced
+    /// price, the way servers bill it.
     pub cost_so_far: u64,
 }
 
@@ -110,6 +115,7 @@ pub struct MeshClientBuilder {
     max_price: Option<u64>,
     discovery_timeout: Option<Duration>,
     session: SessionConfig,
+    ledger_dir: Option<PathBuf>,
 }
 
 impl MeshClientBuilder {
@@ -143,6 +149,13 @@ impl MeshClientBuilder {
         self
     }
 
+    /// Keep a ledger here: the client's identity key (`client.key`) and a receipt store;
+    /// servers' receipts are then checked against what was sent and countersigned.
+    pub fn ledger_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.ledger_dir = Some(dir.into());
+        self
+    }
+
     /// Per-step timeout, fail-over budget, session length.
     pub fn session_config(mut self, cfg: SessionConfig) -> Self {
         self.session = cfg;
@@ -165,7 +178,23 @@ impl MeshClientBuilder {
         let head = ClientHead::load(&files, candle_core::DType::F32, &candle_core::Device::Cpu)?;
         let tokenizer = MeshTokenizer::from_file(&files.tokenizer_path())?;
         self.session.policy.max_price = self.max_price;
-        let mut cfg = P2pConfig::new(Identity::generate(), Role::Client);
+        let (identity, ledger) = match &self.ledger_dir {
+            Some(dir) => {
+                let identity = Identity::load_or_create(&dir.join("client.key"))
+                    .map_err(|e| ClientError::Ledger(e.to_string()))?;
+                let store = Store::open(&dir.join("receipts"))
+                    .map_err(|e| ClientError::Ledger(e.to_string()))?;
+                let ledger = ClientLedger {
+                    store,
+                    key: identity.signing_key(),
+                    config_hash: ConfigHash::of(&files.config)
+                        .map_err(|e| ClientError::Ledger(e.to_string()))?,
+                };
+                (identity, Some(ledger))
+            }
+            None => (Identity::generate(), None),
+        };
+        let mut cfg = P2pConfig::new(identity, Role::Client);
         cfg.bootstrap = self.bootstrap;
         let peer = p2p::spawn(cfg).await?;
         let client = MeshClient {
@@ -179,6 +208,7 @@ impl MeshClientBuilder {
                 tokenizer,
                 session: self.session,
                 max_price: self.max_price,
+                ledger,
             }),
         };
         client
@@ -195,15 +225,20 @@ struct StreamState {
     text: TextStream,
     prices: std::collections::HashMap<p2p::PeerId, u64>,
     cost: u64,
+    /// Positions the first step carried (the prompt); later steps carry one.
+    prompt_len: u64,
 }
 
 impl StreamState {
     fn token(&mut self, event: pipeline::TokenEvent) -> Token {
-        self.cost += event
-            .route
-            .iter()
-            .map(|h| self.prices.get(&h.peer).copied().unwrap_or(0) * u64::from(h.span.len()))
-            .sum::<u64>();
+        // Servers bill every position they run: the whole prompt, then one per step.
+        let positions = if event.index == 0 { self.prompt_len } else { 1 };
+        self.cost += positions
+            * event
+                .route
+                .iter()
+                .map(|h| self.prices.get(&h.peer).copied().unwrap_or(0) * u64::from(h.span.len()))
+                .sum::<u64>();
         Token {
             id: event.token,
             text: self
@@ -229,6 +264,7 @@ struct Inner {
     tokenizer: MeshTokenizer,
     session: SessionConfig,
     max_price: Option<u64>,
+    ledger: Option<ClientLedger>,
 }
 
 /// A handle to the mesh for one model; cheap to clone.
@@ -279,11 +315,12 @@ impl MeshClient {
         let mut delay = Duration::from_millis(250);
         let mut attempt = 1;
         loop {
-            let opened = RemoteSession::open(
+            let opened = RemoteSession::open_billed(
                 i.p2p.clone(),
                 i.model.clone(),
                 i.num_blocks,
                 i.session.clone(),
+                i.ledger.clone(),
             )
             .await;
             match opened {
@@ -328,6 +365,7 @@ impl MeshClient {
         let i = self.inner.clone();
         let ids = i.tokenizer.encode(prompt)?;
         params.stop_tokens.extend(i.eos.iter().copied());
+        let prompt_len = ids.len() as u64;
         let mut generation = Generation::new(ids, params, i.max_context)?;
         let mut session = self.open_session().await?;
         let prices: std::collections::HashMap<_, _> = self
@@ -352,6 +390,7 @@ impl MeshClient {
             text: TextStream::new(i.tokenizer.clone()),
             prices,
             cost: 0,
+            prompt_len,
         };
         Ok(Box::pin(futures::stream::unfold(
             state,
@@ -394,6 +433,21 @@ impl MeshClient {
         params: SamplingParams,
     ) -> Result<TokenStream, ClientError> {
         self.generate(&self.chat_prompt(messages), params).await
+    }
+
+    /// Receipts this client countersigned, newest hops first (empty without a ledger).
+    pub fn receipts(&self, limit: usize) -> Result<Vec<SignedReceipt>, ClientError> {
+        let Some(ledger) = &self.inner.ledger else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<SignedReceipt> = ledger
+            .store
+            .entries()
+            .filter_map(|e| e.ok().and_then(|e| e.countersigned))
+            .collect();
+        out.sort_by_key(|r| std::cmp::Reverse(r.receipt.end_ms));
+        out.truncate(limit);
+        Ok(out)
     }
 
     /// Generate and collect the whole text.

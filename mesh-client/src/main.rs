@@ -260,15 +260,36 @@ async fn demo(sampling: Sampling, nodes: u32) -> anyhow::Result<()> {
     let client = MeshClient::builder()
         .bootstrap([mesh.bootstrap().clone()])
         .model_dir(model_dir)
+        .ledger_dir(home.join("client"))
         .build()
         .await
         .context("joining the local mesh")?;
     let result = stream(&client, &sampling).await;
+    if result.is_ok() {
+        // The stream ends only after every hop's session closed with its final receipt.
+        print_receipts(&client)?;
+    }
     let mut mesh = mesh;
     tokio::task::spawn_blocking(move || mesh.stop()).await?;
     let _ = std::fs::remove_dir_all(&home);
     println!("stopped every process");
     result
+}
+
+fn print_receipts(client: &MeshClient) -> anyhow::Result<()> {
+    let receipts = client.receipts(20)?;
+    println!(
+        "\nreceipts (signed by the server, countersigned here): {}",
+        receipts.len()
+    );
+    for r in receipts {
+        let r = &r.receipt;
+        println!(
+            "  {} blocks {} prefill {} decode {} amount {} seq {}",
+            r.terms.server, r.terms.span, r.prefill_tokens, r.decode_tokens, r.amount, r.seq
+        );
+    }
+    Ok(())
 }
 
 fn tempdir_for_demo() -> anyhow::Result<PathBuf> {

@@ -23,6 +23,12 @@ pub enum Error {
     /// Bytes could not be encoded or decoded.
     #[error(transparent)]
     Wire(#[from] crate::wire::WireError),
+    /// `node.toml` could not be read, parsed or used.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The PID file could not be claimed, or the node it names not stopped.
+    #[error(transparent)]
+    Daemon(#[from] crate::daemon::DaemonError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

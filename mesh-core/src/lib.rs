@@ -12,17 +12,26 @@
 //!   batches anyone can verify offline.
 //! - [`p2p`]: the libp2p swarm: Kademlia announcements and lookups, gossip heartbeats and the
 //!   live-server table, the `/mesh/session/1` request-response protocol, the bootstrap peer.
+//! - [`node`]: a provider: load a span, announce it, serve sessions on a worker thread.
+//! - Operating a node: [`config`] (`node.toml`), [`probe`] (CPU, memory, disk, GPUs, span
+//!   sizing), [`daemon`] (PID file, stop), [`metrics`] (counters, latency histogram),
+//!   [`http`] (the local `/healthz`, `/metrics` and dashboard).
 //! - [`error`]: the crate's typed errors.
 
+pub mod config;
+pub mod daemon;
 pub mod error;
+pub mod http;
 pub mod identity;
 pub mod ledger;
 pub mod local_mesh;
+pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod p2p;
 pub mod paths;
 pub mod pipeline;
+pub mod probe;
 pub mod types;
 pub mod wire;
 

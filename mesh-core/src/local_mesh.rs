@@ -44,6 +44,9 @@ pub struct LocalMesh {
     boot_addr: Multiaddr,
     boot_stop: Option<oneshot::Sender<()>>,
     nodes: Vec<RunningNode>,
+    /// When set, nodes added from now on keep receipts under this folder (one store per
+    /// node) and bill at this price.
+    pub billing: Option<(PathBuf, u64)>,
 }
 
 /// A peer config listening on an ephemeral loopback port.
@@ -78,6 +81,7 @@ impl LocalMesh {
             boot_addr,
             boot_stop: Some(boot_stop),
             nodes: Vec::new(),
+            billing: None,
         };
         for span in spans {
             mesh.add_node(*span).await?;
@@ -120,7 +124,11 @@ impl LocalMesh {
             dtype: DType::F32,
             device: Device::Cpu,
             limits: ServerLimits::default(),
-            price_per_token: 0,
+            price_per_token: self.billing.as_ref().map_or(0, |(_, price)| *price),
+            ledger_dir: self
+                .billing
+                .as_ref()
+                .map(|(root, _)| root.join(format!("node{}", self.nodes.len()))),
             p2p: loopback_config(Role::Server, vec![self.boot_addr.clone()]),
         };
         let node = Node::start(cfg).await?;

@@ -15,20 +15,27 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use libp2p::{Multiaddr, PeerId};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::metrics::NodeMetrics;
 
 use crate::model::{ModelError, ModelFiles, SpanModel};
 use crate::p2p::{self, Announcement, Event, P2pConfig, P2pError};
 use crate::pipeline::balance::{block_coverage, choose_span};
 use crate::pipeline::{
-    Refusal, ServerLimits, ServerStats, SessionRequest, SessionResponse, SpanServer,
+    Billing, Refusal, ServerLimits, ServerStats, SessionRequest, SessionResponse, SpanServer,
 };
 use crate::types::{BlockRange, ModelId, ServerLoad};
 use crate::wire;
+
+/// A running receipt every this many tokens per session.
+const RECEIPT_EVERY_TOKENS: u64 = 16;
 
 /// Requests waiting for the worker; beyond this a client is told the server is busy.
 const REQUEST_QUEUE: usize = 64;
@@ -46,6 +53,9 @@ pub struct NodeConfig {
     pub device: Device,
     pub limits: ServerLimits,
     pub price_per_token: u64,
+    /// Where this node keeps its receipts (a sled store); `None` keeps no ledger and
+    /// bills nothing.
+    pub ledger_dir: Option<PathBuf>,
     pub p2p: P2pConfig,
 }
 
@@ -58,6 +68,8 @@ pub enum NodeError {
     P2p(#[from] P2pError),
     #[error(transparent)]
     Pipeline(#[from] crate::pipeline::PipelineError),
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
     #[error("the span worker stopped unexpectedly")]
     WorkerGone,
 }
@@ -70,6 +82,52 @@ pub struct NodeSnapshot {
     pub reserved_bytes: usize,
     pub free_cache_bytes: usize,
     pub throughput_tps: f32,
+    /// Requests waiting for the worker when this was taken.
+    pub queued: usize,
+    pub metrics: NodeMetrics,
+}
+
+/// A cheap, cloneable view of a started node for status pages: its identity, what it
+/// announces, and the worker's latest [`NodeSnapshot`] (refreshed after every request,
+/// read without waiting for the worker).
+#[derive(Clone)]
+pub struct NodeHandle {
+    client: p2p::Client,
+    ann: Announcement,
+    listen_addrs: Vec<Multiaddr>,
+    snapshot: watch::Receiver<NodeSnapshot>,
+    busy: Arc<AtomicU64>,
+}
+
+impl NodeHandle {
+    pub fn peer_id(&self) -> PeerId {
+        self.client.local_peer_id()
+    }
+
+    pub fn announcement(&self) -> &Announcement {
+        &self.ann
+    }
+
+    pub fn listen_addrs(&self) -> &[Multiaddr] {
+        &self.listen_addrs
+    }
+
+    /// The p2p handle (for `stats()`, `connected_peers()`): each call is one bounded
+    /// round trip to the event loop.
+    pub fn client(&self) -> &p2p::Client {
+        &self.client
+    }
+
+    /// The latest snapshot, with requests refused as busy (never queued) counted in.
+    pub fn snapshot(&self) -> NodeSnapshot {
+        let mut s = self.snapshot.borrow().clone();
+        let busy = self.busy.load(Ordering::Relaxed);
+        if busy > 0 {
+            *s.metrics.refusals.entry("busy".into()).or_default() += busy;
+            s.metrics.requests += busy;
+        }
+        s
+    }
 }
 
 enum Job {
@@ -89,6 +147,8 @@ pub struct Node {
     jobs: mpsc::Sender<Job>,
     worker: std::thread::JoinHandle<()>,
     heartbeat_interval: Duration,
+    snapshot: watch::Receiver<NodeSnapshot>,
+    busy: Arc<AtomicU64>,
 }
 
 impl Node {
@@ -97,6 +157,8 @@ impl Node {
         let files = ModelFiles::open(&cfg.model_dir)?;
         let num_blocks = files.config.num_blocks();
         let heartbeat_interval = cfg.p2p.heartbeat_interval;
+        let signing_key = cfg.p2p.identity.signing_key();
+        let server_id = cfg.p2p.identity.peer_id();
         let peer = p2p::spawn(cfg.p2p).await?;
         let span = match cfg.span {
             Some(span) => span,
@@ -119,12 +181,23 @@ impl Node {
                 .map_err(|_| NodeError::WorkerGone)??;
         tracing::info!(model = %cfg.model_id, %span, weight_bytes = model.weight_bytes(), "span loaded");
 
-        let server = SpanServer::new(cfg.model_id.clone(), model, cfg.limits.clone());
+        let mut server = SpanServer::new(cfg.model_id.clone(), model, cfg.limits.clone());
+        if let Some(dir) = &cfg.ledger_dir {
+            let store = crate::ledger::Store::open(dir)?;
+            server = server.with_billing(Billing {
+                key: signing_key,
+                server: server_id,
+                store,
+                price_per_token: cfg.price_per_token,
+                every_tokens: RECEIPT_EVERY_TOKENS,
+            })?;
+        }
         let free = server.free_cache_bytes() as u64;
         let (jobs, rx) = mpsc::channel(REQUEST_QUEUE);
+        let (snap_tx, snapshot) = watch::channel(NodeSnapshot::default());
         let worker = std::thread::Builder::new()
             .name("mesh-span".into())
-            .spawn(move || work(server, rx))
+            .spawn(move || work(server, rx, snap_tx))
             .map_err(|_| NodeError::WorkerGone)?;
         let ann = Announcement {
             model: cfg.model_id,
@@ -143,7 +216,20 @@ impl Node {
             jobs,
             worker,
             heartbeat_interval,
+            snapshot,
+            busy: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// A handle for status pages; it stays valid (showing the last figures) after `run`.
+    pub fn handle(&self) -> NodeHandle {
+        NodeHandle {
+            client: self.peer.client.clone(),
+            ann: self.ann.clone(),
+            listen_addrs: self.peer.listen_addrs.clone(),
+            snapshot: self.snapshot.clone(),
+            busy: self.busy.clone(),
+        }
     }
 
     pub fn peer_id(&self) -> PeerId {
@@ -172,6 +258,8 @@ impl Node {
             jobs,
             worker,
             heartbeat_interval,
+            snapshot: _,
+            busy,
         } = self;
         let load_task = tokio::spawn(report_load(
             peer.client.clone(),
@@ -184,7 +272,7 @@ impl Node {
                 peer,
                 request,
                 channel,
-            } => dispatch(client, &request_jobs, peer, request, channel),
+            } => dispatch(client, &request_jobs, &busy, peer, request, channel),
             other => on_event(&other),
         })
         .await;
@@ -235,6 +323,7 @@ async fn pick_span(
 fn dispatch(
     client: &p2p::Client,
     jobs: &mpsc::Sender<Job>,
+    busy: &AtomicU64,
     peer: PeerId,
     bytes: Vec<u8>,
     channel: p2p::ResponseChannel,
@@ -242,6 +331,9 @@ fn dispatch(
     let client = client.clone();
     let (reply, answer) = oneshot::channel();
     let queued = jobs.try_send(Job::Request { peer, bytes, reply });
+    if queued.is_err() {
+        busy.fetch_add(1, Ordering::Relaxed);
+    }
     tokio::spawn(async move {
         let response = match queued {
             Ok(()) => answer.await.ok(),
@@ -255,33 +347,54 @@ fn dispatch(
     });
 }
 
-/// The worker thread: owns the span and its sessions.
-fn work(mut server: SpanServer, mut jobs: mpsc::Receiver<Job>) {
+/// The worker thread: owns the span and its sessions. After every job it publishes a
+/// fresh snapshot for status pages.
+fn work(
+    mut server: SpanServer,
+    mut jobs: mpsc::Receiver<Job>,
+    published: watch::Sender<NodeSnapshot>,
+) {
+    let mut metrics = NodeMetrics::default();
+    let blocks = f64::from(server.span().range().len().max(1));
+    let snapshot = |server: &SpanServer, metrics: &NodeMetrics, queued| NodeSnapshot {
+        stats: server.stats(),
+        active_sessions: server.active_sessions(),
+        reserved_bytes: server.reserved_bytes(),
+        free_cache_bytes: server.free_cache_bytes(),
+        throughput_tps: server.throughput(),
+        queued,
+        metrics: metrics.clone(),
+    };
     while let Some(job) = jobs.blocking_recv() {
         match job {
             Job::Request { peer, bytes, reply } => {
+                metrics.requests += 1;
+                metrics.bytes_in += bytes.len() as u64;
                 let response = match wire::decode::<SessionRequest>(&bytes, wire::FRAME_LIMIT) {
                     Ok(request) => server.handle(peer, request, Instant::now()),
                     Err(e) => SessionResponse::Refused(Refusal::BadRequest(e.to_string())),
                 };
+                match &response {
+                    SessionResponse::Hidden { compute_micros, .. } => metrics
+                        .block_latency
+                        .observe(*compute_micros as f64 / 1e6 / blocks),
+                    SessionResponse::Refused(r) => metrics.refused(r),
+                    _ => {}
+                }
                 let bytes = wire::encode(&response).unwrap_or_else(|e| {
                     let refusal = SessionResponse::Refused(Refusal::BadRequest(e.to_string()));
                     wire::encode(&refusal).unwrap_or_default()
                 });
+                metrics.bytes_out += bytes.len() as u64;
                 let _ = reply.send(bytes);
             }
             Job::Snapshot(reply) => {
                 server.expire_idle(Instant::now());
-                let _ = reply.send(NodeSnapshot {
-                    stats: server.stats(),
-                    active_sessions: server.active_sessions(),
-                    reserved_bytes: server.reserved_bytes(),
-                    free_cache_bytes: server.free_cache_bytes(),
-                    throughput_tps: server.throughput(),
-                });
+                let _ = reply.send(snapshot(&server, &metrics, jobs.len()));
             }
             Job::StopAccepting => server.stop_accepting(),
         }
+        published.send_replace(snapshot(&server, &metrics, jobs.len()));
     }
 }
 

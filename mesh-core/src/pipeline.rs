@@ -20,8 +20,8 @@ use libp2p::PeerId;
 pub use generate::{generate, generate_into, TokenEvent};
 pub use protocol::{Refusal, SessionRequest, SessionResponse};
 pub use route::{Candidate, Hop, RoutePolicy};
-pub use server::{ServerLimits, ServerStats, SessionUsage, SpanServer};
-pub use session::{wait_for_coverage, RemoteSession, SessionConfig};
+pub use server::{Billing, ServerLimits, ServerStats, SessionUsage, SpanServer};
+pub use session::{wait_for_coverage, ClientLedger, RemoteSession, SessionConfig};
 
 use crate::types::{BlockRange, ModelId};
 
@@ -53,6 +53,9 @@ pub enum PipelineError {
         failures: usize,
         last: Box<PipelineError>,
     },
+    /// The local ledger refused or failed (a receipt is kept apart from the inference).
+    #[error("ledger: {0}")]
+    Ledger(String),
     #[error(transparent)]
     P2p(#[from] crate::p2p::P2pError),
     #[error(transparent)]

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::ledger::{SignedReceipt, Terms};
 use crate::types::{BlockRange, ModelId, SessionId};
 use crate::wire::WireTensor;
 
@@ -27,6 +28,8 @@ pub enum SessionRequest {
     },
     /// Free the session's cache.
     Close { session: SessionId },
+    /// A receipt this server signed, now countersigned by the client: the server stores it.
+    Countersigned { receipt: Box<SignedReceipt> },
 }
 
 /// What a server answers.
@@ -35,16 +38,24 @@ pub enum SessionResponse {
     Opened {
         session: SessionId,
         span: BlockRange,
+        /// What the server will bill by (`None`: it keeps no ledger).
+        terms: Option<Box<Terms>>,
     },
     /// The span's output for the positions just run, and the time the server spent on it.
     Hidden {
         session: SessionId,
         hidden: WireTensor,
         compute_micros: u64,
+        /// A running receipt, every so many tokens, for the client to countersign.
+        receipt: Option<Box<SignedReceipt>>,
     },
+    /// The session is gone; the receipt covers whatever was not billed yet.
     Closed {
         session: SessionId,
+        receipt: Option<Box<SignedReceipt>>,
     },
+    /// A countersigned receipt was stored.
+    Acknowledged,
     /// The request was not served; nothing changed on the server.
     Refused(Refusal),
 }

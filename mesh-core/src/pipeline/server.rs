@@ -10,6 +10,7 @@ use candle_core::Device;
 use libp2p::PeerId;
 
 use super::protocol::{Refusal, SessionRequest, SessionResponse};
+use crate::ledger::{now_ms, ConfigHash, LedgerError, Meter, Receipt, SignedReceipt, Store, Terms};
 use crate::model::{SpanCache, SpanModel};
 use crate::types::{BlockRange, ModelId, SessionId};
 use crate::wire::WireTensor;
@@ -64,8 +65,21 @@ pub struct SessionUsage {
     pub decode_tokens: u64,
 }
 
+/// What a server needs to bill: its key, its ledger, its price.
+#[derive(Clone)]
+pub struct Billing {
+    pub key: ed25519_dalek::SigningKey,
+    pub server: PeerId,
+    pub store: Store,
+    /// Micro-units per token per block, as announced.
+    pub price_per_token: u64,
+    /// A running receipt every this many tokens, so a server cut off is still paid.
+    pub every_tokens: u64,
+}
+
 struct Session {
     usage: SessionUsage,
+    meter: Option<Meter>,
     cache: SpanCache,
     reserved: usize,
     last_used: Instant,
@@ -82,6 +96,7 @@ pub struct SpanServer {
     /// Exponentially weighted decode throughput, tokens per second per block.
     throughput: f32,
     accepting: bool,
+    billing: Option<(Billing, ConfigHash)>,
 }
 
 impl SpanServer {
@@ -95,7 +110,40 @@ impl SpanServer {
             stats: ServerStats::default(),
             throughput: 0.0,
             accepting: true,
+            billing: None,
         }
+    }
+
+    /// Sign a receipt for the work of every session and keep it in `billing.store`.
+    pub fn with_billing(mut self, billing: Billing) -> Result<Self, LedgerError> {
+        let hash = ConfigHash::of(self.span.config())?;
+        self.billing = Some((billing, hash));
+        Ok(self)
+    }
+
+    /// Sign and store a receipt the meter issued; a failure is logged, never fatal to the
+    /// session (the next receipt covers the same tokens again).
+    fn bill(&self, receipt: Option<Receipt>) -> Option<Box<SignedReceipt>> {
+        let (billing, _) = self.billing.as_ref()?;
+        let signed = receipt?.sign(&billing.key);
+        match signed.and_then(|s| billing.store.put(&s).map(|_| s)) {
+            Ok(s) => Some(Box::new(s)),
+            Err(e) => {
+                tracing::warn!("receipt not recorded: {e}");
+                None
+            }
+        }
+    }
+
+    fn finish_meter(&self, state: &mut Session) -> Option<Box<SignedReceipt>> {
+        let meter = state.meter.as_mut()?;
+        let u = state.usage;
+        let receipt = meter
+            .finish(u.prefill_tokens, u.decode_tokens, now_ms())
+            .map_err(|e| tracing::warn!("receipt: {e}"))
+            .ok()
+            .flatten();
+        self.bill(receipt)
     }
 
     pub fn model_id(&self) -> &ModelId {
@@ -162,6 +210,7 @@ impl SpanServer {
                 hidden,
             } => self.forward(client, session, start_pos, &hidden, now),
             SessionRequest::Close { session } => self.close(client, session),
+            SessionRequest::Countersigned { receipt } => self.countersigned(client, &receipt),
         };
         if matches!(response, SessionResponse::Refused(_)) {
             self.stats.refusals += 1;
@@ -236,6 +285,22 @@ impl SpanServer {
             Ok(cache) => cache,
             Err(e) => return refuse(Refusal::BadRequest(e.to_string())),
         };
+        let terms = self.billing.as_ref().map(|(b, hash)| Terms {
+            session,
+            client,
+            server: b.server,
+            model: self.model_id.clone(),
+            config_hash: *hash,
+            span,
+            price_per_token: b.price_per_token,
+        });
+        let meter = match (&terms, &self.billing) {
+            (Some(t), Some((b, _))) => match Meter::new(t.clone(), now_ms(), b.every_tokens) {
+                Ok(m) => Some(m),
+                Err(e) => return refuse(Refusal::BadRequest(e.to_string())),
+            },
+            _ => None,
+        };
         self.reserved += needed;
         self.stats.sessions_opened += 1;
         self.sessions.insert(
@@ -248,13 +313,18 @@ impl SpanServer {
                     prefill_tokens: 0,
                     decode_tokens: 0,
                 },
+                meter,
                 cache,
                 reserved: needed,
                 last_used: now,
             },
         );
         tracing::debug!(%session, %client, %span, max_len, "session opened");
-        SessionResponse::Opened { session, span }
+        SessionResponse::Opened {
+            session,
+            span,
+            terms: terms.map(Box::new),
+        }
     }
 
     fn forward(
@@ -304,11 +374,20 @@ impl SpanServer {
             };
         }
         self.stats.compute_micros += micros;
+        let u = state.usage;
+        let issued = state.meter.as_mut().and_then(|m| {
+            m.observe(u.prefill_tokens, u.decode_tokens, now_ms())
+                .map_err(|e| tracing::warn!("receipt: {e}"))
+                .ok()
+                .flatten()
+        });
+        let receipt = self.bill(issued);
         match WireTensor::from_tensor(&output) {
             Ok(hidden) => SessionResponse::Hidden {
                 session,
                 hidden,
                 compute_micros: micros,
+                receipt,
             },
             Err(e) => SessionResponse::Refused(Refusal::BadRequest(e.to_string())),
         }
@@ -317,17 +396,38 @@ impl SpanServer {
     fn close(&mut self, client: PeerId, session: SessionId) -> SessionResponse {
         match self.sessions.get(&session) {
             Some(s) if s.usage.client == client => {
-                self.remove(session);
-                SessionResponse::Closed { session }
+                let receipt = self.remove(session).and_then(|(_, r)| r);
+                SessionResponse::Closed { session, receipt }
             }
             _ => SessionResponse::Refused(Refusal::UnknownSession),
         }
     }
 
-    fn remove(&mut self, session: SessionId) -> Option<SessionUsage> {
-        let s = self.sessions.remove(&session)?;
+    /// Keep a receipt the client countersigned; only that client may deliver it.
+    fn countersigned(&mut self, client: PeerId, receipt: &SignedReceipt) -> SessionResponse {
+        let Some((billing, _)) = &self.billing else {
+            return SessionResponse::Refused(Refusal::BadRequest(
+                "this server keeps no ledger".into(),
+            ));
+        };
+        let terms = &receipt.receipt.terms;
+        if terms.client != client || terms.server != billing.server || !receipt.is_countersigned() {
+            return SessionResponse::Refused(Refusal::BadRequest(
+                "not a countersigned receipt of ours".into(),
+            ));
+        }
+        match billing.store.put(receipt) {
+            Ok(_) => SessionResponse::Acknowledged,
+            Err(e) => SessionResponse::Refused(Refusal::BadRequest(e.to_string())),
+        }
+    }
+
+    /// Drop a session, billing whatever it has not been billed for yet.
+    fn remove(&mut self, session: SessionId) -> Option<(SessionUsage, Option<Box<SignedReceipt>>)> {
+        let mut s = self.sessions.remove(&session)?;
         self.reserved = self.reserved.saturating_sub(s.reserved);
-        Some(s.usage)
+        let receipt = self.finish_meter(&mut s);
+        Some((s.usage, receipt))
     }
 
     /// Close sessions idle longer than the limit; returns their usage.
@@ -338,8 +438,10 @@ impl SpanServer {
             .filter(|(_, s)| now.saturating_duration_since(s.last_used) > self.limits.idle_timeout)
             .map(|(id, _)| *id)
             .collect();
-        let expired: Vec<SessionUsage> =
-            idle.into_iter().filter_map(|id| self.remove(id)).collect();
+        let expired: Vec<SessionUsage> = idle
+            .into_iter()
+            .filter_map(|id| self.remove(id).map(|(usage, _)| usage))
+            .collect();
         self.stats.sessions_expired += expired.len() as u64;
         expired
     }
@@ -386,7 +488,8 @@ mod tests {
             r,
             SessionResponse::Opened {
                 session: s,
-                span: BlockRange::new(3, 5)
+                span: BlockRange::new(3, 5),
+                terms: None,
             }
         );
         assert!(srv.reserved_bytes() > 0);
@@ -422,7 +525,10 @@ mod tests {
         );
         assert_eq!(
             srv.handle(peer, SessionRequest::Close { session: s }, now),
-            SessionResponse::Closed { session: s }
+            SessionResponse::Closed {
+                session: s,
+                receipt: None
+            }
         );
         assert_eq!(srv.reserved_bytes(), 0);
     }

@@ -14,6 +14,7 @@ use libp2p::PeerId;
 use super::protocol::{SessionRequest, SessionResponse};
 use super::route::{plan, Candidate, Hop, RoutePolicy};
 use super::PipelineError;
+use crate::ledger::{ClientTally, ConfigHash, SignedReceipt, Store, Terms};
 use crate::p2p;
 use crate::types::{BlockRange, ModelId, SessionId};
 use crate::wire::{self, WireTensor};
@@ -41,9 +42,22 @@ impl Default for SessionConfig {
     }
 }
 
+/// A client's ledger: it checks what servers bill against what it sent, countersigns,
+/// and keeps both signatures.
+#[derive(Clone)]
+pub struct ClientLedger {
+    pub store: Store,
+    /// The key of this client's peer id.
+    pub key: ed25519_dalek::SigningKey,
+    /// [`ConfigHash`] of the local model config: servers must bill for the same model.
+    pub config_hash: ConfigHash,
+}
+
 struct HopState {
     hop: Hop,
     session: SessionId,
+    /// What this client sent the hop, when the server bills.
+    tally: Option<ClientTally>,
     /// Inputs sent so far, in order; replayed into a replacement server.
     history: Vec<Tensor>,
 }
@@ -59,6 +73,7 @@ pub struct RemoteSession {
     rtt: HashMap<PeerId, Duration>,
     failovers: usize,
     tie_break: u64,
+    ledger: Option<ClientLedger>,
 }
 
 impl RemoteSession {
@@ -70,7 +85,19 @@ impl RemoteSession {
         num_blocks: u32,
         cfg: SessionConfig,
     ) -> Result<Self, PipelineError> {
+        Self::open_billed(p2p, model, num_blocks, cfg, None).await
+    }
+
+    /// Like [`RemoteSession::open`], countersigning servers' receipts into `ledger`.
+    pub async fn open_billed(
+        p2p: p2p::Client,
+        model: ModelId,
+        num_blocks: u32,
+        cfg: SessionConfig,
+        ledger: Option<ClientLedger>,
+    ) -> Result<Self, PipelineError> {
         let mut this = Self {
+            ledger,
             p2p,
             model,
             num_blocks,
@@ -115,7 +142,12 @@ impl RemoteSession {
             self.hops[i].history.push(x.clone());
             let hop = &self.hops[i];
             match self.forward(hop.hop.peer, hop.session, &x, start_pos).await {
-                Ok(out) => {
+                Ok((out, receipt)) => {
+                    if let Some(tally) = self.hops[i].tally.as_mut() {
+                        tally.record_positions(seq as u64);
+                    }
+                    let (peer, tally) = (self.hops[i].hop.peer, self.hops[i].tally.clone());
+                    self.countersign(peer, tally, receipt).await;
                     x = out;
                     i += 1;
                 }
@@ -135,7 +167,11 @@ impl RemoteSession {
         let hops = std::mem::take(&mut self.hops);
         for h in hops {
             let req = SessionRequest::Close { session: h.session };
-            let _ = self.request(h.hop.peer, &req).await;
+            if let Ok(SessionResponse::Closed { receipt, .. }) =
+                self.request(h.hop.peer, &req).await
+            {
+                self.countersign(h.hop.peer, h.tally, receipt).await;
+            }
         }
     }
 
@@ -182,7 +218,13 @@ impl RemoteSession {
             for h in new_hops.iter_mut() {
                 h.history.push(x.clone());
                 match self.forward(h.hop.peer, h.session, &x, 0).await {
-                    Ok(out) => x = out,
+                    Ok((out, receipt)) => {
+                        if let Some(tally) = h.tally.as_mut() {
+                            tally.record_positions(x.dim(1)? as u64);
+                        }
+                        self.countersign(h.hop.peer, h.tally.clone(), receipt).await;
+                        x = out;
+                    }
                     Err(e) => {
                         failed = Some(e);
                         break;
@@ -239,11 +281,15 @@ impl RemoteSession {
                 max_len: self.cfg.max_len,
             };
             match self.request(hop.peer, &req).await? {
-                SessionResponse::Opened { .. } => opened.push(HopState {
-                    hop,
-                    session,
-                    history: Vec::new(),
-                }),
+                SessionResponse::Opened { terms, .. } => {
+                    let tally = self.agree(hop, session, terms.map(|t| *t))?;
+                    opened.push(HopState {
+                        hop,
+                        session,
+                        tally,
+                        history: Vec::new(),
+                    })
+                }
                 other => return Err(unexpected(hop.peer, other)),
             }
         }
@@ -256,14 +302,16 @@ impl RemoteSession {
         session: SessionId,
         x: &Tensor,
         start_pos: u32,
-    ) -> Result<Tensor, PipelineError> {
+    ) -> Result<(Tensor, Option<Box<SignedReceipt>>), PipelineError> {
         let req = SessionRequest::Forward {
             session,
             start_pos,
             hidden: WireTensor::from_tensor(x)?,
         };
         match self.request(peer, &req).await? {
-            SessionResponse::Hidden { hidden, .. } => {
+            SessionResponse::Hidden {
+                hidden, receipt, ..
+            } => {
                 let out = hidden.to_tensor(&Device::Cpu)?;
                 if out.dims() != x.dims() {
                     return Err(PipelineError::Protocol {
@@ -271,9 +319,73 @@ impl RemoteSession {
                         detail: format!("sent {:?}, got back {:?}", x.dims(), out.dims()),
                     });
                 }
-                Ok(out)
+                Ok((out, receipt))
             }
             other => Err(unexpected(peer, other)),
+        }
+    }
+
+    /// Check the terms a server offers at open and start counting what it is sent.
+    fn agree(
+        &self,
+        hop: Hop,
+        session: SessionId,
+        terms: Option<Terms>,
+    ) -> Result<Option<ClientTally>, PipelineError> {
+        let (Some(ledger), Some(terms)) = (&self.ledger, terms) else {
+            return Ok(None);
+        };
+        let expected = Terms {
+            session,
+            client: self.p2p.local_peer_id(),
+            server: hop.peer,
+            model: self.model.clone(),
+            config_hash: ledger.config_hash,
+            span: hop.span,
+            price_per_token: terms.price_per_token,
+        };
+        let over_price = self
+            .cfg
+            .policy
+            .max_price
+            .is_some_and(|max| terms.price_per_token > max);
+        if terms != expected || over_price {
+            return Err(PipelineError::Protocol {
+                peer: hop.peer,
+                detail: format!("unacceptable terms {terms:?}"),
+            });
+        }
+        ledger
+            .store
+            .record_opened(&terms)
+            .map_err(|e| PipelineError::Ledger(e.to_string()))?;
+        Ok(Some(ClientTally::new(terms)))
+    }
+
+    /// Countersign a receipt that matches what was sent, keep it, and hand it back to the
+    /// server. A receipt that claims more than was sent is kept unsigned: never paid.
+    async fn countersign(
+        &mut self,
+        peer: PeerId,
+        tally: Option<ClientTally>,
+        receipt: Option<Box<SignedReceipt>>,
+    ) {
+        let (Some(ledger), Some(tally), Some(receipt)) = (self.ledger.clone(), tally, receipt)
+        else {
+            return;
+        };
+        let signed = match ledger.store.accept_as_client(*receipt, &tally, &ledger.key) {
+            Ok(signed) => signed,
+            Err(e) => {
+                tracing::warn!(%peer, "receipt refused: {e}");
+                return;
+            }
+        };
+        let req = SessionRequest::Countersigned {
+            receipt: Box::new(signed),
+        };
+        if let Err(e) = self.request(peer, &req).await {
+            tracing::debug!(%peer, "countersigned receipt not delivered: {e}");
         }
     }
 

@@ -197,6 +197,13 @@ pub fn node_args(dir: &Path, name: &str, span: BlockRange, join: &[&Multiaddr]) 
         format!("{}", HEARTBEAT.as_secs_f64()),
         "--announce-secs".into(),
         "2".into(),
+        // Several nodes share one $MESH_HOME here: each its own PID file and status port.
+        "--http".into(),
+        "127.0.0.1:0".into(),
+        "--pid-file".into(),
+        dir.join(format!("{name}.pid")).display().to_string(),
+        "--ledger-dir".into(),
+        dir.join(format!("{name}.ledger")).display().to_string(),
     ];
     for addr in join {
         args.push("--bootstrap".into());

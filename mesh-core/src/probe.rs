@@ -1,0 +1,397 @@
+//! What this machine can give the mesh: CPU, memory, free disk and GPUs, and whether a span
+//! of a model fits.
+//!
+//! ```
+//! let p = mesh_core::probe::probe(&std::env::temp_dir());
+//! assert!(p.cpu.cores >= 1);
+//! println!("{}", serde_json::to_string_pretty(&p).unwrap());
+//! ```
+//!
+//! Everything is read without privileges: `/proc/cpuinfo` and `/proc/meminfo` on Linux,
+//! `statvfs` for the disk, and `nvidia-smi` (when on the `PATH`) or
+//! `/proc/driver/nvidia` for GPUs. A figure that cannot be read is `None` or absent, never
+//! an error: a probe always answers. No GPU found is a clean empty list with a note.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{LlamaConfig, SpanCache};
+
+/// The machine, as far as mesh cares.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Probe {
+    pub hostname: String,
+    pub os: String,
+    pub arch: String,
+    pub cpu: Cpu,
+    pub memory: Memory,
+    /// Free space where the node keeps its files.
+    pub disk: Option<Disk>,
+    pub gpus: Vec<Gpu>,
+    /// Why `gpus` is empty, or where the figures came from.
+    pub gpu_note: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cpu {
+    /// `model name` from `/proc/cpuinfo`; empty where unknown.
+    pub model: String,
+    /// Logical cores this process may use.
+    pub cores: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Memory {
+    pub total_bytes: Option<u64>,
+    /// `MemAvailable`: what can be allocated without swapping.
+    pub available_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Gpu {
+    pub index: u32,
+    pub name: String,
+    pub vram_total_bytes: Option<u64>,
+    pub vram_free_bytes: Option<u64>,
+    pub driver_version: Option<String>,
+    pub cuda_version: Option<String>,
+}
+
+/// Probes the machine; `data_dir` is where the node keeps its files (for free disk).
+pub fn probe(data_dir: &Path) -> Probe {
+    let (gpus, gpu_note) = gpus();
+    Probe {
+        hostname: hostname(),
+        os: std::env::consts::OS.to_owned(),
+        arch: std::env::consts::ARCH.to_owned(),
+        cpu: Cpu {
+            model: cpu_model(),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        },
+        memory: probe_memory(),
+        disk: disk(data_dir),
+        gpus,
+        gpu_note,
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn cpu_model() -> String {
+    let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            matches!(k.trim(), "model name" | "Model" | "cpu model").then(|| v.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+/// Total and available RAM (cheap: one read of `/proc/meminfo`).
+pub fn probe_memory() -> Memory {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    Memory {
+        total_bytes: meminfo_field(&text, "MemTotal"),
+        available_bytes: meminfo_field(&text, "MemAvailable"),
+    }
+}
+
+/// A `Key:   123 kB` line of `/proc/meminfo`, in bytes.
+fn meminfo_field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(key)?.strip_prefix(':')?;
+        let kib: u64 = rest.split_whitespace().next()?.parse().ok()?;
+        kib.checked_mul(1024)
+    })
+}
+
+/// Resident memory of this process, from `/proc/self/status`.
+pub fn process_rss_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    meminfo_field(&text, "VmRSS")
+}
+
+/// Free and total bytes of the file system holding `path` (or its nearest existing parent).
+fn disk(path: &Path) -> Option<Disk> {
+    let existing = path.ancestors().find(|p| p.exists())?;
+    statvfs(existing).map(|(total_bytes, free_bytes)| Disk {
+        path: existing.to_owned(),
+        total_bytes,
+        free_bytes,
+    })
+}
+
+#[cfg(unix)]
+fn statvfs(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let (frsize, blocks, avail) = (st.f_frsize as u64, st.f_blocks as u64, st.f_bavail as u64);
+    let frsize = frsize.max(1);
+    Some((blocks.saturating_mul(frsize), avail.saturating_mul(frsize)))
+}
+
+#[cfg(not(unix))]
+fn statvfs(_path: &Path) -> Option<(u64, u64)> {
+    None
+}
+
+/// GPUs from `nvidia-smi`, else names from `/proc/driver/nvidia`, else none.
+fn gpus() -> (Vec<Gpu>, String) {
+    if let Some(gpus) = nvidia_smi() {
+        if !gpus.is_empty() {
+            return (gpus, "figures from nvidia-smi".into());
+        }
+    }
+    let from_proc = proc_nvidia();
+    if !from_proc.is_empty() {
+        return (
+            from_proc,
+            "names from /proc/driver/nvidia (nvidia-smi not found: no VRAM figures)".into(),
+        );
+    }
+    let note = if cfg!(feature = "cuda") {
+        "no GPU: no NVIDIA driver found"
+    } else {
+        "no GPU: no NVIDIA driver found (and this build has no `cuda` feature)"
+    };
+    (Vec::new(), note.into())
+}
+
+/// Runs a command for at most `limit`, returning stdout if it succeeded.
+fn run_bounded(cmd: &str, args: &[&str], limit: Duration) -> Option<String> {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => break,
+            Ok(Some(_)) | Err(_) => return None,
+            Ok(None) if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take()?, &mut out).ok()?;
+    Some(out)
+}
+
+fn nvidia_smi() -> Option<Vec<Gpu>> {
+    let limit = Duration::from_secs(5);
+    let csv = run_bounded(
+        "nvidia-smi",
+        &[
+            "--query-gpu=index,name,memory.total,memory.free,driver_version",
+            "--format=csv,noheader,nounits",
+        ],
+        limit,
+    )?;
+    let cuda = run_bounded("nvidia-smi", &[], limit).and_then(|s| cuda_version(&s));
+    Some(parse_nvidia_smi_csv(&csv, cuda.as_deref()))
+}
+
+/// Parses `index, name, memory.total [MiB], memory.free [MiB], driver_version` lines.
+fn parse_nvidia_smi_csv(csv: &str, cuda: Option<&str>) -> Vec<Gpu> {
+    let mib = |s: &str| s.trim().parse::<u64>().ok().map(|m| m << 20);
+    csv.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(',').map(str::trim).collect();
+            let [index, name, total, free, driver] = f.as_slice() else {
+                return None;
+            };
+            Some(Gpu {
+                index: index.parse().ok()?,
+                name: (*name).to_owned(),
+                vram_total_bytes: mib(total),
+                vram_free_bytes: mib(free),
+                driver_version: Some((*driver).to_owned()).filter(|d| !d.is_empty()),
+                cuda_version: cuda.map(str::to_owned),
+            })
+        })
+        .collect()
+}
+
+/// `CUDA Version: 12.4` from `nvidia-smi`'s banner.
+fn cuda_version(banner: &str) -> Option<String> {
+    let rest = banner.split("CUDA Version:").nth(1)?;
+    rest.split_whitespace().next().map(str::to_owned)
+}
+
+fn proc_nvidia() -> Vec<Gpu> {
+    let driver = std::fs::read_to_string("/proc/driver/nvidia/version")
+        .ok()
+        .and_then(|v| {
+            v.split_whitespace()
+                .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()) && w.contains('.'))
+                .map(str::to_owned)
+        });
+    let Ok(dir) = std::fs::read_dir("/proc/driver/nvidia/gpus") else {
+        return Vec::new();
+    };
+    let mut entries: Vec<PathBuf> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    entries.sort();
+    entries
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let info = std::fs::read_to_string(p.join("information")).unwrap_or_default();
+            let name = info
+                .lines()
+                .find_map(|l| l.strip_prefix("Model:").map(|m| m.trim().to_owned()))
+                .unwrap_or_else(|| "NVIDIA GPU".into());
+            Gpu {
+                index: u32::try_from(i).unwrap_or(u32::MAX),
+                name,
+                driver_version: driver.clone(),
+                ..Gpu::default()
+            }
+        })
+        .collect()
+}
+
+/// A span asked for does not fit the memory there is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{blocks} blocks need {} MiB of weights + {} MiB of KV cache = {} MiB, but only {} MiB \
+     of {where_} is available; serve fewer blocks (--blocks / --span-len), a smaller dtype, \
+     or a smaller --cache-budget-mib",
+    weights_bytes >> 20, cache_bytes >> 20, (weights_bytes + cache_bytes) >> 20,
+    available_bytes >> 20
+)]
+pub struct DoesNotFit {
+    pub blocks: u32,
+    pub weights_bytes: u64,
+    pub cache_bytes: u64,
+    pub available_bytes: u64,
+    /// "RAM" or "VRAM".
+    pub where_: &'static str,
+}
+
+/// Bytes of weights `blocks` blocks of `cfg` take at `dtype`.
+pub fn span_weight_bytes(cfg: &LlamaConfig, blocks: u32, dtype: DType) -> u64 {
+    (cfg.block_params() as u64)
+        .saturating_mul(u64::from(blocks))
+        .saturating_mul(dtype.size_in_bytes() as u64)
+}
+
+/// Bytes one session of `max_len` tokens takes in the KV cache of `blocks` blocks.
+pub fn session_cache_bytes(cfg: &LlamaConfig, blocks: u32, max_len: u32, dtype: DType) -> u64 {
+    SpanCache::bytes_for(cfg, blocks as usize, max_len as usize, dtype) as u64
+}
+
+/// Checks that `blocks` blocks plus a KV-cache budget of `cache_budget_bytes` fit in
+/// `available_bytes`. The cache budget is the margin: it is what sessions may take.
+pub fn check_fit(
+    cfg: &LlamaConfig,
+    blocks: u32,
+    dtype: DType,
+    cache_budget_bytes: u64,
+    available_bytes: u64,
+    where_: &'static str,
+) -> Result<(), DoesNotFit> {
+    let weights_bytes = span_weight_bytes(cfg, blocks, dtype);
+    if weights_bytes.saturating_add(cache_budget_bytes) > available_bytes {
+        return Err(DoesNotFit {
+            blocks,
+            weights_bytes,
+            cache_bytes: cache_budget_bytes,
+            available_bytes,
+            where_,
+        });
+    }
+    Ok(())
+}
+
+/// The most blocks (at most `num_blocks`) that fit beside the cache budget; 0 if none.
+pub fn max_blocks_that_fit(
+    cfg: &LlamaConfig,
+    dtype: DType,
+    cache_budget_bytes: u64,
+    available_bytes: u64,
+) -> u32 {
+    let per_block = span_weight_bytes(cfg, 1, dtype).max(1);
+    let room = available_bytes.saturating_sub(cache_budget_bytes);
+    u32::try_from(room / per_block)
+        .unwrap_or(u32::MAX)
+        .min(cfg.num_blocks())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tiny;
+
+    #[test]
+    fn probe_answers_and_serializes() {
+        let p = probe(&std::env::temp_dir());
+        assert!(p.cpu.cores >= 1);
+        let json = serde_json::to_string(&p).unwrap();
+        let back: Probe = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, p);
+        if cfg!(target_os = "linux") {
+            assert!(p.memory.total_bytes.unwrap_or(0) > 0);
+            assert!(p.disk.is_some());
+        }
+        if p.gpus.is_empty() {
+            assert!(p.gpu_note.starts_with("no GPU"), "{}", p.gpu_note);
+        }
+    }
+
+    #[test]
+    fn parses_nvidia_smi_output() {
+        let csv = "0, NVIDIA H100 80GB HBM3, 81559, 80000, 550.54.15\n1, bad line\n";
+        let gpus = parse_nvidia_smi_csv(csv, Some("12.4"));
+        assert_eq!(gpus.len(), 1);
+        assert_eq!(gpus[0].name, "NVIDIA H100 80GB HBM3");
+        assert_eq!(gpus[0].vram_total_bytes, Some(81559 << 20));
+        assert_eq!(gpus[0].driver_version.as_deref(), Some("550.54.15"));
+        let banner =
+            "| NVIDIA-SMI 550.54.15   Driver Version: 550.54.15   CUDA Version: 12.4     |";
+        assert_eq!(cuda_version(banner).as_deref(), Some("12.4"));
+    }
+
+    #[test]
+    fn a_span_that_does_not_fit_is_refused_with_the_numbers() {
+        let cfg = tiny::config();
+        let one = span_weight_bytes(&cfg, 1, DType::F32);
+        assert!(one > 0);
+        let all = cfg.num_blocks();
+        assert!(check_fit(&cfg, all, DType::F32, 1 << 20, one * 100 + (1 << 20), "RAM").is_ok());
+        let err = check_fit(&cfg, all, DType::F32, 1 << 20, one, "RAM").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("8 blocks") && msg.contains("RAM"), "{msg}");
+        assert_eq!(max_blocks_that_fit(&cfg, DType::F32, 0, one * 3), 3);
+        assert_eq!(max_blocks_that_fit(&cfg, DType::F32, 0, u64::MAX), all);
+    }
+}

@@ -1,0 +1,208 @@
+//! The command line: every subcommand and flag, with the help text `--help` shows.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use mesh_core::p2p::Multiaddr;
+use mesh_core::BlockRange;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Run a mesh provider node: serve a span of a model's blocks to the mesh",
+    after_help = "First run: `mesh-node init --bootstrap <ADDR>`, then `mesh-node start --daemon`,\n\
+                  `mesh-node status`, `mesh-node stop`. Files live in $MESH_HOME (default ~/.mesh)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Write a commented config file (default $MESH_HOME/node.toml) and the identity key.
+    Init(InitArgs),
+    /// Serve a span until Ctrl-C / SIGTERM (or, with --daemon, in the background).
+    Start(Box<StartArgs>),
+    /// Stop a running node: SIGTERM, wait for it to withdraw and exit, tidy the PID file.
+    Stop(StopArgs),
+    /// Is the node running? Peer id, span, sessions and tokens served, from its /healthz.
+    Status(StatusArgs),
+    /// What this machine offers: CPU, memory, free disk, GPUs.
+    Probe(ProbeArgs),
+    /// What this node earned, by day and model, from its ledger of signed receipts.
+    Earnings(EarningsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ConfigArg {
+    /// The config file [default: $MESH_HOME/node.toml; built-in defaults if it is absent].
+    #[arg(long, short = 'c', env = "MESH_NODE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Replace an existing config file (the identity key is kept, never replaced).
+    #[arg(long)]
+    pub force: bool,
+    /// Model name on the mesh [default: the built-in tiny model].
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Hugging Face model directory (config.json, *.safetensors).
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// Bootstrap peers to join through (repeatable).
+    #[arg(long)]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Listen addresses (repeatable) [default: /ip4/0.0.0.0/tcp/31338].
+    #[arg(long)]
+    pub listen: Vec<Multiaddr>,
+    /// This node's public address (repeatable).
+    #[arg(long)]
+    pub public_addr: Vec<Multiaddr>,
+    /// Local status port (HOST:PORT) [default: 127.0.0.1:9090].
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `start`'s flags override the config file's values.
+#[derive(clap::Args, Debug)]
+pub struct StartArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Run in the background: returns once the node serves; output goes to the log file.
+    #[arg(long, short = 'd')]
+    pub daemon: bool,
+    /// Model name on the mesh.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Hugging Face model directory (config.json, *.safetensors). Defaults to the
+    /// embedded tiny model, written under $MESH_HOME when absent.
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// Blocks served, as START..END (end exclusive), e.g. 0..4. Without it the node takes
+    /// the blocks the mesh serves worst.
+    #[arg(long, value_parser = parse_span)]
+    pub blocks: Option<BlockRange>,
+    /// How many blocks to take when --blocks is not given [default: as many as fit].
+    #[arg(long)]
+    pub span_len: Option<u32>,
+    /// Number of blocks of the whole model; checked against the model's config.
+    #[arg(long)]
+    pub num_blocks: Option<u32>,
+    /// Weights and compute dtype: f32, f16 (bf16 needs a GPU) [default: f32].
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Sessions open at once [default: 64].
+    #[arg(long)]
+    pub max_sessions: Option<usize>,
+    /// Sessions open at once for one client peer [default: 16].
+    #[arg(long)]
+    pub max_sessions_per_client: Option<usize>,
+    /// Memory for all sessions' KV caches, in MiB [default: 1024].
+    #[arg(long)]
+    pub cache_budget_mib: Option<usize>,
+    /// Seconds a session may sit idle before its cache is freed [default: 120].
+    #[arg(long)]
+    pub idle_timeout_secs: Option<u64>,
+    /// Longest session (prompt + generated tokens) a client may open [default: 2048].
+    #[arg(long)]
+    pub max_len: Option<u32>,
+    /// Listen addresses (repeatable) [default: /ip4/0.0.0.0/tcp/0].
+    #[arg(long)]
+    pub listen: Vec<Multiaddr>,
+    /// Peers to join through: bootstraps or any mesh peer (repeatable).
+    #[arg(long)]
+    pub bootstrap: Vec<Multiaddr>,
+    /// This node's public address, announced instead of its listen addresses (repeatable).
+    #[arg(long)]
+    pub public_addr: Vec<Multiaddr>,
+    /// The identity key file; created with mode 0600 on first run [default: node.key
+    /// beside the config file].
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Seconds between heartbeats (±10 % jitter) [default: 15].
+    #[arg(long)]
+    pub heartbeat_secs: Option<f64>,
+    /// Seconds between DHT re-announcements; records live 3 times as long [default: 120].
+    #[arg(long)]
+    pub announce_secs: Option<f64>,
+    /// Price per token in micro-units [default: 0].
+    #[arg(long)]
+    pub price_per_token: Option<u64>,
+    /// Local status port, HOST:PORT; port 0 picks a free one [default: 127.0.0.1:9090].
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    /// PID file [default: mesh-node.pid beside the config file].
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// The ledger of signed receipts [default: ledger beside the config file].
+    #[arg(long)]
+    pub ledger_dir: Option<PathBuf>,
+    /// Output file of --daemon [default: mesh-node.log beside the config file].
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+    /// Log lines: text for people, json (one object a line) for log collectors.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StopArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// PID file [default: from the config].
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Seconds to wait for the node to exit after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    pub timeout_secs: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// PID file [default: from the config].
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Print the node's /healthz JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ProbeArgs {
+    /// Print JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EarningsArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The ledger of signed receipts [default: from the config].
+    #[arg(long)]
+    pub ledger_dir: Option<PathBuf>,
+    /// Only sessions started in the last N days [default: all].
+    #[arg(long)]
+    pub days: Option<u64>,
+    /// Print JSON rows instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn parse_span(s: &str) -> Result<BlockRange, String> {
+    mesh_core::config::parse_span(s)
+}

@@ -1,0 +1,237 @@
+//! `init`, `stop`, `status` and `probe`: the commands around a running node.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use mesh_core::config::{self, NodeFile};
+use mesh_core::daemon::{self, Stopped};
+use mesh_core::http::{self, Health};
+use mesh_core::identity::Identity;
+use mesh_core::{ledger, probe};
+
+use crate::cli::{EarningsArgs, InitArgs, ProbeArgs, StatusArgs, StopArgs};
+use crate::start::{config_path, load_config};
+
+/// `status`'s exit code when no node runs (as LSB init scripts and `systemctl` use).
+pub const EXIT_NOT_RUNNING: i32 = 3;
+
+pub fn init(a: InitArgs) -> anyhow::Result<()> {
+    let (path, _) = config_path(&a.config);
+    if path.exists() && !a.force {
+        return Err(config::ConfigError::Exists(path).into());
+    }
+    let mut file = NodeFile::default();
+    if let Some(m) = a.model {
+        file.model = m;
+    }
+    file.model_dir = a.model_dir.map(|d| std::path::absolute(&d).unwrap_or(d));
+    file.network.listen = if a.listen.is_empty() {
+        vec![config::DEFAULT_LISTEN.into()]
+    } else {
+        a.listen.iter().map(ToString::to_string).collect()
+    };
+    file.network.bootstrap = a.bootstrap.iter().map(ToString::to_string).collect();
+    file.network.public_addr = a.public_addr.iter().map(ToString::to_string).collect();
+    if let Some(h) = a.http {
+        file.http.listen = h.to_string();
+    }
+    let base =
+        std::path::absolute(config::base_dir(&path)).unwrap_or_else(|_| config::base_dir(&path));
+    // Check the values before writing anything, and make the key before the file that
+    // names it: a failure leaves no half-initialised node behind.
+    let resolved = file.resolve(&base).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let existed = resolved.key.exists();
+    let identity = Identity::load_or_create(&resolved.key)
+        .with_context(|| format!("identity key {}", resolved.key.display()))?;
+    file.write_new(&path, a.force)?;
+    println!("wrote {}", path.display());
+    println!(
+        "{} identity key {} (peer id {})",
+        if existed { "kept" } else { "created" },
+        resolved.key.display(),
+        identity.peer_id()
+    );
+    if file.network.bootstrap.is_empty() {
+        println!("no bootstrap peer set: add one under [network] before joining a mesh");
+    }
+    println!("next: mesh-node start --daemon, then mesh-node status");
+    Ok(())
+}
+
+pub fn stop(a: StopArgs) -> anyhow::Result<()> {
+    let pid_file = match a.pid_file {
+        Some(p) => p,
+        None => resolved_pid_file(&a.config)?,
+    };
+    match daemon::stop(&pid_file, Duration::from_secs(a.timeout_secs))? {
+        Stopped::Stopped { pid } => println!("stopped (pid {pid})"),
+        Stopped::NotRunning => println!("not running (no live process in {})", pid_file.display()),
+    }
+    Ok(())
+}
+
+fn resolved_pid_file(arg: &crate::cli::ConfigArg) -> anyhow::Result<std::path::PathBuf> {
+    let (file, base) = load_config(arg)?;
+    Ok(file
+        .resolve(&base)
+        .map_err(|e| anyhow::anyhow!("config: {e}"))?
+        .pid_file)
+}
+
+/// Prints the status; returns the process exit code.
+pub fn status(a: StatusArgs) -> anyhow::Result<i32> {
+    let (file, base) = load_config(&a.config)?;
+    let resolved = file
+        .resolve(&base)
+        .map_err(|e| anyhow::anyhow!("config: {e}"))?;
+    let pid_file = a.pid_file.unwrap_or(resolved.pid_file);
+    let Some(pid) = daemon::running_pid(&pid_file)? else {
+        if a.json {
+            println!("{}", serde_json::json!({ "running": false }));
+        } else {
+            println!("not running");
+        }
+        return Ok(EXIT_NOT_RUNNING);
+    };
+    let addr = daemon::read_http_addr(&pid_file).unwrap_or(resolved.http);
+    let (code, body) = http::get(addr, "/healthz", Duration::from_secs(5)).with_context(|| {
+        format!("running (pid {pid}), but its HTTP port {addr} does not answer")
+    })?;
+    if code != 200 {
+        bail!("running (pid {pid}), but {addr}/healthz answered {code}: {body}");
+    }
+    if a.json {
+        println!("{}", body.trim_end());
+        return Ok(0);
+    }
+    let h: Health = serde_json::from_str(&body).context("parsing /healthz")?;
+    let or_dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    println!("running (pid {pid}), {} for {}s", h.status, h.uptime_secs);
+    println!("peer id {}", or_dash(&h.peer_id));
+    for addr in &h.listen_addrs {
+        println!("listening on {addr}");
+    }
+    println!(
+        "model {} blocks {} of {}",
+        or_dash(&h.model),
+        or_dash(&h.span),
+        h.num_blocks.map_or("-".into(), |n| n.to_string())
+    );
+    println!(
+        "sessions {} open, {} opened, {} queued",
+        h.sessions, h.sessions_opened, h.queue
+    );
+    println!(
+        "tokens served {} ({} prefill, {} decode)",
+        h.tokens_served, h.prefill_tokens, h.decode_tokens
+    );
+    println!("peers {}", h.peers);
+    println!("http on {addr}");
+    Ok(0)
+}
+
+pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
+    let p = probe::probe(&mesh_core::paths::mesh_home());
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+        return Ok(());
+    }
+    let gib = |b: Option<u64>| {
+        b.map_or("?".into(), |b| {
+            format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+        })
+    };
+    println!("host   {} ({}/{})", p.hostname, p.os, p.arch);
+    println!(
+        "cpu    {} x {}",
+        if p.cpu.model.is_empty() {
+            "unknown"
+        } else {
+            &p.cpu.model
+        },
+        p.cpu.cores
+    );
+    println!(
+        "memory {} available of {}",
+        gib(p.memory.available_bytes),
+        gib(p.memory.total_bytes)
+    );
+    if let Some(d) = &p.disk {
+        println!(
+            "disk   {} free of {} at {}",
+            gib(Some(d.free_bytes)),
+            gib(Some(d.total_bytes)),
+            d.path.display()
+        );
+    }
+    if p.gpus.is_empty() {
+        println!("gpus   {}", p.gpu_note);
+    }
+    for g in &p.gpus {
+        println!(
+            "gpu {}  {}: {} free of {}, driver {}, CUDA {}",
+            g.index,
+            g.name,
+            gib(g.vram_free_bytes),
+            gib(g.vram_total_bytes),
+            g.driver_version.as_deref().unwrap_or("?"),
+            g.cuda_version.as_deref().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+pub fn earnings(a: EarningsArgs) -> anyhow::Result<()> {
+    let (file, base) = load_config(&a.config)?;
+    let resolved = file
+        .resolve(&base)
+        .map_err(|e| anyhow::anyhow!("config: {e}"))?;
+    let path = a.ledger_dir.unwrap_or(resolved.ledger_dir);
+    if !path.exists() {
+        if a.json {
+            println!("[]");
+        } else {
+            println!("no receipts yet (no ledger at {})", path.display());
+        }
+        return Ok(());
+    }
+    let identity = Identity::load(&resolved.key)
+        .with_context(|| format!("identity key {}", resolved.key.display()))?;
+    let store = ledger::Store::open(&path).with_context(|| {
+        format!(
+            "ledger {} (a running node holds it open: `mesh-node stop` first)",
+            path.display()
+        )
+    })?;
+    let since_ms = a.days.map_or(0, |d| {
+        ledger::now_ms().saturating_sub(d.saturating_mul(86_400_000))
+    });
+    let rows = ledger::earnings(&store, &identity.peer_id(), since_ms)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no receipts yet");
+        return Ok(());
+    }
+    println!(
+        "{:<10}  {:<24}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}",
+        "day", "model", "sessions", "tokens", "amount", "confirmed", "settled"
+    );
+    for r in &rows {
+        println!(
+            "{:<10}  {:<24}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}",
+            r.day,
+            r.model.as_str(),
+            r.sessions,
+            r.prefill_tokens + r.decode_tokens,
+            r.amount,
+            r.confirmed,
+            r.settled
+        );
+    }
+    let total: u64 = rows.iter().map(|r| r.amount).sum();
+    println!("total {total}");
+    Ok(())
+}

@@ -1,0 +1,427 @@
+//! `mesh-node start`: config file + flags → checks → HTTP port → PID file → span → serve.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use mesh_core::config::{self, NodeFile, Resolved};
+use mesh_core::daemon::{self, PidFile};
+use mesh_core::http::{self, HttpState};
+use mesh_core::identity::Identity;
+use mesh_core::model::{tiny, ModelFiles};
+use mesh_core::node::{Node, NodeConfig};
+use mesh_core::p2p::{Event, P2pConfig, Role};
+use mesh_core::probe;
+use mesh_core::ModelId;
+use tokio::sync::watch;
+
+use crate::cli::{ConfigArg, LogFormat, StartArgs};
+
+/// How long `start --daemon` waits for the node to say it serves.
+const DAEMON_START_LIMIT: Duration = Duration::from_secs(300);
+/// How often the dashboard's chart gets a point and peer figures refresh.
+const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+
+/// The config file named by `--config`, or the default one; and whether it must exist.
+pub fn config_path(arg: &ConfigArg) -> (PathBuf, bool) {
+    match &arg.config {
+        Some(path) => (path.clone(), true),
+        None => (config::default_path(), false),
+    }
+}
+
+/// Loads the config file (or the defaults) and its base directory.
+pub fn load_config(arg: &ConfigArg) -> anyhow::Result<(NodeFile, PathBuf)> {
+    let (path, required) = config_path(arg);
+    let file = if required {
+        NodeFile::load(&path)
+    } else {
+        NodeFile::load_or_default(&path)
+    }
+    .map_err(|e| anyhow::anyhow!("config {e}"))?;
+    let base =
+        std::path::absolute(config::base_dir(&path)).unwrap_or_else(|_| config::base_dir(&path));
+    Ok((file, base))
+}
+
+fn abs(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+/// Flags win over the file.
+fn apply_overrides(file: &mut NodeFile, a: &StartArgs) {
+    let strings = |v: &[mesh_core::p2p::Multiaddr]| v.iter().map(ToString::to_string).collect();
+    if let Some(v) = &a.model {
+        file.model = v.clone();
+    }
+    if let Some(v) = &a.model_dir {
+        file.model_dir = Some(abs(v));
+    }
+    if let Some(v) = a.blocks {
+        file.blocks = Some(format!("{}..{}", v.start, v.end));
+    }
+    if let Some(v) = a.span_len {
+        file.span_len = Some(v);
+    }
+    if let Some(v) = &a.dtype {
+        file.dtype = v.clone();
+    }
+    let l = &mut file.limits;
+    l.max_sessions = a.max_sessions.unwrap_or(l.max_sessions);
+    l.max_sessions_per_client = a
+        .max_sessions_per_client
+        .unwrap_or(l.max_sessions_per_client);
+    l.cache_budget_mib = a.cache_budget_mib.unwrap_or(l.cache_budget_mib);
+    l.idle_timeout_secs = a.idle_timeout_secs.unwrap_or(l.idle_timeout_secs);
+    l.max_len = a.max_len.unwrap_or(l.max_len);
+    let n = &mut file.network;
+    if !a.listen.is_empty() {
+        n.listen = strings(&a.listen);
+    }
+    if !a.bootstrap.is_empty() {
+        n.bootstrap = strings(&a.bootstrap);
+    }
+    if !a.public_addr.is_empty() {
+        n.public_addr = strings(&a.public_addr);
+    }
+    n.heartbeat_secs = a.heartbeat_secs.unwrap_or(n.heartbeat_secs);
+    n.announce_secs = a.announce_secs.unwrap_or(n.announce_secs);
+    if let Some(v) = &a.key {
+        file.key = Some(abs(v));
+    }
+    file.price_per_token = a.price_per_token.unwrap_or(file.price_per_token);
+    if let Some(v) = a.http {
+        file.http.listen = v.to_string();
+    }
+    if let Some(v) = &a.pid_file {
+        file.daemon.pid_file = Some(abs(v));
+    }
+    if let Some(v) = &a.ledger_dir {
+        file.ledger_dir = Some(abs(v));
+    }
+    if let Some(v) = &a.log_file {
+        file.daemon.log_file = Some(abs(v));
+    }
+    if let Some(v) = a.log_format {
+        file.log_format = match v {
+            LogFormat::Text => "text".into(),
+            LogFormat::Json => "json".into(),
+        };
+    }
+}
+
+/// The file, the flags, and their checked combination.
+pub fn resolve(args: &StartArgs) -> anyhow::Result<Resolved> {
+    let (mut file, base) = load_config(&args.config)?;
+    apply_overrides(&mut file, args);
+    file.resolve(&base)
+        .map_err(|e| anyhow::anyhow!("config: {e}"))
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,libp2p=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+}
+
+/// Everything checked before any file is written or port bound: the model directory, the
+/// key, the span against the model and against free memory.
+struct Checked {
+    node: NodeConfig,
+    pid_file: PathBuf,
+    http: std::net::SocketAddr,
+}
+
+fn preflight(r: &Resolved, num_blocks_flag: Option<u32>) -> anyhow::Result<Checked> {
+    let model = ModelId::new(r.model.clone());
+    let model_dir = match &r.model_dir {
+        Some(dir) => dir.clone(),
+        None => tiny::ensure(&tiny::default_dir()).context("writing the built-in tiny model")?,
+    };
+    let files = ModelFiles::open(&model_dir)
+        .with_context(|| format!("model directory {}", model_dir.display()))?;
+    let num_blocks = files.config.num_blocks();
+    if let Some(n) = num_blocks_flag.filter(|&n| n != num_blocks) {
+        bail!(
+            "--num-blocks {n} does not match {} ({num_blocks} blocks)",
+            model_dir.display()
+        );
+    }
+    if let Some(span) = r.blocks.filter(|s| !s.fits(num_blocks)) {
+        bail!(
+            "blocks {}..{} are outside the model's {num_blocks} blocks",
+            span.start,
+            span.end
+        );
+    }
+    let identity = Identity::load_or_create(&r.key)
+        .with_context(|| format!("identity key {}", r.key.display()))?;
+
+    // Sizing: the weights of the span plus the KV-cache budget must fit in free memory.
+    let budget = r.limits.cache_budget_bytes as u64;
+    let mut span_len = r.span_len;
+    if let Some(available) = probe::probe_memory().available_bytes {
+        let cfg = &files.config;
+        match (r.blocks, r.span_len) {
+            (Some(span), _) => {
+                probe::check_fit(cfg, span.len(), r.dtype, budget, available, "RAM")?
+            }
+            (None, Some(len)) => {
+                probe::check_fit(cfg, len.min(num_blocks), r.dtype, budget, available, "RAM")?
+            }
+            (None, None) => {
+                let fit = probe::max_blocks_that_fit(cfg, r.dtype, budget, available);
+                if fit == 0 {
+                    probe::check_fit(cfg, 1, r.dtype, budget, available, "RAM")?;
+                }
+                if fit < num_blocks {
+                    tracing::info!(fit, num_blocks, "taking only the blocks that fit in memory");
+                    span_len = Some(fit);
+                }
+            }
+        }
+    }
+
+    let mut p2p = P2pConfig::new(identity, Role::Server);
+    p2p.listen = r.listen.clone();
+    p2p.bootstrap = r.bootstrap.clone();
+    p2p.public_addrs = r.public_addrs.clone();
+    p2p.heartbeat_interval = r.heartbeat_interval;
+    p2p.announce_interval = r.announce_interval;
+    p2p.record_ttl = r.announce_interval * 3;
+    Ok(Checked {
+        node: NodeConfig {
+            model_id: model,
+            model_dir,
+            span: r.blocks,
+            span_len,
+            dtype: r.dtype,
+            device: candle_core::Device::Cpu,
+            limits: r.limits.clone(),
+            price_per_token: r.price_per_token,
+            ledger_dir: Some(r.ledger_dir.clone()),
+            p2p,
+        },
+        pid_file: r.pid_file.clone(),
+        http: r.http,
+    })
+}
+
+pub fn start(args: StartArgs) -> anyhow::Result<()> {
+    let resolved = resolve(&args)?;
+    if args.daemon {
+        // Check what can be checked here, so the common mistakes fail in the foreground.
+        preflight(&resolved, args.num_blocks)?;
+        if let Some(pid) = daemon::running_pid(&resolved.pid_file)? {
+            return Err(daemon::DaemonError::AlreadyRunning {
+                pid,
+                path: resolved.pid_file.clone(),
+            }
+            .into());
+        }
+        return spawn_daemon(&resolved.log_file);
+    }
+    init_logging(resolved.json_logs);
+    let checked = preflight(&resolved, args.num_blocks)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?
+        .block_on(serve(checked))
+}
+
+/// Re-runs this command without `--daemon`, detached, output to `log_file`; returns once
+/// the node prints `serving`, or fails with the log's tail if it exits first.
+fn spawn_daemon(log_file: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = log_file.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("log directory {}", dir.display()))?;
+    }
+    let open_log = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_file)
+            .with_context(|| format!("log file {}", log_file.display()))
+    };
+    let log = open_log()?;
+    let offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let args: Vec<_> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--daemon" && a != "-d")
+        .collect();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(&args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("log file")?)
+        .stderr(log);
+    #[cfg(unix)]
+    {
+        // Its own process group: a Ctrl-C in this terminal does not reach it.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    }
+    let mut child = cmd.spawn().context("starting the node in the background")?;
+    let pid = child.id();
+    let started = Instant::now();
+    loop {
+        let text = read_from(log_file, offset);
+        if let Some(status) = child.try_wait().context("waiting for the node")? {
+            bail!(
+                "the node exited during start ({status}); last lines of {}:\n{}",
+                log_file.display(),
+                tail(&text, 20)
+            );
+        }
+        if text.lines().any(|l| l.starts_with("serving ")) {
+            for line in text.lines().filter(|l| {
+                ["peer id ", "http on ", "listening on ", "serving "]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            }) {
+                println!("{line}");
+            }
+            println!(
+                "started in the background, pid {pid}; log {}",
+                log_file.display()
+            );
+            return Ok(());
+        }
+        if started.elapsed() > DAEMON_START_LIMIT {
+            bail!(
+                "the node (pid {pid}) has not started serving after {DAEMON_START_LIMIT:?}; it \
+                 may still be loading: see {} and `mesh-node status`",
+                log_file.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn read_from(path: &Path, offset: u64) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        if f.seek(SeekFrom::Start(offset)).is_ok() {
+            let _ = f.take(1 << 20).read_to_string(&mut text);
+        }
+    }
+    text
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Resolves once Ctrl-C or SIGTERM arrives; the handlers are installed before it returns,
+/// so a signal during start-up is not lost.
+fn shutdown_listener() -> anyhow::Result<watch::Receiver<bool>> {
+    let (tx, rx) = watch::channel(false);
+    #[cfg(unix)]
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|&stop| stop).await;
+}
+
+async fn serve(checked: Checked) -> anyhow::Result<()> {
+    let Checked {
+        node: cfg,
+        pid_file,
+        http: http_addr,
+    } = checked;
+    let shutdown = shutdown_listener()?;
+    if let Some(pid) = daemon::running_pid(&pid_file)? {
+        return Err(daemon::DaemonError::AlreadyRunning {
+            pid,
+            path: pid_file,
+        }
+        .into());
+    }
+    let listener = tokio::net::TcpListener::bind(http_addr)
+        .await
+        .with_context(|| {
+            format!(
+            "HTTP port {http_addr}: cannot listen (another mesh-node? set [http] listen in the \
+             config or pass --http 127.0.0.1:0)"
+        )
+        })?;
+    let http_addr = listener.local_addr().context("HTTP port")?;
+    let claim = PidFile::claim(&pid_file)?;
+    claim.set_http_addr(http_addr)?;
+    let data_dir = mesh_core::paths::mesh_home();
+    let state = HttpState::new(tokio::task::spawn_blocking(move || probe::probe(&data_dir)).await?);
+    let http_task = tokio::spawn(http::serve(
+        listener,
+        state.clone(),
+        stopped(shutdown.clone()),
+    ));
+    println!("http on {http_addr}");
+
+    let node = tokio::select! {
+        node = Node::start(cfg) => node?,
+        () = stopped(shutdown.clone()) => {
+            println!("stopped before serving");
+            return Ok(());
+        }
+    };
+    let peer_id = node.peer_id();
+    state.set_node(node.handle());
+    let sampler = tokio::spawn(state.clone().sample(SAMPLE_EVERY));
+    println!("peer id {peer_id}");
+    for addr in node.listen_addrs() {
+        println!("listening on {addr}");
+    }
+    let ann = node.announcement();
+    println!(
+        "serving {} blocks {} of {}",
+        ann.model, ann.span, ann.num_blocks
+    );
+    let span = tracing::info_span!("node", peer_id = %peer_id);
+    let result = tracing::Instrument::instrument(
+        node.run(stopped(shutdown), |event| match event {
+            Event::ServerUp(info) => println!(
+                "server up {} {} {} price {}",
+                info.peer_id, info.model, info.span, info.price_per_token
+            ),
+            Event::ServerDown { peer, model } => println!("server down {peer} {model}"),
+            Event::InboundRequest { .. } => {}
+        }),
+        span,
+    )
+    .await;
+    sampler.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
+    drop(claim);
+    result?;
+    println!("stopped");
+    Ok(())
+}
