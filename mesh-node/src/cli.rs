@@ -33,6 +33,9 @@ pub enum Command {
     Probe(ProbeArgs),
     /// What this node earned, by day and model, from its ledger of signed receipts.
     Earnings(EarningsArgs),
+    /// Group unsettled, countersigned receipts into a batch file anyone can verify
+    /// (`mesh-client verify-batch FILE`); marks them settled unless --dry-run.
+    Settle(SettleArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -186,6 +189,48 @@ pub struct ProbeArgs {
     /// Print JSON instead of a summary.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SettleArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The ledger of signed receipts [default: from the config].
+    #[arg(long)]
+    pub ledger_dir: Option<PathBuf>,
+    /// Only sessions started on or after this UTC day, YYYY-MM-DD [default: all].
+    #[arg(long, value_parser = parse_day)]
+    pub since: Option<u64>,
+    /// Leave out clients who owe less than this in total (micro-units).
+    #[arg(long, default_value_t = 10)]
+    pub min_amount: u64,
+    /// Write the batch but mark nothing settled.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Where to write the batch [default: settlement-<time>.json here].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `YYYY-MM-DD` as ms since the Unix epoch at 00:00 UTC.
+fn parse_day(s: &str) -> Result<u64, String> {
+    let bad = || format!("expected YYYY-MM-DD, got {s:?}");
+    let mut parts = s.split('-').map(|p| p.parse::<i64>().map_err(|_| bad()));
+    let (y, m, d) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(y), Some(m), Some(d), None) => (y?, m?, d?),
+        _ => return Err(bad()),
+    };
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || y < 1970 {
+        return Err(bad());
+    }
+    // Days from civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Ok(days as u64 * 86_400_000)
 }
 
 #[derive(clap::Args, Debug)]

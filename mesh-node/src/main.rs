@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         cli::Command::Status(a) => ops::status(a),
         cli::Command::Probe(a) => ops::probe(a).map(|()| 0),
         cli::Command::Earnings(a) => ops::earnings(a).map(|()| 0),
+        cli::Command::Settle(a) => ops::settle(a).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

@@ -1,5 +1,6 @@
 //! `init`, `stop`, `status` and `probe`: the commands around a running node.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -9,7 +10,7 @@ use mesh_core::http::{self, Health};
 use mesh_core::identity::Identity;
 use mesh_core::{ledger, probe};
 
-use crate::cli::{EarningsArgs, InitArgs, ProbeArgs, StatusArgs, StopArgs};
+use crate::cli::{ConfigArg, EarningsArgs, InitArgs, ProbeArgs, SettleArgs, StatusArgs, StopArgs};
 use crate::start::{config_path, load_config};
 
 /// `status`'s exit code when no node runs (as LSB init scripts and `systemctl` use).
@@ -181,19 +182,18 @@ pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn earnings(a: EarningsArgs) -> anyhow::Result<()> {
-    let (file, base) = load_config(&a.config)?;
+/// The node's identity and its ledger, or `None` when it has no ledger yet.
+fn open_ledger(
+    config: &ConfigArg,
+    ledger_dir: Option<PathBuf>,
+) -> anyhow::Result<Option<(Identity, ledger::Store)>> {
+    let (file, base) = load_config(config)?;
     let resolved = file
         .resolve(&base)
         .map_err(|e| anyhow::anyhow!("config: {e}"))?;
-    let path = a.ledger_dir.unwrap_or(resolved.ledger_dir);
+    let path = ledger_dir.unwrap_or(resolved.ledger_dir);
     if !path.exists() {
-        if a.json {
-            println!("[]");
-        } else {
-            println!("no receipts yet (no ledger at {})", path.display());
-        }
-        return Ok(());
+        return Ok(None);
     }
     let identity = Identity::load(&resolved.key)
         .with_context(|| format!("identity key {}", resolved.key.display()))?;
@@ -203,6 +203,46 @@ pub fn earnings(a: EarningsArgs) -> anyhow::Result<()> {
             path.display()
         )
     })?;
+    Ok(Some((identity, store)))
+}
+
+pub fn settle(a: SettleArgs) -> anyhow::Result<()> {
+    let Some((identity, store)) = open_ledger(&a.config, a.ledger_dir)? else {
+        println!("no receipts yet: nothing to settle");
+        return Ok(());
+    };
+    let now = ledger::now_ms();
+    let out = a
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("settlement-{now}.json")));
+    let opts = ledger::SettleOptions {
+        payee: identity.peer_id(),
+        since_ms: a.since.unwrap_or(0),
+        min_amount: a.min_amount,
+        dry_run: a.dry_run,
+        now_ms: now,
+    };
+    let batch = ledger::settle(&store, &opts, &out)?;
+    println!(
+        "{} {} lines, {} payers, {} due -> {}",
+        if a.dry_run { "dry run:" } else { "settled:" },
+        batch.lines.len(),
+        batch.payers.len(),
+        batch.total_due,
+        out.display()
+    );
+    Ok(())
+}
+
+pub fn earnings(a: EarningsArgs) -> anyhow::Result<()> {
+    let Some((identity, store)) = open_ledger(&a.config, a.ledger_dir)? else {
+        if a.json {
+            println!("[]");
+        } else {
+            println!("no receipts yet");
+        }
+        return Ok(());
+    };
     let since_ms = a.days.map_or(0, |d| {
         ledger::now_ms().saturating_sub(d.saturating_mul(86_400_000))
     });
