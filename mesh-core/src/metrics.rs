@@ -107,6 +107,7 @@ pub fn refusal_kind(r: &Refusal) -> &'static str {
         Refusal::MaxLenTooLarge { .. } => "max_len_too_large",
         Refusal::UnknownSession => "unknown_session",
         Refusal::SessionExists => "session_exists",
+        Refusal::Unpaid { .. } => "unpaid",
         Refusal::Busy => "busy",
         Refusal::ShuttingDown => "shutting_down",
         Refusal::BadRequest(_) => "bad_request",

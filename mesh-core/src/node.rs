@@ -37,6 +37,10 @@ use crate::wire;
 /// A running receipt every this many tokens per session.
 const RECEIPT_EVERY_TOKENS: u64 = 16;
 
+/// A client owing more than this many tokens' worth of uncountersigned work gets no new
+/// sessions. Generous: concurrent sessions each have up to one receipt in flight.
+const MAX_UNPAID_TOKENS: u64 = 4096;
+
 /// Requests waiting for the worker; beyond this a client is told the server is busy.
 const REQUEST_QUEUE: usize = 64;
 
@@ -190,6 +194,7 @@ impl Node {
                 store,
                 price_per_token: cfg.price_per_token,
                 every_tokens: RECEIPT_EVERY_TOKENS,
+                max_unpaid_tokens: MAX_UNPAID_TOKENS,
             })?;
         }
         let free = server.free_cache_bytes() as u64;

@@ -86,6 +86,8 @@ pub enum Refusal {
     UnknownSession,
     #[error("session already exists")]
     SessionExists,
+    #[error("{owed} owed for work this client never countersigned; the limit is {limit}")]
+    Unpaid { owed: u64, limit: u64 },
     #[error("server is busy; try another")]
     Busy,
     #[error("server is shutting down")]

@@ -10,7 +10,9 @@ use candle_core::Device;
 use libp2p::PeerId;
 
 use super::protocol::{Refusal, SessionRequest, SessionResponse};
-use crate::ledger::{now_ms, ConfigHash, LedgerError, Meter, Receipt, SignedReceipt, Store, Terms};
+use crate::ledger::{
+    now_ms, unpaid_of, ConfigHash, LedgerError, Meter, Receipt, SignedReceipt, Store, Terms,
+};
 use crate::model::{SpanCache, SpanModel};
 use crate::types::{BlockRange, ModelId, SessionId};
 use crate::wire::WireTensor;
@@ -75,6 +77,9 @@ pub struct Billing {
     pub price_per_token: u64,
     /// A running receipt every this many tokens, so a server cut off is still paid.
     pub every_tokens: u64,
+    /// Refuse new sessions from a client that owes (has not countersigned) more than this
+    /// many tokens' worth of work on this span.
+    pub max_unpaid_tokens: u64,
 }
 
 struct Session {
@@ -133,6 +138,20 @@ impl SpanServer {
                 None
             }
         }
+    }
+
+    /// A client that left too much work uncountersigned is refused new sessions.
+    fn unpaid_refusal(&self, client: &PeerId, span: BlockRange) -> Option<Refusal> {
+        let (billing, _) = self.billing.as_ref()?;
+        let limit = billing
+            .max_unpaid_tokens
+            .saturating_mul(u64::from(span.len()))
+            .saturating_mul(billing.price_per_token);
+        let owed = unpaid_of(&billing.store, &billing.server, client, 10_000)
+            .map_err(|e| tracing::warn!("reading unpaid work: {e}"))
+            .ok()?
+            .amount;
+        (billing.price_per_token > 0 && owed > limit).then_some(Refusal::Unpaid { owed, limit })
     }
 
     fn finish_meter(&self, state: &mut Session) -> Option<Box<SignedReceipt>> {
@@ -249,6 +268,9 @@ impl SpanServer {
         }
         if self.sessions.contains_key(&session) {
             return refuse(Refusal::SessionExists);
+        }
+        if let Some(refusal) = self.unpaid_refusal(&client, span) {
+            return refuse(refusal);
         }
         self.expire_idle(now);
         if self.sessions.len() >= self.limits.max_sessions {
@@ -579,6 +601,54 @@ mod tests {
             SessionResponse::Refused(Refusal::TooManySessions { open: 2, limit: 2 })
         ));
         assert_eq!(srv.stats().refusals, 5);
+    }
+
+    #[test]
+    fn a_client_that_never_countersigns_is_refused_new_sessions() {
+        let (dir, srv) = server(ServerLimits::default());
+        let identity = crate::identity::Identity::generate();
+        let billing = Billing {
+            key: identity.signing_key(),
+            server: identity.peer_id(),
+            store: Store::open(&dir.path().join("ledger")).unwrap(),
+            price_per_token: 1,
+            every_tokens: 4,
+            max_unpaid_tokens: 8,
+        };
+        let mut srv = srv.with_billing(billing).unwrap();
+        let (deadbeat, honest, now) = (PeerId::random(), PeerId::random(), Instant::now());
+        let span = BlockRange::new(2, 6);
+        let s = SessionId::random();
+        assert!(matches!(
+            srv.handle(deadbeat, open(s, span, 64), now),
+            SessionResponse::Opened { terms: Some(_), .. }
+        ));
+        let fwd = SessionRequest::Forward {
+            session: s,
+            start_pos: 0,
+            hidden: hidden(12),
+        };
+        match srv.handle(deadbeat, fwd, now) {
+            SessionResponse::Hidden {
+                receipt: Some(r), ..
+            } => {
+                r.verify_server().unwrap();
+                assert_eq!(r.receipt.prefill_tokens, 12);
+            }
+            other => panic!("{other:?}"),
+        }
+        // 12 tokens x 4 blocks owed, over the limit of 8 x 4: refused; others are not.
+        match srv.handle(deadbeat, open(SessionId::random(), span, 64), now) {
+            SessionResponse::Refused(Refusal::Unpaid {
+                owed: 48,
+                limit: 32,
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            srv.handle(honest, open(SessionId::random(), span, 64), now),
+            SessionResponse::Opened { .. }
+        ));
     }
 
     #[test]
