@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use mesh_client::demo::ProcessMesh;
-use mesh_client::{MeshClient, SamplingParams};
+use mesh_client::{ChatMessage, MeshClient, SamplingParams};
 use mesh_core::model::{tiny, LocalModel};
 use mesh_core::p2p::Multiaddr;
 use mesh_core::BlockRange;
@@ -73,6 +73,13 @@ struct MeshArgs {
     /// Refuse servers above this price (micro-units per token per block).
     #[arg(long)]
     max_price: Option<u64>,
+    /// The client's identity and receipts [default: $MESH_HOME/client].
+    #[arg(long)]
+    ledger_dir: Option<PathBuf>,
+}
+
+fn default_ledger_dir() -> PathBuf {
+    mesh_core::paths::mesh_home().join("client")
 }
 
 #[derive(Subcommand)]
@@ -104,6 +111,21 @@ enum Command {
         /// Address to bind (keep it local unless you mean to share it).
         #[arg(long, default_value = "127.0.0.1")]
         host: std::net::IpAddr,
+    },
+    /// Chat interactively: each line you type is a user turn; the reply streams back.
+    Chat {
+        #[command(flatten)]
+        mesh: MeshArgs,
+        #[command(flatten)]
+        sampling: Sampling,
+    },
+    /// Receipts this client countersigned (newest first).
+    Receipts {
+        /// The client's ledger [default: $MESH_HOME/client].
+        #[arg(long)]
+        ledger_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
     },
     /// Check a settlement batch file offline: every signature, every total.
     VerifyBatch {
@@ -156,6 +178,43 @@ async fn main() -> anyhow::Result<()> {
             .await?;
             Ok(())
         }
+        Command::Chat { mesh, sampling } => chat(connect(mesh).await?, sampling).await,
+        Command::Receipts { ledger_dir, limit } => {
+            let dir = ledger_dir
+                .unwrap_or_else(default_ledger_dir)
+                .join("receipts");
+            if !dir.exists() {
+                println!("no receipts yet ({} does not exist)", dir.display());
+                return Ok(());
+            }
+            let store = mesh_core::ledger::Store::open(&dir)
+                .with_context(|| format!("opening {}", dir.display()))?;
+            let mut shown = 0;
+            for entry in store.by_time(0, u64::MAX, limit)? {
+                let signed = entry.countersigned.as_ref().unwrap_or(&entry.latest);
+                let r = &signed.receipt;
+                println!(
+                    "{} {} blocks {} prefill {} decode {} amount {} seq {}{}",
+                    mesh_core::ledger::utc_day(r.start_ms),
+                    r.terms.server,
+                    r.terms.span,
+                    r.prefill_tokens,
+                    r.decode_tokens,
+                    r.amount,
+                    r.seq,
+                    if signed.is_countersigned() {
+                        ""
+                    } else {
+                        " (not countersigned)"
+                    }
+                );
+                shown += 1;
+            }
+            if shown == 0 {
+                println!("no receipts yet");
+            }
+            Ok(())
+        }
         Command::VerifyBatch { file } => {
             let summary = mesh_core::ledger::verify_batch(&file)
                 .with_context(|| format!("{} does not verify", file.display()))?;
@@ -195,6 +254,7 @@ async fn connect(args: MeshArgs) -> anyhow::Result<MeshClient> {
     if let Some(p) = args.max_price {
         b = b.max_price(p);
     }
+    b = b.ledger_dir(args.ledger_dir.unwrap_or_else(default_ledger_dir));
     Ok(b.build().await?)
 }
 
@@ -274,6 +334,40 @@ async fn demo(sampling: Sampling, nodes: u32) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&home);
     println!("stopped every process");
     result
+}
+
+async fn chat(client: MeshClient, sampling: Sampling) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut history: Vec<ChatMessage> = Vec::new();
+    eprintln!("chatting with {} (Ctrl-D to end)", client.model());
+    loop {
+        eprint!("> ");
+        let Some(line) = lines.next_line().await? else {
+            break;
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        history.push(ChatMessage {
+            role: "user".into(),
+            content: line,
+        });
+        let mut reply = String::new();
+        let mut tokens = client.chat(&history, sampling.params()).await?;
+        while let Some(token) = tokens.next().await {
+            let token = token?;
+            print!("{}", token.text);
+            let _ = std::io::stdout().flush();
+            reply.push_str(&token.text);
+        }
+        println!();
+        history.push(ChatMessage {
+            role: "assistant".into(),
+            content: reply,
+        });
+    }
+    Ok(())
 }
 
 fn print_receipts(client: &MeshClient) -> anyhow::Result<()> {
