@@ -255,7 +255,13 @@ async fn connect(args: MeshArgs) -> anyhow::Result<MeshClient> {
         b = b.max_price(p);
     }
     b = b.ledger_dir(args.ledger_dir.unwrap_or_else(default_ledger_dir));
-    Ok(b.build().await?)
+    // Finding servers that cover every block can take seconds: show that it is working.
+    let spinner = indicatif::ProgressBar::new_spinner()
+        .with_message("joining the mesh and waiting for servers of every block");
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let client = b.build().await;
+    spinner.finish_and_clear();
+    Ok(client?)
 }
 
 /// Stream a generation, then print each token's route and latency.
