@@ -13,33 +13,57 @@ use mesh_core::BlockRange;
 
 const PRICE: u64 = 3;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_servers_and_the_client_hold_matching_countersigned_receipts() {
+/// A billing mesh of `spans` on the tiny model, and a client peer with its own ledger,
+/// once the servers cover every block.
+struct Billed {
+    dir: tempfile::TempDir,
+    mesh: LocalMesh,
+    head: ClientHead,
+    client: p2p::Peer,
+    ledger: ClientLedger,
+}
+
+async fn billed(spans: &[BlockRange]) -> Billed {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("model");
     tiny::write(&model_dir).unwrap();
     let files = ModelFiles::open(&model_dir).unwrap();
     let head = ClientHead::load(&files, DType::F32, &Device::Cpu).unwrap();
-
     let mut mesh = LocalMesh::start(&model_dir, &[]).await.unwrap();
     mesh.billing = Some((dir.path().join("ledgers"), PRICE));
-    let spans = BlockRange::even_split(8, 3);
-    for span in &spans {
+    for span in spans {
         mesh.add_node(*span).await.unwrap();
     }
-
     let cfg = loopback_config(Role::Client, vec![mesh.bootstrap_addr().clone()]);
     let key = cfg.identity.signing_key();
     let client = p2p::spawn(cfg).await.unwrap();
     pipeline::wait_for_coverage(&client.client, mesh.model(), 8, Duration::from_secs(30))
         .await
         .unwrap();
-    let client_store = Store::open(&dir.path().join("client-ledger")).unwrap();
     let ledger = ClientLedger {
-        store: client_store.clone(),
+        store: Store::open(&dir.path().join("client-ledger")).unwrap(),
         key,
         config_hash: ConfigHash::of(&files.config).unwrap(),
     };
+    Billed {
+        dir,
+        mesh,
+        head,
+        client,
+        ledger,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_and_the_client_hold_matching_countersigned_receipts() {
+    let Billed {
+        dir,
+        mesh,
+        head,
+        client,
+        ledger,
+    } = billed(&BlockRange::even_split(8, 3)).await;
+    let client_store = ledger.store.clone();
     let mut session = RemoteSession::open_billed(
         client.client.clone(),
         mesh.model().clone(),
@@ -90,26 +114,14 @@ fn mesh_ledger(root: &std::path::Path, i: usize) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_mid_session_keeps_a_valid_receipt_for_its_work() {
-    let dir = tempfile::tempdir().unwrap();
-    let model_dir = dir.path().join("model");
-    tiny::write(&model_dir).unwrap();
-    let files = ModelFiles::open(&model_dir).unwrap();
-    let head = ClientHead::load(&files, DType::F32, &Device::Cpu).unwrap();
-    let mut mesh = LocalMesh::start(&model_dir, &[]).await.unwrap();
-    mesh.billing = Some((dir.path().join("ledgers"), PRICE));
-    let victim = mesh.add_node(BlockRange::new(0, 8)).await.unwrap();
-
-    let cfg = loopback_config(Role::Client, vec![mesh.bootstrap_addr().clone()]);
-    let key = cfg.identity.signing_key();
-    let client = p2p::spawn(cfg).await.unwrap();
-    pipeline::wait_for_coverage(&client.client, mesh.model(), 8, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let ledger = ClientLedger {
-        store: Store::open(&dir.path().join("client-ledger")).unwrap(),
-        key,
-        config_hash: ConfigHash::of(&files.config).unwrap(),
-    };
+    let Billed {
+        dir,
+        mut mesh,
+        head,
+        client,
+        ledger,
+    } = billed(&[BlockRange::new(0, 8)]).await;
+    let (victim, _) = mesh.servers()[0];
     let cfg = SessionConfig {
         step_timeout: Duration::from_secs(5),
         ..SessionConfig::default()
