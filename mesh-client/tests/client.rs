@@ -1,12 +1,13 @@
 //! The embeddable client against a real (in-process, loopback) mesh.
 
+mod common;
+
 use std::time::Duration;
 
 use futures::StreamExt;
 use mesh_client::{ClientError, MeshClient, SamplingParams};
 use mesh_core::local_mesh::LocalMesh;
 use mesh_core::model::{tiny, LocalModel};
-use mesh_core::BlockRange;
 
 fn params() -> SamplingParams {
     SamplingParams {
@@ -18,20 +19,10 @@ fn params() -> SamplingParams {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_text_equals_local_generation_and_drop_cancels() {
-    let dir = tempfile::tempdir().unwrap();
-    tiny::write(dir.path()).unwrap();
+    let common::Running { dir, mesh, client } = common::three_node_mesh().await;
     let want = LocalModel::load_split(dir.path(), 1, &candle_core::Device::Cpu)
         .unwrap()
         .generate("Hello mesh", &params(), |_| {})
-        .unwrap();
-    let mesh = LocalMesh::start(dir.path(), &BlockRange::even_split(8, 3))
-        .await
-        .unwrap();
-    let client = MeshClient::builder()
-        .bootstrap([mesh.bootstrap_addr().clone()])
-        .model_dir(dir.path())
-        .build()
-        .await
         .unwrap();
     assert_eq!(client.nodes().await.unwrap().len(), 3);
 

@@ -4,13 +4,13 @@
 //! Needs `python3` with the `openai` package (`.ci/run` installs it). Set
 //! `MESH_SKIP_OPENAI_SDK=1` to skip on a machine without them.
 
+mod common;
+
 use std::process::Command;
 
 use futures::StreamExt;
-use mesh_client::{ChatMessage, MeshClient, SamplingParams};
-use mesh_core::local_mesh::LocalMesh;
+use mesh_client::{ChatMessage, SamplingParams};
 use mesh_core::model::tiny;
-use mesh_core::BlockRange;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_python_sdk_streams_what_the_client_generates() {
@@ -18,17 +18,11 @@ async fn openai_python_sdk_streams_what_the_client_generates() {
         eprintln!("skipped: MESH_SKIP_OPENAI_SDK is set");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    tiny::write(dir.path()).unwrap();
-    let mesh = LocalMesh::start(dir.path(), &BlockRange::even_split(8, 3))
-        .await
-        .unwrap();
-    let client = MeshClient::builder()
-        .bootstrap([mesh.bootstrap_addr().clone()])
-        .model_dir(dir.path())
-        .build()
-        .await
-        .unwrap();
+    let common::Running {
+        dir: _dir,
+        mesh,
+        client,
+    } = common::three_node_mesh().await;
 
     let messages = vec![ChatMessage {
         role: "user".into(),
