@@ -641,28 +641,8 @@ impl EventLoop {
         for id in expired {
             self.try_finish_lookup(id, true);
         }
-        let late: Vec<ConnectionId> = self
-            .pending_dials
-            .iter()
-            .filter(|(_, (_, d))| *d <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in late {
-            if let Some((reply, _)) = self.pending_dials.remove(&id) {
-                let _ = reply.send(Err(P2pError::Timeout("dial")));
-            }
-        }
-        let late: Vec<QueryId> = self
-            .withdrawals
-            .iter()
-            .filter(|(_, (_, d))| *d <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in late {
-            if let Some((reply, _)) = self.withdrawals.remove(&id) {
-                let _ = reply.send(Err(P2pError::Timeout("storing the offline record")));
-            }
-        }
+        time_out(&mut self.pending_dials, now, "dial");
+        time_out(&mut self.withdrawals, now, "storing the offline record");
     }
 
     // ---------------------------------------------------------------- swarm events
@@ -951,6 +931,24 @@ impl EventLoop {
             a.announce_backoff = (a.announce_backoff * 2)
                 .min(interval)
                 .min(Duration::from_secs(30));
+        }
+    }
+}
+
+/// Answer every waiting command whose deadline has passed with a timeout, and forget it.
+fn time_out<K: Copy + Eq + std::hash::Hash>(
+    pending: &mut HashMap<K, (Reply<()>, Instant)>,
+    now: Instant,
+    what: &'static str,
+) {
+    let late: Vec<K> = pending
+        .iter()
+        .filter(|(_, (_, deadline))| *deadline <= now)
+        .map(|(id, _)| *id)
+        .collect();
+    for id in late {
+        if let Some((reply, _)) = pending.remove(&id) {
+            let _ = reply.send(Err(P2pError::Timeout(what)));
         }
     }
 }

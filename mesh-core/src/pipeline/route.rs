@@ -212,6 +212,17 @@ mod tests {
         }
     }
 
+    /// `plan` with no exclusions and the default policy.
+    fn plan_default(cs: &[Candidate], range: BlockRange, tie_break: u64) -> Option<Vec<Hop>> {
+        plan(
+            cs,
+            range,
+            &HashSet::new(),
+            &RoutePolicy::default(),
+            tie_break,
+        )
+    }
+
     fn spans(route: &[Hop]) -> Vec<(u32, u32)> {
         route.iter().map(|h| (h.span.start, h.span.end)).collect()
     }
@@ -219,14 +230,7 @@ mod tests {
     #[test]
     fn covers_the_range_with_the_fewest_hops() {
         let cs = vec![cand((0, 3)), cand((3, 6)), cand((6, 8)), cand((0, 8))];
-        let route = plan(
-            &cs,
-            BlockRange::new(0, 8),
-            &HashSet::new(),
-            &RoutePolicy::default(),
-            0,
-        )
-        .unwrap();
+        let route = plan_default(&cs, BlockRange::new(0, 8), 0).unwrap();
         assert_eq!(spans(&route), vec![(0, 8)]);
         let exclude = HashSet::from([cs[3].peer]);
         let route = plan(
@@ -243,41 +247,20 @@ mod tests {
     #[test]
     fn overlapping_spans_are_cut_to_fit() {
         let cs = vec![cand((0, 5)), cand((3, 8))];
-        let route = plan(
-            &cs,
-            BlockRange::new(0, 8),
-            &HashSet::new(),
-            &RoutePolicy::default(),
-            0,
-        )
-        .unwrap();
+        let route = plan_default(&cs, BlockRange::new(0, 8), 0).unwrap();
         assert_eq!(route.len(), 2);
         assert_eq!(route[0].span.start, 0);
         assert_eq!(route[1].span.end, 8);
         assert_eq!(route[0].span.end, route[1].span.start);
         // A sub-range, as used when replacing one failed hop.
-        let route = plan(
-            &cs,
-            BlockRange::new(4, 6),
-            &HashSet::new(),
-            &RoutePolicy::default(),
-            0,
-        )
-        .unwrap();
+        let route = plan_default(&cs, BlockRange::new(4, 6), 0).unwrap();
         assert_eq!(route.len(), 1);
     }
 
     #[test]
     fn gaps_and_prices_leave_no_route() {
         let cs = vec![cand((0, 3)), cand((4, 8))];
-        assert!(plan(
-            &cs,
-            BlockRange::new(0, 8),
-            &HashSet::new(),
-            &RoutePolicy::default(),
-            0
-        )
-        .is_none());
+        assert!(plan_default(&cs, BlockRange::new(0, 8), 0).is_none());
         let mut pricey = cand((0, 8));
         pricey.price_per_token = 50;
         let policy = RoutePolicy {
