@@ -225,13 +225,14 @@ async fn main() -> anyhow::Result<()> {
             let client = connect(mesh).await?;
             for s in client.nodes().await? {
                 println!(
-                    "{} blocks {} of {}  {:.1} tok/s/block  {} sessions  price {}",
+                    "{} blocks {} of {}  {:.1} tok/s/block  {} sessions  price {}  [{}]",
                     s.peer_id,
                     s.span,
                     s.num_blocks,
                     s.load.throughput_tps,
                     s.load.active_sessions,
-                    s.price_per_token
+                    s.price_per_token,
+                    s.capability
                 );
             }
             Ok(())

@@ -23,6 +23,9 @@ use crate::model::tiny;
 use crate::pipeline::ServerLimits;
 use crate::types::BlockRange;
 
+mod edit;
+pub use edit::set_blocks;
+
 /// The file's name in the mesh home: `~/.mesh/node.toml`.
 pub const FILE_NAME: &str = "node.toml";
 /// The node's local HTTP address unless configured.
@@ -493,6 +496,7 @@ listen = {http}
                 cache_budget_bytes: l.cache_budget_mib.saturating_mul(1 << 20),
                 idle_timeout: Duration::from_secs(l.idle_timeout_secs),
                 max_len: l.max_len,
+                ..ServerLimits::default()
             },
             http,
             pid_file: abs(self

@@ -1,5 +1,6 @@
-//! The node's local HTTP port: `/healthz` (JSON), `/metrics` (Prometheus text) and `/`
-//! (a small dashboard page with an inline SVG chart and no external assets).
+//! The node's local HTTP port: `/healthz` (JSON), `/metrics` (Prometheus text),
+//! `/api/earnings` (JSON, from the node's own ledger, [`earnings`]) and `/` (a dashboard
+//! page with inline SVG charts and no external assets, built in `http/dashboard.rs`).
 //!
 //! ```no_run
 //! # async fn demo(node: &mesh_core::node::Node) -> std::io::Result<()> {
@@ -15,8 +16,13 @@
 //! Every handler only reads figures already at hand: the worker's latest snapshot (a
 //! `watch` channel), and peer counts and the chart's history that a sampler task
 //! ([`HttpState::sample`]) refreshes on a timer. No handler waits on the span worker or
-//! the swarm. The port is meant for 127.0.0.1 (or a firewalled network): it shows
-//! operational figures and has no authentication.
+//! the swarm. Earnings come from the ledger the node holds open (sled allows one opener,
+//! so this is how `mesh-node earnings` reads a running node's), on a blocking thread.
+//! The port is meant for 127.0.0.1 (or a firewalled network): it shows operational
+//! figures and has no authentication.
+
+mod dashboard;
+pub mod earnings;
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -26,12 +32,14 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+
+pub use earnings::EarningsView;
 
 use crate::metrics::LATENCY_BUCKETS_SECS;
 use crate::node::NodeHandle;
@@ -39,6 +47,19 @@ use crate::probe::{self, Gpu, Probe};
 
 /// Points kept for the dashboard's chart (an hour at the default 10 s sampling).
 pub const HISTORY_POINTS: usize = 360;
+/// How long the dashboard reuses an earnings view before reading the ledger again.
+pub const EARNINGS_CACHE: Duration = Duration::from_secs(5);
+
+/// Why [`HttpState::earnings`] has no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EarningsError {
+    #[error("the node is still starting")]
+    Starting,
+    #[error("this node keeps no ledger (billing is off)")]
+    NoLedger,
+    #[error("reading the ledger: {0}")]
+    Ledger(String),
+}
 
 /// What `/healthz` answers.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -91,6 +112,7 @@ struct Inner {
     probe: Probe,
     node: OnceLock<NodeHandle>,
     sampled: Mutex<Sampled>,
+    earnings: Mutex<Option<(Instant, Arc<EarningsView>)>>,
 }
 
 /// Shared by the handlers: the machine probe, the node once it is up, sampled figures.
@@ -111,6 +133,7 @@ impl HttpState {
             probe,
             node: OnceLock::new(),
             sampled: Mutex::new(Sampled::default()),
+            earnings: Mutex::new(None),
         }))
     }
 
@@ -135,11 +158,10 @@ impl HttpState {
         s.history.push_back((unix_now(), tokens));
     }
 
-    /// Refreshes the peer figures and adds a chart point every `every`; runs until dropped
-    /// (spawn it, abort it at shutdown).
+    /// Refreshes the peer figures and adds a chart point at once and then every `every`;
+    /// runs until dropped (spawn it, abort it at shutdown).
     pub async fn sample(self, every: Duration) {
         let mut tick = tokio::time::interval(every);
-        tick.tick().await;
         loop {
             tick.tick().await;
             let Some(node) = self.0.node.get() else {
@@ -378,106 +400,58 @@ impl HttpState {
         out
     }
 
-    /// The dashboard page.
-    pub fn dashboard(&self) -> String {
+    /// The dashboard page. The earnings part reads the ledger (see [`Self::earnings`]).
+    pub async fn dashboard(&self) -> String {
         let h = self.health();
-        let p = &self.0.probe;
-        let mut points: Vec<(u64, u64)> = self.sampled().history.iter().copied().collect();
-        points.push((unix_now(), h.tokens_served));
-        let chart = svg_chart(&points);
-        let gib = |b: Option<u64>| b.map_or("?".into(), human_bytes);
-        let gpus = if p.gpus.is_empty() {
-            esc(&p.gpu_note)
-        } else {
-            p.gpus
-                .iter()
-                .map(|g| {
-                    format!(
-                        "{} ({} free of {})",
-                        esc(&g.name),
-                        gib(g.vram_free_bytes),
-                        gib(g.vram_total_bytes)
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("<br>")
-        };
-        let dash = |o: &Option<String>| o.as_deref().map_or("-".into(), esc);
-        format!(
-            r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
-<title>mesh-node {peer_short}</title>
-<style>
-body{{font:14px system-ui,sans-serif;margin:2em;color:#222;max-width:60em}}
-h1{{font-size:1.3em}} table{{border-collapse:collapse}} td{{padding:.2em 1em .2em 0;vertical-align:top}}
-td:first-child{{color:#666}} code{{font-size:.95em}} .ok{{color:#080}} .warn{{color:#a60}}
-svg{{border:1px solid #ddd;background:#fafafa}}
-</style></head><body>
-<h1>mesh-node <span class="{status_class}">{status}</span></h1>
-<table>
-<tr><td>peer id</td><td><code id="peer-id">{peer}</code></td></tr>
-<tr><td>model</td><td>{model}</td></tr>
-<tr><td>blocks</td><td>{span} of {num_blocks}</td></tr>
-<tr><td>uptime</td><td>{uptime}</td></tr>
-<tr><td>sessions</td><td>{sessions} open, {opened} opened, {queue} queued</td></tr>
-<tr><td>tokens served</td><td>{tokens} ({prefill} prefill, {decode} decode)</td></tr>
-<tr><td>peers</td><td>{peers}</td></tr>
-<tr><td>price</td><td>{price} per token</td></tr>
-<tr><td>earnings</td><td>from signed receipts: <code>mesh-node earnings</code></td></tr>
-</table>
-<h2>Tokens served</h2>
-{chart}
-<h2>Hardware</h2>
-<table>
-<tr><td>host</td><td>{host} ({os}/{arch})</td></tr>
-<tr><td>CPU</td><td>{cpu} &times; {cores}</td></tr>
-<tr><td>memory</td><td>{mem_avail} available of {mem_total}; node uses {rss}</td></tr>
-<tr><td>disk</td><td>{disk}</td></tr>
-<tr><td>GPUs</td><td>{gpus}</td></tr>
-</table>
-<p><a href="/healthz">/healthz</a> &middot; <a href="/metrics">/metrics</a> &middot; mesh {version}, pid {pid}</p>
-</body></html>
-"#,
-            peer_short = h
-                .peer_id
-                .as_deref()
-                .map_or("", |p| &p[p.len().saturating_sub(8)..]),
-            status_class = if h.status == "serving" { "ok" } else { "warn" },
-            status = esc(&h.status),
-            peer = dash(&h.peer_id),
-            model = dash(&h.model),
-            span = dash(&h.span),
-            num_blocks = h.num_blocks.map_or("-".into(), |n| n.to_string()),
-            uptime = human_duration(h.uptime_secs),
-            sessions = h.sessions,
-            opened = h.sessions_opened,
-            queue = h.queue,
-            tokens = h.tokens_served,
-            prefill = h.prefill_tokens,
-            decode = h.decode_tokens,
-            peers = h.peers,
-            price = h.price_per_token.unwrap_or(0),
-            host = esc(&p.hostname),
-            os = esc(&p.os),
-            arch = esc(&p.arch),
-            cpu = esc(if p.cpu.model.is_empty() {
-                "unknown CPU"
-            } else {
-                &p.cpu.model
-            }),
-            cores = p.cpu.cores,
-            mem_avail = gib(h.memory.available_bytes),
-            mem_total = gib(h.memory.total_bytes),
-            rss = gib(h.memory.process_rss_bytes),
-            disk = p.disk.as_ref().map_or("?".into(), |d| format!(
-                "{} free of {} at {}",
-                gib(Some(d.free_bytes)),
-                gib(Some(d.total_bytes)),
-                esc(&d.path.display().to_string())
-            )),
-            version = env!("CARGO_PKG_VERSION"),
-            pid = h.pid,
-        )
+        let mut tokens: Vec<(u64, u64)> = self
+            .sampled()
+            .history
+            .iter()
+            .map(|&(t, v)| (t.saturating_mul(1000), v))
+            .collect();
+        tokens.push((unix_now().saturating_mul(1000), h.tokens_served));
+        let earnings = self.earnings(0).await;
+        let capability = self.0.node.get().map(|n| &n.announcement().capability);
+        dashboard::render(&dashboard::Page {
+            health: &h,
+            probe: &self.0.probe,
+            capability,
+            tokens: &tokens,
+            earnings: match &earnings {
+                Err(EarningsError::Starting) => dashboard::Earnings::Starting,
+                Err(EarningsError::NoLedger) => dashboard::Earnings::NoLedger,
+                Err(EarningsError::Ledger(why)) => dashboard::Earnings::Failed(why),
+                Ok(view) => dashboard::Earnings::View(view),
+            },
+        })
+    }
+
+    /// What the node earned for sessions started at or after `since_ms`, from its running
+    /// ledger. Read on a blocking thread; the full view (`since_ms` 0, what the dashboard
+    /// shows) is reused for [`EARNINGS_CACHE`] so reloading pages never scans repeatedly.
+    pub async fn earnings(&self, since_ms: u64) -> Result<Arc<EarningsView>, EarningsError> {
+        let node = self.0.node.get().ok_or(EarningsError::Starting)?;
+        let store = node.ledger().ok_or(EarningsError::NoLedger)?.clone();
+        if since_ms == 0 {
+            let cached = self.0.earnings.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, view)) = cached.as_ref() {
+                if at.elapsed() < EARNINGS_CACHE {
+                    return Ok(view.clone());
+                }
+            }
+        }
+        let payee = node.peer_id();
+        let view =
+            tokio::task::spawn_blocking(move || earnings::earnings_view(&store, &payee, since_ms))
+                .await
+                .map_err(|e| EarningsError::Ledger(e.to_string()))?
+                .map_err(|e| EarningsError::Ledger(e.to_string()))?;
+        let view = Arc::new(view);
+        if since_ms == 0 {
+            *self.0.earnings.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((Instant::now(), view.clone()));
+        }
+        Ok(view)
     }
 }
 
@@ -486,92 +460,11 @@ fn tokens(node: &NodeHandle) -> u64 {
     s.prefill_tokens + s.decode_tokens
 }
 
-/// Escapes text for HTML.
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// Escapes a Prometheus label value.
 fn label(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
-}
-
-fn human_bytes(b: u64) -> String {
-    if b >= 1 << 30 {
-        format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
-    }
-}
-
-fn human_duration(secs: u64) -> String {
-    match secs {
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m {}s", s / 60, s % 60),
-        s if s < 86400 => format!("{}h {}m", s / 3600, (s % 3600) / 60),
-        s => format!("{}d {}h", s / 86400, (s % 86400) / 3600),
-    }
-}
-
-/// A line chart of `(unix seconds, value)` points as inline SVG; always draws the axes,
-/// and a line once there are two points.
-fn svg_chart(points: &[(u64, u64)]) -> String {
-    const W: f64 = 640.0;
-    const H: f64 = 200.0;
-    const PAD: f64 = 30.0;
-    let (t0, t1) = match (points.first(), points.last()) {
-        (Some(a), Some(b)) => (a.0, b.0.max(a.0 + 1)),
-        _ => (0, 1),
-    };
-    let vmax = points.iter().map(|p| p.1).max().unwrap_or(0).max(1);
-    let xy = |&(t, v): &(u64, u64)| {
-        let x = PAD + (t.saturating_sub(t0)) as f64 / (t1 - t0) as f64 * (W - 2.0 * PAD);
-        let y = H - PAD - v as f64 / vmax as f64 * (H - 2.0 * PAD);
-        (x, y)
-    };
-    let line: Vec<String> = points
-        .iter()
-        .map(|p| {
-            let (x, y) = xy(p);
-            format!("{x:.1},{y:.1}")
-        })
-        .collect();
-    let dots: String = points
-        .iter()
-        .map(|p| {
-            let (x, y) = xy(p);
-            format!(r##"<circle cx="{x:.1}" cy="{y:.1}" r="2.5" fill="#36c"/>"##)
-        })
-        .collect();
-    let span = human_duration(t1 - t0);
-    format!(
-        r##"<svg id="tokens-chart" width="{W}" height="{H}" viewBox="0 0 {W} {H}" xmlns="http://www.w3.org/2000/svg" role="img" aria-label="tokens served over time">
-<line x1="{PAD}" y1="{yb}" x2="{xr}" y2="{yb}" stroke="#999"/>
-<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{yb}" stroke="#999"/>
-<text x="{PAD}" y="{ty}" font-size="11" fill="#666">{vmax} tokens</text>
-<text x="{xr}" y="{tb}" font-size="11" fill="#666" text-anchor="end">last {span}</text>
-<polyline fill="none" stroke="#36c" stroke-width="2" points="{line}"/>
-{dots}
-</svg>"##,
-        yb = H - PAD,
-        xr = W - PAD,
-        ty = PAD - 8.0,
-        tb = H - 10.0,
-        line = line.join(" "),
-    )
 }
 
 async fn healthz(State(s): State<HttpState>) -> Json<Health> {
@@ -590,13 +483,32 @@ async fn metrics(State(s): State<HttpState>) -> Response {
 }
 
 async fn dashboard(State(s): State<HttpState>) -> Html<String> {
-    Html(s.dashboard())
+    Html(s.dashboard().await)
+}
+
+#[derive(Deserialize)]
+struct EarningsQuery {
+    since_ms: Option<u64>,
+}
+
+async fn api_earnings(State(s): State<HttpState>, Query(q): Query<EarningsQuery>) -> Response {
+    match s.earnings(q.since_ms.unwrap_or(0)).await {
+        Ok(view) => Json(view.as_ref().clone()).into_response(),
+        Err(e) => {
+            let code = match e {
+                EarningsError::Starting => StatusCode::SERVICE_UNAVAILABLE,
+                EarningsError::NoLedger => StatusCode::NOT_FOUND,
+                EarningsError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            (code, Json(serde_json::json!({ "error": e.to_string() }))).into_response()
+        }
+    }
 }
 
 async fn not_found() -> (StatusCode, &'static str) {
     (
         StatusCode::NOT_FOUND,
-        "not found: try /, /healthz or /metrics\n",
+        "not found: try /, /healthz, /metrics or /api/earnings\n",
     )
 }
 
@@ -606,6 +518,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/", routing::get(dashboard))
         .route("/healthz", routing::get(healthz))
         .route("/metrics", routing::get(metrics))
+        .route("/api/earnings", routing::get(api_earnings))
         .fallback(not_found)
         .with_state(state)
 }
@@ -662,7 +575,10 @@ mod tests {
             let health = get(addr, "/healthz", t).unwrap();
             let metrics = get(addr, "/metrics", t).unwrap();
             let page = get(addr, "/", t).unwrap();
+            let earnings = get(addr, "/api/earnings", t).unwrap();
             let missing = get(addr, "/nope", t).unwrap();
+            assert_eq!(earnings.0, 503, "{}", earnings.1);
+            assert!(earnings.1.contains("starting"), "{}", earnings.1);
             assert_eq!(metrics.0, 200);
             assert!(
                 metrics.1.contains("# TYPE mesh_up gauge\nmesh_up 0\n"),
@@ -685,13 +601,7 @@ mod tests {
     }
 
     #[test]
-    fn chart_and_escaping() {
-        let svg = svg_chart(&[(100, 0), (110, 50), (120, 80)]);
-        assert_eq!(svg.matches("<circle").count(), 3);
-        assert!(svg.contains("80 tokens"));
-        assert!(svg_chart(&[]).contains("<polyline"));
-        assert_eq!(esc("<a href=\"x\">&"), "&lt;a href=&quot;x&quot;&gt;&amp;");
+    fn label_escaping() {
         assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-        assert_eq!(human_duration(3725), "1h 2m");
     }
 }

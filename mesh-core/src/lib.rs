@@ -14,8 +14,9 @@
 //!   live-server table, the `/mesh/session/1` request-response protocol, the bootstrap peer.
 //! - [`node`]: a provider: load a span, announce it, serve sessions on a worker thread.
 //! - Operating a node: [`config`] (`node.toml`), [`probe`] (CPU, memory, disk, GPUs, span
-//!   sizing), [`daemon`] (PID file, stop), [`metrics`] (counters, latency histogram),
-//!   [`http`] (the local `/healthz`, `/metrics` and dashboard).
+//!   sizing), [`register`] (the checks before serving: files, sizing, joining, being
+//!   found, reachability), [`daemon`] (PID file, stop), [`metrics`] (counters, latency
+//!   histogram), [`http`] (the local `/healthz`, `/metrics`, earnings and dashboard).
 //! - [`error`]: the crate's typed errors.
 
 pub mod config;
@@ -32,6 +33,7 @@ pub mod p2p;
 pub mod paths;
 pub mod pipeline;
 pub mod probe;
+pub mod register;
 pub mod types;
 pub mod wire;
 

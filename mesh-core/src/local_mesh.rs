@@ -130,6 +130,7 @@ impl LocalMesh {
                 .as_ref()
                 .map(|(root, _)| root.join(format!("node{}", self.nodes.len()))),
             p2p: loopback_config(Role::Server, vec![self.boot_addr.clone()]),
+            capability: crate::probe::capability(),
         };
         let node = Node::start(cfg).await?;
         let peer = node.peer_id();

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
@@ -27,11 +27,12 @@ use crate::metrics::NodeMetrics;
 
 use crate::model::{ModelError, ModelFiles, SpanModel};
 use crate::p2p::{self, Announcement, Event, P2pConfig, P2pError};
+use crate::pipeline::admission::Admission;
 use crate::pipeline::balance::{block_coverage, choose_span};
 use crate::pipeline::{
     Billing, Refusal, ServerLimits, ServerStats, SessionRequest, SessionResponse, SpanServer,
 };
-use crate::types::{BlockRange, ModelId, ServerLoad};
+use crate::types::{BlockRange, Capability, ModelId, ServerLoad};
 use crate::wire;
 
 /// A running receipt every this many tokens per session.
@@ -61,6 +62,8 @@ pub struct NodeConfig {
     /// bills nothing.
     pub ledger_dir: Option<PathBuf>,
     pub p2p: P2pConfig,
+    /// The hardware summary heartbeats carry ([`crate::probe::capability`]).
+    pub capability: Capability,
 }
 
 /// Why a node could not start or stopped.
@@ -101,6 +104,7 @@ pub struct NodeHandle {
     listen_addrs: Vec<Multiaddr>,
     snapshot: watch::Receiver<NodeSnapshot>,
     busy: Arc<AtomicU64>,
+    ledger: Option<crate::ledger::Store>,
 }
 
 impl NodeHandle {
@@ -120,6 +124,12 @@ impl NodeHandle {
     /// round trip to the event loop.
     pub fn client(&self) -> &p2p::Client {
         &self.client
+    }
+
+    /// The node's ledger of receipts, shared with the span worker (sled lets one process
+    /// open a store, so the status pages read it through this). `None` without billing.
+    pub fn ledger(&self) -> Option<&crate::ledger::Store> {
+        self.ledger.as_ref()
     }
 
     /// The latest snapshot, with requests refused as busy (never queued) counted in.
@@ -153,13 +163,30 @@ pub struct Node {
     heartbeat_interval: Duration,
     snapshot: watch::Receiver<NodeSnapshot>,
     busy: Arc<AtomicU64>,
+    admission: Arc<Mutex<Admission>>,
+    ledger: Option<crate::ledger::Store>,
+}
+
+/// Bytes of the largest session frame: `max_len` positions of f32 hidden states, plus room
+/// for the message around them (ids, receipt, attestation).
+fn largest_frame(hidden_size: usize, max_len: u32) -> usize {
+    (max_len as usize)
+        .saturating_mul(hidden_size)
+        .saturating_mul(4)
+        .saturating_add(64 << 10)
 }
 
 impl Node {
     /// Start the peer, pick the span if not given, load it. Not yet announced.
-    pub async fn start(cfg: NodeConfig) -> Result<Self, NodeError> {
+    pub async fn start(mut cfg: NodeConfig) -> Result<Self, NodeError> {
         let files = ModelFiles::open(&cfg.model_dir)?;
         let num_blocks = files.config.num_blocks();
+        // No request can legitimately be larger than a full-length f32 prefill, so no peer
+        // gets to make this node buffer more than that per stream.
+        cfg.p2p.max_frame_bytes = cfg
+            .p2p
+            .max_frame_bytes
+            .min(largest_frame(files.config.hidden_size, cfg.limits.max_len));
         let heartbeat_interval = cfg.p2p.heartbeat_interval;
         let signing_key = cfg.p2p.identity.signing_key();
         let server_id = cfg.p2p.identity.peer_id();
@@ -185,9 +212,13 @@ impl Node {
                 .map_err(|_| NodeError::WorkerGone)??;
         tracing::info!(model = %cfg.model_id, %span, weight_bytes = model.weight_bytes(), "span loaded");
 
-        let mut server = SpanServer::new(cfg.model_id.clone(), model, cfg.limits.clone());
+        let admission = Arc::new(Mutex::new(Admission::new(&cfg.limits)));
+        let mut server = SpanServer::new(cfg.model_id.clone(), model, cfg.limits.clone())
+            .with_signer(signing_key.clone());
+        let mut ledger = None;
         if let Some(dir) = &cfg.ledger_dir {
             let store = crate::ledger::Store::open(dir)?;
+            ledger = Some(store.clone());
             server = server.with_billing(Billing {
                 key: signing_key,
                 server: server_id,
@@ -213,6 +244,7 @@ impl Node {
                 free_memory_bytes: free,
                 ..ServerLoad::default()
             },
+            capability: cfg.capability,
         };
         ann.validate()?;
         Ok(Self {
@@ -223,6 +255,8 @@ impl Node {
             heartbeat_interval,
             snapshot,
             busy: Arc::new(AtomicU64::new(0)),
+            admission,
+            ledger,
         })
     }
 
@@ -234,6 +268,7 @@ impl Node {
             listen_addrs: self.peer.listen_addrs.clone(),
             snapshot: self.snapshot.clone(),
             busy: self.busy.clone(),
+            ledger: self.ledger.clone(),
         }
     }
 
@@ -265,6 +300,8 @@ impl Node {
             heartbeat_interval,
             snapshot: _,
             busy,
+            admission,
+            ledger: _,
         } = self;
         let load_task = tokio::spawn(report_load(
             peer.client.clone(),
@@ -277,7 +314,15 @@ impl Node {
                 peer,
                 request,
                 channel,
-            } => dispatch(client, &request_jobs, &busy, peer, request, channel),
+            } => dispatch(
+                client,
+                &request_jobs,
+                &busy,
+                &admission,
+                peer,
+                request,
+                channel,
+            ),
             other => on_event(&other),
         })
         .await;
@@ -291,7 +336,7 @@ impl Node {
 
 /// Look at who serves what (DHT and a couple of heartbeats), then take the `len` blocks
 /// the mesh serves worst.
-async fn pick_span(
+pub(crate) async fn pick_span(
     client: &p2p::Client,
     model: &ModelId,
     num_blocks: u32,
@@ -324,25 +369,42 @@ async fn pick_span(
     Ok(span)
 }
 
-/// Queue one request for the worker and answer when it is done (or at once if full).
+/// Admit one request ([`Admission`]), queue it for the worker and answer when it is done;
+/// a request over its peer's limits or a full queue is answered at once.
 fn dispatch(
     client: &p2p::Client,
     jobs: &mpsc::Sender<Job>,
     busy: &AtomicU64,
+    admission: &Arc<Mutex<Admission>>,
     peer: PeerId,
     bytes: Vec<u8>,
     channel: p2p::ResponseChannel,
 ) {
     let client = client.clone();
+    let admitted = match admission.lock() {
+        Ok(mut a) => a.admit(peer, Instant::now()),
+        Err(_) => Err(Refusal::ShuttingDown),
+    };
     let (reply, answer) = oneshot::channel();
-    let queued = jobs.try_send(Job::Request { peer, bytes, reply });
+    let queued = admitted.and_then(|()| {
+        jobs.try_send(Job::Request { peer, bytes, reply })
+            .map_err(|_| {
+                finish(admission, &peer);
+                Refusal::Busy
+            })
+    });
     if queued.is_err() {
         busy.fetch_add(1, Ordering::Relaxed);
     }
+    let admission = admission.clone();
     tokio::spawn(async move {
         let response = match queued {
-            Ok(()) => answer.await.ok(),
-            Err(_) => wire::encode(&SessionResponse::Refused(Refusal::Busy)).ok(),
+            Ok(()) => {
+                let answer = answer.await.ok();
+                finish(&admission, &peer);
+                answer
+            }
+            Err(refusal) => wire::encode(&SessionResponse::Refused(refusal)).ok(),
         };
         if let Some(bytes) = response {
             if let Err(e) = client.respond(channel, bytes).await {
@@ -350,6 +412,12 @@ fn dispatch(
             }
         }
     });
+}
+
+fn finish(admission: &Mutex<Admission>, peer: &PeerId) {
+    if let Ok(mut a) = admission.lock() {
+        a.finish(peer);
+    }
 }
 
 /// The worker thread: owns the span and its sessions. After every job it publishes a

@@ -20,6 +20,7 @@ use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{LlamaConfig, SpanCache};
+use crate::types::{BlockRange, Capability, GpuSummary};
 
 /// The machine, as far as mesh cares.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -84,6 +85,59 @@ pub fn probe(data_dir: &Path) -> Probe {
         gpus,
         gpu_note,
     }
+}
+
+impl Probe {
+    /// The compact summary heartbeats carry: cores, RAM, GPU names and VRAM, trimmed to the
+    /// bounds receivers check ([`Capability::is_valid`]).
+    pub fn capability(&self) -> Capability {
+        Capability {
+            cpu_cores: u32::try_from(self.cpu.cores).unwrap_or(u32::MAX),
+            ram_bytes: self.memory.total_bytes.unwrap_or(0),
+            gpus: self
+                .gpus
+                .iter()
+                .take(Capability::MAX_GPUS)
+                .map(|g| GpuSummary {
+                    name: bounded_name(&g.name),
+                    vram_bytes: g.vram_total_bytes.unwrap_or(0),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A GPU name without control characters, cut at a char boundary to the heartbeat's limit.
+fn bounded_name(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.chars().filter(|c| !c.is_control()) {
+        if out.len() + c.len_utf8() > Capability::MAX_GPU_NAME {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// This machine's [`Capability`] (cores, RAM, GPUs; no disk), probed once per process:
+/// the hardware does not change while a node runs, and `nvidia-smi` is slow.
+pub fn capability() -> Capability {
+    static ONCE: std::sync::OnceLock<Capability> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let (gpus, gpu_note) = gpus();
+        Probe {
+            cpu: Cpu {
+                model: String::new(),
+                cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            },
+            memory: probe_memory(),
+            gpus,
+            gpu_note,
+            ..Probe::default()
+        }
+        .capability()
+    })
+    .clone()
 }
 
 fn hostname() -> String {
@@ -347,6 +401,57 @@ pub fn max_blocks_that_fit(
         .min(cfg.num_blocks())
 }
 
+/// How big a span a node takes, and the numbers behind it (`register` prints them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Sizing {
+    /// Blocks the node will serve.
+    pub blocks: u32,
+    /// Their weights.
+    pub weights_bytes: u64,
+    /// The KV-cache budget kept beside them.
+    pub cache_bytes: u64,
+    /// Memory available to them; `None` when it could not be read (nothing is checked).
+    pub available_bytes: Option<u64>,
+    /// The most blocks that would fit; `None` when memory is unknown.
+    pub max_blocks: Option<u32>,
+    /// "RAM" or "VRAM".
+    pub where_: &'static str,
+}
+
+/// Sizes a node's span. Asked for a span (`asked`) or a length (`span_len`), it must fit
+/// or the answer is [`DoesNotFit`] with the numbers; asked for neither, the node takes as
+/// many blocks as fit, at most the whole model, and refuses only when not one block fits.
+pub fn size_span(
+    cfg: &LlamaConfig,
+    asked: Option<BlockRange>,
+    span_len: Option<u32>,
+    dtype: DType,
+    cache_budget_bytes: u64,
+    available_bytes: Option<u64>,
+    where_: &'static str,
+) -> Result<Sizing, DoesNotFit> {
+    let num_blocks = cfg.num_blocks();
+    let max_blocks =
+        available_bytes.map(|a| max_blocks_that_fit(cfg, dtype, cache_budget_bytes, a));
+    let blocks = match (asked, span_len, max_blocks) {
+        (Some(span), _, _) => span.len(),
+        (None, Some(len), _) => len.clamp(1, num_blocks.max(1)),
+        (None, None, Some(fit)) => fit.clamp(1, num_blocks.max(1)),
+        (None, None, None) => num_blocks,
+    };
+    if let Some(available) = available_bytes {
+        check_fit(cfg, blocks, dtype, cache_budget_bytes, available, where_)?;
+    }
+    Ok(Sizing {
+        blocks,
+        weights_bytes: span_weight_bytes(cfg, blocks, dtype),
+        cache_bytes: cache_budget_bytes,
+        available_bytes,
+        max_blocks,
+        where_,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,5 +498,55 @@ mod tests {
         assert!(msg.contains("8 blocks") && msg.contains("RAM"), "{msg}");
         assert_eq!(max_blocks_that_fit(&cfg, DType::F32, 0, one * 3), 3);
         assert_eq!(max_blocks_that_fit(&cfg, DType::F32, 0, u64::MAX), all);
+
+        // size_span: asked spans and lengths must fit; otherwise take what fits.
+        let budget = 1 << 20;
+        let room = Some(one * 3 + budget);
+        let size =
+            |asked, len, avail| size_span(&cfg, asked, len, DType::F32, budget, avail, "RAM");
+        let s = size(None, None, room).unwrap();
+        assert_eq!((s.blocks, s.max_blocks), (3, Some(3)));
+        assert_eq!(s.weights_bytes, one * 3);
+        assert_eq!(
+            size(Some(BlockRange::new(0, 2)), None, room)
+                .unwrap()
+                .blocks,
+            2
+        );
+        let err = size(Some(BlockRange::new(0, 4)), None, room).unwrap_err();
+        assert_eq!((err.blocks, err.available_bytes), (4, one * 3 + budget));
+        assert_eq!(size(None, Some(5), room).unwrap_err().blocks, 5);
+        assert_eq!(size(None, None, Some(one)).unwrap_err().blocks, 1);
+        assert_eq!(size(None, None, None).unwrap().blocks, all);
+        assert_eq!(size(None, Some(99), None).unwrap().blocks, all);
+    }
+
+    #[test]
+    fn capability_is_bounded() {
+        let gpu = Gpu {
+            name: format!("{}\u{7}", "é".repeat(40)),
+            vram_total_bytes: Some(80 << 30),
+            ..Gpu::default()
+        };
+        let p = Probe {
+            cpu: Cpu {
+                model: "x".into(),
+                cores: 16,
+            },
+            memory: Memory {
+                total_bytes: Some(64 << 30),
+                available_bytes: None,
+            },
+            gpus: vec![gpu; 20],
+            ..Probe::default()
+        };
+        let c = p.capability();
+        assert!(c.is_valid());
+        assert_eq!(c.gpus.len(), Capability::MAX_GPUS);
+        assert_eq!(c.gpus[0].name, "é".repeat(32));
+        assert_eq!(c.gpus[0].vram_bytes, 80 << 30);
+        assert_eq!((c.cpu_cores, c.ram_bytes), (16, 64 << 30));
+        let here = capability();
+        assert!(here.is_valid() && here.cpu_cores >= 1);
     }
 }

@@ -122,6 +122,83 @@ pub struct ServerLoad {
     pub load: f32,
 }
 
+/// A server's hardware in a few bytes, carried in its heartbeats so clients and operators
+/// see what a peer runs on (`mesh-client nodes`) without asking it. Self-reported: a hint
+/// for people and routing, never proof.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capability {
+    /// Logical CPU cores; 0 = not reported.
+    pub cpu_cores: u32,
+    /// Total RAM in bytes; 0 = not reported.
+    pub ram_bytes: u64,
+    /// At most [`Capability::MAX_GPUS`]; empty = no GPU.
+    pub gpus: Vec<GpuSummary>,
+}
+
+/// One GPU of a [`Capability`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuSummary {
+    /// e.g. `NVIDIA H100 80GB HBM3`; at most [`Capability::MAX_GPU_NAME`] bytes.
+    pub name: String,
+    /// Total VRAM in bytes; 0 = unknown.
+    pub vram_bytes: u64,
+}
+
+impl Capability {
+    /// Most GPUs a heartbeat may list (keeps heartbeats small: 16 GPUs are ~1.2 KB).
+    pub const MAX_GPUS: usize = 16;
+    /// Longest GPU name, in bytes.
+    pub const MAX_GPU_NAME: usize = 64;
+
+    /// Within the bounds, with printable names: what a receiver accepts.
+    pub fn is_valid(&self) -> bool {
+        self.gpus.len() <= Self::MAX_GPUS
+            && self.gpus.iter().all(|g| {
+                g.name.len() <= Self::MAX_GPU_NAME && !g.name.chars().any(char::is_control)
+            })
+    }
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30))
+}
+
+/// `4 cores, 15.6 GiB RAM, no GPU` or `..., 2 x NVIDIA A10 (22.0 GiB)`.
+impl fmt::Display for Capability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.cpu_cores == 0 && self.ram_bytes == 0 && self.gpus.is_empty() {
+            return f.write_str("hardware not reported");
+        }
+        write!(f, "{} cores, {} RAM, ", self.cpu_cores, gib(self.ram_bytes))?;
+        if self.gpus.is_empty() {
+            return f.write_str("no GPU");
+        }
+        // Identical GPUs are listed once with a count.
+        let mut groups: Vec<(&GpuSummary, usize)> = Vec::new();
+        for g in &self.gpus {
+            match groups.iter_mut().find(|(seen, _)| *seen == g) {
+                Some((_, n)) => *n += 1,
+                None => groups.push((g, 1)),
+            }
+        }
+        for (i, (g, n)) in groups.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            let count = if *n > 1 {
+                format!("{n} x ")
+            } else {
+                String::new()
+            };
+            let vram = if g.vram_bytes > 0 {
+                format!(" ({})", gib(g.vram_bytes))
+            } else {
+                String::new()
+            };
+            write!(f, "{sep}{count}{}{vram}", g.name)?;
+        }
+        Ok(())
+    }
+}
+
 /// A live server of a model as one peer last heard it in a gossip heartbeat.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServerInfo {
@@ -142,6 +219,8 @@ pub struct ServerInfo {
     pub timestamp_ms: u64,
     /// The server's heartbeat interval; the entry is dropped after 3 silent intervals.
     pub interval: std::time::Duration,
+    /// The server's hardware, as it reports it.
+    pub capability: Capability,
 }
 
 /// A server found in the DHT for a block: who it is, where to dial it, and its whole span.
@@ -173,6 +252,51 @@ mod tests {
                 assert!(spans.iter().all(|s| !s.is_empty()));
             }
         }
+    }
+
+    #[test]
+    fn capability_bounds_and_summary() {
+        let gpu = GpuSummary {
+            name: "NVIDIA A10".into(),
+            vram_bytes: 24 << 30,
+        };
+        let c = Capability {
+            cpu_cores: 8,
+            ram_bytes: 64 << 30,
+            gpus: vec![gpu.clone(), gpu.clone()],
+        };
+        assert!(c.is_valid());
+        assert_eq!(
+            c.to_string(),
+            "8 cores, 64.0 GiB RAM, 2 x NVIDIA A10 (24.0 GiB)"
+        );
+        let cpu_only = Capability {
+            gpus: Vec::new(),
+            ..c.clone()
+        };
+        assert_eq!(cpu_only.to_string(), "8 cores, 64.0 GiB RAM, no GPU");
+        assert_eq!(Capability::default().to_string(), "hardware not reported");
+        let many = Capability {
+            gpus: vec![gpu.clone(); Capability::MAX_GPUS + 1],
+            ..c.clone()
+        };
+        assert!(!many.is_valid());
+        let long = Capability {
+            gpus: vec![GpuSummary {
+                name: "x".repeat(Capability::MAX_GPU_NAME + 1),
+                vram_bytes: 0,
+            }],
+            ..c.clone()
+        };
+        assert!(!long.is_valid());
+        let control = Capability {
+            gpus: vec![GpuSummary {
+                name: "A10\n\x1b[31m".into(),
+                vram_bytes: 0,
+            }],
+            ..c
+        };
+        assert!(!control.is_valid());
     }
 
     #[test]

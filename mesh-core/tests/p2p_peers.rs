@@ -14,6 +14,7 @@ use mesh_core::identity::Identity;
 use mesh_core::p2p::dht::{self, ServerRecord};
 use mesh_core::p2p::heartbeat::{self, Heartbeat};
 use mesh_core::p2p::{self, Announcement, Event, P2pConfig, P2pStats, Role};
+use mesh_core::types::{Capability, GpuSummary};
 use mesh_core::{wire, BlockRange, ModelId, ServerLoad};
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -49,6 +50,7 @@ async fn announce_tiny(client: &p2p::Client) {
             num_blocks: 8,
             price_per_token: 0,
             load: ServerLoad::default(),
+            capability: Capability::default(),
         })
         .await
         .unwrap();
@@ -210,6 +212,14 @@ fn heartbeat_from(peer: PeerId) -> Heartbeat {
         interval_ms: 1000,
         timestamp_ms: now_ms(),
         leaving: false,
+        capability: Capability {
+            cpu_cores: 4,
+            ram_bytes: 16 << 30,
+            gpus: vec![GpuSummary {
+                name: "NVIDIA L4".into(),
+                vram_bytes: 24 << 30,
+            }],
+        },
     }
 }
 
@@ -257,6 +267,8 @@ async fn malformed_gossip_is_rejected_counted_and_harmless() {
     let spoofed = heartbeat_from(PeerId::random());
     let mut nan = heartbeat_from(me);
     nan.load = f32::NAN;
+    let mut gpus = heartbeat_from(me);
+    gpus.capability.gpus = vec![gpus.capability.gpus[0].clone(); Capability::MAX_GPUS + 1];
     let bad: Vec<Vec<u8>> = vec![
         b"definitely not a heartbeat".to_vec(), // undecodable
         vec![],                                 // empty
@@ -267,6 +279,7 @@ async fn malformed_gossip_is_rejected_counted_and_harmless() {
         enc(&future),
         enc(&spoofed),
         enc(&nan),
+        enc(&gpus),
     ];
     let n_bad = bad.len() as u64;
     for data in bad {
@@ -291,7 +304,7 @@ async fn malformed_gossip_is_rejected_counted_and_harmless() {
     assert_eq!(stats.gossip.stale, 1, "{stats:?}");
     assert_eq!(stats.gossip.future, 1, "{stats:?}");
     assert_eq!(stats.gossip.spoofed, 1, "{stats:?}");
-    assert_eq!(stats.gossip.malformed, 1, "{stats:?}");
+    assert_eq!(stats.gossip.malformed, 2, "{stats:?}");
     let live = drive_while(&mut swarm, target.client.live_servers(&tiny())).await;
     assert!(live.unwrap().is_empty());
 
@@ -314,6 +327,7 @@ async fn malformed_gossip_is_rejected_counted_and_harmless() {
     assert_eq!(live.len(), 1);
     assert_eq!(live[0].peer_id, me);
     assert_eq!(live[0].span, BlockRange::new(4, 8));
+    assert_eq!(live[0].capability, heartbeat_from(me).capability);
 
     // Far over the transport limit (64 KiB): gossipsub refuses the frame before our
     // validator runs. The target survives and keeps serving.

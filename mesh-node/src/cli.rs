@@ -11,8 +11,9 @@ use mesh_core::BlockRange;
 #[command(
     version,
     about = "Run a mesh provider node: serve a span of a model's blocks to the mesh",
-    after_help = "First run: `mesh-node init --bootstrap <ADDR>`, then `mesh-node start --daemon`,\n\
-                  `mesh-node status`, `mesh-node stop`. Files live in $MESH_HOME (default ~/.mesh)."
+    after_help = "First run: `mesh-node init --bootstrap <ADDR>`, `mesh-node register`, then\n\
+                  `mesh-node start --daemon`, `mesh-node status`, `mesh-node stop`.\n\
+                  Files live in $MESH_HOME (default ~/.mesh)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -23,6 +24,12 @@ pub struct Cli {
 pub enum Command {
     /// Write a commented config file (default $MESH_HOME/node.toml) and the identity key.
     Init(InitArgs),
+    /// Check this node can serve, then save the span it will serve in the config.
+    ///
+    /// Checks the model files, the machine, the span's size against free memory, joining
+    /// the mesh, being found in it, and (with a public address) being reachable from
+    /// outside; announces only for the check, then withdraws. Run it before `start`.
+    Register(Box<RegisterArgs>),
     /// Serve a span until Ctrl-C / SIGTERM (or, with --daemon, in the background).
     Start(Box<StartArgs>),
     /// Stop a running node: SIGTERM, wait for it to withdraw and exit, tidy the PID file.
@@ -32,9 +39,14 @@ pub enum Command {
     /// What this machine offers: CPU, memory, free disk, GPUs.
     Probe(ProbeArgs),
     /// What this node earned, by day and model, from its ledger of signed receipts.
+    ///
+    /// While the node runs it holds the ledger open, so it is asked instead (its
+    /// /api/earnings); stopped, the ledger is read directly.
     Earnings(EarningsArgs),
-    /// Group unsettled, countersigned receipts into a batch file anyone can verify
-    /// (`mesh-client verify-batch FILE`); marks them settled unless --dry-run.
+    /// Group unsettled, countersigned receipts into a batch file anyone can verify.
+    ///
+    /// `mesh-client verify-batch FILE` checks the file; the receipts are marked settled
+    /// unless --dry-run. Needs the node stopped (it holds the ledger open).
     Settle(SettleArgs),
 }
 
@@ -78,14 +90,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// `start`'s flags override the config file's values.
+/// What `start` and `register` share: the node's model, span, limits and peer settings.
+/// Each flag overrides the config file's value.
 #[derive(clap::Args, Debug)]
-pub struct StartArgs {
-    #[command(flatten)]
-    pub config: ConfigArg,
-    /// Run in the background: returns once the node serves; output goes to the log file.
-    #[arg(long, short = 'd')]
-    pub daemon: bool,
+pub struct NodeFlags {
     /// Model name on the mesh.
     #[arg(long)]
     pub model: Option<String>,
@@ -143,21 +151,49 @@ pub struct StartArgs {
     /// Price per token in micro-units [default: 0].
     #[arg(long)]
     pub price_per_token: Option<u64>,
+    /// The ledger of signed receipts [default: ledger beside the config file].
+    #[arg(long)]
+    pub ledger_dir: Option<PathBuf>,
+}
+
+/// `start`'s flags override the config file's values.
+#[derive(clap::Args, Debug)]
+pub struct StartArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Run in the background: returns once the node serves; output goes to the log file.
+    #[arg(long, short = 'd')]
+    pub daemon: bool,
+    #[command(flatten)]
+    pub node: NodeFlags,
     /// Local status port, HOST:PORT; port 0 picks a free one [default: 127.0.0.1:9090].
     #[arg(long)]
     pub http: Option<SocketAddr>,
     /// PID file [default: mesh-node.pid beside the config file].
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
-    /// The ledger of signed receipts [default: ledger beside the config file].
-    #[arg(long)]
-    pub ledger_dir: Option<PathBuf>,
     /// Output file of --daemon [default: mesh-node.log beside the config file].
     #[arg(long)]
     pub log_file: Option<PathBuf>,
-    /// Log lines: text for people, json (one object a line) for log collectors.
+    /// Log lines: text for people, json (one object a line: ts, level, peer_id,
+    /// session_id, event, then the event's fields) for log collectors.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+}
+
+/// `register`: the checks before serving, then the span written into the config.
+#[derive(clap::Args, Debug)]
+pub struct RegisterArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    #[command(flatten)]
+    pub node: NodeFlags,
+    /// Run every check but leave the config file as it is.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Seconds to wait for the mesh to find this node, and for the dial-back.
+    #[arg(long, default_value_t = 20)]
+    pub check_secs: u64,
 }
 
 #[derive(clap::Args, Debug)]

@@ -1,4 +1,5 @@
-//! `init`, `stop`, `status` and `probe`: the commands around a running node.
+//! `init`, `stop`, `status`, `probe`, `earnings` and `settle`: the commands around a
+//! running node.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -6,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use mesh_core::config::{self, NodeFile};
 use mesh_core::daemon::{self, Stopped};
-use mesh_core::http::{self, Health};
+use mesh_core::http::{self, EarningsView, Health};
 use mesh_core::identity::Identity;
 use mesh_core::{ledger, probe};
 
@@ -55,7 +56,7 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
     if file.network.bootstrap.is_empty() {
         println!("no bootstrap peer set: add one under [network] before joining a mesh");
     }
-    println!("next: mesh-node start --daemon, then mesh-node status");
+    println!("next: mesh-node register, then mesh-node start --daemon and mesh-node status");
     Ok(())
 }
 
@@ -234,22 +235,69 @@ pub fn settle(a: SettleArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn earnings(a: EarningsArgs) -> anyhow::Result<()> {
-    let Some((identity, store)) = open_ledger(&a.config, a.ledger_dir)? else {
-        if a.json {
-            println!("[]");
-        } else {
-            println!("no receipts yet");
-        }
-        return Ok(());
+/// The running node's PID and HTTP address, if one runs for this config.
+fn running_node(config: &ConfigArg) -> anyhow::Result<Option<(u32, std::net::SocketAddr)>> {
+    let (file, base) = load_config(config)?;
+    let resolved = file
+        .resolve(&base)
+        .map_err(|e| anyhow::anyhow!("config: {e}"))?;
+    let Some(pid) = daemon::running_pid(&resolved.pid_file)? else {
+        return Ok(None);
     };
+    let addr = daemon::read_http_addr(&resolved.pid_file).unwrap_or(resolved.http);
+    Ok(Some((pid, addr)))
+}
+
+/// Earnings rows from a running node's `/api/earnings` (it holds the ledger open).
+fn earnings_from_node(
+    pid: u32,
+    addr: std::net::SocketAddr,
+    since_ms: u64,
+) -> anyhow::Result<Vec<ledger::EarningsRow>> {
+    let path = format!("/api/earnings?since_ms={since_ms}");
+    let (code, body) = http::get(addr, &path, Duration::from_secs(30)).with_context(|| {
+        format!("the node runs (pid {pid}), but its HTTP port {addr} does not answer")
+    })?;
+    if code != 200 {
+        bail!(
+            "the node (pid {pid}) answered {code} on {addr}{path}: {}",
+            body.trim()
+        );
+    }
+    let view: EarningsView = serde_json::from_str(&body).context("parsing /api/earnings")?;
+    Ok(view.rows)
+}
+
+pub fn earnings(a: EarningsArgs) -> anyhow::Result<()> {
     let since_ms = a.days.map_or(0, |d| {
         ledger::now_ms().saturating_sub(d.saturating_mul(86_400_000))
     });
-    let rows = ledger::earnings(&store, &identity.peer_id(), since_ms)?;
+    // A running node holds its ledger open (sled allows one opener): ask the node. An
+    // explicit --ledger-dir means that store, read directly.
+    let from_node = match a.ledger_dir {
+        None => running_node(&a.config)?,
+        Some(_) => None,
+    };
+    let rows = match from_node {
+        Some((pid, addr)) => earnings_from_node(pid, addr, since_ms)?,
+        None => {
+            let Some((identity, store)) = open_ledger(&a.config, a.ledger_dir)? else {
+                if a.json {
+                    println!("[]");
+                } else {
+                    println!("no receipts yet");
+                }
+                return Ok(());
+            };
+            ledger::earnings(&store, &identity.peer_id(), since_ms)?
+        }
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
+    }
+    if let Some((pid, _)) = from_node {
+        println!("from the running node (pid {pid})");
     }
     if rows.is_empty() {
         println!("no receipts yet");

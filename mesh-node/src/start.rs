@@ -17,7 +17,8 @@ use mesh_core::probe;
 use mesh_core::ModelId;
 use tokio::sync::watch;
 
-use crate::cli::{ConfigArg, LogFormat, StartArgs};
+use crate::cli::{ConfigArg, LogFormat, NodeFlags, StartArgs};
+use crate::logging;
 
 /// How long `start --daemon` waits for the node to say it serves.
 const DAEMON_START_LIMIT: Duration = Duration::from_secs(300);
@@ -50,8 +51,8 @@ fn abs(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
 }
 
-/// Flags win over the file.
-fn apply_overrides(file: &mut NodeFile, a: &StartArgs) {
+/// The shared flags win over the file.
+pub fn apply_node_flags(file: &mut NodeFile, a: &NodeFlags) {
     let strings = |v: &[mesh_core::p2p::Multiaddr]| v.iter().map(ToString::to_string).collect();
     if let Some(v) = &a.model {
         file.model = v.clone();
@@ -92,14 +93,19 @@ fn apply_overrides(file: &mut NodeFile, a: &StartArgs) {
         file.key = Some(abs(v));
     }
     file.price_per_token = a.price_per_token.unwrap_or(file.price_per_token);
+    if let Some(v) = &a.ledger_dir {
+        file.ledger_dir = Some(abs(v));
+    }
+}
+
+/// `start`'s own flags, then the shared ones, win over the file.
+fn apply_overrides(file: &mut NodeFile, a: &StartArgs) {
+    apply_node_flags(file, &a.node);
     if let Some(v) = a.http {
         file.http.listen = v.to_string();
     }
     if let Some(v) = &a.pid_file {
         file.daemon.pid_file = Some(abs(v));
-    }
-    if let Some(v) = &a.ledger_dir {
-        file.ledger_dir = Some(abs(v));
     }
     if let Some(v) = &a.log_file {
         file.daemon.log_file = Some(abs(v));
@@ -120,24 +126,24 @@ pub fn resolve(args: &StartArgs) -> anyhow::Result<Resolved> {
         .map_err(|e| anyhow::anyhow!("config: {e}"))
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,libp2p=warn".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init();
-    } else {
-        builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init();
+/// The model directory to serve: the configured one, or the built-in tiny model.
+pub fn model_dir(r: &Resolved) -> anyhow::Result<PathBuf> {
+    match &r.model_dir {
+        Some(dir) => Ok(dir.clone()),
+        None => tiny::ensure(&tiny::default_dir()).context("writing the built-in tiny model"),
     }
+}
+
+/// The node's peer settings from its config.
+pub fn p2p_config(r: &Resolved, identity: Identity) -> P2pConfig {
+    let mut p2p = P2pConfig::new(identity, Role::Server);
+    p2p.listen = r.listen.clone();
+    p2p.bootstrap = r.bootstrap.clone();
+    p2p.public_addrs = r.public_addrs.clone();
+    p2p.heartbeat_interval = r.heartbeat_interval;
+    p2p.announce_interval = r.announce_interval;
+    p2p.record_ttl = r.announce_interval * 3;
+    p2p
 }
 
 /// Everything checked before any file is written or port bound: the model directory, the
@@ -150,10 +156,7 @@ struct Checked {
 
 fn preflight(r: &Resolved, num_blocks_flag: Option<u32>) -> anyhow::Result<Checked> {
     let model = ModelId::new(r.model.clone());
-    let model_dir = match &r.model_dir {
-        Some(dir) => dir.clone(),
-        None => tiny::ensure(&tiny::default_dir()).context("writing the built-in tiny model")?,
-    };
+    let model_dir = model_dir(r)?;
     let files = ModelFiles::open(&model_dir)
         .with_context(|| format!("model directory {}", model_dir.display()))?;
     let num_blocks = files.config.num_blocks();
@@ -172,39 +175,30 @@ fn preflight(r: &Resolved, num_blocks_flag: Option<u32>) -> anyhow::Result<Check
     }
     let identity = Identity::load_or_create(&r.key)
         .with_context(|| format!("identity key {}", r.key.display()))?;
+    logging::set_peer_id(&identity.peer_id().to_string());
 
     // Sizing: the weights of the span plus the KV-cache budget must fit in free memory.
-    let budget = r.limits.cache_budget_bytes as u64;
-    let mut span_len = r.span_len;
-    if let Some(available) = probe::probe_memory().available_bytes {
-        let cfg = &files.config;
-        match (r.blocks, r.span_len) {
-            (Some(span), _) => {
-                probe::check_fit(cfg, span.len(), r.dtype, budget, available, "RAM")?
-            }
-            (None, Some(len)) => {
-                probe::check_fit(cfg, len.min(num_blocks), r.dtype, budget, available, "RAM")?
-            }
-            (None, None) => {
-                let fit = probe::max_blocks_that_fit(cfg, r.dtype, budget, available);
-                if fit == 0 {
-                    probe::check_fit(cfg, 1, r.dtype, budget, available, "RAM")?;
-                }
-                if fit < num_blocks {
-                    tracing::info!(fit, num_blocks, "taking only the blocks that fit in memory");
-                    span_len = Some(fit);
-                }
-            }
+    let sizing = probe::size_span(
+        &files.config,
+        r.blocks,
+        r.span_len,
+        r.dtype,
+        r.limits.cache_budget_bytes as u64,
+        probe::probe_memory().available_bytes,
+        "RAM",
+    )?;
+    let span_len = match (r.blocks, r.span_len) {
+        (None, None) if sizing.blocks < num_blocks => {
+            tracing::info!(
+                fit = sizing.blocks,
+                num_blocks,
+                "taking only the blocks that fit in memory"
+            );
+            Some(sizing.blocks)
         }
-    }
+        _ => r.span_len,
+    };
 
-    let mut p2p = P2pConfig::new(identity, Role::Server);
-    p2p.listen = r.listen.clone();
-    p2p.bootstrap = r.bootstrap.clone();
-    p2p.public_addrs = r.public_addrs.clone();
-    p2p.heartbeat_interval = r.heartbeat_interval;
-    p2p.announce_interval = r.announce_interval;
-    p2p.record_ttl = r.announce_interval * 3;
     Ok(Checked {
         node: NodeConfig {
             model_id: model,
@@ -216,7 +210,9 @@ fn preflight(r: &Resolved, num_blocks_flag: Option<u32>) -> anyhow::Result<Check
             limits: r.limits.clone(),
             price_per_token: r.price_per_token,
             ledger_dir: Some(r.ledger_dir.clone()),
-            p2p,
+            p2p: p2p_config(r, identity),
+            // Filled from the machine probe once the node starts.
+            capability: Default::default(),
         },
         pid_file: r.pid_file.clone(),
         http: r.http,
@@ -227,7 +223,7 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
     let resolved = resolve(&args)?;
     if args.daemon {
         // Check what can be checked here, so the common mistakes fail in the foreground.
-        preflight(&resolved, args.num_blocks)?;
+        preflight(&resolved, args.node.num_blocks)?;
         if let Some(pid) = daemon::running_pid(&resolved.pid_file)? {
             return Err(daemon::DaemonError::AlreadyRunning {
                 pid,
@@ -237,8 +233,8 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
         }
         return spawn_daemon(&resolved.log_file);
     }
-    init_logging(resolved.json_logs);
-    let checked = preflight(&resolved, args.num_blocks)?;
+    logging::init(resolved.json_logs, "info,libp2p=warn");
+    let checked = preflight(&resolved, args.node.num_blocks)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -354,7 +350,7 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 
 async fn serve(checked: Checked) -> anyhow::Result<()> {
     let Checked {
-        node: cfg,
+        node: mut cfg,
         pid_file,
         http: http_addr,
     } = checked;
@@ -378,7 +374,9 @@ async fn serve(checked: Checked) -> anyhow::Result<()> {
     let claim = PidFile::claim(&pid_file)?;
     claim.set_http_addr(http_addr)?;
     let data_dir = mesh_core::paths::mesh_home();
-    let state = HttpState::new(tokio::task::spawn_blocking(move || probe::probe(&data_dir)).await?);
+    let machine = tokio::task::spawn_blocking(move || probe::probe(&data_dir)).await?;
+    cfg.capability = machine.capability();
+    let state = HttpState::new(machine);
     let http_task = tokio::spawn(http::serve(
         listener,
         state.clone(),

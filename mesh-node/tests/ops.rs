@@ -1,113 +1,25 @@
-//! Operating a node as a provider does, over real processes: `init` → `start --daemon` →
-//! `status` → `/healthz`, `/metrics`, `/` → `stop`; and the bad configurations that must fail
-//! clearly without overwriting anything.
+//! Operating a node as a provider does, over real processes: `init` → `register` →
+//! `start --daemon` → `status` → `/healthz`, `/metrics`, `/` → `stop`; what `register`
+//! checks and refuses; and the bad configurations that must fail clearly without
+//! overwriting anything. (Earnings, the dashboard in a browser and JSON logs:
+//! `dashboard.rs`.)
 //!
 //! Needs the binaries: `cargo build --workspace --bins && cargo test --workspace`.
 
 mod common;
+mod ops_support;
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Output;
 
 use common::*;
 use mesh_core::daemon;
-use mesh_core::http::{self, Health};
+use mesh_core::http::Health;
 use mesh_core::ModelId;
-
-/// Limit for one command (a `start --daemon` includes loading the tiny model).
-const COMMAND_LIMIT: Duration = Duration::from_secs(120);
-
-/// Runs `mesh-node ARGS` with `MESH_HOME=home`, killing it after [`COMMAND_LIMIT`].
-fn mesh_node(home: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new(binary("mesh-node"))
-        .args(args)
-        .env("MESH_HOME", home)
-        .env("RUST_LOG", "info,libp2p=warn")
-        .env_remove("MESH_NODE_CONFIG")
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mesh-node");
-    let deadline = Instant::now() + COMMAND_LIMIT;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("mesh-node {args:?} still running after {COMMAND_LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().expect("output")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Asserts failure with a message containing every one of `needles` on stderr.
-fn assert_fails_with(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert!(
-        !o.status.success(),
-        "expected failure, got success\nstdout: {}\nstderr: {err}",
-        stdout(o)
-    );
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
-    }
-    assert!(
-        err.lines().count() <= 25,
-        "a clear message, not a dump:\n{err}"
-    );
-}
-
-/// Stops whatever node holds `pid_file` when the test ends, pass or fail.
-struct StopOnDrop(PathBuf);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        if let Ok(Some(pid)) = daemon::running_pid(&self.0) {
-            if daemon::stop(&self.0, Duration::from_secs(15)).is_err() {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
-            }
-        }
-    }
-}
-
-fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    http::get(addr, path, Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"))
-}
-
-fn write_config(home: &Path, text: &str) -> PathBuf {
-    std::fs::create_dir_all(home).unwrap();
-    let path = home.join("node.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// A valid config for a node on 127.0.0.1 with ephemeral ports; `extra` is appended
-/// before the tables.
-fn config_text(extra: &str, bootstrap: Option<&str>) -> String {
-    let boot = bootstrap.map_or(String::new(), |b| format!("bootstrap = [\"{b}\"]\n"));
-    format!(
-        "{extra}\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\n{boot}heartbeat_secs = 1.0\n\
-         announce_secs = 2.0\n\n[limits]\ncache_budget_mib = 64\n\n[http]\nlisten = \"127.0.0.1:0\"\n"
-    )
-}
+use ops_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn init_start_daemon_status_health_metrics_dashboard_stop() {
+async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
     let bootstrap = Proc::spawn(
@@ -154,6 +66,39 @@ async fn init_start_daemon_status_health_metrics_dashboard_stop() {
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stdout(&o).contains("not running"));
 
+    // register: checks the model, the machine and the sizing, joins through the bootstrap,
+    // announces, is found by a fresh client, withdraws, and writes the span it picked (the
+    // mesh is empty: the whole model fits) into the config, changing nothing else.
+    let o = mesh_node(&home, &["register"]);
+    assert!(o.status.success(), "register: {}", stderr(&o));
+    let out = stdout(&o);
+    for needle in [
+        "model tiny-llama-mesh: 8 blocks, config.json and 1 weight file(s) read",
+        "machine: ",
+        "sizing: 8 blocks need ",
+        "joined the mesh as ",
+        "span: blocks 0..8 of 8 (picked: the blocks the mesh serves worst)",
+        "a fresh client found it in the DHT after ",
+        // Loopback only: the loud warning with the steps to fix it.
+        "will not be reachable by real clients",
+        "sudo ufw allow",
+        "withdrawn again",
+        "wrote blocks = \"0..8\"",
+    ] {
+        assert!(
+            out.contains(needle),
+            "register output lacks {needle:?}:\n{out}"
+        );
+    }
+    let registered = std::fs::read_to_string(&config).unwrap();
+    let changed: Vec<(&str, &str)> = written
+        .lines()
+        .zip(registered.lines())
+        .filter(|(a, b)| a != b)
+        .collect();
+    assert_eq!(changed, vec![("# blocks = \"0..8\"", "blocks = \"0..8\"")]);
+    let written = registered;
+
     // start --daemon returns once the node serves, leaving it running in the background.
     let pid_file = home.join("mesh-node.pid");
     let _guard = StopOnDrop(pid_file.clone());
@@ -172,10 +117,17 @@ async fn init_start_daemon_status_health_metrics_dashboard_stop() {
         .expect("peer id line")
         .to_owned();
 
-    // A second start refuses and leaves the PID file alone.
+    // A second start refuses and leaves the PID file alone; so does register (it would
+    // join with the running node's identity).
     let o = mesh_node(&home, &["start", "--daemon"]);
     assert_fails_with(&o, &["already running", &pid.to_string()]);
     assert_eq!(daemon::read_pid(&pid_file).unwrap(), Some(pid));
+    let o = mesh_node(&home, &["register"]);
+    assert_fails_with(
+        &o,
+        &["a node is running", &pid.to_string(), "mesh-node stop"],
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), written);
 
     // status says running, with the peer id and span.
     let o = mesh_node(&home, &["status"]);
@@ -225,6 +177,30 @@ async fn init_start_daemon_status_health_metrics_dashboard_stop() {
     assert!(
         !page.contains("http://") || !page.contains("src=\"http"),
         "no external assets"
+    );
+
+    // Other peers see the node's hardware in its heartbeats: `mesh-client nodes`.
+    let o = run_bin(
+        "mesh-client",
+        &home,
+        &["nodes", "--bootstrap", &boot],
+        "warn,libp2p=error",
+    );
+    assert!(o.status.success(), "mesh-client nodes: {}", stderr(&o));
+    let nodes = stdout(&o);
+    let line = nodes
+        .lines()
+        .find(|l| l.starts_with(&peer_id))
+        .unwrap_or_else(|| panic!("the node in `mesh-client nodes`:\n{nodes}"));
+    assert!(line.contains("blocks [0, 8) of 8"), "{line}");
+    let machine = mesh_core::probe::probe(&home).capability().to_string();
+    assert!(
+        line.ends_with(&format!("[{machine}]")),
+        "{line} vs {machine}"
+    );
+    assert!(
+        machine.contains(" cores, ") && machine.contains(" RAM, "),
+        "{machine}"
     );
 
     // The mesh sees the node.
@@ -282,6 +258,133 @@ async fn init_start_daemon_status_health_metrics_dashboard_stop() {
     let o = mesh_node(&home, &["earnings"]);
     assert!(o.status.success(), "earnings: {}", stderr(&o));
     assert!(stdout(&o).contains("no receipts yet"), "{}", stdout(&o));
+}
+
+/// A loopback port that was free a moment ago, for addresses that must name their port.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `mesh-node register ARGS`, logging only errors (the report is on stdout).
+fn register(home: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["register"];
+    all.extend_from_slice(args);
+    run_bin("mesh-node", home, &all, "error")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_checks_reachability_and_refuses_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = Proc::spawn(
+        "bootstrap",
+        "mesh-bootstrap",
+        &bootstrap_args(dir.path(), 0),
+        dir.path(),
+    );
+    let boot_addr = bootstrap.listen_addr().await;
+    let boot = boot_addr.to_string();
+    let boot_peer = Proc::peer_id(&boot_addr).to_string();
+    let home = dir.path().join("home");
+    let text = config_text("", Some(&boot));
+    let config = write_config(&home, &text);
+
+    // A declared public address that accepts connections: the bootstrap dials it back.
+    let port = free_port();
+    let public = format!("/ip4/127.0.0.1/tcp/{port}");
+    let o = register(
+        &home,
+        &[
+            "--dry-run",
+            "--blocks",
+            "2..5",
+            "--listen",
+            &public,
+            "--public-addr",
+            &public,
+        ],
+    );
+    assert!(o.status.success(), "register: {}", stderr(&o));
+    let out = stdout(&o);
+    for needle in [
+        "span: blocks 2..5 of 8 (as asked)".to_owned(),
+        "sizing: 3 blocks need ".to_owned(),
+        format!("public address {public} reachable (dialled back by {boot_peer})"),
+        "dry run:".to_owned(),
+    ] {
+        assert!(
+            out.contains(&needle),
+            "register output lacks {needle:?}:\n{out}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), text);
+
+    // A public address nobody listens on: refused, with the steps to fix it.
+    let closed = loop {
+        let p = free_port();
+        if p != port {
+            break p;
+        }
+    };
+    let o = register(
+        &home,
+        &[
+            "--listen",
+            &public,
+            "--public-addr",
+            &format!("/ip4/127.0.0.1/tcp/{closed}"),
+        ],
+    );
+    assert_fails_with(
+        &o,
+        &[
+            &format!("public address /ip4/127.0.0.1/tcp/{closed} is NOT reachable"),
+            "will not be reachable by real clients",
+            &format!("sudo ufw allow {closed}/tcp"),
+            "nc -zv",
+        ],
+    );
+    // Both trials withdrew their announcement, the failed one too: every "server up" the
+    // bootstrap logged has its "server left" (a leaving heartbeat), none merely expired.
+    let log = dir.path().join("bootstrap.stderr");
+    wait_for(
+        DROP_LIMIT,
+        "the bootstrap to hear both trials leave",
+        || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let (up, left) = (
+                text.matches("server up").count(),
+                text.matches("server left").count(),
+            );
+            async move { (up >= 2 && up == left).then_some(()) }
+        },
+    )
+    .await;
+
+    // Each of these fails before joining anything, with what to fix.
+    let o = register(&home, &["--cache-budget-mib", "100000000"]);
+    assert_fails_with(&o, &["blocks need", "MiB of KV cache", "available"]);
+    let o = register(&home, &["--num-blocks", "32"]);
+    assert_fails_with(&o, &["the model has 8 blocks, not the 32 expected"]);
+    let o = register(&home, &["--blocks", "6..9"]);
+    assert_fails_with(&o, &["blocks 6..9 are outside the model's 8 blocks"]);
+    let o = register(&home, &["--model-dir", "/nonexistent/mesh-model"]);
+    assert_fails_with(&o, &["model directory /nonexistent/mesh-model"]);
+    let bad_boot = format!("/ip4/127.0.0.1/tcp/{closed}/p2p/{boot_peer}");
+    let o = register(&home, &["--bootstrap", &bad_boot]);
+    assert_fails_with(&o, &["could not connect to any bootstrap peer", &bad_boot]);
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        text,
+        "nothing written by a failed register"
+    );
+    let lonely = dir.path().join("lonely");
+    write_config(&lonely, &config_text("", None));
+    let o = register(&lonely, &[]);
+    assert_fails_with(&o, &["no bootstrap peer", "--bootstrap"]);
 }
 
 #[test]
@@ -378,86 +481,4 @@ fn probe_json_describes_the_machine() {
     assert!(!p.gpus.is_empty() || p.gpu_note.starts_with("no GPU"));
     let o = mesh_node(dir.path(), &["probe"]);
     assert!(stdout(&o).contains("memory"), "{}", stdout(&o));
-}
-
-/// The first of the usual headless browser names on the PATH.
-fn chromium() -> Option<&'static str> {
-    ["chromium", "chromium-browser", "google-chrome"]
-        .into_iter()
-        .find(|b| {
-            Command::new(b)
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-}
-
-/// The dashboard in a real browser: it loads, shows the peer id and a chart with a line.
-/// Needs Chromium (`apt-get install chromium`): `cargo test -p mesh-node --test ops --
-/// --ignored`. Leaves the screenshot at `target/<profile>/dashboard.png`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Chromium installed"]
-async fn dashboard_renders_in_headless_chromium() {
-    let browser = chromium().expect("no chromium on the PATH: apt-get install chromium");
-    let dir = tempfile::tempdir().unwrap();
-    let mut args = node_args(dir.path(), "node", mesh_core::BlockRange::new(0, 8), &[]);
-    args.extend(["--price-per-token".into(), "3".into()]);
-    let node = Proc::spawn("node", "mesh-node", &args, dir.path());
-    let peer = Proc::peer_id(&node.listen_addr().await).to_string();
-    let http_addr: SocketAddr = node
-        .lines()
-        .iter()
-        .find_map(|l| l.strip_prefix("http on ").and_then(|a| a.parse().ok()))
-        .expect("http on line");
-    let url = format!("http://{http_addr}/");
-    let shot = binary("mesh-node").with_file_name("dashboard.png");
-    let _ = std::fs::remove_file(&shot);
-    let profile = dir.path().join("chromium-profile");
-    let common = [
-        "--headless".to_owned(),
-        "--no-sandbox".to_owned(),
-        "--disable-gpu".to_owned(),
-        "--disable-dev-shm-usage".to_owned(),
-        format!("--user-data-dir={}", profile.display()),
-    ];
-    let dom = Command::new(browser)
-        .args(&common)
-        .args(["--dump-dom", &url])
-        .output()
-        .expect("run chromium --dump-dom");
-    let dom = String::from_utf8_lossy(&dom.stdout);
-    assert!(dom.contains(&peer), "peer id not on the page:\n{dom}");
-    let points = dom
-        .split("<polyline")
-        .nth(1)
-        .and_then(|rest| rest.split("points=\"").nth(1))
-        .and_then(|rest| rest.split('"').next())
-        .expect("a polyline with points");
-    assert!(
-        points.split_whitespace().count() >= 2,
-        "a line, not a dot: {points}"
-    );
-
-    let status = Command::new(browser)
-        .args(&common)
-        .args([
-            "--hide-scrollbars",
-            "--window-size=1000,1100",
-            &format!("--screenshot={}", shot.display()),
-            &url,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("run chromium --screenshot");
-    assert!(status.success());
-    let png = std::fs::read(&shot).expect("screenshot written");
-    assert!(
-        png.starts_with(b"\x89PNG") && png.len() > 10_000,
-        "{} bytes",
-        png.len()
-    );
-    eprintln!("dashboard screenshot: {}", shot.display());
 }

@@ -120,7 +120,7 @@ impl std::fmt::Display for BatchSummary {
 }
 
 /// Earnings of one day (UTC, by session start) and model.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EarningsRow {
     /// `YYYY-MM-DD`.
     pub day: String,

@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::heartbeat::GossipStats;
 use super::reachability::Reachability;
 use super::P2pError;
-use crate::types::{BlockRange, ModelId, RemoteSpan, ServerInfo, ServerLoad};
+use crate::types::{BlockRange, Capability, ModelId, RemoteSpan, ServerInfo, ServerLoad};
 
 /// What a server announces: the span it serves and what it charges.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +21,8 @@ pub struct Announcement {
     pub price_per_token: u64,
     /// Initial load figures; update them with [`Client::set_load`].
     pub load: ServerLoad,
+    /// This server's hardware, sent in every heartbeat.
+    pub capability: Capability,
 }
 
 impl Announcement {
@@ -28,6 +30,9 @@ impl Announcement {
     pub fn validate(&self) -> Result<(), P2pError> {
         if !self.model.is_valid() {
             return Err(P2pError::Invalid("model name"));
+        }
+        if !self.capability.is_valid() {
+            return Err(P2pError::Invalid("capability over its bounds"));
         }
         if self.num_blocks > super::dht::MAX_BLOCKS || !self.span.fits(self.num_blocks) {
             return Err(P2pError::Invalid("span does not fit the model"));

@@ -485,6 +485,7 @@ impl EventLoop {
                 .unwrap_or(u32::MAX),
             timestamp_ms: now_ms(),
             leaving,
+            capability: ann.capability.clone(),
         };
         let bytes = wire::encode(&hb)?;
         self.swarm

@@ -14,7 +14,7 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use super::dht::{check_addrs, check_model_span, RecordReject};
-use crate::types::{BlockRange, ModelId, ServerInfo, ServerLoad};
+use crate::types::{BlockRange, Capability, ModelId, ServerInfo, ServerLoad};
 use crate::wire;
 
 /// Prefix of heartbeat topics: `mesh/hb/1/<model>`.
@@ -68,6 +68,8 @@ pub struct Heartbeat {
     pub timestamp_ms: u64,
     /// True on the last heartbeat of a server leaving cleanly: drop it at once.
     pub leaving: bool,
+    /// The sender's hardware: cores, RAM, GPUs (bounded, [`Capability::is_valid`]).
+    pub capability: Capability,
 }
 
 /// Why a heartbeat was rejected; each has its own counter in [`GossipStats`].
@@ -83,7 +85,7 @@ pub enum Reject {
     Spoofed,
     /// The span is empty or does not fit the model's block count.
     BadSpan,
-    /// Some other field is out of range (addresses, numbers, version, interval).
+    /// Some other field is out of range (addresses, numbers, version, interval, hardware).
     Malformed,
     /// Timestamp older than the allowed clock skew.
     Stale,
@@ -175,6 +177,7 @@ pub fn validate(
         || !finite_non_negative(hb.load)
         || hb.version.len() > MAX_VERSION_LEN
         || !(MIN_INTERVAL..=MAX_INTERVAL).contains(&interval)
+        || !hb.capability.is_valid()
     {
         return Err(Reject::Malformed);
     }
@@ -202,6 +205,7 @@ pub fn validate(
             version: hb.version,
             timestamp_ms: hb.timestamp_ms,
             interval,
+            capability: hb.capability,
         },
         leaving: hb.leaving,
     })
@@ -323,6 +327,14 @@ mod tests {
             interval_ms: 1000,
             timestamp_ms: NOW,
             leaving: false,
+            capability: Capability {
+                cpu_cores: 8,
+                ram_bytes: 32 << 30,
+                gpus: vec![crate::types::GpuSummary {
+                    name: "NVIDIA A10".into(),
+                    vram_bytes: 24 << 30,
+                }],
+            },
         }
     }
 
@@ -337,6 +349,7 @@ mod tests {
         let good = hb(p);
         let v = check(&good, p).unwrap();
         assert_eq!(v.info.span, BlockRange::new(0, 4));
+        assert_eq!(v.info.capability, good.capability);
 
         let t = topic(&ModelId::new("tiny")).hash();
         let bytes = wire::encode(&good).unwrap();
@@ -380,6 +393,18 @@ mod tests {
         );
         assert_eq!(bad(&|h| h.addrs = vec![vec![]; 17]), Err(Reject::Malformed));
         assert_eq!(bad(&|h| h.version = "v".repeat(65)), Err(Reject::Malformed));
+        assert_eq!(
+            bad(&|h| h.capability.gpus = vec![h.capability.gpus[0].clone(); 17]),
+            Err(Reject::Malformed)
+        );
+        assert_eq!(
+            bad(&|h| h.capability.gpus[0].name = "n".repeat(65)),
+            Err(Reject::Malformed)
+        );
+        assert_eq!(
+            bad(&|h| h.capability.gpus[0].name = "A10\r\n".into()),
+            Err(Reject::Malformed)
+        );
         assert_eq!(bad(&|h| h.timestamp_ms = NOW - 61_000), Err(Reject::Stale));
         assert_eq!(bad(&|h| h.timestamp_ms = NOW + 61_000), Err(Reject::Future));
         // Big but under the gossip limit: the heartbeat limit catches it.
