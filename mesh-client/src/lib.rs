@@ -29,12 +29,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::identity::Identity;
-use mesh_core::ledger::{ConfigHash, SignedReceipt, Store};
+use mesh_core::ledger::{ConfigHash, Evidence, Reputation, SignedReceipt, Store};
 use mesh_core::model::{
     tiny, ClientHead, Generation, MeshTokenizer, ModelError, ModelFiles, TextStream,
 };
 use mesh_core::p2p::{self, Multiaddr, P2pConfig, Role};
-use mesh_core::pipeline::{self, ClientLedger, Hop, PipelineError, RemoteSession, SessionConfig};
+use mesh_core::pipeline::session::SessionContext;
+use mesh_core::pipeline::{
+    self, ClientLedger, Hop, LocalReference, PipelineError, RemoteSession, SessionConfig,
+    VerifyConfig,
+};
 use mesh_core::{ModelId, ServerInfo};
 use tokio::sync::mpsc;
 
@@ -116,6 +120,7 @@ pub struct MeshClientBuilder {
     discovery_timeout: Option<Duration>,
     session: SessionConfig,
     ledger_dir: Option<PathBuf>,
+    verify_locally: bool,
 }
 
 impl MeshClientBuilder {
@@ -162,6 +167,20 @@ impl MeshClientBuilder {
         self
     }
 
+    /// Re-check this fraction of every hop's steps against a second opinion (default 0:
+    /// off). See [`mesh_core::pipeline::verify`] for what it costs.
+    pub fn verify(mut self, cfg: VerifyConfig) -> Self {
+        self.session.verify = cfg;
+        self
+    }
+
+    /// Give second opinions from this client's own copy of the blocks (the model
+    /// directory must hold every block's weights) instead of from other servers.
+    pub fn verify_locally(mut self, yes: bool) -> Self {
+        self.verify_locally = yes;
+        self
+    }
+
     /// Join the mesh and load the model's head and tokenizer.
     pub async fn build(mut self) -> Result<MeshClient, ClientError> {
         let model = ModelId::new(self.model.unwrap_or_else(|| tiny::TINY_MODEL_ID.into()));
@@ -194,6 +213,16 @@ impl MeshClientBuilder {
             }
             None => (Identity::generate(), None),
         };
+        let context = SessionContext {
+            reputation: match &ledger {
+                Some(l) => Reputation::persistent(l.store.clone()),
+                None => Reputation::in_memory(),
+            },
+            ledger,
+            reference: self
+                .verify_locally
+                .then(|| Arc::new(std::sync::Mutex::new(LocalReference::new(dir.clone())))),
+        };
         let mut cfg = P2pConfig::new(identity, Role::Client);
         cfg.bootstrap = self.bootstrap;
         let peer = p2p::spawn(cfg).await?;
@@ -208,7 +237,7 @@ impl MeshClientBuilder {
                 tokenizer,
                 session: self.session,
                 max_price: self.max_price,
-                ledger,
+                context,
             }),
         };
         client
@@ -264,7 +293,8 @@ struct Inner {
     tokenizer: MeshTokenizer,
     session: SessionConfig,
     max_price: Option<u64>,
-    ledger: Option<ClientLedger>,
+    /// Ledger, reputation and local reference shared by every session.
+    context: SessionContext,
 }
 
 /// A handle to the mesh for one model; cheap to clone.
@@ -315,12 +345,12 @@ impl MeshClient {
         let mut delay = Duration::from_millis(250);
         let mut attempt = 1;
         loop {
-            let opened = RemoteSession::open_billed(
+            let opened = RemoteSession::open_with(
                 i.p2p.clone(),
                 i.model.clone(),
                 i.num_blocks,
                 i.session.clone(),
-                i.ledger.clone(),
+                i.context.clone(),
             )
             .await;
             match opened {
@@ -437,7 +467,7 @@ impl MeshClient {
 
     /// Receipts this client countersigned, newest hops first (empty without a ledger).
     pub fn receipts(&self, limit: usize) -> Result<Vec<SignedReceipt>, ClientError> {
-        let Some(ledger) = &self.inner.ledger else {
+        let Some(ledger) = &self.inner.context.ledger else {
             return Ok(Vec::new());
         };
         let mut out: Vec<SignedReceipt> = ledger
@@ -448,6 +478,16 @@ impl MeshClient {
         out.sort_by_key(|r| std::cmp::Reverse(r.receipt.end_ms));
         out.truncate(limit);
         Ok(out)
+    }
+
+    /// Proof kept against servers caught returning wrong hidden states, oldest first
+    /// (empty without a ledger).
+    pub fn evidence(&self, limit: usize) -> Result<Vec<Evidence>, ClientError> {
+        self.inner
+            .context
+            .reputation
+            .evidence(limit)
+            .map_err(|e| ClientError::Ledger(e.to_string()))
     }
 
     /// Generate and collect the whole text.

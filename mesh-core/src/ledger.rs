@@ -70,7 +70,9 @@
 //! # Ok(()) }
 //! ```
 
+pub mod attestation;
 pub mod receipt;
+pub mod reputation;
 pub mod settle;
 pub mod store;
 
@@ -81,9 +83,11 @@ use libp2p::PeerId;
 
 use crate::types::SessionId;
 
+pub use attestation::Attestation;
 pub use receipt::{
     ClientTally, ConfigHash, Meter, Receipt, Role, Sig, SignedReceipt, Terms, RECEIPT_VERSION,
 };
+pub use reputation::{Evidence, Outcome, PeerRecord, Reference, Reputation};
 pub use settle::{
     earnings, plan, settle, unpaid_by_client, unpaid_of, verify_batch, Batch, BatchLine,
     BatchSummary, EarningsRow, PayerTotal, SettleOptions, Unpaid,

@@ -109,6 +109,7 @@ pub fn refusal_kind(r: &Refusal) -> &'static str {
         Refusal::SessionExists => "session_exists",
         Refusal::Unpaid { .. } => "unpaid",
         Refusal::Busy => "busy",
+        Refusal::RateLimited { .. } => "rate_limited",
         Refusal::ShuttingDown => "shutting_down",
         Refusal::BadRequest(_) => "bad_request",
     }

@@ -5,13 +5,17 @@
 //! - [`route`]: choosing a chain of servers that covers every block.
 //! - [`session`]: [`RemoteSession`], the client's chain with fail-over and replay.
 //! - [`generate`]: token-by-token generation over a [`RemoteSession`].
+//! - [`admission`]: per-peer request rate and in-flight limits on a server.
+//! - [`verify`]: clients re-checking a sampled fraction of servers' steps.
 
+pub mod admission;
 pub mod balance;
 pub mod generate;
 pub mod protocol;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod verify;
 
 use std::time::Duration;
 
@@ -22,6 +26,7 @@ pub use protocol::{Refusal, SessionRequest, SessionResponse};
 pub use route::{Candidate, Hop, RoutePolicy};
 pub use server::{Billing, ServerLimits, ServerStats, SessionUsage, SpanServer};
 pub use session::{wait_for_coverage, ClientLedger, RemoteSession, SessionConfig};
+pub use verify::{LocalReference, VerifyConfig};
 
 use crate::types::{BlockRange, ModelId};
 
@@ -53,6 +58,14 @@ pub enum PipelineError {
         failures: usize,
         last: Box<PipelineError>,
     },
+    /// A server's output disagreed with a second opinion by more than the tolerance.
+    #[error("{peer} returned wrong hidden states (off by {difference:.3e} relative)")]
+    Mismatch { peer: PeerId, difference: f32 },
+    /// A server was caught after the client had used its unchecked answers: the route was
+    /// rebuilt, and the generation must go back to `position` (every position before it
+    /// was checked) and continue from there. [`generate`] does this itself.
+    #[error("a server was caught lying; generation rewinds to position {position}")]
+    Rewind { position: usize },
     /// The local ledger refused or failed (a receipt is kept apart from the inference).
     #[error("ledger: {0}")]
     Ledger(String),
@@ -79,7 +92,8 @@ impl PipelineError {
             PipelineError::Refused { peer, .. }
             | PipelineError::Timeout { peer, .. }
             | PipelineError::Unreachable { peer, .. }
-            | PipelineError::Protocol { peer, .. } => Some(*peer),
+            | PipelineError::Protocol { peer, .. }
+            | PipelineError::Mismatch { peer, .. } => Some(*peer),
             _ => None,
         }
     }

@@ -17,7 +17,10 @@
 //! Every change is one sled transaction (all or nothing, also across a crash) followed by
 //! `flush()`, which fsyncs; a method returns `Ok` only after that, so a receipt reported as
 //! committed survives `kill -9` whole. Values are [`crate::wire`] frames, checked against
-//! [`MAX_RECORD_BYTES`] before decoding.
+//! [`MAX_RECORD_BYTES`] before decoding. Reputation and evidence live in trees of their
+//! own ([`peers`]).
+
+mod peers;
 
 use std::path::Path;
 
@@ -146,7 +149,15 @@ fn peer_key(peer: &PeerId) -> Vec<u8> {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(k: &[u8], v: &[u8]) -> Result<T, LedgerError> {
-    wire::decode(v, MAX_RECORD_BYTES).map_err(|e| {
+    decode_bounded(k, v, MAX_RECORD_BYTES)
+}
+
+fn decode_bounded<T: serde::de::DeserializeOwned>(
+    k: &[u8],
+    v: &[u8],
+    max: usize,
+) -> Result<T, LedgerError> {
+    wire::decode(v, max).map_err(|e| {
         StoreError::Corrupt {
             key: hex::encode(k),
             detail: e.to_string(),
@@ -156,12 +167,20 @@ fn decode<T: serde::de::DeserializeOwned>(k: &[u8], v: &[u8]) -> Result<T, Ledge
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, LedgerError> {
+    encode_bounded(value, MAX_RECORD_BYTES, "ledger record")
+}
+
+fn encode_bounded<T: Serialize>(
+    value: &T,
+    max: usize,
+    what: &'static str,
+) -> Result<Vec<u8>, LedgerError> {
     let bytes = wire::encode(value)?;
-    if bytes.len() > MAX_RECORD_BYTES {
+    if bytes.len() > max {
         return Err(LedgerError::TooLarge {
-            what: "ledger record",
+            what,
             len: bytes.len() as u64,
-            max: MAX_RECORD_BYTES as u64,
+            max: max as u64,
         });
     }
     Ok(bytes)

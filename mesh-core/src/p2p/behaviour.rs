@@ -142,6 +142,12 @@ pub(crate) fn build_swarm(cfg: &P2pConfig) -> Result<Swarm<Behaviour>, P2pError>
         .map_err(|e| transport(&e))?
         .with_behaviour(|_| behaviour)
         .map_err(|e| transport(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(cfg.idle_timeout))
+        .with_swarm_config(|c| {
+            // Send a stream's first request with its protocol proposal instead of waiting a
+            // round trip for the agreement: every protocol here has one version, so the
+            // answer is known, and a decode step through each hop costs one round trip.
+            c.with_idle_connection_timeout(cfg.idle_timeout)
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build())
 }

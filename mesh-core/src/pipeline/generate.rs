@@ -1,6 +1,7 @@
 //! Generation over a chain of servers: the client embeds, the servers run the blocks,
 //! the client applies the LM head and samples.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -51,28 +52,78 @@ pub async fn generate_into(
     .await
 }
 
+/// The generation loop. With checking on, a token is shown only once every hop's answer
+/// behind it was confirmed ([`RemoteSession::checked_positions`]), and the generation
+/// rewinds to a saved state when a server is caught, so what is shown is always what
+/// honest servers give.
 async fn run<F: Future<Output = bool>>(
     head: &ClientHead,
     session: &mut RemoteSession,
     generation: &mut Generation,
     mut on_token: impl FnMut(TokenEvent) -> F,
 ) -> Result<(), PipelineError> {
-    while let Some((input, start)) = generation.next_input() {
-        let started = Instant::now();
-        let hidden = head.embed(input)?;
-        let out = session.step(hidden, start as u32).await?;
-        let logits = head.last_logits(&out)?;
-        if let Some(token) = generation.accept_logits(&logits) {
-            let event = TokenEvent {
-                token,
-                index: generation.generated().len() - 1,
-                latency: started.elapsed(),
-                route: session.route(),
-            };
-            if !on_token(event).await {
-                break;
+    // (positions fed before the step, state then) and (positions behind a token, token).
+    let mut saved: Vec<(usize, Generation)> = Vec::new();
+    let mut held: VecDeque<(usize, TokenEvent)> = VecDeque::new();
+    loop {
+        let stepped = match generation.next_input() {
+            Some((input, start)) => {
+                if session.verifying() {
+                    saved.push((start, generation.clone()));
+                }
+                let started = Instant::now();
+                let hidden = head.embed(input)?;
+                let seq = input.len();
+                match session.step(hidden, start as u32).await {
+                    Ok(out) => {
+                        let logits = head.last_logits(&out)?;
+                        if let Some(token) = generation.accept_logits(&logits) {
+                            let event = TokenEvent {
+                                token,
+                                index: generation.generated().len() - 1,
+                                latency: started.elapsed(),
+                                route: session.route(),
+                            };
+                            held.push_back((start + seq, event));
+                        }
+                        Ok(false)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            None => session.check_all().await.map(|()| true),
+        };
+        let done = match stepped {
+            Ok(done) => done,
+            Err(PipelineError::Rewind { position }) => {
+                let at = saved
+                    .iter()
+                    .rposition(|(start, _)| *start == position)
+                    .ok_or(PipelineError::Rewind { position })?;
+                *generation = saved[at].1.clone();
+                saved.truncate(at);
+                held.retain(|(behind, _)| *behind <= position);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let checked = if done {
+            usize::MAX
+        } else {
+            session.checked_positions()
+        };
+        while held.front().is_some_and(|(behind, _)| *behind <= checked) {
+            if let Some((_, event)) = held.pop_front() {
+                if !on_token(event).await {
+                    return Ok(());
+                }
             }
         }
+        // States before the checked positions are never rewound to again.
+        let stale = saved.partition_point(|(start, _)| *start < checked);
+        saved.drain(..stale);
+        if done {
+            return Ok(());
+        }
     }
-    Ok(())
 }

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ledger::{SignedReceipt, Terms};
+use crate::ledger::{Attestation, SignedReceipt, Terms};
 use crate::types::{BlockRange, ModelId, SessionId};
 use crate::wire::WireTensor;
 
@@ -48,6 +48,9 @@ pub enum SessionResponse {
         compute_micros: u64,
         /// A running receipt, every so many tokens, for the client to countersign.
         receipt: Option<Box<SignedReceipt>>,
+        /// The server's signature over this step's input and output: what a client keeps
+        /// as evidence if a second opinion shows the output wrong (`None`: unsigned server).
+        attestation: Option<Attestation>,
     },
     /// The session is gone; the receipt covers whatever was not billed yet.
     Closed {
@@ -90,8 +93,22 @@ pub enum Refusal {
     Unpaid { owed: u64, limit: u64 },
     #[error("server is busy; try another")]
     Busy,
+    /// This peer sent more requests than the server takes from one peer per second.
+    #[error("too many requests from this peer; retry after {retry_after_ms} ms")]
+    RateLimited { retry_after_ms: u64 },
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("bad request: {0}")]
     BadRequest(String),
+}
+
+impl Refusal {
+    /// A refusal that says nothing bad about the server: it is full or leaving, or this
+    /// client is sending too fast.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Refusal::Busy | Refusal::RateLimited { .. } | Refusal::ShuttingDown
+        )
+    }
 }

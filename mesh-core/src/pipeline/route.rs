@@ -20,6 +20,9 @@ pub struct Candidate {
     pub throughput_tps: f32,
     pub active_sessions: u32,
     pub price_per_token: u64,
+    /// Extra cost from this client's memory of the server's failures, in ms
+    /// ([`crate::ledger::Reputation`]).
+    pub penalty_ms: f64,
 }
 
 impl Candidate {
@@ -31,6 +34,7 @@ impl Candidate {
             throughput_tps: info.load.throughput_tps,
             active_sessions: info.load.active_sessions,
             price_per_token: info.price_per_token,
+            penalty_ms: 0.0,
         }
     }
 
@@ -42,6 +46,7 @@ impl Candidate {
             throughput_tps: 0.0,
             active_sessions: 0,
             price_per_token: span.price_per_token,
+            penalty_ms: 0.0,
         }
     }
 }
@@ -91,6 +96,7 @@ impl RoutePolicy {
         rtt + per_block * f64::from(blocks)
             + self.hop_penalty_ms
             + self.per_session_ms * f64::from(c.active_sessions)
+            + c.penalty_ms
     }
 }
 
@@ -209,6 +215,7 @@ mod tests {
             throughput_tps: 0.0,
             active_sessions: 0,
             price_per_token: 0,
+            penalty_ms: 0.0,
         }
     }
 
@@ -275,6 +282,19 @@ mod tests {
             0
         )
         .is_none());
+    }
+
+    #[test]
+    fn a_server_with_a_bad_record_is_used_only_as_a_last_resort() {
+        let flaky = Candidate {
+            penalty_ms: 600.0,
+            ..cand((0, 8))
+        };
+        let steady = cand((0, 8));
+        let route = plan_default(&[flaky.clone(), steady.clone()], BlockRange::new(0, 8), 1);
+        assert_eq!(route.unwrap()[0].peer, steady.peer);
+        let alone = plan_default(std::slice::from_ref(&flaky), BlockRange::new(0, 8), 1);
+        assert_eq!(alone.unwrap()[0].peer, flaky.peer);
     }
 
     #[test]

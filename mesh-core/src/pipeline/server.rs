@@ -11,7 +11,8 @@ use libp2p::PeerId;
 
 use super::protocol::{Refusal, SessionRequest, SessionResponse};
 use crate::ledger::{
-    now_ms, unpaid_of, ConfigHash, LedgerError, Meter, Receipt, SignedReceipt, Store, Terms,
+    now_ms, unpaid_of, Attestation, ConfigHash, LedgerError, Meter, Outcome, Receipt, Reputation,
+    SignedReceipt, Store, Terms,
 };
 use crate::model::{SpanCache, SpanModel};
 use crate::types::{BlockRange, ModelId, SessionId};
@@ -30,6 +31,12 @@ pub struct ServerLimits {
     pub idle_timeout: Duration,
     /// Longest session (prompt + generated tokens) a client may open.
     pub max_len: u32,
+    /// Requests one peer may send per second, sustained ([`super::admission`]).
+    pub requests_per_second: u32,
+    /// Requests one peer may send at once after a quiet spell.
+    pub request_burst: u32,
+    /// Requests of one peer waiting or running at once; more are answered `Busy`.
+    pub in_flight_per_peer: usize,
 }
 
 impl Default for ServerLimits {
@@ -40,6 +47,10 @@ impl Default for ServerLimits {
             cache_budget_bytes: 1 << 30,
             idle_timeout: Duration::from_secs(120),
             max_len: 2048,
+            requests_per_second: 200,
+            request_burst: 400,
+            // A session has one request in flight per hop: as many as a client may open.
+            in_flight_per_peer: 16,
         }
     }
 }
@@ -102,6 +113,8 @@ pub struct SpanServer {
     throughput: f32,
     accepting: bool,
     billing: Option<(Billing, ConfigHash)>,
+    /// Signs every step's output ([`Attestation`]).
+    signer: Option<ed25519_dalek::SigningKey>,
 }
 
 impl SpanServer {
@@ -116,7 +129,15 @@ impl SpanServer {
             throughput: 0.0,
             accepting: true,
             billing: None,
+            signer: None,
         }
+    }
+
+    /// Sign every step's input and output with `key` (the server's peer key), so clients
+    /// can hold a wrong answer against it.
+    pub fn with_signer(mut self, key: ed25519_dalek::SigningKey) -> Self {
+        self.signer = Some(key);
+        self
     }
 
     /// Sign a receipt for the work of every session and keep it in `billing.store`.
@@ -270,6 +291,9 @@ impl SpanServer {
             return refuse(Refusal::SessionExists);
         }
         if let Some(refusal) = self.unpaid_refusal(&client, span) {
+            if let Some((billing, _)) = &self.billing {
+                Reputation::persistent(billing.store.clone()).note(&client, Outcome::Unpaid);
+            }
             return refuse(refusal);
         }
         self.expire_idle(now);
@@ -341,7 +365,7 @@ impl SpanServer {
                 last_used: now,
             },
         );
-        tracing::debug!(%session, %client, %span, max_len, "session opened");
+        tracing::info!(%session, %client, %span, max_len, "session opened");
         SessionResponse::Opened {
             session,
             span,
@@ -405,9 +429,13 @@ impl SpanServer {
         });
         let receipt = self.bill(issued);
         match WireTensor::from_tensor(&output) {
-            Ok(hidden) => SessionResponse::Hidden {
+            Ok(out) => SessionResponse::Hidden {
+                attestation: self
+                    .signer
+                    .as_ref()
+                    .map(|key| Attestation::sign(key, &session, start_pos, hidden, &out)),
                 session,
-                hidden,
+                hidden: out,
                 compute_micros: micros,
                 receipt,
             },
@@ -649,6 +677,10 @@ mod tests {
             srv.handle(honest, open(SessionId::random(), span, 64), now),
             SessionResponse::Opened { .. }
         ));
+        // The server remembers who did not pay.
+        let store = srv.billing.as_ref().map(|(b, _)| b.store.clone()).unwrap();
+        let rep = crate::ledger::Reputation::persistent(store);
+        assert_eq!((rep.get(&deadbeat).unpaid, rep.get(&honest).unpaid), (1, 0));
     }
 
     #[test]

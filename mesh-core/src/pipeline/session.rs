@@ -4,20 +4,35 @@
 //! Every hop keeps the inputs it was sent. When a server fails (drops, times out, errs)
 //! the client bans it, routes the failed hop's blocks through other servers, replays the
 //! kept inputs to rebuild their caches, and goes on; the output is what it would have been.
+//!
+//! With checking on ([`VerifyConfig`]), a sampled fraction of steps get a second opinion
+//! ([`audit`]); a server shown wrong is banned, the evidence kept, and its receipts for
+//! the session are never countersigned (they are held until the hop ends for that reason).
+
+mod audit;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use libp2p::PeerId;
+use rand::{Rng, SeedableRng};
 
-use super::protocol::{SessionRequest, SessionResponse};
+use super::protocol::{Refusal, SessionRequest, SessionResponse};
 use super::route::{plan, Candidate, Hop, RoutePolicy};
+use super::verify::{LocalReference, VerifyConfig};
 use super::PipelineError;
-use crate::ledger::{ClientTally, ConfigHash, SignedReceipt, Store, Terms};
+use crate::ledger::{
+    Attestation, ClientTally, ConfigHash, Outcome, Reputation, SignedReceipt, Store, Terms,
+};
 use crate::p2p;
 use crate::types::{BlockRange, ModelId, SessionId};
 use crate::wire::{self, WireTensor};
+
+/// Times a request refused as busy or rate-limited is sent again before the server
+/// counts as failed.
+const TRANSIENT_RETRIES: usize = 5;
 
 /// How a client runs its sessions.
 #[derive(Clone, Debug)]
@@ -29,6 +44,8 @@ pub struct SessionConfig {
     /// Server failures tolerated in one session before giving up.
     pub max_failovers: usize,
     pub policy: RoutePolicy,
+    /// How much of the servers' work to re-check.
+    pub verify: VerifyConfig,
 }
 
 impl Default for SessionConfig {
@@ -38,6 +55,7 @@ impl Default for SessionConfig {
             step_timeout: Duration::from_secs(20),
             max_failovers: 4,
             policy: RoutePolicy::default(),
+            verify: VerifyConfig::default(),
         }
     }
 }
@@ -53,6 +71,16 @@ pub struct ClientLedger {
     pub config_hash: ConfigHash,
 }
 
+/// What a session keeps beside the route: the ledger to countersign into, the opinion of
+/// peers to route by, and the client's own weights to check servers against.
+#[derive(Clone, Default)]
+pub struct SessionContext {
+    pub ledger: Option<ClientLedger>,
+    pub reputation: Reputation,
+    /// Spans re-run locally for checks instead of asking another server.
+    pub reference: Option<Arc<Mutex<LocalReference>>>,
+}
+
 struct HopState {
     hop: Hop,
     session: SessionId,
@@ -60,6 +88,22 @@ struct HopState {
     tally: Option<ClientTally>,
     /// Inputs sent so far, in order; replayed into a replacement server.
     history: Vec<Tensor>,
+    /// The newest receipt, held back while checking until the hop ends honestly.
+    pending: Option<Box<SignedReceipt>>,
+    /// While checking: the server's answer to each input of `history`, with its signature.
+    claims: Vec<(Tensor, Option<Attestation>)>,
+    /// While checking: how many steps of `history` a second opinion confirmed.
+    checked: usize,
+}
+
+impl HopState {
+    /// Positions in the first `steps` inputs.
+    fn positions(&self, steps: usize) -> usize {
+        self.history[..steps]
+            .iter()
+            .map(|t| t.dim(1).unwrap_or(0))
+            .sum()
+    }
 }
 
 /// A client's inference session across a chain of servers.
@@ -74,6 +118,12 @@ pub struct RemoteSession {
     failovers: usize,
     tie_break: u64,
     ledger: Option<ClientLedger>,
+    reputation: Reputation,
+    reference: Option<Arc<Mutex<LocalReference>>>,
+    /// Picks the steps to check; seeded per session so nothing outside can predict it.
+    sampler: rand_chacha::ChaCha8Rng,
+    /// Servers this session caught returning wrong hidden states.
+    caught: Vec<PeerId>,
 }
 
 impl RemoteSession {
@@ -96,8 +146,27 @@ impl RemoteSession {
         cfg: SessionConfig,
         ledger: Option<ClientLedger>,
     ) -> Result<Self, PipelineError> {
-        let mut this = Self {
+        let ctx = SessionContext {
             ledger,
+            ..SessionContext::default()
+        };
+        Self::open_with(p2p, model, num_blocks, cfg, ctx).await
+    }
+
+    /// Like [`RemoteSession::open`], with a ledger, a reputation and a local reference.
+    pub async fn open_with(
+        p2p: p2p::Client,
+        model: ModelId,
+        num_blocks: u32,
+        cfg: SessionConfig,
+        ctx: SessionContext,
+    ) -> Result<Self, PipelineError> {
+        let mut this = Self {
+            ledger: ctx.ledger,
+            reputation: ctx.reputation,
+            reference: ctx.reference,
+            sampler: rand_chacha::ChaCha8Rng::from_os_rng(),
+            caught: Vec::new(),
             p2p,
             model,
             num_blocks,
@@ -109,13 +178,7 @@ impl RemoteSession {
             tie_break: rand::random(),
         };
         let full = BlockRange::new(0, num_blocks);
-        this.hops = loop {
-            match this.open_route(full).await {
-                Ok(hops) => break hops,
-                Err(e @ PipelineError::NoRoute { .. }) => return Err(e),
-                Err(e) => this.note_failure(e)?,
-            }
-        };
+        this.hops = this.route_and_replay(full, None).await?.0;
         Ok(this)
     }
 
@@ -133,6 +196,12 @@ impl RemoteSession {
         &self.banned
     }
 
+    /// Servers this session caught returning wrong hidden states (evidence is in the
+    /// reputation's store).
+    pub fn caught(&self) -> &[PeerId] {
+        &self.caught
+    }
+
     /// Run hidden states `[1, seq, hidden]` at positions `start_pos..` through every hop.
     pub async fn step(&mut self, hidden: Tensor, start_pos: u32) -> Result<Tensor, PipelineError> {
         let seq = hidden.dim(1)?;
@@ -141,15 +210,33 @@ impl RemoteSession {
         while i < self.hops.len() {
             self.hops[i].history.push(x.clone());
             let hop = &self.hops[i];
-            match self.forward(hop.hop.peer, hop.session, &x, start_pos).await {
-                Ok((out, receipt)) => {
-                    if let Some(tally) = self.hops[i].tally.as_mut() {
+            let stepped = match self.forward(hop.hop.peer, hop.session, &x, start_pos).await {
+                Ok((out, receipt, attestation)) => {
+                    let verifying = self.cfg.verify.enabled();
+                    let h = &mut self.hops[i];
+                    if let Some(tally) = h.tally.as_mut() {
                         tally.record_positions(seq as u64);
                     }
-                    let (peer, tally) = (self.hops[i].hop.peer, self.hops[i].tally.clone());
-                    self.countersign(peer, tally, receipt).await;
+                    if verifying {
+                        h.claims.push((out.clone(), attestation));
+                    }
+                    let (peer, tally) = (h.hop.peer, h.tally.clone());
+                    let now = hold_back(verifying, &mut h.pending, receipt);
+                    self.countersign(peer, tally, now).await;
+                    self.audit(i, false).await.map(|()| out)
+                }
+                Err(e) => Err(e),
+            };
+            match stepped {
+                Ok(out) => {
                     x = out;
                     i += 1;
+                }
+                Err(e @ PipelineError::Mismatch { .. }) => {
+                    let to = self.hops[i].positions(self.hops[i].checked);
+                    self.note_failure(e)?;
+                    self.rebuild(to).await?;
+                    return Err(PipelineError::Rewind { position: to });
                 }
                 Err(e) => {
                     self.note_failure(e)?;
@@ -162,17 +249,86 @@ impl RemoteSession {
         Ok(x)
     }
 
+    /// Whether a fraction of steps is re-checked ([`VerifyConfig`]).
+    pub fn verifying(&self) -> bool {
+        self.cfg.verify.enabled()
+    }
+
+    /// Positions whose output every hop had confirmed by a second opinion (all of them when
+    /// not checking): tokens sampled from these can be shown.
+    pub fn checked_positions(&self) -> usize {
+        if !self.verifying() {
+            return usize::MAX;
+        }
+        self.hops
+            .iter()
+            .map(|h| h.positions(h.checked))
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Check every hop's unchecked steps now (at the end of a generation, so nothing is
+    /// shown unchecked). Errors like [`RemoteSession::step`], including
+    /// [`PipelineError::Rewind`].
+    pub async fn check_all(&mut self) -> Result<(), PipelineError> {
+        let mut i = 0;
+        while i < self.hops.len() {
+            match self.audit(i, true).await {
+                Ok(()) => i += 1,
+                Err(e @ PipelineError::Mismatch { .. }) => {
+                    let to = self.hops[i].positions(self.hops[i].checked);
+                    self.note_failure(e)?;
+                    self.rebuild(to).await?;
+                    return Err(PipelineError::Rewind { position: to });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// After a server was caught: drop the whole route, and replay the first `to`
+    /// positions (those every caught server had been checked on) through a new one. What
+    /// came after may rest on wrong hidden states, so the caller rewinds to `to`.
+    async fn rebuild(&mut self, to: usize) -> Result<(), PipelineError> {
+        let inputs = match self.hops.first() {
+            Some(h) if to > 0 => Some(Tensor::cat(&h.history, 1)?.narrow(1, 0, to)?),
+            _ => None,
+        };
+        for h in std::mem::take(&mut self.hops) {
+            if !self.banned.contains(&h.hop.peer) {
+                self.end_hop(h).await;
+            } else if !self.caught.contains(&h.hop.peer) {
+                self.countersign(h.hop.peer, h.tally, h.pending).await;
+            }
+        }
+        let full = BlockRange::new(0, self.num_blocks);
+        let (hops, _) = self.route_and_replay(full, inputs).await?;
+        self.hops = hops;
+        tracing::info!(rewound_to = to, "route rebuilt without the caught server");
+        Ok(())
+    }
+
     /// Close every hop's session (best effort: servers also expire idle sessions).
     pub async fn close(mut self) {
         let hops = std::mem::take(&mut self.hops);
         for h in hops {
-            let req = SessionRequest::Close { session: h.session };
-            if let Ok(SessionResponse::Closed { receipt, .. }) =
-                self.request(h.hop.peer, &req).await
-            {
-                self.countersign(h.hop.peer, h.tally, receipt).await;
-            }
+            self.end_hop(h).await;
         }
+    }
+
+    /// Close an honest hop's session and countersign its last receipt (the close receipt,
+    /// or the one held back if the server is gone).
+    async fn end_hop(&mut self, h: HopState) {
+        let req = SessionRequest::Close { session: h.session };
+        let receipt = match self.request(h.hop.peer, &req).await {
+            Ok(SessionResponse::Closed { receipt, .. }) => {
+                self.reputation.note(&h.hop.peer, Outcome::Served);
+                receipt.or(h.pending)
+            }
+            _ => h.pending,
+        };
+        self.countersign(h.hop.peer, h.tally, receipt).await;
     }
 
     fn no_route(&self, range: BlockRange) -> PipelineError {
@@ -188,6 +344,16 @@ impl RemoteSession {
         tracing::warn!("server failed: {e}");
         if let Some(peer) = e.peer() {
             self.banned.insert(peer);
+            let outcome = match &e {
+                PipelineError::Timeout { .. } => Some(Outcome::TimedOut),
+                // Recorded with its evidence when it was caught.
+                PipelineError::Mismatch { .. } => None,
+                PipelineError::Refused { reason, .. } if reason.is_transient() => None,
+                _ => Some(Outcome::Failed),
+            };
+            if let Some(outcome) = outcome {
+                self.reputation.note(&peer, outcome);
+            }
         }
         self.failovers += 1;
         if self.failovers > self.cfg.max_failovers {
@@ -204,6 +370,33 @@ impl RemoteSession {
     async fn replace_hop(&mut self, i: usize) -> Result<(Tensor, usize), PipelineError> {
         let range = self.hops[i].hop.span;
         let replay = Tensor::cat(&self.hops[i].history, 1)?;
+        let (new_hops, out) = self.route_and_replay(range, Some(replay)).await?;
+        let out = out.ok_or_else(|| self.no_route(range))?;
+        tracing::info!(
+            blocks = %range,
+            replacement = ?new_hops.iter().map(|h| h.hop.peer.to_string()).collect::<Vec<_>>(),
+            replayed = out.dim(1)?,
+            "replaced failed server"
+        );
+        let added = new_hops.len();
+        let replaced: Vec<HopState> = self.hops.splice(i..=i, new_hops).collect();
+        for old in replaced {
+            // Failed, not caught lying: it is owed what it did before failing.
+            if !self.caught.contains(&old.hop.peer) {
+                self.countersign(old.hop.peer, old.tally, old.pending).await;
+            }
+        }
+        Ok((out, added))
+    }
+
+    /// Open a route over `range` and run `replay` (positions from 0) through it, trying
+    /// other servers while some fail; returns the hops and the last one's output.
+    async fn route_and_replay(
+        &mut self,
+        range: BlockRange,
+        replay: Option<Tensor>,
+    ) -> Result<(Vec<HopState>, Option<Tensor>), PipelineError> {
+        let verifying = self.cfg.verify.enabled();
         loop {
             let mut new_hops = match self.open_route(range).await {
                 Ok(h) => h,
@@ -213,16 +406,22 @@ impl RemoteSession {
                     continue;
                 }
             };
-            let mut x = replay.clone();
+            let Some(mut x) = replay.clone() else {
+                return Ok((new_hops, None));
+            };
             let mut failed = None;
             for h in new_hops.iter_mut() {
                 h.history.push(x.clone());
                 match self.forward(h.hop.peer, h.session, &x, 0).await {
-                    Ok((out, receipt)) => {
+                    Ok((out, receipt, attestation)) => {
                         if let Some(tally) = h.tally.as_mut() {
                             tally.record_positions(x.dim(1)? as u64);
                         }
-                        self.countersign(h.hop.peer, h.tally.clone(), receipt).await;
+                        if verifying {
+                            h.claims.push((out.clone(), attestation));
+                        }
+                        let now = hold_back(verifying, &mut h.pending, receipt);
+                        self.countersign(h.hop.peer, h.tally.clone(), now).await;
                         x = out;
                     }
                     Err(e) => {
@@ -231,19 +430,10 @@ impl RemoteSession {
                     }
                 }
             }
-            if let Some(e) = failed {
-                self.note_failure(e)?;
-                continue;
+            match failed {
+                Some(e) => self.note_failure(e)?,
+                None => return Ok((new_hops, Some(x))),
             }
-            tracing::info!(
-                blocks = %range,
-                replacement = ?new_hops.iter().map(|h| h.hop.peer.to_string()).collect::<Vec<_>>(),
-                replayed = replay.dim(1)?,
-                "replaced failed server"
-            );
-            let added = new_hops.len();
-            self.hops.splice(i..=i, new_hops);
-            return Ok((x, added));
         }
     }
 
@@ -254,10 +444,17 @@ impl RemoteSession {
                 by_peer.insert(info.peer_id, Candidate::from_heartbeat(&info));
             }
         }
-        for c in by_peer.values_mut() {
+        let mut usable = Vec::with_capacity(by_peer.len());
+        for mut c in by_peer.into_values() {
+            // A server caught lying (by this or an earlier session) is not used.
+            let Some(penalty) = self.reputation.route_penalty_ms(&c.peer) else {
+                continue;
+            };
+            c.penalty_ms = penalty;
             c.rtt = self.rtt.get(&c.peer).copied();
+            usable.push(c);
         }
-        Ok(by_peer.into_values().collect())
+        Ok(usable)
     }
 
     /// Plan a route over `range` and open a session on each hop.
@@ -273,27 +470,32 @@ impl RemoteSession {
         .ok_or_else(|| self.no_route(range))?;
         let mut opened = Vec::with_capacity(hops.len());
         for hop in hops {
-            let session = SessionId::random();
-            let req = SessionRequest::Open {
-                session,
-                model: self.model.clone(),
-                span: hop.span,
-                max_len: self.cfg.max_len,
-            };
-            match self.request(hop.peer, &req).await? {
-                SessionResponse::Opened { terms, .. } => {
-                    let tally = self.agree(hop, session, terms.map(|t| *t))?;
-                    opened.push(HopState {
-                        hop,
-                        session,
-                        tally,
-                        history: Vec::new(),
-                    })
-                }
-                other => return Err(unexpected(hop.peer, other)),
-            }
+            opened.push(self.open_hop(hop).await?);
         }
         Ok(opened)
+    }
+
+    /// Open a session for one hop and agree its terms.
+    async fn open_hop(&mut self, hop: Hop) -> Result<HopState, PipelineError> {
+        let session = SessionId::random();
+        let req = SessionRequest::Open {
+            session,
+            model: self.model.clone(),
+            span: hop.span,
+            max_len: self.cfg.max_len,
+        };
+        match self.request(hop.peer, &req).await? {
+            SessionResponse::Opened { terms, .. } => Ok(HopState {
+                hop,
+                session,
+                tally: self.agree(hop, session, terms.map(|t| *t))?,
+                history: Vec::new(),
+                pending: None,
+                claims: Vec::new(),
+                checked: 0,
+            }),
+            other => Err(unexpected(hop.peer, other)),
+        }
     }
 
     async fn forward(
@@ -302,7 +504,7 @@ impl RemoteSession {
         session: SessionId,
         x: &Tensor,
         start_pos: u32,
-    ) -> Result<(Tensor, Option<Box<SignedReceipt>>), PipelineError> {
+    ) -> Result<(Tensor, Option<Box<SignedReceipt>>, Option<Attestation>), PipelineError> {
         let req = SessionRequest::Forward {
             session,
             start_pos,
@@ -310,16 +512,24 @@ impl RemoteSession {
         };
         match self.request(peer, &req).await? {
             SessionResponse::Hidden {
-                hidden, receipt, ..
+                hidden,
+                receipt,
+                attestation,
+                ..
             } => {
+                let protocol = |detail: String| PipelineError::Protocol { peer, detail };
                 let out = hidden.to_tensor(&Device::Cpu)?;
                 if out.dims() != x.dims() {
-                    return Err(PipelineError::Protocol {
-                        peer,
-                        detail: format!("sent {:?}, got back {:?}", x.dims(), out.dims()),
-                    });
+                    let got = format!("sent {:?}, got back {:?}", x.dims(), out.dims());
+                    return Err(protocol(got));
                 }
-                Ok((out, receipt))
+                if let (Some(a), SessionRequest::Forward { hidden: sent, .. }) =
+                    (&attestation, &req)
+                {
+                    a.verify(&peer, &session, start_pos, sent, &hidden)
+                        .map_err(|e| protocol(format!("step attestation: {e}")))?;
+                }
+                Ok((out, receipt, attestation))
             }
             other => Err(unexpected(peer, other)),
         }
@@ -389,7 +599,34 @@ impl RemoteSession {
         }
     }
 
+    /// Send `req` to `peer`; a transient refusal (busy, rate-limited) is retried after a
+    /// pause, since a refused request changed nothing on the server.
     async fn request(
+        &mut self,
+        peer: PeerId,
+        req: &SessionRequest,
+    ) -> Result<SessionResponse, PipelineError> {
+        let mut retries = 0;
+        loop {
+            let response = self.request_once(peer, req).await?;
+            let wait = match &response {
+                SessionResponse::Refused(Refusal::RateLimited { retry_after_ms }) => {
+                    Duration::from_millis((*retry_after_ms).min(1000))
+                }
+                SessionResponse::Refused(Refusal::Busy) => {
+                    Duration::from_millis(20 + self.sampler.random_range(0..60))
+                }
+                _ => return Ok(response),
+            };
+            if retries == TRANSIENT_RETRIES {
+                return Ok(response);
+            }
+            retries += 1;
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn request_once(
         &mut self,
         peer: PeerId,
         req: &SessionRequest,
@@ -414,6 +651,22 @@ impl RemoteSession {
             detail: e.to_string(),
         })
     }
+}
+
+/// While checking, keep the newest receipt for when the hop ends (a server caught lying
+/// later in the session must not have been paid); otherwise hand it on to countersign now.
+fn hold_back(
+    verifying: bool,
+    pending: &mut Option<Box<SignedReceipt>>,
+    receipt: Option<Box<SignedReceipt>>,
+) -> Option<Box<SignedReceipt>> {
+    if !verifying {
+        return receipt;
+    }
+    if receipt.is_some() {
+        *pending = receipt;
+    }
+    None
 }
 
 fn unexpected(peer: PeerId, response: SessionResponse) -> PipelineError {

@@ -1,0 +1,208 @@
+//! Second opinions on a hop's answer ([`crate::pipeline::verify`]): who to ask, how to
+//! compare, and what to do with a server shown wrong.
+
+use candle_core::Tensor;
+use libp2p::PeerId;
+use rand::Rng;
+
+use super::RemoteSession;
+use crate::ledger::{now_ms, Attestation, Evidence, Reference};
+use crate::model::ModelError;
+use crate::pipeline::route::Hop;
+use crate::pipeline::verify::relative_difference;
+use crate::pipeline::PipelineError;
+use crate::types::SessionId;
+use crate::wire::WireTensor;
+
+/// One opinion on a span's output over a whole history, and who gave it.
+struct Opinion {
+    output: Tensor,
+    reference: Reference,
+}
+
+impl RemoteSession {
+    /// Check hop `i`'s answers since its last check against a second opinion: on a sampled
+    /// step, or always when `forced`. Returns [`PipelineError::Mismatch`] when the hop is
+    /// shown wrong (its evidence kept, its held receipt dropped) or when two servers
+    /// disagree and nobody can tell which is right.
+    pub(super) async fn audit(&mut self, i: usize, forced: bool) -> Result<(), PipelineError> {
+        let rate = self.cfg.verify.rate.clamp(0.0, 1.0);
+        let h = &self.hops[i];
+        if rate == 0.0 || h.checked >= h.claims.len() || h.claims.len() != h.history.len() {
+            return Ok(());
+        }
+        if !forced && !self.sampler.random_bool(rate) {
+            return Ok(());
+        }
+        let hop = h.hop;
+        let history = Tensor::cat(&h.history, 1)?;
+        let Some(first) = self.opinion(hop, &history, &[]).await? else {
+            tracing::debug!(peer = %hop.peer, "no second opinion available for this step");
+            return Ok(());
+        };
+        let Some((step, difference)) = self.first_wrong(i, &first.output)? else {
+            let h = &mut self.hops[i];
+            h.checked = h.claims.len();
+            return Ok(());
+        };
+        let mismatch = PipelineError::Mismatch {
+            peer: hop.peer,
+            difference,
+        };
+        if let Reference::Server { peer: witness, .. } = first.reference {
+            // Two servers disagree: a third opinion decides.
+            let third = self.opinion(hop, &history, &[witness]).await?;
+            let (hop_right, witness_right) = match &third {
+                Some(t) => {
+                    let from = self.hops[i].positions(self.hops[i].checked);
+                    let len = history.dim(1)? - from;
+                    let agree = relative_difference(
+                        &first.output.narrow(1, from, len)?,
+                        &t.output.narrow(1, from, len)?,
+                    )? <= self.cfg.verify.tolerance;
+                    (self.first_wrong(i, &t.output)?.is_none(), agree)
+                }
+                None => (false, false),
+            };
+            if hop_right {
+                tracing::warn!(%witness, "a witness returned wrong hidden states");
+                self.caught.push(witness);
+                self.banned.insert(witness);
+                let h = &mut self.hops[i];
+                h.checked = h.claims.len();
+                return Ok(());
+            }
+            if !witness_right {
+                tracing::warn!(peer = %hop.peer, %witness, "two servers disagree and no third opinion settles it; dropping both");
+                self.banned.insert(witness);
+                self.hops[i].pending = None;
+                return Err(mismatch);
+            }
+        }
+        tracing::warn!(peer = %hop.peer, span = %hop.span, difference, "server caught returning wrong hidden states");
+        let h = &mut self.hops[i];
+        h.pending = None;
+        let start_pos = h.positions(step);
+        let (claimed, attestation) = &h.claims[step];
+        let evidence = Evidence {
+            session: h.session,
+            server: hop.peer,
+            span: hop.span,
+            start_pos: start_pos as u32,
+            claimed: *attestation,
+            claimed_output: WireTensor::from_tensor(claimed)?,
+            reference_output: WireTensor::from_tensor(&first.output.narrow(
+                1,
+                start_pos,
+                claimed.dim(1)?,
+            )?)?,
+            reference: first.reference,
+            difference,
+            at_ms: now_ms(),
+        };
+        self.caught.push(hop.peer);
+        if let Err(e) = self.reputation.record_mismatch(&evidence) {
+            tracing::warn!("evidence not stored: {e}");
+        }
+        Err(mismatch)
+    }
+
+    /// The first of hop `i`'s unchecked steps whose answer differs from `reference` (the
+    /// span's output over the whole history) beyond the tolerance, and by how much.
+    fn first_wrong(
+        &self,
+        i: usize,
+        reference: &Tensor,
+    ) -> Result<Option<(usize, f32)>, PipelineError> {
+        let h = &self.hops[i];
+        let mut at = h.positions(h.checked);
+        for (step, (claimed, _)) in h.claims.iter().enumerate().skip(h.checked) {
+            let seq = claimed.dim(1)?;
+            let difference = relative_difference(claimed, &reference.narrow(1, at, seq)?)?;
+            if difference > self.cfg.verify.tolerance {
+                return Ok(Some((step, difference)));
+            }
+            at += seq;
+        }
+        Ok(None)
+    }
+
+    /// Blocks `hop.span` over `history` by someone other than `hop.peer` and `exclude`:
+    /// this client itself when it holds the weights, else another server of the span.
+    /// `None` when nobody is available.
+    async fn opinion(
+        &mut self,
+        hop: Hop,
+        history: &Tensor,
+        exclude: &[PeerId],
+    ) -> Result<Option<Opinion>, PipelineError> {
+        if let (Some(reference), true) = (self.reference.clone(), exclude.is_empty()) {
+            let history = history.clone();
+            let output = tokio::task::spawn_blocking(move || {
+                let mut r = reference
+                    .lock()
+                    .map_err(|_| ModelError::Unsupported("local reference poisoned".into()))?;
+                r.run(hop.span, &history)
+            })
+            .await
+            .map_err(|_| ModelError::Unsupported("local check did not finish".into()))??;
+            return Ok(Some(Opinion {
+                output,
+                reference: Reference::Local,
+            }));
+        }
+        let mut witnesses: Vec<PeerId> = self
+            .candidates()
+            .await?
+            .into_iter()
+            .filter(|c| c.span.start <= hop.span.start && hop.span.end <= c.span.end)
+            .map(|c| c.peer)
+            .filter(|p| *p != hop.peer && !self.banned.contains(p) && !exclude.contains(p))
+            .collect();
+        while !witnesses.is_empty() {
+            let peer = witnesses.swap_remove(self.sampler.random_range(0..witnesses.len()));
+            match self
+                .ask(
+                    Hop {
+                        peer,
+                        span: hop.span,
+                    },
+                    history,
+                )
+                .await
+            {
+                Ok((output, session, attestation)) => {
+                    return Ok(Some(Opinion {
+                        output,
+                        reference: Reference::Server {
+                            peer,
+                            session,
+                            attestation: attestation.map(Box::new),
+                        },
+                    }))
+                }
+                Err(e) => tracing::debug!(%peer, "witness failed: {e}"),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Run `history` through `hop` in a session of its own, then end it like any hop (the
+    /// witness is paid for the work).
+    async fn ask(
+        &mut self,
+        hop: Hop,
+        history: &Tensor,
+    ) -> Result<(Tensor, SessionId, Option<Attestation>), PipelineError> {
+        let mut state = self.open_hop(hop).await?;
+        let (output, receipt, attestation) =
+            self.forward(hop.peer, state.session, history, 0).await?;
+        if let Some(tally) = state.tally.as_mut() {
+            tally.record_positions(history.dim(1)? as u64);
+        }
+        state.pending = receipt;
+        let session = state.session;
+        self.end_hop(state).await;
+        Ok((output, session, attestation))
+    }
+}

@@ -1,0 +1,298 @@
+//! Catching a server that lies: one of two servers of the middle span returns corrupted
+//! (but well-formed and signed) hidden states. The client re-checks a sampled fraction of
+//! steps, catches it, finishes on the honest server with the right output, keeps the
+//! evidence, and never countersigns a receipt of the liar.
+//!
+//! The liar is built from the real parts (a real swarm, the real [`SpanServer`], real
+//! signatures); only its answers are altered, as a cheating provider would alter them.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use mesh_core::ledger::{self, Attestation, ConfigHash, Reference, Reputation, Store};
+use mesh_core::local_mesh::{loopback_config, LocalMesh};
+use mesh_core::model::{
+    tiny, ClientHead, Generation, LocalModel, ModelFiles, SamplingParams, SpanModel,
+};
+use mesh_core::p2p::{self, Announcement, Event, Role};
+use mesh_core::pipeline::session::SessionContext;
+use mesh_core::pipeline::{
+    self, Billing, ClientLedger, LocalReference, RemoteSession, ServerLimits, SessionConfig,
+    SessionRequest, SessionResponse, SpanServer, VerifyConfig,
+};
+use mesh_core::types::ServerLoad;
+use mesh_core::{wire, BlockRange, ModelId};
+use tokio::sync::oneshot;
+
+const PROMPT: &[u32] = &[1, 72, 105, 32, 109, 101, 115, 104];
+const PRICE: u64 = 2;
+const MIDDLE: BlockRange = BlockRange { start: 3, end: 6 };
+
+fn params() -> SamplingParams {
+    SamplingParams {
+        max_new_tokens: 24,
+        temperature: 0.7,
+        seed: 5,
+        ..SamplingParams::default()
+    }
+}
+
+/// Serve `span` like a node, but add 5% of noise to every decode step's output (and sign
+/// the altered output, as a cheater must: the client checks signatures on every step).
+async fn start_liar(
+    model_dir: &std::path::Path,
+    boot: p2p::Multiaddr,
+    ledger_dir: &std::path::Path,
+) -> (p2p::PeerId, oneshot::Sender<()>) {
+    let cfg = loopback_config(Role::Server, vec![boot]);
+    let key = cfg.identity.signing_key();
+    let id = cfg.identity.peer_id();
+    let files = ModelFiles::open(model_dir).unwrap();
+    let model = SpanModel::load(&files, MIDDLE, DType::F32, &Device::Cpu).unwrap();
+    let server = SpanServer::new(
+        ModelId::new(tiny::TINY_MODEL_ID),
+        model,
+        ServerLimits::default(),
+    )
+    .with_signer(key.clone())
+    .with_billing(Billing {
+        key: key.clone(),
+        server: id,
+        store: Store::open(ledger_dir).unwrap(),
+        price_per_token: PRICE,
+        every_tokens: 4,
+        max_unpaid_tokens: 4096,
+    })
+    .unwrap();
+    let server = Arc::new(Mutex::new(server));
+    let peer = p2p::spawn(cfg).await.unwrap();
+    let ann = Announcement {
+        model: ModelId::new(tiny::TINY_MODEL_ID),
+        span: MIDDLE,
+        num_blocks: 8,
+        price_per_token: PRICE,
+        load: ServerLoad::default(),
+        capability: Default::default(),
+    };
+    let (stop, rx) = oneshot::channel::<()>();
+    tokio::spawn(p2p::serve(
+        peer,
+        ann,
+        async {
+            let _ = rx.await;
+        },
+        move |client, event| {
+            let Event::InboundRequest {
+                peer,
+                request,
+                channel,
+            } = event
+            else {
+                return;
+            };
+            let request: SessionRequest = wire::decode(&request, wire::FRAME_LIMIT).unwrap();
+            let sent = match &request {
+                SessionRequest::Forward {
+                    session,
+                    start_pos,
+                    hidden,
+                } => Some((*session, *start_pos, hidden.clone())),
+                _ => None,
+            };
+            let mut response = server.lock().unwrap().handle(peer, request, Instant::now());
+            if let (
+                Some((session, start_pos, input)),
+                SessionResponse::Hidden {
+                    hidden,
+                    attestation,
+                    ..
+                },
+            ) = (sent, &mut response)
+            {
+                if hidden.shape[1] == 1 {
+                    let t = hidden.to_tensor(&Device::Cpu).unwrap();
+                    let bent = (&t + (t.abs().unwrap() * 0.05).unwrap()).unwrap();
+                    *hidden = wire::WireTensor::from_tensor(&bent).unwrap();
+                    *attestation =
+                        Some(Attestation::sign(&key, &session, start_pos, &input, hidden));
+                }
+            }
+            let bytes = wire::encode(&response).unwrap();
+            let client = client.clone();
+            tokio::spawn(async move {
+                let _ = client.respond(channel, bytes).await;
+            });
+        },
+    ));
+    (id, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_checked_against_local_weights_is_caught_banned_and_never_paid() {
+    let ev = catch_the_liar(true, 1).await;
+    assert_eq!(ev.reference, Reference::Local);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_checked_against_other_servers_is_outvoted_and_caught() {
+    let ev = catch_the_liar(false, 2).await;
+    match ev.reference {
+        Reference::Server {
+            peer,
+            session,
+            attestation,
+        } => {
+            assert_ne!(peer, ev.server);
+            let att = attestation.expect("witnesses sign");
+            att.verify_digests(&peer, &session, 0).unwrap();
+            assert!(att.verify_digests(&ev.server, &session, 0).is_err());
+        }
+        Reference::Local => panic!("no local weights were given"),
+    }
+}
+
+/// A mesh whose middle span is served by the liar (alone when the session opens, so the
+/// route goes through it) and then by `honest_middles` honest servers; a generation with
+/// half the steps checked, locally or against other servers. Returns the evidence kept.
+async fn catch_the_liar(check_locally: bool, honest_middles: usize) -> ledger::Evidence {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,mesh_core=info")
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    tiny::write(&model_dir).unwrap();
+    let files = ModelFiles::open(&model_dir).unwrap();
+    let head = ClientHead::load(&files, DType::F32, &Device::Cpu).unwrap();
+    let want = LocalModel::load_split(&model_dir, 1, &Device::Cpu)
+        .unwrap()
+        .generate_ids(PROMPT.to_vec(), &params(), |_| {})
+        .unwrap()
+        .generated()
+        .to_vec();
+
+    // The liar is the only server of the middle span when the session opens, so the
+    // route goes through it; the honest server joins right after.
+    let mut mesh = LocalMesh::start(&model_dir, &[]).await.unwrap();
+    mesh.billing = Some((dir.path().join("ledgers"), PRICE));
+    mesh.add_node(BlockRange::new(0, 3)).await.unwrap();
+    mesh.add_node(BlockRange::new(6, 8)).await.unwrap();
+    let (liar, stop_liar) = start_liar(
+        &model_dir,
+        mesh.bootstrap_addr().clone(),
+        &dir.path().join("liar-ledger"),
+    )
+    .await;
+
+    let client_cfg = loopback_config(Role::Client, vec![mesh.bootstrap_addr().clone()]);
+    let client_key = client_cfg.identity.signing_key();
+    let client = p2p::spawn(client_cfg).await.unwrap();
+    pipeline::wait_for_coverage(&client.client, mesh.model(), 8, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let store = Store::open(&dir.path().join("client-ledger")).unwrap();
+    let ctx = SessionContext {
+        ledger: Some(ClientLedger {
+            store: store.clone(),
+            key: client_key,
+            config_hash: ConfigHash::of(&files.config).unwrap(),
+        }),
+        reputation: Reputation::persistent(store.clone()),
+        reference: check_locally
+            .then(|| Arc::new(Mutex::new(LocalReference::new(model_dir.clone())))),
+    };
+    let cfg = SessionConfig {
+        verify: VerifyConfig {
+            rate: 0.5,
+            ..VerifyConfig::default()
+        },
+        ..SessionConfig::default()
+    };
+    let mut session =
+        RemoteSession::open_with(client.client.clone(), mesh.model().clone(), 8, cfg, ctx)
+            .await
+            .unwrap();
+    assert!(
+        session.route().iter().any(|h| h.peer == liar),
+        "route {:?}",
+        session.route()
+    );
+    let mut honest = Vec::new();
+    for _ in 0..honest_middles {
+        honest.push(mesh.add_node(MIDDLE).await.unwrap());
+    }
+    // Find them through the DHT (which also dials them), as a client does when it starts.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = client
+            .client
+            .discover(mesh.model(), 8)
+            .await
+            .unwrap_or_default();
+        let live = client.client.live_servers(mesh.model()).await.unwrap();
+        let known = |h: &p2p::PeerId| {
+            found.iter().any(|s| s.peer_id == *h) && live.iter().any(|s| s.peer_id == *h)
+        };
+        if honest.iter().all(known) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the honest servers were never found"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut generation = Generation::new(PROMPT.to_vec(), params(), 512).unwrap();
+    pipeline::generate(&head, &mut session, &mut generation, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        generation.generated(),
+        want.as_slice(),
+        "output differs from one process"
+    );
+    assert_eq!(session.caught(), &[liar]);
+    assert!(session.banned().contains(&liar));
+    assert!(session.route().iter().any(|h| honest.contains(&h.peer)));
+    session.close().await;
+
+    // Evidence: the liar's own signature over its wrong output, and what it should have been.
+    let evidence = store.evidence(10).unwrap();
+    assert_eq!(evidence.len(), 1);
+    let ev = evidence[0].clone();
+    assert_eq!((ev.server, ev.span), (liar, MIDDLE));
+    assert!(ev.difference > 0.01, "difference {}", ev.difference);
+    println!(
+        "caught at position {} of the session, off by {:.3} relative",
+        ev.start_pos, ev.difference
+    );
+    ev.claimed
+        .expect("the liar signed its step")
+        .verify_digests(&liar, &ev.session, ev.start_pos)
+        .unwrap();
+    assert_eq!(
+        ledger::attestation::digest(&ev.claimed_output),
+        ev.claimed.unwrap().output
+    );
+    // Reputation keeps the liar out of later routes.
+    let rep = Reputation::persistent(store.clone());
+    assert_eq!(rep.get(&liar).mismatches, 1);
+    assert_eq!(rep.route_penalty_ms(&liar), None);
+
+    // The client countersigned the honest servers' work and none of the liar's.
+    let countersigned: Vec<_> = store
+        .entries()
+        .map(|e| e.unwrap())
+        .filter_map(|e| e.countersigned)
+        .collect();
+    assert!(countersigned.iter().all(|r| r.receipt.terms.server != liar));
+    assert!(countersigned
+        .iter()
+        .any(|r| honest.contains(&r.receipt.terms.server)));
+
+    let _ = stop_liar.send(());
+    mesh.stop().await.unwrap();
+    ev
+}
