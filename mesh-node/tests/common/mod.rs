@@ -50,10 +50,23 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, bin: &str, args: &[String], dir: &Path) -> Proc {
+        let mut cmd = Command::new(binary(bin));
+        cmd.args(args);
+        Self::spawn_command(name, bin, cmd, dir)
+    }
+
+    /// [`Proc::spawn`] inside the network namespace `ns`: `ip netns exec NS BINARY ARGS`
+    /// (which execs the binary, so killing this child kills the binary).
+    pub fn spawn_in_netns(ns: &str, name: &str, bin: &str, args: &[String], dir: &Path) -> Proc {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(binary(bin)).args(args);
+        Self::spawn_command(name, bin, cmd, dir)
+    }
+
+    fn spawn_command(name: &str, bin: &str, mut cmd: Command, dir: &Path) -> Proc {
         let stderr_path = dir.join(format!("{name}.stderr"));
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-        let mut child = Command::new(binary(bin))
-            .args(args)
+        let mut child = cmd
             .env("RUST_LOG", "info,libp2p=warn")
             .env("MESH_HOME", dir)
             .stdin(Stdio::null())
@@ -106,6 +119,16 @@ impl Proc {
                 _ => None,
             })
             .expect("/p2p/ in address")
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The exit status, once the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// SIGKILL: a crash, no goodbye.
