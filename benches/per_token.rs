@@ -3,17 +3,22 @@
 //! - `span/*`: one server's work, a span of 1, 3 and 8 blocks, one position per step;
 //! - `whole/local`: embeddings, all 8 blocks and the LM head in one process;
 //! - `whole/mesh-3`: the same through a 3-server mesh on loopback (real swarms, TCP,
-//!   noise, yamux, wire frames), as a client sees it.
+//!   noise, yamux, wire frames), as a client sees it;
+//! - `whole/mesh-3-verify-{10,50}pct-{local,witness}`: the same with that fraction of each
+//!   hop's steps re-checked, against the client's own weights or against a second server
+//!   of the span (the mesh has two servers per span for this).
 //!
 //! Run: `cargo bench --bench per_token`.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use mesh_core::local_mesh::LocalMesh;
 use mesh_core::model::{tiny, ClientHead, ModelFiles, SpanModel};
-use mesh_core::pipeline::{RemoteSession, SessionConfig};
+use mesh_core::pipeline::session::SessionContext;
+use mesh_core::pipeline::{LocalReference, RemoteSession, SessionConfig, VerifyConfig};
 use mesh_core::BlockRange;
 
 /// Decode positions per session before it is restarted (the cache is preallocated).
@@ -60,8 +65,13 @@ fn whole_model(c: &mut Criterion) {
     let span =
         SpanModel::load(&files, BlockRange::new(0, 8), DType::F32, &Device::Cpu).expect("span");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
+    // Two servers per span (routes still take 3 hops): the second answers checks.
+    let split = BlockRange::even_split(8, 3);
     let mesh = rt
-        .block_on(LocalMesh::start(dir.path(), &BlockRange::even_split(8, 3)))
+        .block_on(LocalMesh::start(
+            dir.path(),
+            &[split.clone(), split].concat(),
+        ))
         .expect("mesh");
     let client = rt.block_on(mesh.client()).expect("client");
 
@@ -82,35 +92,64 @@ fn whole_model(c: &mut Criterion) {
             start.elapsed()
         })
     });
+    let mesh_steps = |cfg: SessionConfig, ctx: SessionContext, iters: u64| {
+        rt.block_on(async {
+            let mut total = Duration::ZERO;
+            let mut done = 0;
+            while done < iters {
+                let mut session = RemoteSession::open_with(
+                    client.client.clone(),
+                    mesh.model().clone(),
+                    8,
+                    cfg.clone(),
+                    ctx.clone(),
+                )
+                .await
+                .expect("session");
+                let steps = (iters - done).min(SESSION_LEN as u64);
+                let start = Instant::now();
+                for pos in 0..steps {
+                    let h = head.embed(&[65]).expect("embed");
+                    let h = session.step(h, pos as u32).await.expect("step");
+                    head.last_logits(&h).expect("logits");
+                }
+                total += start.elapsed();
+                done += steps;
+                session.close().await;
+            }
+            total
+        })
+    };
     group.bench_function("mesh-3", |b| {
         b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                let mut done = 0;
-                while done < iters {
-                    let mut session = RemoteSession::open(
-                        client.client.clone(),
-                        mesh.model().clone(),
-                        8,
-                        SessionConfig::default(),
-                    )
-                    .await
-                    .expect("session");
-                    let steps = (iters - done).min(SESSION_LEN as u64);
-                    let start = Instant::now();
-                    for pos in 0..steps {
-                        let h = head.embed(&[65]).expect("embed");
-                        let h = session.step(h, pos as u32).await.expect("step");
-                        head.last_logits(&h).expect("logits");
-                    }
-                    total += start.elapsed();
-                    done += steps;
-                    session.close().await;
-                }
-                total
-            })
+            mesh_steps(SessionConfig::default(), SessionContext::default(), iters)
         })
     });
+    let verifying = |rate| SessionConfig {
+        verify: VerifyConfig {
+            rate,
+            ..VerifyConfig::default()
+        },
+        ..SessionConfig::default()
+    };
+    let local = SessionContext {
+        reference: Some(Arc::new(Mutex::new(LocalReference::new(
+            dir.path().to_path_buf(),
+        )))),
+        ..SessionContext::default()
+    };
+    for pct in [10, 50] {
+        let cfg = verifying(f64::from(pct) / 100.0);
+        group.bench_function(format!("mesh-3-verify-{pct}pct-local"), |b| {
+            b.iter_custom(|iters| mesh_steps(cfg.clone(), local.clone(), iters))
+        });
+    }
+    for pct in [10, 50] {
+        let cfg = verifying(f64::from(pct) / 100.0);
+        group.bench_function(format!("mesh-3-verify-{pct}pct-witness"), |b| {
+            b.iter_custom(|iters| mesh_steps(cfg.clone(), SessionContext::default(), iters))
+        });
+    }
     group.finish();
     rt.block_on(mesh.stop()).expect("stop");
 }
