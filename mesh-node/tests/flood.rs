@@ -104,13 +104,7 @@ async fn a_flooding_peer_is_refused_while_honest_clients_finish_and_memory_stays
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("model");
     tiny::write(&model_dir).unwrap();
-    let boot = Proc::spawn(
-        "bootstrap",
-        "mesh-bootstrap",
-        &bootstrap_args(dir.path(), 0),
-        dir.path(),
-    );
-    let boot_addr = boot.listen_addr().await;
+    let (_boot, boot_addr) = start_bootstrap(dir.path()).await;
     let mut args = node_args(
         dir.path(),
         "node",

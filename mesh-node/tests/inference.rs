@@ -37,13 +37,7 @@ impl Cluster {
     async fn start(spans: &[BlockRange]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         tiny::write(&dir.path().join("model")).unwrap();
-        let boot = Proc::spawn(
-            "bootstrap",
-            "mesh-bootstrap",
-            &bootstrap_args(dir.path(), 0),
-            dir.path(),
-        );
-        let boot_addr = boot.listen_addr().await;
+        let (boot, boot_addr) = start_bootstrap(dir.path()).await;
         let mut cluster = Cluster {
             dir,
             _boot: boot,

@@ -49,13 +49,7 @@ fn spans() -> Vec<BlockRange> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_are_found_through_the_bootstrap_and_dropped_when_gone() {
     let dir = tempfile::tempdir().unwrap();
-    let bootstrap = Proc::spawn(
-        "bootstrap",
-        "mesh-bootstrap",
-        &bootstrap_args(dir.path(), 0),
-        dir.path(),
-    );
-    let boot_addr = bootstrap.listen_addr().await;
+    let (_bootstrap, boot_addr) = start_bootstrap(dir.path()).await;
 
     let mut nodes = Vec::new();
     for (i, span) in spans().into_iter().enumerate() {
@@ -171,13 +165,7 @@ async fn ids_of(nodes: &[Proc], i: usize) -> PeerId {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_survives_the_bootstrap_and_new_nodes_join_through_any_peer() {
     let dir = tempfile::tempdir().unwrap();
-    let mut bootstrap = Proc::spawn(
-        "bootstrap",
-        "mesh-bootstrap",
-        &bootstrap_args(dir.path(), 0),
-        dir.path(),
-    );
-    let boot_addr = bootstrap.listen_addr().await;
+    let (mut bootstrap, boot_addr) = start_bootstrap(dir.path()).await;
     let boot_id = Proc::peer_id(&boot_addr);
     let boot_port = boot_addr
         .iter()

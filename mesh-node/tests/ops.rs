@@ -22,13 +22,7 @@ use ops_support::*;
 async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let bootstrap = Proc::spawn(
-        "bootstrap",
-        "mesh-bootstrap",
-        &bootstrap_args(dir.path(), 0),
-        dir.path(),
-    );
-    let boot_addr = bootstrap.listen_addr().await;
+    let (_bootstrap, boot_addr) = start_bootstrap(dir.path()).await;
     let boot = boot_addr.to_string();
 
     // init: a commented config and a key; a second init refuses and changes nothing.
@@ -279,13 +273,7 @@ fn register(home: &Path, args: &[&str]) -> Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_checks_reachability_and_refuses_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let bootstrap = Proc::spawn(
-        "bootstrap",
-        "mesh-bootstrap",
-        &bootstrap_args(dir.path(), 0),
-        dir.path(),
-    );
-    let boot_addr = bootstrap.listen_addr().await;
+    let (_bootstrap, boot_addr) = start_bootstrap(dir.path()).await;
     let boot = boot_addr.to_string();
     let boot_peer = Proc::peer_id(&boot_addr).to_string();
     let home = dir.path().join("home");

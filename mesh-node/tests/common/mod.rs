@@ -194,6 +194,13 @@ where
     }
 }
 
+/// A `mesh-bootstrap` on an ephemeral loopback port, keyed under `dir`, and its address.
+pub async fn start_bootstrap(dir: &Path) -> (Proc, Multiaddr) {
+    let boot = Proc::spawn("bootstrap", "mesh-bootstrap", &bootstrap_args(dir, 0), dir);
+    let addr = boot.listen_addr().await;
+    (boot, addr)
+}
+
 pub fn bootstrap_args(dir: &Path, port: u16) -> Vec<String> {
     vec![
         "--listen".into(),
