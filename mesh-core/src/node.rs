@@ -27,7 +27,7 @@ use crate::metrics::NodeMetrics;
 
 use crate::model::{ModelError, ModelFiles, SpanModel};
 use crate::p2p::{self, Announcement, Event, P2pConfig, P2pError};
-use crate::pipeline::admission::Admission;
+use crate::pipeline::admission::{Admission, FairQueue};
 use crate::pipeline::balance::{block_coverage, choose_span};
 use crate::pipeline::{
     Billing, Refusal, ServerLimits, ServerStats, SessionRequest, SessionResponse, SpanServer,
@@ -420,8 +420,9 @@ fn finish(admission: &Mutex<Admission>, peer: &PeerId) {
     }
 }
 
-/// The worker thread: owns the span and its sessions. After every job it publishes a
-/// fresh snapshot for status pages.
+/// The worker thread: owns the span and its sessions, and serves queued requests one per
+/// peer in turn. After every request and snapshot it publishes a fresh snapshot for status
+/// pages.
 fn work(
     mut server: SpanServer,
     mut jobs: mpsc::Receiver<Job>,
@@ -438,36 +439,59 @@ fn work(
         queued,
         metrics: metrics.clone(),
     };
-    while let Some(job) = jobs.blocking_recv() {
-        match job {
-            Job::Request { peer, bytes, reply } => {
-                metrics.requests += 1;
-                metrics.bytes_in += bytes.len() as u64;
-                let response = match wire::decode::<SessionRequest>(&bytes, wire::FRAME_LIMIT) {
-                    Ok(request) => server.handle(peer, request, Instant::now()),
-                    Err(e) => SessionResponse::Refused(Refusal::BadRequest(e.to_string())),
-                };
-                match &response {
-                    SessionResponse::Hidden { compute_micros, .. } => metrics
-                        .block_latency
-                        .observe(*compute_micros as f64 / 1e6 / blocks),
-                    SessionResponse::Refused(r) => metrics.refused(r),
-                    _ => {}
+    let mut fair = FairQueue::new(REQUEST_QUEUE);
+    loop {
+        // Take in what has arrived (waiting only when there is nothing to do); control jobs
+        // are done at once, requests wait their peer's turn.
+        while !fair.is_full() {
+            let job = if fair.is_empty() {
+                match jobs.blocking_recv() {
+                    Some(job) => job,
+                    None => return,
                 }
-                let bytes = wire::encode(&response).unwrap_or_else(|e| {
-                    let refusal = SessionResponse::Refused(Refusal::BadRequest(e.to_string()));
-                    wire::encode(&refusal).unwrap_or_default()
-                });
-                metrics.bytes_out += bytes.len() as u64;
-                let _ = reply.send(bytes);
+            } else {
+                match jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            };
+            match job {
+                Job::Request { peer, bytes, reply } => {
+                    // Never full here: the loop stops taking jobs when it is.
+                    let _ = fair.push(peer, (bytes, reply));
+                }
+                Job::Snapshot(reply) => {
+                    server.expire_idle(Instant::now());
+                    let now = snapshot(&server, &metrics, jobs.len() + fair.len());
+                    let _ = reply.send(now.clone());
+                    published.send_replace(now);
+                }
+                Job::StopAccepting => server.stop_accepting(),
             }
-            Job::Snapshot(reply) => {
-                server.expire_idle(Instant::now());
-                let _ = reply.send(snapshot(&server, &metrics, jobs.len()));
-            }
-            Job::StopAccepting => server.stop_accepting(),
         }
-        published.send_replace(snapshot(&server, &metrics, jobs.len()));
+        let Some((peer, (bytes, reply))) = fair.pop() else {
+            continue;
+        };
+        metrics.requests += 1;
+        metrics.bytes_in += bytes.len() as u64;
+        let response = match wire::decode::<SessionRequest>(&bytes, wire::FRAME_LIMIT) {
+            Ok(request) => server.handle(peer, request, Instant::now()),
+            Err(e) => SessionResponse::Refused(Refusal::BadRequest(e.to_string())),
+        };
+        match &response {
+            SessionResponse::Hidden { compute_micros, .. } => metrics
+                .block_latency
+                .observe(*compute_micros as f64 / 1e6 / blocks),
+            SessionResponse::Refused(r) => metrics.refused(r),
+            _ => {}
+        }
+        let bytes = wire::encode(&response).unwrap_or_else(|e| {
+            let refusal = SessionResponse::Refused(Refusal::BadRequest(e.to_string()));
+            wire::encode(&refusal).unwrap_or_default()
+        });
+        metrics.bytes_out += bytes.len() as u64;
+        let _ = reply.send(bytes);
+        published.send_replace(snapshot(&server, &metrics, jobs.len() + fair.len()));
     }
 }
 

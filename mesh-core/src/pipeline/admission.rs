@@ -1,11 +1,13 @@
 //! Who may queue work on a server, before any of it is decoded: a token bucket of requests
 //! per second per peer, and a cap on one peer's requests waiting or running at once.
 //!
-//! The worker serves its queue in order, so without a per-peer cap one fast peer could fill
-//! the whole queue and every honest client would be told `Busy`. With it, a flooder holds
-//! at most [`ServerLimits::in_flight_per_peer`] places and the rest stay for others.
+//! Without a per-peer cap one fast peer could fill the whole queue and every honest client
+//! would be told `Busy`. With it, a flooder holds at most
+//! [`ServerLimits::in_flight_per_peer`] places and the rest stay for others; and the worker
+//! serves what is queued round-robin across peers ([`FairQueue`]), so an honest client's
+//! next step waits behind one of the flooder's requests, not all of them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -93,6 +95,67 @@ impl Admission {
     }
 }
 
+/// Work waiting for a server, served one item per peer in turn; holds at most `capacity`.
+#[derive(Debug)]
+pub struct FairQueue<T> {
+    queues: HashMap<PeerId, VecDeque<T>>,
+    /// Peers with something queued, in serving order.
+    turn: VecDeque<PeerId>,
+    len: usize,
+    capacity: usize,
+}
+
+impl<T> FairQueue<T> {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            queues: HashMap::new(),
+            turn: VecDeque::new(),
+            len: 0,
+            capacity,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.len >= self.capacity
+    }
+
+    /// Queue `item` behind `peer`'s earlier ones; `Err(item)` when full.
+    pub fn push(&mut self, peer: PeerId, item: T) -> Result<(), T> {
+        if self.is_full() {
+            return Err(item);
+        }
+        let queue = self.queues.entry(peer).or_default();
+        if queue.is_empty() {
+            self.turn.push_back(peer);
+        }
+        queue.push_back(item);
+        self.len += 1;
+        Ok(())
+    }
+
+    /// The oldest item of the peer whose turn it is.
+    pub fn pop(&mut self) -> Option<(PeerId, T)> {
+        let peer = self.turn.pop_front()?;
+        let queue = self.queues.get_mut(&peer)?;
+        let item = queue.pop_front()?;
+        self.len -= 1;
+        if queue.is_empty() {
+            self.queues.remove(&peer);
+        } else {
+            self.turn.push_back(peer);
+        }
+        Some((peer, item))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +211,19 @@ mod tests {
         a.admit(PeerId::random(), t0 + Duration::from_secs(1))
             .unwrap();
         assert!(a.peers.len() < MAX_TRACKED_PEERS);
+    }
+
+    #[test]
+    fn a_peer_with_many_queued_items_waits_its_turn() {
+        let mut q = FairQueue::new(5);
+        let (flood, honest) = (PeerId::random(), PeerId::random());
+        for i in 0..4 {
+            q.push(flood, i).unwrap();
+        }
+        q.push(honest, 100).unwrap();
+        assert_eq!(q.push(honest, 101), Err(101), "capacity holds");
+        let order: Vec<i32> = std::iter::from_fn(|| q.pop().map(|(_, i)| i)).collect();
+        assert_eq!(order, vec![0, 100, 1, 2, 3]);
+        assert!(q.is_empty());
     }
 }
