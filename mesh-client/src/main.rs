@@ -10,6 +10,7 @@ use mesh_client::demo::ProcessMesh;
 use mesh_client::{ChatMessage, MeshClient, SamplingParams};
 use mesh_core::model::{tiny, LocalModel};
 use mesh_core::p2p::Multiaddr;
+use mesh_core::pipeline::VerifyConfig;
 use mesh_core::BlockRange;
 
 #[derive(Parser)]
@@ -76,6 +77,21 @@ struct MeshArgs {
     /// The client's identity and receipts [default: $MESH_HOME/client].
     #[arg(long)]
     ledger_dir: Option<PathBuf>,
+    /// Re-check this fraction (0..1) of every hop's steps against a second opinion; a
+    /// server caught lying is banned and never paid (docs/architecture.md).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    verify: f64,
+    /// Give second opinions from the local model directory's own blocks instead of asking
+    /// other servers (it must hold every block's weights).
+    #[arg(long)]
+    verify_locally: bool,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a fraction between 0 and 1")),
+    }
 }
 
 fn default_ledger_dir() -> PathBuf {
@@ -92,6 +108,10 @@ enum Command {
         /// Nodes to split the tiny model over.
         #[arg(long, default_value_t = 3)]
         nodes: u32,
+        /// Re-check this fraction (0..1) of every hop's steps against the client's own copy
+        /// of the tiny model.
+        #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+        verify: f64,
     },
     /// Generate text through the mesh.
     Generate {
@@ -158,7 +178,11 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Demo { sampling, nodes } => demo(sampling, nodes).await,
+        Command::Demo {
+            sampling,
+            nodes,
+            verify,
+        } => demo(sampling, nodes, verify).await,
         Command::Generate { mesh, sampling } => {
             let client = connect(mesh).await?;
             stream(&client, &sampling).await
@@ -255,7 +279,13 @@ async fn connect(args: MeshArgs) -> anyhow::Result<MeshClient> {
     if let Some(p) = args.max_price {
         b = b.max_price(p);
     }
-    b = b.ledger_dir(args.ledger_dir.unwrap_or_else(default_ledger_dir));
+    b = b
+        .ledger_dir(args.ledger_dir.unwrap_or_else(default_ledger_dir))
+        .verify(VerifyConfig {
+            rate: args.verify,
+            ..VerifyConfig::default()
+        })
+        .verify_locally(args.verify_locally);
     // Finding servers that cover every block can take seconds: show that it is working.
     let spinner = indicatif::ProgressBar::new_spinner()
         .with_message("joining the mesh and waiting for servers of every block");
@@ -301,7 +331,7 @@ async fn stream(client: &MeshClient, sampling: &Sampling) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn demo(sampling: Sampling, nodes: u32) -> anyhow::Result<()> {
+async fn demo(sampling: Sampling, nodes: u32, verify: f64) -> anyhow::Result<()> {
     let home = tempdir_for_demo()?;
     let model_dir = tiny::ensure(&tiny::default_dir())?;
     // The nodes read the same tiny model from their MESH_HOME.
@@ -328,6 +358,11 @@ async fn demo(sampling: Sampling, nodes: u32) -> anyhow::Result<()> {
         .bootstrap([mesh.bootstrap().clone()])
         .model_dir(model_dir)
         .ledger_dir(home.join("client"))
+        .verify(VerifyConfig {
+            rate: verify,
+            ..VerifyConfig::default()
+        })
+        .verify_locally(true)
         .build()
         .await
         .context("joining the local mesh")?;
