@@ -13,9 +13,15 @@
 //! | `dht.rs` | DHT keys, signed server records, validation of everything stored |
 //! | `heartbeat.rs` | heartbeat messages, their validation, the live-server table |
 //! | `client.rs` | [`Client`]: the handle every other part of mesh talks to |
-//! | `event_loop.rs` | [`EventLoop`]: swarm events, commands, announce and heartbeat timers |
+//! | `event_loop.rs` | [`EventLoop`]: its state, the `select!`, routing of swarm events |
+//! | `event_loop/commands.rs` | answering client commands: dials, addresses, stats |
+//! | `event_loop/announce.rs` | our own announcement: provider records, signed server record |
+//! | `event_loop/gossip.rs` | heartbeats: subscribe, publish ours, validate others' |
+//! | `event_loop/kademlia.rs` | Kademlia: identify addresses, inbound records, query results |
 //! | `event_loop/lookup.rs` | the lookup state machine: providers, then signed server records |
+//! | `event_loop/session.rs` | `/mesh/session/1` request-response events |
 //! | `event_loop/dialback.rs` | asking a peer to dial our public address, and doing it for others |
+//! | `event_loop/timers.rs` | the tick: rejoin, expiry, re-publishing, discovery, deadlines |
 //! | `reachability.rs` | address scopes, the unreachable-node warning, the dial-back probe |
 //! | `run.rs` | [`run_bootstrap`] and [`serve`]: whole peers for the binaries |
 //!

@@ -1,0 +1,142 @@
+//! Answering [`Command`]s from [`crate::p2p::Client`]s: the dispatch itself, plus the small
+//! commands that need nothing but the swarm (addresses, dials). Kept apart so the loop's
+//! public surface reads as one table; the bigger commands live with their own idea.
+
+use std::time::Instant;
+
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::{Multiaddr, PeerId};
+
+use super::{EventLoop, LookupOwner, DIAL_TIMEOUT};
+use crate::p2p::client::{Command, Reply};
+use crate::p2p::dht;
+use crate::p2p::reachability::{self, Scope};
+use crate::p2p::P2pError;
+
+impl EventLoop {
+    pub(super) fn on_command(&mut self, command: Command) {
+        match command {
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.listen_addrs());
+            }
+            Command::AnnounceAddrs(reply) => {
+                let _ = reply.send(self.announce_addrs());
+            }
+            Command::Dial(addr, reply) => self.dial(addr, reply),
+            Command::DialPeer(peer, addrs) => self.dial_peer(peer, addrs),
+            Command::Announce(ann, reply) => {
+                let _ = reply.send(self.announce(ann));
+            }
+            Command::Unannounce(reply) => self.unannounce(reply),
+            Command::SetLoad(load) => {
+                if let Some(a) = &mut self.announced {
+                    a.ann.load = load;
+                }
+            }
+            Command::Subscribe(model, reply) => {
+                let _ = reply.send(self.subscribe(&model));
+            }
+            Command::Lookup(model, block, reply) => {
+                self.start_lookup(model, block, LookupOwner::Client(reply))
+            }
+            Command::LiveServers(model, reply) => {
+                let _ = reply.send(self.table.servers(&model));
+            }
+            Command::Request(peer, data, reply) => {
+                let id = self.swarm.behaviour_mut().session.send_request(&peer, data);
+                self.pending_requests.insert(id, reply);
+            }
+            Command::Respond(channel, data, reply) => {
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .session
+                    .send_response(channel.0, data)
+                    .map_err(|_| P2pError::Respond);
+                let _ = reply.send(result);
+            }
+            Command::Stats(reply) => {
+                let mut stats = self.stats;
+                stats.connected_peers = self.swarm.connected_peers().count();
+                let _ = reply.send(stats);
+            }
+            Command::CheckReachability(reply) => self.check_reachability(reply),
+            Command::ConnectedPeers(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Shutdown(done) => self.stopping = Some(done),
+        }
+    }
+
+    fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.swarm
+            .listeners()
+            .map(|a| a.clone().with(Protocol::P2p(self.local)))
+            .collect()
+    }
+
+    /// Public addresses if any were configured, else concrete listen addresses.
+    pub(super) fn announce_addrs(&self) -> Vec<Multiaddr> {
+        let external: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
+        let addrs = if external.is_empty() {
+            self.swarm
+                .listeners()
+                .filter(|a| reachability::scope(a) != Scope::Unspecified)
+                .cloned()
+                .collect()
+        } else {
+            external
+        };
+        addrs.into_iter().take(dht::MAX_ADDRS).collect()
+    }
+
+    fn dial(&mut self, addr: Multiaddr, reply: Reply<()>) {
+        let peer = addr.iter().find_map(|p| match p {
+            Protocol::P2p(peer) => Some(peer),
+            _ => None,
+        });
+        if let Some(peer) = peer {
+            if peer == self.local {
+                let _ = reply.send(Err(P2pError::Dial("cannot dial self".into())));
+                return;
+            }
+            let without_p2p: Multiaddr = addr
+                .iter()
+                .filter(|p| !matches!(p, Protocol::P2p(_)))
+                .collect();
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&peer, without_p2p);
+            if self.swarm.is_connected(&peer) {
+                let _ = reply.send(Ok(()));
+                return;
+            }
+        }
+        let opts = DialOpts::from(addr);
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.pending_dials
+                    .insert(id, (reply, Instant::now() + DIAL_TIMEOUT));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(P2pError::Dial(e.to_string())));
+            }
+        }
+    }
+
+    pub(super) fn dial_peer(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if peer == self.local || self.swarm.is_connected(&peer) {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, "dial: {e}");
+        }
+    }
+}
