@@ -9,7 +9,7 @@
 //!   [`ClientTally`] that checks a receipt against the work it actually got.
 //! - [`store`]: [`Store`], the sled database each peer keeps: receipts by session, peer and
 //!   time, totals per peer, what was settled. Every write is flushed before it returns.
-//! - [`settle`]: earnings by day and model, unpaid amounts per client, and settlement
+//! - [`settle`](mod@settle): earnings by day and model, unpaid amounts per client, and settlement
 //!   [`Batch`]es: JSON files anyone can verify offline with [`verify_batch`].
 //!
 //! # Money

@@ -4,7 +4,7 @@
 //! - [`server`]: [`SpanServer`], a span's sessions and their KV caches under hard limits.
 //! - [`route`]: choosing a chain of servers that covers every block.
 //! - [`session`]: [`RemoteSession`], the client's chain with fail-over and replay.
-//! - [`generate`]: token-by-token generation over a [`RemoteSession`].
+//! - [`generate`](mod@generate): token-by-token generation over a [`RemoteSession`].
 //! - [`admission`]: per-peer request rate and in-flight limits on a server.
 //! - [`verify`]: clients re-checking a sampled fraction of servers' steps.
 
@@ -63,7 +63,7 @@ pub enum PipelineError {
     Mismatch { peer: PeerId, difference: f32 },
     /// A server was caught after the client had used its unchecked answers: the route was
     /// rebuilt, and the generation must go back to `position` (every position before it
-    /// was checked) and continue from there. [`generate`] does this itself.
+    /// was checked) and continue from there. [`generate()`] does this itself.
     #[error("a server was caught lying; generation rewinds to position {position}")]
     Rewind { position: usize },
     /// The local ledger refused or failed (a receipt is kept apart from the inference).

@@ -18,7 +18,7 @@
 //! `flush()`, which fsyncs; a method returns `Ok` only after that, so a receipt reported as
 //! committed survives `kill -9` whole. Values are [`crate::wire`] frames, checked against
 //! [`MAX_RECORD_BYTES`] before decoding. Reputation and evidence live in trees of their
-//! own ([`peers`]).
+//! own (`store/peers.rs`).
 
 mod peers;
 

@@ -6,7 +6,7 @@
 //! kept inputs to rebuild their caches, and goes on; the output is what it would have been.
 //!
 //! With checking on ([`VerifyConfig`]), a sampled fraction of steps get a second opinion
-//! ([`audit`]); a server shown wrong is banned, the evidence kept, and its receipts for
+//! (`session/audit.rs`); a server shown wrong is banned, the evidence kept, and its receipts for
 //! the session are never countersigned (they are held until the hop ends for that reason).
 
 mod audit;
