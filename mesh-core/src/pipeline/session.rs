@@ -10,6 +10,10 @@
 //! the session are never countersigned (they are held until the hop ends for that reason).
 
 mod audit;
+mod billing;
+
+use billing::hold_back;
+pub use billing::ClientLedger;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -23,9 +27,7 @@ use super::protocol::{Refusal, SessionRequest, SessionResponse};
 use super::route::{plan, Candidate, Hop, RoutePolicy};
 use super::verify::{LocalReference, VerifyConfig};
 use super::PipelineError;
-use crate::ledger::{
-    Attestation, ClientTally, ConfigHash, Outcome, Reputation, SignedReceipt, Store, Terms,
-};
+use crate::ledger::{Attestation, ClientTally, Outcome, Reputation, SignedReceipt};
 use crate::p2p;
 use crate::types::{BlockRange, ModelId, SessionId};
 use crate::wire::{self, WireTensor};
@@ -58,17 +60,6 @@ impl Default for SessionConfig {
             verify: VerifyConfig::default(),
         }
     }
-}
-
-/// A client's ledger: it checks what servers bill against what it sent, countersigns,
-/// and keeps both signatures.
-#[derive(Clone)]
-pub struct ClientLedger {
-    pub store: Store,
-    /// The key of this client's peer id.
-    pub key: ed25519_dalek::SigningKey,
-    /// [`ConfigHash`] of the local model config: servers must bill for the same model.
-    pub config_hash: ConfigHash,
 }
 
 /// What a session keeps beside the route: the ledger to countersign into, the opinion of
@@ -535,70 +526,6 @@ impl RemoteSession {
         }
     }
 
-    /// Check the terms a server offers at open and start counting what it is sent.
-    fn agree(
-        &self,
-        hop: Hop,
-        session: SessionId,
-        terms: Option<Terms>,
-    ) -> Result<Option<ClientTally>, PipelineError> {
-        let (Some(ledger), Some(terms)) = (&self.ledger, terms) else {
-            return Ok(None);
-        };
-        let expected = Terms {
-            session,
-            client: self.p2p.local_peer_id(),
-            server: hop.peer,
-            model: self.model.clone(),
-            config_hash: ledger.config_hash,
-            span: hop.span,
-            price_per_token: terms.price_per_token,
-        };
-        let over_price = self
-            .cfg
-            .policy
-            .max_price
-            .is_some_and(|max| terms.price_per_token > max);
-        if terms != expected || over_price {
-            return Err(PipelineError::Protocol {
-                peer: hop.peer,
-                detail: format!("unacceptable terms {terms:?}"),
-            });
-        }
-        ledger
-            .store
-            .record_opened(&terms)
-            .map_err(|e| PipelineError::Ledger(e.to_string()))?;
-        Ok(Some(ClientTally::new(terms)))
-    }
-
-    /// Countersign a receipt that matches what was sent, keep it, and hand it back to the
-    /// server. A receipt that claims more than was sent is kept unsigned: never paid.
-    async fn countersign(
-        &mut self,
-        peer: PeerId,
-        tally: Option<ClientTally>,
-        receipt: Option<Box<SignedReceipt>>,
-    ) {
-        let (Some(ledger), Some(tally), Some(receipt)) = (self.ledger.clone(), tally, receipt)
-        else {
-            return;
-        };
-        let signed = match ledger.store.accept_as_client(*receipt, &tally, &ledger.key) {
-            Ok(signed) => signed,
-            Err(e) => {
-                tracing::warn!(%peer, "receipt refused: {e}");
-                return;
-            }
-        };
-        let req = SessionRequest::Countersigned {
-            receipt: Box::new(signed),
-        };
-        if let Err(e) = self.request(peer, &req).await {
-            tracing::debug!(%peer, "countersigned receipt not delivered: {e}");
-        }
-    }
-
     /// Send `req` to `peer`; a transient refusal (busy, rate-limited) is retried after a
     /// pause, since a refused request changed nothing on the server.
     async fn request(
@@ -651,22 +578,6 @@ impl RemoteSession {
             detail: e.to_string(),
         })
     }
-}
-
-/// While checking, keep the newest receipt for when the hop ends (a server caught lying
-/// later in the session must not have been paid); otherwise hand it on to countersign now.
-fn hold_back(
-    verifying: bool,
-    pending: &mut Option<Box<SignedReceipt>>,
-    receipt: Option<Box<SignedReceipt>>,
-) -> Option<Box<SignedReceipt>> {
-    if !verifying {
-        return receipt;
-    }
-    if receipt.is_some() {
-        *pending = receipt;
-    }
-    None
 }
 
 fn unexpected(peer: PeerId, response: SessionResponse) -> PipelineError {
