@@ -4,8 +4,8 @@
 //! bincode's standard configuration (little-endian, varint lengths). Decoding is bounded
 //! twice before anything is allocated: the input must be at most `max_len` bytes, and bincode
 //! runs with a byte limit ([`SMALL_LIMIT`] or [`FRAME_LIMIT`], whichever tier `max_len` falls
-//! in), so a length prefix that claims more than the limit fails instead of allocating.
-//! Trailing bytes after the value are an error.
+//! in, lowered to fit the input: see [`decode`]), so a length prefix that claims more than the
+//! limit fails instead of allocating. Trailing bytes after the value are an error.
 //!
 //! ```
 //! use mesh_core::wire;
@@ -52,12 +52,24 @@ pub enum WireError {
     TrailingBytes(usize),
 }
 
-fn small_config() -> impl Config {
-    config::standard().with_limit::<SMALL_LIMIT>()
-}
-
-fn frame_config() -> impl Config {
-    config::standard().with_limit::<FRAME_LIMIT>()
+/// bincode with the smallest byte limit of at least `need` (the limit is a const generic,
+/// hence the tiers, 8 apart or less so a limit is never far above `need`).
+fn decode_limited<T: DeserializeOwned>(
+    body: &[u8],
+    need: usize,
+) -> Result<(T, usize), bincode::error::DecodeError> {
+    macro_rules! tiers {
+        ($($limit:expr),+) => {{
+            $(if need <= $limit {
+                return bincode::serde::decode_from_slice(
+                    body,
+                    config::standard().with_limit::<{ $limit }>(),
+                );
+            })+
+            bincode::serde::decode_from_slice(body, config::standard().with_limit::<FRAME_LIMIT>())
+        }};
+    }
+    tiers!(4 << 10, 32 << 10, 256 << 10, SMALL_LIMIT, 8 << 20)
 }
 
 /// Encodes `value` as [`WIRE_VERSION`] followed by its bincode form.
@@ -100,9 +112,20 @@ fn canonical_config() -> impl Config {
         .with_fixed_int_encoding()
 }
 
+/// Bytes bincode may claim per input byte while decoding a well-formed message.
+///
+/// Through serde, bincode claims the bytes of every string and byte vector (which must all
+/// be in the input) and the full width of every integer however short its varint: 8 bytes
+/// for a one-byte `u64`, 16 for a `u128`. Sequences claim nothing up front.
+const CLAIM_PER_BYTE: usize = 16;
+
 /// Decodes a message written by [`encode`], refusing inputs longer than `max_len` bytes.
 ///
-/// `max_len` above [`FRAME_LIMIT`] is clamped to it.
+/// `max_len` above [`FRAME_LIMIT`] is clamped to it. The byte limit bincode runs with is
+/// also the smallest of a few tiers that holds [`CLAIM_PER_BYTE`] × the input's length (at
+/// least 4 KiB), so a tiny frame whose length prefix claims a 60 MiB string or byte vector
+/// fails before allocating it: those get at most 128 bytes per input byte, or 4 KiB.
+/// (serde itself preallocates at most 1 MiB for a sequence of claimed length.)
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], max_len: usize) -> Result<T, WireError> {
     let max = max_len.min(FRAME_LIMIT);
     if bytes.len() > max {
@@ -118,11 +141,13 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], max_len: usize) -> Result<T, Wi
             expected: WIRE_VERSION,
         });
     }
-    let (value, used) = if max <= SMALL_LIMIT {
-        bincode::serde::decode_from_slice(body, small_config())?
+    let tier = if max <= SMALL_LIMIT {
+        SMALL_LIMIT
     } else {
-        bincode::serde::decode_from_slice(body, frame_config())?
+        FRAME_LIMIT
     };
+    let need = body.len().saturating_mul(CLAIM_PER_BYTE);
+    let (value, used) = decode_limited(body, need.min(tier))?;
     if used != body.len() {
         return Err(WireError::TrailingBytes(body.len() - used));
     }
@@ -339,6 +364,16 @@ mod tests {
         let mut evil = vec![WIRE_VERSION, 0x01, b'a', 0xfd];
         evil.extend((1u64 << 40).to_le_bytes());
         assert!(decode::<Msg>(&evil, FRAME_LIMIT * 4).is_err());
+        // A string under the frame limit but far beyond what the input holds: refused by
+        // the limit before allocating, not by running out of input after allocating 60 MiB.
+        let mut evil = vec![WIRE_VERSION, 0xfc];
+        evil.extend((60u32 << 20).to_le_bytes());
+        assert!(matches!(
+            decode::<Msg>(&evil, FRAME_LIMIT),
+            Err(WireError::Decode(
+                bincode::error::DecodeError::LimitExceeded
+            ))
+        ));
     }
 
     #[test]
