@@ -91,6 +91,19 @@ impl EventLoop {
         addrs.into_iter().take(dht::MAX_ADDRS).collect()
     }
 
+    /// Put `peer`'s address (without its `/p2p/` part) in the routing table; returns it.
+    pub(super) fn remember_address(&mut self, peer: PeerId, addr: &Multiaddr) -> Multiaddr {
+        let without_p2p: Multiaddr = addr
+            .iter()
+            .filter(|p| !matches!(p, Protocol::P2p(_)))
+            .collect();
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .add_address(&peer, without_p2p.clone());
+        without_p2p
+    }
+
     fn dial(&mut self, addr: Multiaddr, reply: Reply<()>) {
         let peer = addr.iter().find_map(|p| match p {
             Protocol::P2p(peer) => Some(peer),
@@ -101,14 +114,7 @@ impl EventLoop {
                 let _ = reply.send(Err(P2pError::Dial("cannot dial self".into())));
                 return;
             }
-            let without_p2p: Multiaddr = addr
-                .iter()
-                .filter(|p| !matches!(p, Protocol::P2p(_)))
-                .collect();
-            self.swarm
-                .behaviour_mut()
-                .kad
-                .add_address(&peer, without_p2p);
+            self.remember_address(peer, &addr);
             if self.swarm.is_connected(&peer) {
                 let _ = reply.send(Ok(()));
                 return;

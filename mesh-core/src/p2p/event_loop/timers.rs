@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
 use super::{jitter, EventLoop, LookupOwner};
@@ -61,14 +60,7 @@ impl EventLoop {
             .collect();
         for (peer, addr) in lost {
             tracing::debug!(%addr, "re-dialing bootstrap peer");
-            let without_p2p: Multiaddr = addr
-                .iter()
-                .filter(|p| !matches!(p, Protocol::P2p(_)))
-                .collect();
-            self.swarm
-                .behaviour_mut()
-                .kad
-                .add_address(&peer, without_p2p.clone());
+            let without_p2p = self.remember_address(peer, &addr);
             self.bootstrapped = false;
             self.dial_peer(peer, vec![without_p2p]);
         }
