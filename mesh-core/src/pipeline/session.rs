@@ -95,6 +95,26 @@ impl HopState {
             .map(|t| t.dim(1).unwrap_or(0))
             .sum()
     }
+
+    /// Take a server's answer to the input last pushed: count its positions, keep it for
+    /// checking, and return the receipt to countersign now (`None` while checking holds it
+    /// back until the hop ends).
+    fn take_answer(
+        &mut self,
+        positions: usize,
+        out: &Tensor,
+        receipt: Option<Box<SignedReceipt>>,
+        attestation: Option<Attestation>,
+        verifying: bool,
+    ) -> Option<Box<SignedReceipt>> {
+        if let Some(tally) = self.tally.as_mut() {
+            tally.record_positions(positions as u64);
+        }
+        if verifying {
+            self.claims.push((out.clone(), attestation));
+        }
+        hold_back(verifying, &mut self.pending, receipt)
+    }
 }
 
 /// A client's inference session across a chain of servers.
@@ -205,14 +225,8 @@ impl RemoteSession {
                 Ok((out, receipt, attestation)) => {
                     let verifying = self.cfg.verify.enabled();
                     let h = &mut self.hops[i];
-                    if let Some(tally) = h.tally.as_mut() {
-                        tally.record_positions(seq as u64);
-                    }
-                    if verifying {
-                        h.claims.push((out.clone(), attestation));
-                    }
+                    let now = h.take_answer(seq, &out, receipt, attestation, verifying);
                     let (peer, tally) = (h.hop.peer, h.tally.clone());
-                    let now = hold_back(verifying, &mut h.pending, receipt);
                     self.countersign(peer, tally, now).await;
                     self.audit(i, false).await.map(|()| out)
                 }
@@ -405,13 +419,7 @@ impl RemoteSession {
                 h.history.push(x.clone());
                 match self.forward(h.hop.peer, h.session, &x, 0).await {
                     Ok((out, receipt, attestation)) => {
-                        if let Some(tally) = h.tally.as_mut() {
-                            tally.record_positions(x.dim(1)? as u64);
-                        }
-                        if verifying {
-                            h.claims.push((out.clone(), attestation));
-                        }
-                        let now = hold_back(verifying, &mut h.pending, receipt);
+                        let now = h.take_answer(x.dim(1)?, &out, receipt, attestation, verifying);
                         self.countersign(h.hop.peer, h.tally.clone(), now).await;
                         x = out;
                     }

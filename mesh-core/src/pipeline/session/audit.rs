@@ -197,10 +197,8 @@ impl RemoteSession {
         let mut state = self.open_hop(hop).await?;
         let (output, receipt, attestation) =
             self.forward(hop.peer, state.session, history, 0).await?;
-        if let Some(tally) = state.tally.as_mut() {
-            tally.record_positions(history.dim(1)? as u64);
-        }
-        state.pending = receipt;
+        // Checking is on here, so the receipt is held for `end_hop` to countersign.
+        state.take_answer(history.dim(1)?, &output, receipt, attestation, true);
         let session = state.session;
         self.end_hop(state).await;
         Ok((output, session, attestation))
