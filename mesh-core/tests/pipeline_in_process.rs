@@ -68,16 +68,21 @@ async fn three_servers_generate_what_one_process_does() {
     f.mesh.stop().await.unwrap();
 }
 
-/// Generate with `session`, crashing the route's middle server after 5 tokens.
+/// Generate with `session`, crashing the route's middle server after 5 tokens (just
+/// after starting a server of `newcomer`, if given).
 async fn generate_killing_middle(
     mesh: &mut LocalMesh,
     head: &ClientHead,
     session: &mut RemoteSession,
+    newcomer: Option<BlockRange>,
 ) -> Result<Vec<u32>, PipelineError> {
     let mut generation = Generation::new(PROMPT.to_vec(), params(), 512)?;
     let middle = session.route()[1].peer;
     while let Some((input, start)) = generation.next_input() {
         if generation.generated().len() == 5 {
+            if let Some(span) = newcomer {
+                mesh.add_node(span).await.expect("start the newcomer");
+            }
             mesh.crash(middle);
         }
         let out = session.step(head.embed(input)?, start as u32).await?;
@@ -94,6 +99,23 @@ async fn a_dead_middle_server_is_replaced_and_the_output_is_unchanged() {
     // A second server over the middle blocks, cut differently so routing must adapt.
     f.mesh.add_node(r(2, 7)).await.unwrap();
     let client = f.mesh.client().await.unwrap();
+    // Coverage needs only three servers; wait for the fourth's heartbeat too, so that
+    // sessions have a choice of routes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .client
+        .live_servers(f.mesh.model())
+        .await
+        .unwrap()
+        .len()
+        < 4
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the fourth server was never heard"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let mut cfg = SessionConfig::default();
     cfg.policy.hop_penalty_ms = 1000.0;
     // Open sessions until one routes through the original three servers, so that the
@@ -116,12 +138,36 @@ async fn a_dead_middle_server_is_replaced_and_the_output_is_unchanged() {
     }
     let mut session = session.expect("a route through the three original servers");
     let middle = session.route()[1].peer;
-    let got = generate_killing_middle(&mut f.mesh, &f.head, &mut session)
+    let got = generate_killing_middle(&mut f.mesh, &f.head, &mut session, None)
         .await
         .unwrap();
     assert_eq!(got, f.want);
     assert!(session.banned().contains(&middle));
     assert!(session.route().iter().all(|h| h.peer != middle));
+    session.close().await;
+    f.mesh.stop().await.unwrap();
+}
+
+/// The only possible replacement starts as the old server dies: the client has not heard
+/// of it, so it must look again before giving up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_joins_mid_session_takes_over() {
+    let mut f = fixture(&BlockRange::even_split(8, 3)).await;
+    let client = f.mesh.client().await.unwrap();
+    let mut session = RemoteSession::open(
+        client.client.clone(),
+        f.mesh.model().clone(),
+        8,
+        SessionConfig::default(),
+    )
+    .await
+    .unwrap();
+    let middle = session.route()[1].span;
+    let got = generate_killing_middle(&mut f.mesh, &f.head, &mut session, Some(middle))
+        .await
+        .unwrap();
+    assert_eq!(got, f.want);
+    assert_eq!(session.route().len(), 3);
     session.close().await;
     f.mesh.stop().await.unwrap();
 }
@@ -138,7 +184,7 @@ async fn no_replacement_fails_with_a_clear_error_not_a_hang() {
         .await
         .unwrap();
     let started = Instant::now();
-    let err = generate_killing_middle(&mut f.mesh, &f.head, &mut session)
+    let err = generate_killing_middle(&mut f.mesh, &f.head, &mut session, None)
         .await
         .unwrap_err();
     assert!(

@@ -35,6 +35,8 @@ use crate::wire::{self, WireTensor};
 /// Times a request refused as busy or rate-limited is sent again before the server
 /// counts as failed.
 const TRANSIENT_RETRIES: usize = 5;
+/// How often to look for fresh heartbeats while no route exists.
+const REDISCOVER_POLL: Duration = Duration::from_millis(200);
 
 /// How a client runs its sessions.
 #[derive(Clone, Debug)]
@@ -48,6 +50,10 @@ pub struct SessionConfig {
     pub policy: RoutePolicy,
     /// How much of the servers' work to re-check.
     pub verify: VerifyConfig,
+    /// When no known server covers some blocks, how long to look again (DHT lookups,
+    /// then fresh heartbeats) before giving up: a server that joined after the session
+    /// opened, or whose heartbeat has not reached us yet, can still take over.
+    pub rediscover_for: Duration,
 }
 
 impl Default for SessionConfig {
@@ -58,6 +64,7 @@ impl Default for SessionConfig {
             max_failovers: 4,
             policy: RoutePolicy::default(),
             verify: VerifyConfig::default(),
+            rediscover_for: Duration::from_secs(3),
         }
     }
 }
@@ -458,20 +465,48 @@ impl RemoteSession {
 
     /// Plan a route over `range` and open a session on each hop.
     async fn open_route(&mut self, range: BlockRange) -> Result<Vec<HopState>, PipelineError> {
-        let candidates = self.candidates().await?;
-        let hops = plan(
-            &candidates,
-            range,
-            &self.banned,
-            &self.cfg.policy,
-            self.tie_break,
-        )
-        .ok_or_else(|| self.no_route(range))?;
+        let hops = match self.plan_route(range).await? {
+            Some(hops) => hops,
+            None => self.rediscover(range).await?,
+        };
         let mut opened = Vec::with_capacity(hops.len());
         for hop in hops {
             opened.push(self.open_hop(hop).await?);
         }
         Ok(opened)
+    }
+
+    async fn plan_route(&self, range: BlockRange) -> Result<Option<Vec<Hop>>, PipelineError> {
+        let candidates = self.candidates().await?;
+        Ok(plan(
+            &candidates,
+            range,
+            &self.banned,
+            &self.cfg.policy,
+            self.tie_break,
+        ))
+    }
+
+    /// Look the model's servers up in the DHT again (which also dials them, so their
+    /// heartbeats reach us) and wait for a route over `range`, up to `rediscover_for`.
+    async fn rediscover(&self, range: BlockRange) -> Result<Vec<Hop>, PipelineError> {
+        let deadline = tokio::time::Instant::now() + self.cfg.rediscover_for;
+        tracing::info!(blocks = %range, "no known server left for these blocks; looking again");
+        let lookup = self.p2p.discover(&self.model, self.num_blocks);
+        match tokio::time::timeout_at(deadline, lookup).await {
+            Ok(Err(e)) => tracing::debug!("discovery: {e}"),
+            Err(_) => tracing::debug!("discovery ran out of time"),
+            Ok(Ok(_)) => {}
+        }
+        loop {
+            if let Some(hops) = self.plan_route(range).await? {
+                return Ok(hops);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(self.no_route(range));
+            }
+            tokio::time::sleep(REDISCOVER_POLL).await;
+        }
     }
 
     /// Open a session for one hop and agree its terms.

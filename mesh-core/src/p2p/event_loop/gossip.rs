@@ -147,6 +147,12 @@ impl EventLoop {
         match self.table.apply(valid, Instant::now()) {
             Change::Up(info) => {
                 tracing::info!(peer = %info.peer_id, model = %info.model, span = %info.span, "server up");
+                // A heartbeat is signed by its sender, so these addresses are the server's
+                // own word; keeping them makes a server heard of only by gossip (one that
+                // joined after our last DHT lookup) dialable at once.
+                for addr in &info.addrs {
+                    self.remember_address(info.peer_id, addr);
+                }
                 self.emit(Event::ServerUp(info));
             }
             Change::Down(peer, model) => {
