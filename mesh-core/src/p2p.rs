@@ -111,6 +111,13 @@ pub struct P2pConfig {
     pub max_connections: u32,
     /// Connections idle this long are closed. Default 60 s.
     pub idle_timeout: Duration,
+    /// How often each connection is pinged. Default 1 s.
+    pub ping_interval: Duration,
+    /// A connection whose peer answers no ping within this is closed, so the requests on
+    /// it fail (and a client fails over) within seconds of a peer vanishing rather than at
+    /// the request timeout. It measures the peer's liveness, not its compute: pings are
+    /// answered by the connection, beside any work. Default 3 s.
+    pub ping_timeout: Duration,
 }
 
 impl P2pConfig {
@@ -132,6 +139,8 @@ impl P2pConfig {
             max_frame_bytes: MAX_FRAME_BYTES,
             max_connections: 256,
             idle_timeout: Duration::from_secs(60),
+            ping_interval: Duration::from_secs(1),
+            ping_timeout: Duration::from_secs(3),
         }
     }
 }

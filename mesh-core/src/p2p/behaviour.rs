@@ -116,7 +116,11 @@ fn behaviour(key: &Keypair, cfg: &P2pConfig) -> Result<Behaviour, P2pError> {
     Ok(Behaviour {
         limits: connection_limits::Behaviour::new(limits),
         identify,
-        ping: ping::Behaviour::default(),
+        ping: ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(cfg.ping_interval)
+                .with_timeout(cfg.ping_timeout),
+        ),
         kad,
         gossipsub,
         session,

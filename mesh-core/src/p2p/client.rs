@@ -61,6 +61,8 @@ pub struct P2pStats {
     pub dht_providers_rejected: u64,
     /// Events dropped because the event queue was full.
     pub events_dropped: u64,
+    /// Connections closed because their peer stopped answering pings.
+    pub unresponsive_closed: u64,
     pub connected_peers: usize,
 }
 

@@ -23,6 +23,7 @@ use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::kad::QueryId;
 use libp2p::multiaddr::Protocol;
+use libp2p::ping;
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm};
@@ -237,6 +238,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => self.on_identify(e),
             SwarmEvent::Behaviour(BehaviourEvent::Session(e)) => self.on_session(e),
             SwarmEvent::Behaviour(BehaviourEvent::Dialback(e)) => self.on_dialback(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => self.on_ping(e),
             SwarmEvent::Behaviour(_) => {}
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(
@@ -288,6 +290,20 @@ impl EventLoop {
                 tracing::warn!("listener error: {error}");
             }
             _ => {}
+        }
+    }
+
+    /// Closes a connection whose peer stopped answering pings: a peer cut off by the network
+    /// leaves no other trace, and its requests would wait out their timeouts.
+    fn on_ping(&mut self, event: ping::Event) {
+        match event.result {
+            Ok(_) | Err(ping::Failure::Unsupported) => {}
+            Err(failure) => {
+                tracing::info!(peer = %event.peer, "closing connection: ping failed ({failure})");
+                if self.swarm.close_connection(event.connection) {
+                    self.stats.unresponsive_closed += 1;
+                }
+            }
         }
     }
 
