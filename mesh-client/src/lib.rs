@@ -31,7 +31,8 @@ use std::time::Duration;
 use mesh_core::identity::Identity;
 use mesh_core::ledger::{ConfigHash, Evidence, Reputation, SignedReceipt, Store};
 use mesh_core::model::{
-    tiny, ClientHead, Generation, MeshTokenizer, ModelError, ModelFiles, TextStream,
+    chat, tiny, ChatTemplate, ClientHead, Generation, MeshTokenizer, ModelError, ModelFiles,
+    TextStream,
 };
 use mesh_core::p2p::{self, Multiaddr, P2pConfig, Role};
 use mesh_core::pipeline::session::SessionContext;
@@ -42,7 +43,7 @@ use mesh_core::pipeline::{
 use mesh_core::{ModelId, ServerInfo};
 use tokio::sync::mpsc;
 
-pub use mesh_core::model::{FinishReason, SamplingParams};
+pub use mesh_core::model::{ChatMessage, FinishReason, SamplingParams};
 
 /// Attempts to open a route before giving up (the first try plus retries).
 const OPEN_ATTEMPTS: u32 = 3;
@@ -84,13 +85,6 @@ impl From<PipelineError> for ClientError {
             other => ClientError::Pipeline(other),
         }
     }
-}
-
-/// One message of a chat, as OpenAI's API spells it.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
 }
 
 /// Tokens as they are generated; dropping it cancels the generation.
@@ -196,6 +190,19 @@ impl MeshClientBuilder {
         let files = ModelFiles::open(&dir)?;
         let head = ClientHead::load(&files, candle_core::DType::F32, &candle_core::Device::Cpu)?;
         let tokenizer = MeshTokenizer::from_file(&files.tokenizer_path())?;
+        let chat_template = ChatTemplate::from_model_dir(&dir)?;
+        let mut eos = files.config.eos_tokens();
+        // Instruct models end a turn with the tokenizer's EOS (Llama 3's <|eot_id|>), which
+        // config.json does not always list.
+        if let Some(id) = chat_template
+            .as_ref()
+            .and_then(|t| t.eos_token())
+            .and_then(|t| tokenizer.token_id(t))
+        {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
         self.session.policy.max_price = self.max_price;
         let (identity, ledger) = match &self.ledger_dir {
             Some(dir) => {
@@ -232,9 +239,10 @@ impl MeshClientBuilder {
                 model,
                 num_blocks: files.config.num_blocks(),
                 max_context: files.config.max_position_embeddings,
-                eos: files.config.eos_tokens(),
+                eos,
                 head,
                 tokenizer,
+                chat_template,
                 session: self.session,
                 max_price: self.max_price,
                 context,
@@ -291,6 +299,8 @@ struct Inner {
     eos: Vec<u32>,
     head: ClientHead,
     tokenizer: MeshTokenizer,
+    /// The model's chat template (`tokenizer_config.json`), if it has one.
+    chat_template: Option<ChatTemplate>,
     session: SessionConfig,
     max_price: Option<u64>,
     /// Ledger, reputation and local reference shared by every session.
@@ -390,10 +400,25 @@ impl MeshClient {
     pub async fn generate(
         &self,
         prompt: &str,
+        params: SamplingParams,
+    ) -> Result<TokenStream, ClientError> {
+        let ids = self.prompt_ids(prompt)?;
+        self.generate_ids(ids, params).await
+    }
+
+    /// Token ids of a plain prompt, with the tokenizer's BOS added.
+    pub fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>, ClientError> {
+        Ok(self.inner.tokenizer.encode(prompt)?)
+    }
+
+    /// [`MeshClient::generate`] after prompt token ids as given (from
+    /// [`MeshClient::prompt_ids`] or [`MeshClient::chat_ids`]).
+    pub async fn generate_ids(
+        &self,
+        ids: Vec<u32>,
         mut params: SamplingParams,
     ) -> Result<TokenStream, ClientError> {
         let i = self.inner.clone();
-        let ids = i.tokenizer.encode(prompt)?;
         params.stop_tokens.extend(i.eos.iter().copied());
         let prompt_len = ids.len() as u64;
         let mut generation = Generation::new(ids, params, i.max_context)?;
@@ -440,15 +465,25 @@ impl MeshClient {
         )))
     }
 
-    /// The prompt a chat becomes. Models without a chat template (the tiny model) get a
-    /// plain role-tagged transcript ending with the assistant's turn.
-    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> String {
-        let mut prompt = String::new();
-        for m in messages {
-            prompt.push_str(&format!("<|{}|>\n{}\n", m.role, m.content));
-        }
-        prompt.push_str("<|assistant|>\n");
-        prompt
+    /// The prompt a chat becomes: the model's chat template with the assistant's turn
+    /// opened, as HF's `apply_chat_template(add_generation_prompt=True)`. Models without a
+    /// template (the tiny model) get a plain role-tagged transcript. A template that refuses
+    /// the messages (roles that do not alternate) is [`ModelError::ChatRejected`].
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String, ClientError> {
+        Ok(match &self.inner.chat_template {
+            Some(t) => t.render(messages, true)?,
+            None => chat::transcript(messages),
+        })
+    }
+
+    /// Token ids of [`MeshClient::chat_prompt`]. A template writes its own BOS, so its
+    /// text is encoded without special tokens (as HF does); the transcript gets BOS added.
+    pub fn chat_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ClientError> {
+        let i = &self.inner;
+        Ok(match &i.chat_template {
+            Some(t) => t.encode(&i.tokenizer, messages, true)?,
+            None => i.tokenizer.encode(&chat::transcript(messages))?,
+        })
     }
 
     /// Tokens of `text` under the model's tokenizer (0 if it cannot be encoded).
@@ -456,13 +491,14 @@ impl MeshClient {
         self.inner.tokenizer.encode(text).map_or(0, |ids| ids.len())
     }
 
-    /// Answer a chat: [`MeshClient::generate`] on the chat's prompt.
+    /// Answer a chat: [`MeshClient::generate_ids`] on [`MeshClient::chat_ids`].
     pub async fn chat(
         &self,
         messages: &[ChatMessage],
         params: SamplingParams,
     ) -> Result<TokenStream, ClientError> {
-        self.generate(&self.chat_prompt(messages), params).await
+        let ids = self.chat_ids(messages)?;
+        self.generate_ids(ids, params).await
     }
 
     /// Receipts this client countersigned, newest hops first (empty without a ledger).

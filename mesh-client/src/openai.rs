@@ -117,7 +117,8 @@ async fn completions(
 ) -> Response {
     let params = req.sampling.params(16);
     let model = req.model.unwrap_or_else(|| client.model().to_string());
-    run(client, req.prompt, params, model, req.stream, Kind::Text).await
+    let ids = client.prompt_ids(&req.prompt);
+    run(client, ids, params, model, req.stream, Kind::Text).await
 }
 
 async fn chat_completions(
@@ -126,8 +127,9 @@ async fn chat_completions(
 ) -> Response {
     let params = req.sampling.params(256);
     let model = req.model.unwrap_or_else(|| client.model().to_string());
-    let prompt = client.chat_prompt(&req.messages);
-    run(client, prompt, params, model, req.stream, Kind::Chat).await
+    // The same ids as `MeshClient::chat`: the model's chat template, with no doubled BOS.
+    let ids = client.chat_ids(&req.messages);
+    run(client, ids, params, model, req.stream, Kind::Chat).await
 }
 
 #[derive(Clone, Copy)]
@@ -138,15 +140,19 @@ enum Kind {
 
 async fn run(
     client: MeshClient,
-    prompt: String,
+    ids: Result<Vec<u32>, ClientError>,
     params: SamplingParams,
     model: String,
     stream: bool,
     kind: Kind,
 ) -> Response {
     let max = params.max_new_tokens;
-    let prompt_tokens = client.count_tokens(&prompt);
-    let tokens = match client.generate(&prompt, params).await {
+    let ids = match ids {
+        Ok(ids) => ids,
+        Err(e) => return error(status_of(&e), &e),
+    };
+    let prompt_tokens = ids.len();
+    let tokens = match client.generate_ids(ids, params).await {
         Ok(t) => t,
         Err(e) => return error(status_of(&e), &e),
     };

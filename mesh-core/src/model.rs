@@ -15,6 +15,7 @@
 //! ```
 
 mod cache;
+pub mod chat;
 mod config;
 mod error;
 mod generate;
@@ -29,6 +30,7 @@ mod tokenizer;
 mod weights;
 
 pub use cache::SpanCache;
+pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::ModelError;
 pub use generate::{FinishReason, Generation};

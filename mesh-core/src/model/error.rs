@@ -14,7 +14,8 @@ pub enum ModelError {
         #[source]
         source: std::io::Error,
     },
-    /// `config.json` (or the safetensors index) is missing fields or is not valid JSON.
+    /// `config.json` (the safetensors index, `tokenizer_config.json`) is missing fields, is
+    /// not valid JSON, or is too large.
     #[error("malformed {path}: {reason}")]
     MalformedConfig { path: PathBuf, reason: String },
     /// The config is well-formed but describes something this engine does not run.
@@ -60,6 +61,16 @@ pub enum ModelError {
     /// `tokenizer.json` could not be loaded or used.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The model's chat template does not compile.
+    #[error("chat template in {path} does not compile: {reason}")]
+    BadChatTemplate { path: PathBuf, reason: String },
+    /// The chat template failed while rendering a chat.
+    #[error("chat template: {0}")]
+    ChatRender(String),
+    /// The chat template refused the messages (its `raise_exception`), e.g. roles that do
+    /// not alternate as the model requires.
+    #[error("the chat template rejected the messages: {0}")]
+    ChatRejected(String),
     /// A tensor operation failed.
     #[error("tensor op: {0}")]
     Tensor(#[from] candle_core::Error),

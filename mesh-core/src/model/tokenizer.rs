@@ -47,6 +47,17 @@ impl MeshTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` with no special tokens added; special tokens written in the text
+    /// (a chat template's `<s>`) still become their ids. For text that already carries its
+    /// BOS, as a rendered chat template does.
+    pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
         self.inner
