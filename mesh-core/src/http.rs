@@ -1,6 +1,8 @@
 //! The node's local HTTP port: `/healthz` (JSON), `/metrics` (Prometheus text),
-//! `/api/earnings` (JSON, from the node's own ledger, [`earnings`]) and `/` (a dashboard
-//! page with inline SVG charts and no external assets, built in `http/dashboard.rs`).
+//! `/api/earnings` (JSON, from the node's own ledger, [`earnings`]), `POST /api/settle`
+//! (`mesh-node settle` on the running node, this machine only, [`settle`]) and `/` (a
+//! dashboard page with inline SVG charts and no external assets, built in
+//! `http/dashboard.rs`). [`get`] and [`post`] are the blocking client the commands use.
 //!
 //! ```no_run
 //! # async fn demo(node: &mesh_core::node::Node) -> std::io::Result<()> {
@@ -13,33 +15,39 @@
 //! # }
 //! ```
 //!
-//! Every handler only reads figures already at hand: the worker's latest snapshot (a
-//! `watch` channel), and peer counts and the chart's history that a sampler task
+//! Every status handler only reads figures already at hand: the worker's latest snapshot
+//! (a `watch` channel), and peer counts and the chart's history that a sampler task
 //! ([`HttpState::sample`]) refreshes on a timer. No handler waits on the span worker or
-//! the swarm. Earnings come from the ledger the node holds open (sled allows one opener,
-//! so this is how `mesh-node earnings` reads a running node's), on a blocking thread.
+//! the swarm. Earnings and settlements use the ledger the node holds open (sled allows
+//! one opener, so this is how `mesh-node earnings` and `settle` reach a running node's),
+//! on a blocking thread.
 //! The port is meant for 127.0.0.1 (or a firewalled network): it shows operational
-//! figures and has no authentication.
+//! figures and has no authentication; the one route that changes state, `/api/settle`,
+//! answers only requests from this machine.
 
+mod client;
 mod dashboard;
 pub mod earnings;
+pub mod settle;
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::future::Future;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Query, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+pub use client::{get, post, MAX_GET_BYTES};
 pub use earnings::EarningsView;
+pub use settle::{SettleAnswer, SettleError, SettleRequest};
 
 use crate::metrics::LATENCY_BUCKETS_SECS;
 use crate::node::NodeHandle;
@@ -113,6 +121,10 @@ struct Inner {
     node: OnceLock<NodeHandle>,
     sampled: Mutex<Sampled>,
     earnings: Mutex<Option<(Instant, Arc<EarningsView>)>>,
+    /// Held while a settlement runs: one at a time.
+    settling: Arc<tokio::sync::Mutex<()>>,
+    /// Settlements so far: an earnings scan that overlapped one is not cached.
+    settlements: AtomicU64,
 }
 
 /// Shared by the handlers: the machine probe, the node once it is up, sampled figures.
@@ -134,6 +146,8 @@ impl HttpState {
             node: OnceLock::new(),
             sampled: Mutex::new(Sampled::default()),
             earnings: Mutex::new(None),
+            settling: Arc::new(tokio::sync::Mutex::new(())),
+            settlements: AtomicU64::new(0),
         }))
     }
 
@@ -441,13 +455,14 @@ impl HttpState {
             }
         }
         let payee = node.peer_id();
+        let settlements = self.0.settlements.load(Ordering::SeqCst);
         let view =
             tokio::task::spawn_blocking(move || earnings::earnings_view(&store, &payee, since_ms))
                 .await
                 .map_err(|e| EarningsError::Ledger(e.to_string()))?
                 .map_err(|e| EarningsError::Ledger(e.to_string()))?;
         let view = Arc::new(view);
-        if since_ms == 0 {
+        if since_ms == 0 && settlements == self.0.settlements.load(Ordering::SeqCst) {
             *self.0.earnings.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some((Instant::now(), view.clone()));
         }
@@ -508,7 +523,7 @@ async fn api_earnings(State(s): State<HttpState>, Query(q): Query<EarningsQuery>
 async fn not_found() -> (StatusCode, &'static str) {
     (
         StatusCode::NOT_FOUND,
-        "not found: try /, /healthz, /metrics or /api/earnings\n",
+        "not found: try /, /healthz, /metrics, /api/earnings or POST /api/settle\n",
     )
 }
 
@@ -519,42 +534,26 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", routing::get(healthz))
         .route("/metrics", routing::get(metrics))
         .route("/api/earnings", routing::get(api_earnings))
+        .route(
+            "/api/settle",
+            routing::post(settle::api_settle)
+                .layer(DefaultBodyLimit::max(settle::MAX_SETTLE_REQUEST_BYTES)),
+        )
         .fallback(not_found)
         .with_state(state)
 }
 
-/// Serves the routes on `listener` until `shutdown` resolves.
+/// Serves the routes on `listener` until `shutdown` resolves. Handlers see each
+/// connection's peer address (`/api/settle` answers loopback peers only).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
-}
-
-/// A blocking `GET path` over HTTP/1.0, for `mesh-node status` and tests: the status code
-/// and body. Bodies are capped at 4 MiB.
-pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.take(4 << 20).read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response");
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(bad)?;
-    Ok((code, body.to_owned()))
 }
 
 #[cfg(test)]

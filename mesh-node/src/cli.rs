@@ -46,7 +46,8 @@ pub enum Command {
     /// Group unsettled, countersigned receipts into a batch file anyone can verify.
     ///
     /// `mesh-client verify-batch FILE` checks the file; the receipts are marked settled
-    /// unless --dry-run. Needs the node stopped (it holds the ledger open).
+    /// unless --dry-run. A running node settles itself (POST /api/settle, from this
+    /// machine only) and keeps a copy under settlements/ in its ledger directory.
     Settle(SettleArgs),
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use mesh_core::config::{self, NodeFile};
 use mesh_core::daemon::{self, Stopped};
-use mesh_core::http::{self, EarningsView, Health};
+use mesh_core::http::{self, EarningsView, Health, SettleAnswer, SettleRequest};
 use mesh_core::identity::Identity;
 use mesh_core::{ledger, probe};
 
@@ -207,23 +207,53 @@ fn open_ledger(
     Ok(Some((identity, store)))
 }
 
+/// How long `settle` waits for a running node: it scans the ledger and checks every
+/// line's signatures before it answers.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
+
 pub fn settle(a: SettleArgs) -> anyhow::Result<()> {
-    let Some((identity, store)) = open_ledger(&a.config, a.ledger_dir)? else {
-        println!("no receipts yet: nothing to settle");
-        return Ok(());
-    };
     let now = ledger::now_ms();
     let out = a
         .out
         .unwrap_or_else(|| PathBuf::from(format!("settlement-{now}.json")));
-    let opts = ledger::SettleOptions {
-        payee: identity.peer_id(),
+    let req = SettleRequest {
         since_ms: a.since.unwrap_or(0),
         min_amount: a.min_amount,
         dry_run: a.dry_run,
-        now_ms: now,
     };
-    let batch = ledger::settle(&store, &opts, &out)?;
+    // A running node holds its ledger open (sled allows one opener): the node settles and
+    // keeps a copy. An explicit --ledger-dir means that store, settled directly.
+    let from_node = match a.ledger_dir {
+        None => running_node(&a.config)?,
+        Some(_) => None,
+    };
+    let (batch, kept) = match from_node {
+        Some((pid, addr)) => {
+            let answer = settle_on_node(pid, addr, &req)?;
+            answer.batch.write(&out).with_context(|| {
+                format!(
+                    "the node settled, but writing {} failed: its copy is {}",
+                    out.display(),
+                    answer.path.display()
+                )
+            })?;
+            (answer.batch, Some((pid, answer.path)))
+        }
+        None => {
+            let Some((identity, store)) = open_ledger(&a.config, a.ledger_dir)? else {
+                println!("no receipts yet: nothing to settle");
+                return Ok(());
+            };
+            let opts = ledger::SettleOptions {
+                payee: identity.peer_id(),
+                since_ms: req.since_ms,
+                min_amount: req.min_amount,
+                dry_run: req.dry_run,
+                now_ms: now,
+            };
+            (ledger::settle(&store, &opts, &out)?, None)
+        }
+    };
     println!(
         "{} {} lines, {} payers, {} due -> {}",
         if a.dry_run { "dry run:" } else { "settled:" },
@@ -232,7 +262,38 @@ pub fn settle(a: SettleArgs) -> anyhow::Result<()> {
         batch.total_due,
         out.display()
     );
+    if let Some((pid, path)) = kept {
+        println!(
+            "by the running node (pid {pid}), which keeps its copy at {}",
+            path.display()
+        );
+    }
     Ok(())
+}
+
+/// `POST /api/settle` to a running node: the batch and where the node keeps its copy.
+fn settle_on_node(
+    pid: u32,
+    addr: std::net::SocketAddr,
+    req: &SettleRequest,
+) -> anyhow::Result<SettleAnswer> {
+    let body = serde_json::to_string(req)?;
+    // The answer is a batch: capped as a batch file is.
+    let max = ledger::settle::MAX_BATCH_BYTES;
+    let (code, body) =
+        http::post(addr, "/api/settle", &body, SETTLE_TIMEOUT, max).with_context(|| {
+            format!(
+                "the node runs (pid {pid}), but no answer from its HTTP port {addr} (if it \
+                 settled anyway, the batch is under settlements/ in its ledger directory)"
+            )
+        })?;
+    if code != 200 {
+        bail!(
+            "the node (pid {pid}) answered {code} on {addr}/api/settle: {}",
+            body.trim()
+        );
+    }
+    serde_json::from_str(&body).context("parsing the answer of /api/settle")
 }
 
 /// The running node's PID and HTTP address, if one runs for this config.

@@ -1,6 +1,7 @@
 //! What a provider earned, seen from outside the ledger while the node runs: a billed
 //! generation by a `mesh-client` process, then `/api/earnings`, `mesh-node earnings`, the
-//! dashboard (also in headless Chromium, ignored by default) and the JSON log lines.
+//! dashboard (also in headless Chromium, ignored by default), `mesh-node settle` on the
+//! running node and the JSON log lines.
 //!
 //! Needs the binaries: `cargo build --workspace --bins && cargo test --workspace`.
 
@@ -14,6 +15,7 @@ use std::process::{Command, Stdio};
 use common::*;
 use mesh_core::daemon;
 use mesh_core::http::EarningsView;
+use mesh_core::ledger::Batch;
 use ops_support::*;
 
 /// `RUST_LOG` that shows session events (a session opening is a debug event).
@@ -176,13 +178,100 @@ async fn a_billed_generation_shows_in_earnings_the_dashboard_and_json_logs() {
         "hardware from the probe"
     );
 
-    // Stopped, `earnings` reads the store itself and finds the same.
+    // `mesh-node settle` on the running node: the node settles (POST /api/settle) and
+    // keeps its own copy; a dry run marks nothing.
+    let settle = |name: &str, dry: bool| {
+        let out = dir.path().join(name);
+        let mut args = vec!["settle", "--out", out.to_str().unwrap()];
+        if dry {
+            args.push("--dry-run");
+        }
+        let o = mesh_node(&b.home, &args);
+        assert!(o.status.success(), "settle {args:?}: {}", stderr(&o));
+        let text = stdout(&o);
+        let kept = text
+            .lines()
+            .find_map(|l| l.split_once("which keeps its copy at ").map(|(_, p)| p))
+            .unwrap_or_else(|| panic!("the node's copy in the output:\n{text}"));
+        assert!(
+            text.contains(&format!("by the running node (pid {})", b.pid)),
+            "{text}"
+        );
+        assert_eq!(
+            Batch::read(Path::new(kept)).unwrap(),
+            Batch::read(&out).unwrap(),
+            "the node's copy is the batch"
+        );
+        (Batch::read(&out).unwrap(), out, text)
+    };
+    let settled_now = || {
+        let o = mesh_node(&b.home, &["earnings", "--json"]);
+        assert!(o.status.success(), "earnings --json: {}", stderr(&o));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+        rows[0]["settled"].as_u64().unwrap()
+    };
+    let (dry, _, text) = settle("dry.json", true);
+    assert!(
+        text.contains(&format!("dry run: 1 lines, 1 payers, {} due", t.amount)),
+        "{text}"
+    );
+    assert_eq!(dry.total_due, t.amount, "the batch is what was earned");
+    assert_eq!(settled_now(), 0, "a dry run marks nothing settled");
+
+    let (batch, file, text) = settle("batch.json", false);
+    assert!(
+        text.contains(&format!("settled: 1 lines, 1 payers, {} due", t.amount)),
+        "{text}"
+    );
+    assert_eq!(batch.total_due, t.amount);
+    let o = run_bin(
+        "mesh-client",
+        &b.home,
+        &["verify-batch", file.to_str().unwrap()],
+        "warn",
+    );
+    assert!(
+        o.status.success() && stdout(&o).contains("verifies"),
+        "verify-batch: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    assert_eq!(
+        settled_now(),
+        t.amount,
+        "earnings show the receipts settled"
+    );
+    let (code, body) = get(b.http, "/api/earnings");
+    assert_eq!(code, 200, "{body}");
+    let view: EarningsView = serde_json::from_str(&body).unwrap();
+    assert!(view.recent[0].settled, "{view:?}");
+    let (again, _, text) = settle("again.json", false);
+    assert!(
+        text.contains("settled: 0 lines"),
+        "nothing settled twice: {text}"
+    );
+    assert!(again.lines.is_empty() && again.total_due == 0);
+
+    // Stopped, `earnings` reads the store itself and finds the same; `settle` settles the
+    // store directly (nothing is left).
     let o = mesh_node(&b.home, &["stop"]);
     assert!(o.status.success(), "stop: {}", stderr(&o));
     let o = mesh_node(&b.home, &["earnings"]);
     let out = stdout(&o);
     assert!(o.status.success() && !out.contains("running node"), "{out}");
     assert!(out.contains(&format!("total {}", t.amount)), "{out}");
+    assert_eq!(settled_now(), t.amount);
+    let stopped = dir.path().join("stopped.json");
+    let o = mesh_node(
+        &b.home,
+        &["settle", "--dry-run", "--out", stopped.to_str().unwrap()],
+    );
+    let out = stdout(&o);
+    assert!(o.status.success(), "settle when stopped: {}", stderr(&o));
+    assert!(
+        out.contains("dry run: 0 lines") && !out.contains("running node"),
+        "{out}"
+    );
 
     // JSON log lines: ts, level, peer_id, session_id, event first, on every line; the
     // session's own events name it.

@@ -22,7 +22,7 @@
 
 mod peers;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
@@ -118,6 +118,7 @@ pub struct Audit {
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
+    path: PathBuf,
 }
 
 impl std::fmt::Debug for Store {
@@ -298,7 +299,13 @@ impl Store {
             .open()
             .map_err(StoreError::from)?;
         let tree = db.open_tree("ledger-v1").map_err(StoreError::from)?;
-        Ok(Self { db, tree })
+        let path = path.to_owned();
+        Ok(Self { db, tree, path })
+    }
+
+    /// The directory the store was opened at (a running node keeps its batches beside it).
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// fsync everything written so far.
