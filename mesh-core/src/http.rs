@@ -111,6 +111,8 @@ pub struct HealthMemory {
 struct Sampled {
     peers: usize,
     heartbeats_published: u64,
+    /// Connections closed because their peer stopped answering pings.
+    unresponsive_closed: u64,
     /// `(unix seconds, tokens served)`.
     history: VecDeque<(u64, u64)>,
 }
@@ -186,6 +188,7 @@ impl HttpState {
                 let mut s = self.sampled();
                 s.peers = stats.connected_peers;
                 s.heartbeats_published = stats.heartbeats_published;
+                s.unresponsive_closed = stats.unresponsive_closed;
             }
             self.push_point(tokens(node));
         }
@@ -244,7 +247,7 @@ impl HttpState {
         let one = |v: String| vec![(String::new(), v)];
         let sampled = {
             let s = self.sampled();
-            (s.peers, s.heartbeats_published)
+            (s.peers, s.heartbeats_published, s.unresponsive_closed)
         };
         m(
             "mesh_up",
@@ -269,6 +272,12 @@ impl HttpState {
             "counter",
             "Heartbeats this node has published.",
             &one(sampled.1.to_string()),
+        );
+        m(
+            "mesh_connections_closed_unresponsive_total",
+            "counter",
+            "Connections closed because the peer stopped answering pings.",
+            &one(sampled.2.to_string()),
         );
         if let Some(rss) = probe::process_rss_bytes() {
             m(

@@ -155,6 +155,7 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
         "mesh_bytes_total{direction=\"in\"}",
         "# TYPE mesh_errors_total counter",
         "mesh_peers_connected",
+        "# TYPE mesh_connections_closed_unresponsive_total counter",
     ] {
         assert!(
             metrics.contains(needle),
