@@ -40,20 +40,20 @@ impl MeshTokenizer {
 
     /// Token ids of `text`, with the tokenizer's special tokens (BOS) added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let enc = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        self.encode_with(text, true)
     }
 
     /// Token ids of `text` with no special tokens added; special tokens written in the text
     /// (a chat template's `<s>`) still become their ids. For text that already carries its
     /// BOS, as a rendered chat template does.
     pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        self.encode_with(text, false)
+    }
+
+    fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ModelError> {
         let enc = self
             .inner
-            .encode(text, false)
+            .encode(text, add_special_tokens)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
