@@ -113,10 +113,12 @@ pub struct P2pConfig {
     pub idle_timeout: Duration,
     /// How often each connection is pinged. Default 1 s.
     pub ping_interval: Duration,
-    /// A connection whose peer answers no ping within this is closed, so the requests on
-    /// it fail (and a client fails over) within seconds of a peer vanishing rather than at
-    /// the request timeout. It measures the peer's liveness, not its compute: pings are
-    /// answered by the connection, beside any work. Default 3 s.
+    /// A connection whose peer answers two pings in a row not within this is closed (libp2p
+    /// lets the first failure pass silently), so the requests on it fail, and a client
+    /// fails over, about 2 × (interval + timeout) after a peer vanishes rather than at the
+    /// request timeout. It measures the peer's liveness, not its compute: pings are
+    /// answered by the connection, beside any work. 3 s leaves room for a home uplink
+    /// whose queue fills during a large prefill. Default 3 s.
     pub ping_timeout: Duration,
 }
 
