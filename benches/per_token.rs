@@ -4,9 +4,9 @@
 //! - `whole/local`: embeddings, all 8 blocks and the LM head in one process;
 //! - `whole/mesh-3`: the same through a 3-server mesh on loopback (real swarms, TCP,
 //!   noise, yamux, wire frames), as a client sees it;
-//! - `whole/mesh-3-verify-{10,50}pct-{local,witness}`: the same with that fraction of each
-//!   hop's steps re-checked, against the client's own weights or against a second server
-//!   of the span (the mesh has two servers per span for this).
+//! - `whole/mesh-3-verify-{10,50,100}pct-local`, `whole/mesh-3-verify-{10,50}pct-witness`:
+//!   the same with that fraction of each hop's steps re-checked, against the client's own
+//!   weights or against a second server of the span (the mesh has two servers per span).
 //!
 //! Run: `cargo bench --bench per_token`.
 
@@ -138,7 +138,7 @@ fn whole_model(c: &mut Criterion) {
         )))),
         ..SessionContext::default()
     };
-    for pct in [10, 50] {
+    for pct in [10, 50, 100] {
         let cfg = verifying(f64::from(pct) / 100.0);
         group.bench_function(format!("mesh-3-verify-{pct}pct-local"), |b| {
             b.iter_custom(|iters| mesh_steps(cfg.clone(), local.clone(), iters))

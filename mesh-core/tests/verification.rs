@@ -296,3 +296,55 @@ async fn catch_the_liar(check_locally: bool, honest_middles: usize) -> ledger::E
     mesh.stop().await.unwrap();
     ev
 }
+
+/// Checking every step against the client's own weights costs each hop its history once,
+/// not once per check: the client keeps each hop's KV state between checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_checks_run_each_position_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    tiny::write(&model_dir).unwrap();
+    let files = ModelFiles::open(&model_dir).unwrap();
+    let head = ClientHead::load(&files, DType::F32, &Device::Cpu).unwrap();
+    let want = LocalModel::load_split(&model_dir, 1, &Device::Cpu)
+        .unwrap()
+        .generate_ids(PROMPT.to_vec(), &params(), |_| {})
+        .unwrap()
+        .generated()
+        .to_vec();
+    let mesh = LocalMesh::start(&model_dir, &BlockRange::even_split(8, 3))
+        .await
+        .unwrap();
+    let client = mesh.client().await.unwrap();
+    let reference = Arc::new(Mutex::new(LocalReference::new(model_dir.clone())));
+    let ctx = SessionContext {
+        reference: Some(reference.clone()),
+        ..SessionContext::default()
+    };
+    let cfg = SessionConfig {
+        verify: VerifyConfig {
+            rate: 1.0,
+            ..VerifyConfig::default()
+        },
+        ..SessionConfig::default()
+    };
+    let mut session =
+        RemoteSession::open_with(client.client.clone(), mesh.model().clone(), 8, cfg, ctx)
+            .await
+            .unwrap();
+    let hops = session.route().len() as u64;
+    let mut generation = Generation::new(PROMPT.to_vec(), params(), 512).unwrap();
+    pipeline::generate(&head, &mut session, &mut generation, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(generation.generated(), want.as_slice());
+    assert!(session.caught().is_empty());
+    // Every position the servers ran was checked exactly once: the prompt, then every
+    // generated token but the last (which is sampled, never sent).
+    let sent = (PROMPT.len() + want.len() - 1) as u64;
+    let run = reference.lock().unwrap().positions_run();
+    println!("{hops} hops, {sent} positions each, {run} run locally");
+    assert_eq!(run, hops * sent);
+    session.close().await;
+    mesh.stop().await.unwrap();
+}

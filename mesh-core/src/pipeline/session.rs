@@ -28,6 +28,7 @@ use super::route::{plan, Candidate, Hop, RoutePolicy};
 use super::verify::{LocalReference, VerifyConfig};
 use super::PipelineError;
 use crate::ledger::{Attestation, ClientTally, Outcome, Reputation, SignedReceipt};
+use crate::model::SpanCache;
 use crate::p2p;
 use crate::types::{BlockRange, ModelId, SessionId};
 use crate::wire::{self, WireTensor};
@@ -92,6 +93,9 @@ struct HopState {
     claims: Vec<(Tensor, Option<Attestation>)>,
     /// While checking: how many steps of `history` a second opinion confirmed.
     checked: usize,
+    /// While checking against the client's own weights: the KV state of the confirmed
+    /// steps, so the next check runs only the steps after them.
+    shadow: Option<SpanCache>,
 }
 
 impl HopState {
@@ -527,6 +531,7 @@ impl RemoteSession {
                 pending: None,
                 claims: Vec::new(),
                 checked: 0,
+                shadow: None,
             }),
             other => Err(unexpected(hop.peer, other)),
         }

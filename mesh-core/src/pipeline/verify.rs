@@ -3,10 +3,12 @@
 //! On a sampled fraction of steps the client asks for a second opinion on one hop: it
 //! re-runs that hop's whole input history through the same blocks, either itself (when it
 //! holds the weights: [`LocalReference`]) or on another server of the span, and compares
-//! the positions of this step. The second opinion is a prefill of the history, so one
-//! check costs about as much compute as the session so far on that span, plus one round
-//! trip; at rate `r` a session of `n` tokens costs about `r·n²/2` extra positions per
-//! checked hop. A server cannot tell which steps are checked: it signs every output
+//! the positions of this step. On another server the second opinion is a prefill of the
+//! whole history, so one check costs about as much compute as the session so far on that
+//! span, plus one round trip; at rate `r` a session of `n` tokens costs about `r·n²/2`
+//! extra positions per checked hop. Locally the client keeps each hop's KV state between
+//! checks, so checking costs only the positions since the last check: at most `n` per hop
+//! however high the rate. A server cannot tell which steps are checked: it signs every output
 //! ([`crate::ledger::Attestation`]), and a wrong one becomes evidence against it.
 
 use std::collections::hash_map::Entry;
@@ -15,7 +17,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::model::{ModelError, ModelFiles, SpanModel};
+use crate::model::{ModelError, ModelFiles, SpanCache, SpanModel};
 use crate::types::BlockRange;
 
 /// How much of a session a client re-checks.
@@ -63,6 +65,7 @@ pub struct LocalReference {
     model_dir: PathBuf,
     files: Option<ModelFiles>,
     spans: HashMap<BlockRange, SpanModel>,
+    positions_run: u64,
 }
 
 impl LocalReference {
@@ -72,12 +75,39 @@ impl LocalReference {
             model_dir,
             files: None,
             spans: HashMap::new(),
+            positions_run: 0,
         }
     }
 
-    /// Blocks `span` run over `history` (`[1, len, hidden]`, positions `0..len`) in f32.
-    pub fn run(&mut self, span: BlockRange, history: &Tensor) -> Result<Tensor, ModelError> {
-        let model = match self.spans.entry(span) {
+    /// Positions run so far, summed over spans: what checking has cost this client.
+    pub fn positions_run(&self) -> u64 {
+        self.positions_run
+    }
+
+    /// Blocks `span` run over `input` (`[1, seq, hidden]`) in f32, continuing `state`: the
+    /// hop's earlier inputs already run (a fresh state with room for `max_len` positions
+    /// when `None`). Keeping the state between checks makes a check cost only the positions
+    /// since the last one, not the whole history again.
+    pub fn run_from(
+        &mut self,
+        span: BlockRange,
+        state: &mut Option<SpanCache>,
+        input: &Tensor,
+        max_len: usize,
+    ) -> Result<Tensor, ModelError> {
+        let model = self.span(span)?;
+        let cache = match state {
+            Some(cache) => cache,
+            None => state.insert(model.new_cache(max_len)?),
+        };
+        let start = cache.len();
+        let output = model.forward(cache, &input.to_dtype(DType::F32)?, start)?;
+        self.positions_run += input.dim(1)? as u64;
+        Ok(output)
+    }
+
+    fn span(&mut self, span: BlockRange) -> Result<&SpanModel, ModelError> {
+        Ok(match self.spans.entry(span) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
                 let files = match self.files.take() {
@@ -86,9 +116,7 @@ impl LocalReference {
                 };
                 e.insert(SpanModel::load(files, span, DType::F32, &Device::Cpu)?)
             }
-        };
-        let mut cache = model.new_cache(history.dim(1)?)?;
-        model.forward(&mut cache, &history.to_dtype(DType::F32)?, 0)
+        })
     }
 }
 

@@ -1,6 +1,8 @@
 //! Second opinions on a hop's answer ([`crate::pipeline::verify`]): who to ask, how to
 //! compare, and what to do with a server shown wrong.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::Tensor;
 use libp2p::PeerId;
 use rand::Rng;
@@ -9,14 +11,16 @@ use super::RemoteSession;
 use crate::ledger::{now_ms, Attestation, Evidence, Reference};
 use crate::model::ModelError;
 use crate::pipeline::route::Hop;
-use crate::pipeline::verify::relative_difference;
+use crate::pipeline::verify::{relative_difference, LocalReference};
 use crate::pipeline::PipelineError;
 use crate::types::SessionId;
 use crate::wire::WireTensor;
 
-/// One opinion on a span's output over a whole history, and who gave it.
+/// One opinion on a span's output over a hop's history from position `from` on, and who
+/// gave it.
 struct Opinion {
     output: Tensor,
+    from: usize,
     reference: Reference,
 }
 
@@ -35,12 +39,18 @@ impl RemoteSession {
             return Ok(());
         }
         let hop = h.hop;
-        let history = Tensor::cat(&h.history, 1)?;
-        let Some(first) = self.opinion(hop, &history, &[]).await? else {
+        let first = match self.reference.clone() {
+            Some(reference) => Some(self.local_opinion(i, reference).await?),
+            None => {
+                let history = Tensor::cat(&h.history, 1)?;
+                self.witness_opinion(hop, &history, &[]).await?
+            }
+        };
+        let Some(first) = first else {
             tracing::debug!(peer = %hop.peer, "no second opinion available for this step");
             return Ok(());
         };
-        let Some((step, difference)) = self.first_wrong(i, &first.output)? else {
+        let Some((step, difference)) = self.first_wrong(i, &first)? else {
             let h = &mut self.hops[i];
             h.checked = h.claims.len();
             return Ok(());
@@ -51,16 +61,17 @@ impl RemoteSession {
         };
         if let Reference::Server { peer: witness, .. } = first.reference {
             // Two servers disagree: a third opinion decides.
-            let third = self.opinion(hop, &history, &[witness]).await?;
+            let history = Tensor::cat(&self.hops[i].history, 1)?;
+            let third = self.witness_opinion(hop, &history, &[witness]).await?;
             let (hop_right, witness_right) = match &third {
                 Some(t) => {
                     let from = self.hops[i].positions(self.hops[i].checked);
                     let len = history.dim(1)? - from;
                     let agree = relative_difference(
-                        &first.output.narrow(1, from, len)?,
-                        &t.output.narrow(1, from, len)?,
+                        &first.output.narrow(1, from - first.from, len)?,
+                        &t.output.narrow(1, from - t.from, len)?,
                     )? <= self.cfg.verify.tolerance;
-                    (self.first_wrong(i, &t.output)?.is_none(), agree)
+                    (self.first_wrong(i, t)?.is_none(), agree)
                 }
                 None => (false, false),
             };
@@ -93,7 +104,7 @@ impl RemoteSession {
             claimed_output: WireTensor::from_tensor(claimed)?,
             reference_output: WireTensor::from_tensor(&first.output.narrow(
                 1,
-                start_pos,
+                start_pos - first.from,
                 claimed.dim(1)?,
             )?)?,
             reference: first.reference,
@@ -107,18 +118,19 @@ impl RemoteSession {
         Err(mismatch)
     }
 
-    /// The first of hop `i`'s unchecked steps whose answer differs from `reference` (the
-    /// span's output over the whole history) beyond the tolerance, and by how much.
+    /// The first of hop `i`'s unchecked steps whose answer differs from `reference` beyond
+    /// the tolerance, and by how much.
     fn first_wrong(
         &self,
         i: usize,
-        reference: &Tensor,
+        reference: &Opinion,
     ) -> Result<Option<(usize, f32)>, PipelineError> {
         let h = &self.hops[i];
         let mut at = h.positions(h.checked);
         for (step, (claimed, _)) in h.claims.iter().enumerate().skip(h.checked) {
             let seq = claimed.dim(1)?;
-            let difference = relative_difference(claimed, &reference.narrow(1, at, seq)?)?;
+            let expected = reference.output.narrow(1, at - reference.from, seq)?;
+            let difference = relative_difference(claimed, &expected)?;
             if difference > self.cfg.verify.tolerance {
                 return Ok(Some((step, difference)));
             }
@@ -127,30 +139,48 @@ impl RemoteSession {
         Ok(None)
     }
 
-    /// Blocks `hop.span` over `history` by someone other than `hop.peer` and `exclude`:
-    /// this client itself when it holds the weights, else another server of the span.
-    /// `None` when nobody is available.
-    async fn opinion(
+    /// Hop `i`'s unchecked steps run through the client's own copy of its blocks,
+    /// continuing from the KV state of the steps confirmed before.
+    async fn local_opinion(
+        &mut self,
+        i: usize,
+        reference: Arc<Mutex<LocalReference>>,
+    ) -> Result<Opinion, PipelineError> {
+        let h = &mut self.hops[i];
+        let from = h.positions(h.checked);
+        // The state must end exactly where the unchecked steps begin; else start over.
+        let mut shadow = h.shadow.take().filter(|c| c.len() == from);
+        let (start, first_step) = match shadow {
+            Some(_) => (from, h.checked),
+            None => (0, 0),
+        };
+        let input = Tensor::cat(&h.history[first_step..], 1)?;
+        let (span, max_len) = (h.hop.span, self.cfg.max_len as usize);
+        let (output, shadow) = tokio::task::spawn_blocking(move || {
+            let mut r = reference
+                .lock()
+                .map_err(|_| ModelError::Unsupported("local reference poisoned".into()))?;
+            let output = r.run_from(span, &mut shadow, &input, max_len)?;
+            Ok::<_, ModelError>((output, shadow))
+        })
+        .await
+        .map_err(|_| ModelError::Unsupported("local check did not finish".into()))??;
+        self.hops[i].shadow = shadow;
+        Ok(Opinion {
+            output,
+            from: start,
+            reference: Reference::Local,
+        })
+    }
+
+    /// Blocks `hop.span` over the whole `history` by another server of the span than
+    /// `hop.peer` and `exclude`; `None` when nobody is available.
+    async fn witness_opinion(
         &mut self,
         hop: Hop,
         history: &Tensor,
         exclude: &[PeerId],
     ) -> Result<Option<Opinion>, PipelineError> {
-        if let (Some(reference), true) = (self.reference.clone(), exclude.is_empty()) {
-            let history = history.clone();
-            let output = tokio::task::spawn_blocking(move || {
-                let mut r = reference
-                    .lock()
-                    .map_err(|_| ModelError::Unsupported("local reference poisoned".into()))?;
-                r.run(hop.span, &history)
-            })
-            .await
-            .map_err(|_| ModelError::Unsupported("local check did not finish".into()))??;
-            return Ok(Some(Opinion {
-                output,
-                reference: Reference::Local,
-            }));
-        }
         let mut witnesses: Vec<PeerId> = self
             .candidates()
             .await?
@@ -174,6 +204,7 @@ impl RemoteSession {
                 Ok((output, session, attestation)) => {
                     return Ok(Some(Opinion {
                         output,
+                        from: 0,
                         reference: Reference::Server {
                             peer,
                             session,
