@@ -152,16 +152,10 @@ async fn a_liar_checked_against_other_servers_is_outvoted_and_caught() {
     }
 }
 
-/// A mesh whose middle span is served by the liar (alone when the session opens, so the
-/// route goes through it) and then by `honest_middles` honest servers; a generation with
-/// half the steps checked, locally or against other servers. Returns the evidence kept.
-async fn catch_the_liar(check_locally: bool, honest_middles: usize) -> ledger::Evidence {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("warn,mesh_core=info")
-        .with_test_writer()
-        .try_init();
-    let dir = tempfile::tempdir().unwrap();
-    let model_dir = dir.path().join("model");
+/// The tiny model written under `root`: its directory, files, the client's head, and what
+/// one process generates from [`PROMPT`].
+fn tiny_model(root: &std::path::Path) -> (std::path::PathBuf, ModelFiles, ClientHead, Vec<u32>) {
+    let model_dir = root.join("model");
     tiny::write(&model_dir).unwrap();
     let files = ModelFiles::open(&model_dir).unwrap();
     let head = ClientHead::load(&files, DType::F32, &Device::Cpu).unwrap();
@@ -171,6 +165,19 @@ async fn catch_the_liar(check_locally: bool, honest_middles: usize) -> ledger::E
         .unwrap()
         .generated()
         .to_vec();
+    (model_dir, files, head, want)
+}
+
+/// A mesh whose middle span is served by the liar (alone when the session opens, so the
+/// route goes through it) and then by `honest_middles` honest servers; a generation with
+/// half the steps checked, locally or against other servers. Returns the evidence kept.
+async fn catch_the_liar(check_locally: bool, honest_middles: usize) -> ledger::Evidence {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,mesh_core=info")
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let (model_dir, files, head, want) = tiny_model(dir.path());
 
     // The liar is the only server of the middle span when the session opens, so the
     // route goes through it; the honest server joins right after.
@@ -302,16 +309,7 @@ async fn catch_the_liar(check_locally: bool, honest_middles: usize) -> ledger::E
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_checks_run_each_position_once() {
     let dir = tempfile::tempdir().unwrap();
-    let model_dir = dir.path().join("model");
-    tiny::write(&model_dir).unwrap();
-    let files = ModelFiles::open(&model_dir).unwrap();
-    let head = ClientHead::load(&files, DType::F32, &Device::Cpu).unwrap();
-    let want = LocalModel::load_split(&model_dir, 1, &Device::Cpu)
-        .unwrap()
-        .generate_ids(PROMPT.to_vec(), &params(), |_| {})
-        .unwrap()
-        .generated()
-        .to_vec();
+    let (model_dir, _, head, want) = tiny_model(dir.path());
     let mesh = LocalMesh::start(&model_dir, &BlockRange::even_split(8, 3))
         .await
         .unwrap();
