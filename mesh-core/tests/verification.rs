@@ -152,6 +152,17 @@ async fn a_liar_checked_against_other_servers_is_outvoted_and_caught() {
     }
 }
 
+/// Session settings that re-check `rate` of each hop's steps.
+fn checking(rate: f64) -> SessionConfig {
+    SessionConfig {
+        verify: VerifyConfig {
+            rate,
+            ..VerifyConfig::default()
+        },
+        ..SessionConfig::default()
+    }
+}
+
 /// The tiny model written under `root`: its directory, files, the client's head, and what
 /// one process generates from [`PROMPT`].
 fn tiny_model(root: &std::path::Path) -> (std::path::PathBuf, ModelFiles, ClientHead, Vec<u32>) {
@@ -209,13 +220,7 @@ async fn catch_the_liar(check_locally: bool, honest_middles: usize) -> ledger::E
         reference: check_locally
             .then(|| Arc::new(Mutex::new(LocalReference::new(model_dir.clone())))),
     };
-    let cfg = SessionConfig {
-        verify: VerifyConfig {
-            rate: 0.5,
-            ..VerifyConfig::default()
-        },
-        ..SessionConfig::default()
-    };
+    let cfg = checking(0.5);
     let mut session =
         RemoteSession::open_with(client.client.clone(), mesh.model().clone(), 8, cfg, ctx)
             .await
@@ -319,13 +324,7 @@ async fn local_checks_run_each_position_once() {
         reference: Some(reference.clone()),
         ..SessionContext::default()
     };
-    let cfg = SessionConfig {
-        verify: VerifyConfig {
-            rate: 1.0,
-            ..VerifyConfig::default()
-        },
-        ..SessionConfig::default()
-    };
+    let cfg = checking(1.0);
     let mut session =
         RemoteSession::open_with(client.client.clone(), mesh.model().clone(), 8, cfg, ctx)
             .await
