@@ -4,7 +4,7 @@
 //! - `whole/local`: embeddings, all 8 blocks and the LM head in one process;
 //! - `whole/mesh-3`: the same through a 3-server mesh on loopback (real swarms, TCP,
 //!   noise, yamux, wire frames), as a client sees it;
-//! - `whole/mesh-3-verify-{10,50,100}pct-local`, `whole/mesh-3-verify-{10,50}pct-witness`:
+//! - `whole/mesh-3-verify-{10,50,100}pct-local`, `whole/mesh-3-verify-{10,50,100}pct-witness`:
 //!   the same with that fraction of each hop's steps re-checked, against the client's own
 //!   weights or against a second server of the span (the mesh has two servers per span).
 //!
@@ -144,7 +144,7 @@ fn whole_model(c: &mut Criterion) {
             b.iter_custom(|iters| mesh_steps(cfg.clone(), local.clone(), iters))
         });
     }
-    for pct in [10, 50] {
+    for pct in [10, 50, 100] {
         let cfg = verifying(f64::from(pct) / 100.0);
         group.bench_function(format!("mesh-3-verify-{pct}pct-witness"), |b| {
             b.iter_custom(|iters| mesh_steps(cfg.clone(), SessionContext::default(), iters))

@@ -137,19 +137,21 @@ async fn a_liar_checked_against_local_weights_is_caught_banned_and_never_paid() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_liar_checked_against_other_servers_is_outvoted_and_caught() {
     let ev = catch_the_liar(false, 2).await;
-    match ev.reference {
-        Reference::Server {
-            peer,
-            session,
-            attestation,
-        } => {
-            assert_ne!(peer, ev.server);
-            let att = attestation.expect("witnesses sign");
-            att.verify_digests(&peer, &session, 0).unwrap();
-            assert!(att.verify_digests(&ev.server, &session, 0).is_err());
-        }
-        Reference::Local => panic!("no local weights were given"),
-    }
+    let Reference::Witness {
+        peer,
+        session,
+        start_pos,
+        attestation,
+    } = ev.reference
+    else {
+        panic!("no local weights were given: {:?}", ev.reference);
+    };
+    assert_ne!(peer, ev.server);
+    // The witness's signed answer covers the positions since its last check.
+    assert!(start_pos <= ev.start_pos);
+    let att = attestation.expect("witnesses sign");
+    att.verify_digests(&peer, &session, start_pos).unwrap();
+    assert!(att.verify_digests(&ev.server, &session, start_pos).is_err());
 }
 
 /// Session settings that re-check `rate` of each hop's steps.
@@ -203,19 +205,13 @@ async fn catch_the_liar(check_locally: bool, honest_middles: usize) -> ledger::E
     )
     .await;
 
-    let client_cfg = loopback_config(Role::Client, vec![mesh.bootstrap_addr().clone()]);
-    let client_key = client_cfg.identity.signing_key();
-    let client = p2p::spawn(client_cfg).await.unwrap();
+    let (client, ledger) = billed_client(&mesh, &files, dir.path()).await;
+    let store = ledger.store.clone();
     pipeline::wait_for_coverage(&client.client, mesh.model(), 8, Duration::from_secs(30))
         .await
         .unwrap();
-    let store = Store::open(&dir.path().join("client-ledger")).unwrap();
     let ctx = SessionContext {
-        ledger: Some(ClientLedger {
-            store: store.clone(),
-            key: client_key,
-            config_hash: ConfigHash::of(&files.config).unwrap(),
-        }),
+        ledger: Some(ledger),
         reputation: Reputation::persistent(store.clone()),
         reference: check_locally
             .then(|| Arc::new(Mutex::new(LocalReference::new(model_dir.clone())))),
@@ -324,24 +320,102 @@ async fn local_checks_run_each_position_once() {
         reference: Some(reference.clone()),
         ..SessionContext::default()
     };
-    let cfg = checking(1.0);
-    let mut session =
-        RemoteSession::open_with(client.client.clone(), mesh.model().clone(), 8, cfg, ctx)
-            .await
-            .unwrap();
-    let hops = session.route().len() as u64;
-    let mut generation = Generation::new(PROMPT.to_vec(), params(), 512).unwrap();
-    pipeline::generate(&head, &mut session, &mut generation, |_| {})
-        .await
-        .unwrap();
-    assert_eq!(generation.generated(), want.as_slice());
-    assert!(session.caught().is_empty());
+    let hops = generate_checking_every_step(&client, &mesh, &head, &want, ctx).await;
     // Every position the servers ran was checked exactly once: the prompt, then every
     // generated token but the last (which is sampled, never sent).
     let sent = (PROMPT.len() + want.len() - 1) as u64;
     let run = reference.lock().unwrap().positions_run();
     println!("{hops} hops, {sent} positions each, {run} run locally");
     assert_eq!(run, hops * sent);
-    session.close().await;
     mesh.stop().await.unwrap();
+}
+
+/// Checking every step against another server costs each hop's history once more, not
+/// once per check: the witness keeps its session (and KV state) between checks. Counted
+/// from the receipts the servers billed and the client countersigned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn witness_checks_run_each_position_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_dir, files, head, want) = tiny_model(dir.path());
+    let spans = BlockRange::even_split(8, 3);
+    let mut mesh = LocalMesh::start(&model_dir, &[]).await.unwrap();
+    mesh.billing = Some((dir.path().join("ledgers"), PRICE));
+    for span in spans.iter().chain(&spans) {
+        mesh.add_node(*span).await.unwrap();
+    }
+    let (client, ledger) = billed_client(&mesh, &files, dir.path()).await;
+    let store = ledger.store.clone();
+    // Every server known, so each hop has a witness from the first check on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .client
+        .live_servers(mesh.model())
+        .await
+        .unwrap()
+        .len()
+        < 2 * spans.len()
+    {
+        assert!(Instant::now() < deadline, "servers never all heard from");
+        let _ = client.client.discover(mesh.model(), 8).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ctx = SessionContext {
+        ledger: Some(ledger),
+        ..SessionContext::default()
+    };
+    let hops = generate_checking_every_step(&client, &mesh, &head, &want, ctx).await;
+
+    let billed: u64 = store
+        .entries()
+        .map(|e| {
+            e.unwrap()
+                .countersigned
+                .expect("every session was countersigned")
+        })
+        .map(|r| r.receipt.prefill_tokens + r.receipt.decode_tokens)
+        .sum();
+    let sent = (PROMPT.len() + want.len() - 1) as u64;
+    println!("{hops} hops, {sent} positions each, {billed} positions billed in all");
+    // Each position once by the hop's server and once by its witness.
+    assert_eq!(billed, 2 * hops * sent);
+    mesh.stop().await.unwrap();
+}
+
+/// One generation from [`PROMPT`] with every step checked, on honest servers: the output
+/// is `want` and nobody is caught. Returns the route's hop count.
+async fn generate_checking_every_step(
+    client: &p2p::Peer,
+    mesh: &LocalMesh,
+    head: &ClientHead,
+    want: &[u32],
+    ctx: SessionContext,
+) -> u64 {
+    let model = mesh.model().clone();
+    let mut session = RemoteSession::open_with(client.client.clone(), model, 8, checking(1.0), ctx)
+        .await
+        .unwrap();
+    let hops = session.route().len() as u64;
+    let mut generation = Generation::new(PROMPT.to_vec(), params(), 512).unwrap();
+    pipeline::generate(head, &mut session, &mut generation, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(generation.generated(), want);
+    assert!(session.caught().is_empty() && session.banned().is_empty());
+    session.close().await;
+    hops
+}
+
+/// A client peer of `mesh` with its own ledger under `root`, countersigning receipts.
+async fn billed_client(
+    mesh: &LocalMesh,
+    files: &ModelFiles,
+    root: &std::path::Path,
+) -> (p2p::Peer, ClientLedger) {
+    let cfg = loopback_config(Role::Client, vec![mesh.bootstrap_addr().clone()]);
+    let ledger = ClientLedger {
+        store: Store::open(&root.join("client-ledger")).unwrap(),
+        key: cfg.identity.signing_key(),
+        config_hash: ConfigHash::of(&files.config).unwrap(),
+    };
+    (p2p::spawn(cfg).await.unwrap(), ledger)
 }

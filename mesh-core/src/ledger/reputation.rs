@@ -96,7 +96,8 @@ pub enum Reference {
     /// The client re-ran the blocks itself from the same weights.
     Local,
     /// Another server of the span, with its own signed answer: the whole history run
-    /// from position 0 in a session of its own.
+    /// from position 0 in a session of its own. (Written before witnesses were kept
+    /// between checks; read as [`Reference::Witness`] from position 0.)
     Server {
         #[serde(with = "hex::peer")]
         peer: PeerId,
@@ -104,6 +105,35 @@ pub enum Reference {
         session: SessionId,
         attestation: Option<Box<Attestation>>,
     },
+    /// Another server of the span, in a session of its own that had already run the
+    /// hop's history before `start_pos`; its signed answer covers the positions from
+    /// `start_pos` on (check its attestation at that position). Appended after
+    /// `Server`, so records stored before it still decode.
+    Witness {
+        #[serde(with = "hex::peer")]
+        peer: PeerId,
+        #[serde(with = "hex::session")]
+        session: SessionId,
+        start_pos: u32,
+        attestation: Option<Box<Attestation>>,
+    },
+}
+
+impl Reference {
+    /// The server that gave the reference answer, its session, and the first position
+    /// its signed answer covers (`None` for a local check).
+    pub fn witness(&self) -> Option<(PeerId, SessionId, u32)> {
+        match self {
+            Reference::Local => None,
+            Reference::Server { peer, session, .. } => Some((*peer, *session, 0)),
+            Reference::Witness {
+                peer,
+                session,
+                start_pos,
+                ..
+            } => Some((*peer, *session, *start_pos)),
+        }
+    }
 }
 
 /// Proof that `server` answered a step wrongly: its signed claim, what the reference

@@ -96,6 +96,9 @@ struct HopState {
     /// While checking against the client's own weights: the KV state of the confirmed
     /// steps, so the next check runs only the steps after them.
     shadow: Option<SpanCache>,
+    /// While checking against other servers: a witness that ran the confirmed steps, so
+    /// the next check sends it only the steps after them.
+    witness: Option<audit::Witness>,
 }
 
 impl HopState {
@@ -311,7 +314,8 @@ impl RemoteSession {
             Some(h) if to > 0 => Some(Tensor::cat(&h.history, 1)?.narrow(1, 0, to)?),
             _ => None,
         };
-        for h in std::mem::take(&mut self.hops) {
+        for mut h in std::mem::take(&mut self.hops) {
+            self.end_witness(&mut h).await;
             if !self.banned.contains(&h.hop.peer) {
                 self.end_hop(h).await;
             } else if !self.caught.contains(&h.hop.peer) {
@@ -333,18 +337,11 @@ impl RemoteSession {
         }
     }
 
-    /// Close an honest hop's session and countersign its last receipt (the close receipt,
-    /// or the one held back if the server is gone).
-    async fn end_hop(&mut self, h: HopState) {
-        let req = SessionRequest::Close { session: h.session };
-        let receipt = match self.request(h.hop.peer, &req).await {
-            Ok(SessionResponse::Closed { receipt, .. }) => {
-                self.reputation.note(&h.hop.peer, Outcome::Served);
-                receipt.or(h.pending)
-            }
-            _ => h.pending,
-        };
-        self.countersign(h.hop.peer, h.tally, receipt).await;
+    /// Close an honest hop's session (and its witness's) and countersign its work.
+    async fn end_hop(&mut self, mut h: HopState) {
+        self.end_witness(&mut h).await;
+        self.close_session(h.hop.peer, h.session, h.tally, h.pending)
+            .await;
     }
 
     fn no_route(&self, range: BlockRange) -> PipelineError {
@@ -396,7 +393,8 @@ impl RemoteSession {
         );
         let added = new_hops.len();
         let replaced: Vec<HopState> = self.hops.splice(i..=i, new_hops).collect();
-        for old in replaced {
+        for mut old in replaced {
+            self.end_witness(&mut old).await;
             // Failed, not caught lying: it is owed what it did before failing.
             if !self.caught.contains(&old.hop.peer) {
                 self.countersign(old.hop.peer, old.tally, old.pending).await;
@@ -532,6 +530,7 @@ impl RemoteSession {
                 claims: Vec::new(),
                 checked: 0,
                 shadow: None,
+                witness: None,
             }),
             other => Err(unexpected(hop.peer, other)),
         }

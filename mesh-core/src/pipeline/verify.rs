@@ -1,15 +1,15 @@
 //! Checking that servers compute what they claim (none of Petals, exo or llama.cpp's RPC do).
 //!
-//! On a sampled fraction of steps the client asks for a second opinion on one hop: it
-//! re-runs that hop's whole input history through the same blocks, either itself (when it
-//! holds the weights: [`LocalReference`]) or on another server of the span, and compares
-//! the positions of this step. On another server the second opinion is a prefill of the
-//! whole history, so one check costs about as much compute as the session so far on that
-//! span, plus one round trip; at rate `r` a session of `n` tokens costs about `r·n²/2`
-//! extra positions per checked hop. Locally the client keeps each hop's KV state between
-//! checks, so checking costs only the positions since the last check: at most `n` per hop
-//! however high the rate. A server cannot tell which steps are checked: it signs every output
-//! ([`crate::ledger::Attestation`]), and a wrong one becomes evidence against it.
+//! On a sampled fraction of steps the client asks for a second opinion on one hop: the
+//! same blocks run over the hop's inputs since its last check, either by the client itself
+//! (when it holds the weights: [`LocalReference`]) or by another server of the span (a
+//! witness), and every answer since that check is compared. Both keep their KV state
+//! between checks (the client in `HopState::shadow`, the witness in a session of its own
+//! that stays open), so a check runs only the positions since the last one: each position
+//! once more per hop whatever the rate, plus one round trip per check. A fresh witness
+//! (the first, or one replacing a failed one) runs the whole history once. A server cannot
+//! tell which steps are checked: it signs every output ([`crate::ledger::Attestation`]),
+//! and a wrong one becomes evidence against it.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;

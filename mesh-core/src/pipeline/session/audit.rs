@@ -7,8 +7,8 @@ use candle_core::Tensor;
 use libp2p::PeerId;
 use rand::Rng;
 
-use super::RemoteSession;
-use crate::ledger::{now_ms, Attestation, Evidence, Reference};
+use super::{HopState, RemoteSession};
+use crate::ledger::{now_ms, Attestation, ClientTally, Evidence, Reference, SignedReceipt};
 use crate::model::ModelError;
 use crate::pipeline::route::Hop;
 use crate::pipeline::verify::{relative_difference, LocalReference};
@@ -22,6 +22,39 @@ struct Opinion {
     output: Tensor,
     from: usize,
     reference: Reference,
+}
+
+/// Another server of a hop's span, in a session of its own that has run the hop's inputs
+/// up to `positions`. Kept between checks, so each check sends it only the steps since
+/// the last one instead of the whole history again.
+pub(super) struct Witness {
+    hop: Hop,
+    session: SessionId,
+    tally: Option<ClientTally>,
+    /// Its newest receipt, held until the session ends (it is countersigned then).
+    pending: Option<Box<SignedReceipt>>,
+    positions: usize,
+}
+
+impl Witness {
+    fn new(state: HopState) -> Self {
+        Self {
+            hop: state.hop,
+            session: state.session,
+            tally: state.tally,
+            pending: state.pending,
+            positions: 0,
+        }
+    }
+
+    /// Count an answer over `positions` more positions and hold its receipt.
+    fn took(&mut self, positions: usize, receipt: Option<Box<SignedReceipt>>) {
+        if let Some(tally) = self.tally.as_mut() {
+            tally.record_positions(positions as u64);
+        }
+        super::hold_back(true, &mut self.pending, receipt);
+        self.positions += positions;
+    }
 }
 
 impl RemoteSession {
@@ -41,10 +74,7 @@ impl RemoteSession {
         let hop = h.hop;
         let first = match self.reference.clone() {
             Some(reference) => Some(self.local_opinion(i, reference).await?),
-            None => {
-                let history = Tensor::cat(&h.history, 1)?;
-                self.witness_opinion(hop, &history, &[]).await?
-            }
+            None => self.witness_opinion(i).await?,
         };
         let Some(first) = first else {
             tracing::debug!(peer = %hop.peer, "no second opinion available for this step");
@@ -59,10 +89,17 @@ impl RemoteSession {
             peer: hop.peer,
             difference,
         };
-        if let Reference::Server { peer: witness, .. } = first.reference {
-            // Two servers disagree: a third opinion decides.
+        if let Some((witness, _, _)) = first.reference.witness() {
+            // Two servers disagree: a third opinion decides, over the whole history.
             let history = Tensor::cat(&self.hops[i].history, 1)?;
-            let third = self.witness_opinion(hop, &history, &[witness]).await?;
+            let third = match self.fresh_witness(hop, &history, &[witness]).await? {
+                Some((opinion, w)) => {
+                    self.close_session(w.hop.peer, w.session, w.tally, w.pending)
+                        .await;
+                    Some(opinion)
+                }
+                None => None,
+            };
             let (hop_right, witness_right) = match &third {
                 Some(t) => {
                     let from = self.hops[i].positions(self.hops[i].checked);
@@ -80,12 +117,14 @@ impl RemoteSession {
                 self.caught.push(witness);
                 self.banned.insert(witness);
                 let h = &mut self.hops[i];
+                h.witness = None;
                 h.checked = h.claims.len();
                 return Ok(());
             }
             if !witness_right {
                 tracing::warn!(peer = %hop.peer, %witness, "two servers disagree and no third opinion settles it; dropping both");
                 self.banned.insert(witness);
+                self.hops[i].witness = None;
                 self.hops[i].pending = None;
                 return Err(mismatch);
             }
@@ -173,14 +212,63 @@ impl RemoteSession {
         })
     }
 
+    /// Hop `i`'s unchecked steps run by another server of its span: the witness kept
+    /// from the last check when it is still there (only the new steps are sent), else a
+    /// fresh one over the whole history. `None` when nobody is available.
+    async fn witness_opinion(&mut self, i: usize) -> Result<Option<Opinion>, PipelineError> {
+        let h = &mut self.hops[i];
+        let (hop, from, kept) = (h.hop, h.positions(h.checked), h.witness.take());
+        if let Some(mut w) = kept {
+            let input = Tensor::cat(&self.hops[i].history[self.hops[i].checked..], 1)?;
+            let usable = w.positions == from && !self.banned.contains(&w.hop.peer);
+            let answer = match usable {
+                true => Some(
+                    self.forward(w.hop.peer, w.session, &input, from as u32)
+                        .await,
+                ),
+                false => None,
+            };
+            match answer {
+                Some(Ok((output, receipt, attestation))) => {
+                    w.took(input.dim(1)?, receipt);
+                    let reference = witnessed(&w, from, attestation);
+                    self.hops[i].witness = Some(w);
+                    return Ok(Some(Opinion {
+                        output,
+                        from,
+                        reference,
+                    }));
+                }
+                Some(Err(e)) => {
+                    // Gone or failed: it is owed what it did; a fresh witness takes over.
+                    tracing::debug!(peer = %w.hop.peer, "witness failed: {e}");
+                    self.countersign(w.hop.peer, w.tally, w.pending).await;
+                }
+                None => {
+                    self.close_session(w.hop.peer, w.session, w.tally, w.pending)
+                        .await
+                }
+            }
+        }
+        let history = Tensor::cat(&self.hops[i].history, 1)?;
+        Ok(match self.fresh_witness(hop, &history, &[]).await? {
+            Some((opinion, w)) => {
+                self.hops[i].witness = Some(w);
+                Some(opinion)
+            }
+            None => None,
+        })
+    }
+
     /// Blocks `hop.span` over the whole `history` by another server of the span than
-    /// `hop.peer` and `exclude`; `None` when nobody is available.
-    async fn witness_opinion(
+    /// `hop.peer` and `exclude`, in a session of its own left open for later checks;
+    /// `None` when nobody is available.
+    async fn fresh_witness(
         &mut self,
         hop: Hop,
         history: &Tensor,
         exclude: &[PeerId],
-    ) -> Result<Option<Opinion>, PipelineError> {
+    ) -> Result<Option<(Opinion, Witness)>, PipelineError> {
         let mut witnesses: Vec<PeerId> = self
             .candidates()
             .await?
@@ -191,26 +279,24 @@ impl RemoteSession {
             .collect();
         while !witnesses.is_empty() {
             let peer = witnesses.swap_remove(self.sampler.random_range(0..witnesses.len()));
-            match self
-                .ask(
-                    Hop {
-                        peer,
-                        span: hop.span,
-                    },
-                    history,
-                )
-                .await
-            {
-                Ok((output, session, attestation)) => {
-                    return Ok(Some(Opinion {
+            let span = hop.span;
+            let mut w = match self.open_hop(Hop { peer, span }).await {
+                Ok(state) => Witness::new(state),
+                Err(e) => {
+                    tracing::debug!(%peer, "witness failed: {e}");
+                    continue;
+                }
+            };
+            match self.forward(peer, w.session, history, 0).await {
+                Ok((output, receipt, attestation)) => {
+                    w.took(history.dim(1)?, receipt);
+                    let reference = witnessed(&w, 0, attestation);
+                    let opinion = Opinion {
                         output,
                         from: 0,
-                        reference: Reference::Server {
-                            peer,
-                            session,
-                            attestation: attestation.map(Box::new),
-                        },
-                    }))
+                        reference,
+                    };
+                    return Ok(Some((opinion, w)));
                 }
                 Err(e) => tracing::debug!(%peer, "witness failed: {e}"),
             }
@@ -218,20 +304,21 @@ impl RemoteSession {
         Ok(None)
     }
 
-    /// Run `history` through `hop` in a session of its own, then end it like any hop (the
-    /// witness is paid for the work).
-    async fn ask(
-        &mut self,
-        hop: Hop,
-        history: &Tensor,
-    ) -> Result<(Tensor, SessionId, Option<Attestation>), PipelineError> {
-        let mut state = self.open_hop(hop).await?;
-        let (output, receipt, attestation) =
-            self.forward(hop.peer, state.session, history, 0).await?;
-        // Checking is on here, so the receipt is held for `end_hop` to countersign.
-        state.take_answer(history.dim(1)?, &output, receipt, attestation, true);
-        let session = state.session;
-        self.end_hop(state).await;
-        Ok((output, session, attestation))
+    /// Close hop `h`'s witness session, if it kept one, and countersign its work.
+    pub(super) async fn end_witness(&mut self, h: &mut HopState) {
+        if let Some(w) = h.witness.take() {
+            self.close_session(w.hop.peer, w.session, w.tally, w.pending)
+                .await;
+        }
+    }
+}
+
+/// Who answered, as evidence: `w`'s signed answer over positions `from..`.
+fn witnessed(w: &Witness, from: usize, attestation: Option<Attestation>) -> Reference {
+    Reference::Witness {
+        peer: w.hop.peer,
+        session: w.session,
+        start_pos: from as u32,
+        attestation: attestation.map(Box::new),
     }
 }

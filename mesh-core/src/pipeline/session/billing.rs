@@ -1,12 +1,13 @@
 //! The client's side of billing: agreeing a hop's terms at open, countersigning the
-//! receipts that match what was sent, and holding them back while checking.
+//! receipts that match what was sent, holding them back while checking, and taking the
+//! final one at close.
 
 use libp2p::PeerId;
 
 use super::RemoteSession;
-use crate::ledger::{ClientTally, ConfigHash, SignedReceipt, Store, Terms};
+use crate::ledger::{ClientTally, ConfigHash, Outcome, SignedReceipt, Store, Terms};
 use crate::pipeline::route::Hop;
-use crate::pipeline::{PipelineError, SessionRequest};
+use crate::pipeline::{PipelineError, SessionRequest, SessionResponse};
 use crate::types::SessionId;
 
 /// A client's ledger: it checks what servers bill against what it sent, countersigns,
@@ -56,6 +57,26 @@ impl RemoteSession {
             .record_opened(&terms)
             .map_err(|e| PipelineError::Ledger(e.to_string()))?;
         Ok(Some(ClientTally::new(terms)))
+    }
+
+    /// Close an honest server's session and countersign its last receipt (the close
+    /// receipt, or the one held back if the server is gone).
+    pub(super) async fn close_session(
+        &mut self,
+        peer: PeerId,
+        session: SessionId,
+        tally: Option<ClientTally>,
+        pending: Option<Box<SignedReceipt>>,
+    ) {
+        let req = SessionRequest::Close { session };
+        let receipt = match self.request(peer, &req).await {
+            Ok(SessionResponse::Closed { receipt, .. }) => {
+                self.reputation.note(&peer, Outcome::Served);
+                receipt.or(pending)
+            }
+            _ => pending,
+        };
+        self.countersign(peer, tally, receipt).await;
     }
 
     /// Countersign a receipt that matches what was sent, keep it, and hand it back to the
