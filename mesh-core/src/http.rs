@@ -113,6 +113,8 @@ struct Sampled {
     heartbeats_published: u64,
     /// Connections closed because their peer stopped answering pings.
     unresponsive_closed: u64,
+    /// Inbound connections refused by the per-IP cap.
+    ip_limited: u64,
     /// `(unix seconds, tokens served)`.
     history: VecDeque<(u64, u64)>,
 }
@@ -189,6 +191,7 @@ impl HttpState {
                 s.peers = stats.connected_peers;
                 s.heartbeats_published = stats.heartbeats_published;
                 s.unresponsive_closed = stats.unresponsive_closed;
+                s.ip_limited = stats.ip_limited;
             }
             self.push_point(tokens(node));
         }
@@ -247,7 +250,12 @@ impl HttpState {
         let one = |v: String| vec![(String::new(), v)];
         let sampled = {
             let s = self.sampled();
-            (s.peers, s.heartbeats_published, s.unresponsive_closed)
+            (
+                s.peers,
+                s.heartbeats_published,
+                s.unresponsive_closed,
+                s.ip_limited,
+            )
         };
         m(
             "mesh_up",
@@ -278,6 +286,12 @@ impl HttpState {
             "counter",
             "Connections closed because the peer stopped answering pings.",
             &one(sampled.2.to_string()),
+        );
+        m(
+            "mesh_connections_refused_per_ip_total",
+            "counter",
+            "Inbound connections refused because their IP held max_connections_per_ip already.",
+            &one(sampled.3.to_string()),
         );
         if let Some(rss) = probe::process_rss_bytes() {
             m(

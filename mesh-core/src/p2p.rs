@@ -44,6 +44,7 @@ pub mod codec;
 pub mod dht;
 mod event_loop;
 pub mod heartbeat;
+mod ip_limit;
 pub mod reachability;
 mod run;
 
@@ -55,6 +56,7 @@ pub use behaviour::{KAD_PROTOCOL, MAX_GOSSIP_BYTES};
 pub use client::{Announcement, Client, P2pStats, ResponseChannel};
 pub use codec::{MAX_FRAME_BYTES, SESSION_PROTOCOL};
 pub use event_loop::EventLoop;
+pub use ip_limit::IpLimitExceeded;
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use run::{run_bootstrap, serve};
@@ -109,6 +111,10 @@ pub struct P2pConfig {
     pub max_frame_bytes: usize,
     /// Most established inbound connections.
     pub max_connections: u32,
+    /// Most established inbound connections from one IP address, so that peers on one
+    /// host (however many peer ids it makes up) cannot take all of `max_connections`.
+    /// Default 32: room for a household or a small lab behind one NAT.
+    pub max_connections_per_ip: u32,
     /// Connections idle this long are closed. Default 60 s.
     pub idle_timeout: Duration,
     /// How often each connection is pinged. Default 1 s.
@@ -140,6 +146,7 @@ impl P2pConfig {
             lookup_timeout: Duration::from_secs(8),
             max_frame_bytes: MAX_FRAME_BYTES,
             max_connections: 256,
+            max_connections_per_ip: 32,
             idle_timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(1),
             ping_timeout: Duration::from_secs(3),

@@ -460,3 +460,52 @@ async fn a_declared_public_address_is_dialed_back_by_a_peer() {
     let client = p2p::spawn(cfg).await.unwrap();
     assert!(client.client.check_reachability().await.unwrap().is_empty());
 }
+
+/// A new client peer dialing `to` from this host (127.0.0.1).
+async fn dial_from_here(to: &Multiaddr) -> (p2p::Peer, Result<(), p2p::P2pError>) {
+    let cfg = P2pConfig::new(Identity::generate(), Role::Client);
+    let peer = p2p::spawn(cfg).await.unwrap();
+    let dialed = tokio::time::timeout(LIMIT, peer.client.dial(to.clone()))
+        .await
+        .expect("dial answered");
+    (peer, dialed)
+}
+
+/// Peer ids are free, so one host could take every connection slot; past
+/// `max_connections_per_ip` its inbound connections are refused before the handshake (and
+/// counted), and a slot one of them frees opens again. (That other addresses still get
+/// in is a unit test of `p2p/ip_limit.rs`: loopback dials all leave from 127.0.0.1.)
+#[tokio::test]
+async fn one_address_holds_at_most_its_share_of_connections() {
+    let mut cfg = P2pConfig::new(Identity::generate(), Role::Server);
+    cfg.listen = vec![local()];
+    cfg.max_connections_per_ip = 3;
+    let server = p2p::spawn(cfg).await.unwrap();
+    let addr = server.listen_addrs[0].clone();
+
+    let mut admitted = Vec::new();
+    for _ in 0..3 {
+        let (peer, dialed) = dial_from_here(&addr).await;
+        dialed.unwrap();
+        admitted.push(peer);
+        // Counted on the server's side too, so the next refusal comes before the handshake.
+        let n = admitted.len();
+        wait_stats(&server.client, "admitted", |s| s.connected_peers == n).await;
+    }
+    for _ in 0..2 {
+        let (_, dialed) = dial_from_here(&addr).await;
+        assert!(dialed.is_err(), "a 4th connection from one address got in");
+    }
+    let stats = server.client.stats().await.unwrap();
+    assert_eq!(
+        (stats.connected_peers, stats.ip_limited),
+        (3, 2),
+        "{stats:?}"
+    );
+
+    // One leaves: its slot is free again.
+    admitted.pop().unwrap().client.shutdown().await.unwrap();
+    wait_stats(&server.client, "the peer gone", |s| s.connected_peers == 2).await;
+    let (_again, dialed) = dial_from_here(&addr).await;
+    dialed.expect("a freed slot is open again");
+}

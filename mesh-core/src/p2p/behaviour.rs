@@ -11,6 +11,7 @@ use libp2p::{
 
 use super::codec::{FrameCodec, SESSION_PROTOCOL};
 use super::dht::MAX_RECORD_BYTES;
+use super::ip_limit;
 use super::reachability::{
     DIALBACK_CONNECT_TIMEOUT, DIALBACK_PROTOCOL, MAX_DIALBACK_ADDRS, MAX_DIALBACK_BYTES,
 };
@@ -28,6 +29,7 @@ pub const MAX_KAD_PACKET_BYTES: usize = 16 * 1024;
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
     pub limits: connection_limits::Behaviour,
+    pub ip_limit: ip_limit::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<MemoryStore>,
@@ -115,6 +117,7 @@ fn behaviour(key: &Keypair, cfg: &P2pConfig) -> Result<Behaviour, P2pError> {
 
     Ok(Behaviour {
         limits: connection_limits::Behaviour::new(limits),
+        ip_limit: ip_limit::Behaviour::new(cfg.max_connections_per_ip),
         identify,
         ping: ping::Behaviour::new(
             ping::Config::new()

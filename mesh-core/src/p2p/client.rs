@@ -63,6 +63,9 @@ pub struct P2pStats {
     pub events_dropped: u64,
     /// Connections closed because their peer stopped answering pings.
     pub unresponsive_closed: u64,
+    /// Inbound connections refused because their IP address already held
+    /// [`crate::p2p::P2pConfig::max_connections_per_ip`] of them.
+    pub ip_limited: u64,
     pub connected_peers: usize,
 }
 

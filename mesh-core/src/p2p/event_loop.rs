@@ -25,7 +25,7 @@ use libp2p::kad::QueryId;
 use libp2p::multiaddr::Protocol;
 use libp2p::ping;
 use libp2p::request_response::{self, OutboundRequestId};
-use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::swarm::{ConnectionId, ListenError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot};
 
@@ -33,6 +33,7 @@ use super::behaviour::{Behaviour, BehaviourEvent};
 use super::client::{Announcement, Command, P2pStats, Reply};
 use super::dht::ServerRecord;
 use super::heartbeat::LiveTable;
+use super::ip_limit::IpLimitExceeded;
 use super::reachability::Reachability;
 use super::{Event, P2pConfig, P2pError, Role};
 use crate::types::{ModelId, RemoteSpan};
@@ -288,6 +289,16 @@ impl EventLoop {
             }
             SwarmEvent::ListenerError { error, .. } => {
                 tracing::warn!("listener error: {error}");
+            }
+            SwarmEvent::IncomingConnectionError {
+                error: ListenError::Denied { cause },
+                send_back_addr,
+                ..
+            } => {
+                if cause.downcast_ref::<IpLimitExceeded>().is_some() {
+                    self.stats.ip_limited += 1;
+                }
+                tracing::debug!(%send_back_addr, "inbound connection refused: {cause}");
             }
             _ => {}
         }

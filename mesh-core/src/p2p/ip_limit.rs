@@ -1,0 +1,213 @@
+//! A cap on inbound connections from one IP address.
+//!
+//! Peer ids cost nothing, so a flooder on one machine can open as many connections as the
+//! total limit allows (libp2p's connection-limits counts per peer and in total, not per
+//! address) and lock every honest peer out. With this cap it holds at most
+//! `max_per_ip` of them; the rest of the total stays free for other hosts.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::task::{Context, Poll};
+
+use libp2p::core::transport::PortUse;
+use libp2p::core::{ConnectedPoint, Endpoint};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::behaviour::{ConnectionClosed, ConnectionEstablished};
+use libp2p::swarm::{
+    dummy, ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
+    THandlerOutEvent, ToSwarm,
+};
+use libp2p::{Multiaddr, PeerId};
+
+/// Why an inbound connection was refused: its address already holds `limit` of them.
+#[derive(Debug, thiserror::Error)]
+#[error("{ip} already holds {limit} inbound connections")]
+pub struct IpLimitExceeded {
+    pub ip: IpAddr,
+    pub limit: u32,
+}
+
+/// Counts established inbound connections by remote IP and refuses the one over the cap.
+pub(crate) struct Behaviour {
+    max_per_ip: u32,
+    inbound: HashMap<ConnectionId, IpAddr>,
+    per_ip: HashMap<IpAddr, u32>,
+}
+
+impl Behaviour {
+    pub fn new(max_per_ip: u32) -> Self {
+        Self {
+            max_per_ip,
+            inbound: HashMap::new(),
+            per_ip: HashMap::new(),
+        }
+    }
+
+    fn check(&self, remote: &Multiaddr) -> Result<(), ConnectionDenied> {
+        let Some(ip) = ip_of(remote) else {
+            return Ok(());
+        };
+        if self.per_ip.get(&ip).copied().unwrap_or(0) >= self.max_per_ip {
+            return Err(ConnectionDenied::new(IpLimitExceeded {
+                ip,
+                limit: self.max_per_ip,
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// The IP address a multiaddr starts with (none for DNS names, relays and the like).
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    match addr.iter().next()? {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    }
+}
+
+impl NetworkBehaviour for Behaviour {
+    type ConnectionHandler = dummy::ConnectionHandler;
+    type ToSwarm = Infallible;
+
+    /// Refused before the handshake, so a flooder does not even cost us a noise session.
+    fn handle_pending_inbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: &Multiaddr,
+        remote: &Multiaddr,
+    ) -> Result<(), ConnectionDenied> {
+        self.check(remote)
+    }
+
+    /// Checked again at establishment: many handshakes from one address may run at once.
+    fn handle_established_inbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        remote: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.check(remote)?;
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        match event {
+            FromSwarm::ConnectionEstablished(ConnectionEstablished {
+                connection_id,
+                endpoint: ConnectedPoint::Listener { send_back_addr, .. },
+                ..
+            }) => {
+                if let Some(ip) = ip_of(send_back_addr) {
+                    self.inbound.insert(connection_id, ip);
+                    *self.per_ip.entry(ip).or_insert(0) += 1;
+                }
+            }
+            FromSwarm::ConnectionClosed(ConnectionClosed { connection_id, .. }) => {
+                let Some(ip) = self.inbound.remove(&connection_id) else {
+                    return;
+                };
+                if let Some(n) = self.per_ip.get_mut(&ip) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.per_ip.remove(&ip);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        _: PeerId,
+        _: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        match event {}
+    }
+
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Infallible, THandlerInEvent<Self>>> {
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inbound(from: &str) -> ConnectedPoint {
+        ConnectedPoint::Listener {
+            local_addr: "/ip4/10.0.0.1/tcp/31337".parse().unwrap(),
+            send_back_addr: format!("{from}/tcp/40000").parse().unwrap(),
+        }
+    }
+
+    /// What the swarm does with an inbound connection from `from`, up to established.
+    fn connect(b: &mut Behaviour, id: usize, from: &str) -> Result<(), ConnectionDenied> {
+        let endpoint = inbound(from);
+        let ConnectedPoint::Listener {
+            local_addr: local,
+            send_back_addr: remote,
+        } = &endpoint
+        else {
+            unreachable!("inbound() is a listener endpoint")
+        };
+        let (connection_id, peer_id) = (ConnectionId::new_unchecked(id), PeerId::random());
+        b.handle_pending_inbound_connection(connection_id, local, remote)?;
+        b.handle_established_inbound_connection(connection_id, peer_id, local, remote)?;
+        b.on_swarm_event(FromSwarm::ConnectionEstablished(ConnectionEstablished {
+            peer_id,
+            connection_id,
+            endpoint: &endpoint,
+            failed_addresses: &[],
+            other_established: 0,
+        }));
+        Ok(())
+    }
+
+    fn close(b: &mut Behaviour, id: usize, from: &str) {
+        b.on_swarm_event(FromSwarm::ConnectionClosed(ConnectionClosed {
+            peer_id: PeerId::random(),
+            connection_id: ConnectionId::new_unchecked(id),
+            endpoint: &inbound(from),
+            cause: None,
+            remaining_established: 0,
+        }));
+    }
+
+    #[test]
+    fn each_address_gets_its_own_share() {
+        let mut b = Behaviour::new(2);
+        let (crowd, other, v6) = ("/ip4/192.0.2.7", "/ip4/198.51.100.9", "/ip6/2001:db8::1");
+        connect(&mut b, 1, crowd).unwrap();
+        connect(&mut b, 2, crowd).unwrap();
+        let refused = connect(&mut b, 3, crowd).unwrap_err();
+        let why = refused.downcast_ref::<IpLimitExceeded>().unwrap();
+        assert_eq!(why.limit, 2);
+        // Other hosts are not held back by the crowd.
+        connect(&mut b, 4, other).unwrap();
+        connect(&mut b, 5, v6).unwrap();
+        connect(&mut b, 6, v6).unwrap();
+        assert!(connect(&mut b, 7, v6).is_err());
+        // A closed connection frees its slot; closing one never counted changes nothing.
+        close(&mut b, 1, crowd);
+        close(&mut b, 3, crowd);
+        connect(&mut b, 8, crowd).unwrap();
+        assert!(connect(&mut b, 9, crowd).is_err());
+        assert_eq!(b.per_ip.values().sum::<u32>(), 5);
+    }
+}
