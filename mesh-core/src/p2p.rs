@@ -111,9 +111,10 @@ pub struct P2pConfig {
     pub max_frame_bytes: usize,
     /// Most established inbound connections.
     pub max_connections: u32,
-    /// Most established inbound connections from one IP address, so that peers on one
-    /// host (however many peer ids it makes up) cannot take all of `max_connections`.
-    /// Default 32: room for a household or a small lab behind one NAT.
+    /// Most established inbound connections from one IP address (an IPv6 /64 counts as
+    /// one), so that peers on one host (however many peer ids it makes up) cannot take
+    /// all of `max_connections`. Default 32: room for a household or a small lab behind
+    /// one NAT.
     pub max_connections_per_ip: u32,
     /// Connections idle this long are closed. Default 60 s.
     pub idle_timeout: Duration,

@@ -1,13 +1,15 @@
-//! A cap on inbound connections from one IP address.
+//! A cap on inbound connections from one host.
 //!
 //! Peer ids cost nothing, so a flooder on one machine can open as many connections as the
 //! total limit allows (libp2p's connection-limits counts per peer and in total, not per
 //! address) and lock every honest peer out. With this cap it holds at most
-//! `max_per_ip` of them; the rest of the total stays free for other hosts.
+//! `max_per_ip` of them; the rest of the total stays free for other hosts. A host is an
+//! IPv4 address or an IPv6 /64: one host (or home) is handed a whole /64 and can dial
+//! from any address in it, so counting IPv6 addresses one by one would cap nothing.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::task::{Context, Poll};
 
 use libp2p::core::transport::PortUse;
@@ -20,17 +22,19 @@ use libp2p::swarm::{
 };
 use libp2p::{Multiaddr, PeerId};
 
-/// Why an inbound connection was refused: its address already holds `limit` of them.
+/// Why an inbound connection was refused: its host already holds `limit` of them.
 #[derive(Debug, thiserror::Error)]
-#[error("{ip} already holds {limit} inbound connections")]
+#[error("{host} already holds {limit} inbound connections")]
 pub struct IpLimitExceeded {
-    pub ip: IpAddr,
+    /// The IPv4 address, or the IPv6 /64 (its lower 64 bits zero).
+    pub host: IpAddr,
     pub limit: u32,
 }
 
-/// Counts established inbound connections by remote IP and refuses the one over the cap.
+/// Counts established inbound connections by remote host and refuses the one over the cap.
 pub(crate) struct Behaviour {
     max_per_ip: u32,
+    /// The host of each inbound connection counted.
     inbound: HashMap<ConnectionId, IpAddr>,
     per_ip: HashMap<IpAddr, u32>,
 }
@@ -45,12 +49,12 @@ impl Behaviour {
     }
 
     fn check(&self, remote: &Multiaddr) -> Result<(), ConnectionDenied> {
-        let Some(ip) = ip_of(remote) else {
+        let Some(host) = host_of(remote) else {
             return Ok(());
         };
-        if self.per_ip.get(&ip).copied().unwrap_or(0) >= self.max_per_ip {
+        if self.per_ip.get(&host).copied().unwrap_or(0) >= self.max_per_ip {
             return Err(ConnectionDenied::new(IpLimitExceeded {
-                ip,
+                host,
                 limit: self.max_per_ip,
             }));
         }
@@ -58,11 +62,15 @@ impl Behaviour {
     }
 }
 
-/// The IP address a multiaddr starts with (none for DNS names, relays and the like).
-fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+/// The host a multiaddr dials from: its IPv4 address (also when written IPv4-mapped), or
+/// its IPv6 /64. None for DNS names, relays and the like.
+fn host_of(addr: &Multiaddr) -> Option<IpAddr> {
     match addr.iter().next()? {
         Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        Protocol::Ip6(ip) => Some(match ip.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(ip) & (u128::MAX << 64))),
+        }),
         _ => None,
     }
 }
@@ -111,19 +119,19 @@ impl NetworkBehaviour for Behaviour {
                 endpoint: ConnectedPoint::Listener { send_back_addr, .. },
                 ..
             }) => {
-                if let Some(ip) = ip_of(send_back_addr) {
-                    self.inbound.insert(connection_id, ip);
-                    *self.per_ip.entry(ip).or_insert(0) += 1;
+                if let Some(host) = host_of(send_back_addr) {
+                    self.inbound.insert(connection_id, host);
+                    *self.per_ip.entry(host).or_insert(0) += 1;
                 }
             }
             FromSwarm::ConnectionClosed(ConnectionClosed { connection_id, .. }) => {
-                let Some(ip) = self.inbound.remove(&connection_id) else {
+                let Some(host) = self.inbound.remove(&connection_id) else {
                     return;
                 };
-                if let Some(n) = self.per_ip.get_mut(&ip) {
+                if let Some(n) = self.per_ip.get_mut(&host) {
                     *n = n.saturating_sub(1);
                     if *n == 0 {
-                        self.per_ip.remove(&ip);
+                        self.per_ip.remove(&host);
                     }
                 }
             }
@@ -190,9 +198,11 @@ mod tests {
     }
 
     #[test]
-    fn each_address_gets_its_own_share() {
+    fn each_host_gets_its_own_share() {
         let mut b = Behaviour::new(2);
         let (crowd, other, v6) = ("/ip4/192.0.2.7", "/ip4/198.51.100.9", "/ip6/2001:db8::1");
+        // Addresses of one /64 are one host; the next /64 is another.
+        let (same_64, next_64) = ("/ip6/2001:db8::ffff:2", "/ip6/2001:db8:0:1::1");
         connect(&mut b, 1, crowd).unwrap();
         connect(&mut b, 2, crowd).unwrap();
         let refused = connect(&mut b, 3, crowd).unwrap_err();
@@ -201,13 +211,16 @@ mod tests {
         // Other hosts are not held back by the crowd.
         connect(&mut b, 4, other).unwrap();
         connect(&mut b, 5, v6).unwrap();
-        connect(&mut b, 6, v6).unwrap();
-        assert!(connect(&mut b, 7, v6).is_err());
+        connect(&mut b, 6, same_64).unwrap();
+        assert!(connect(&mut b, 7, same_64).is_err());
+        connect(&mut b, 10, next_64).unwrap();
+        // IPv4-mapped IPv6 is the IPv4 host.
+        assert!(connect(&mut b, 11, "/ip6/::ffff:192.0.2.7").is_err());
         // A closed connection frees its slot; closing one never counted changes nothing.
         close(&mut b, 1, crowd);
         close(&mut b, 3, crowd);
         connect(&mut b, 8, crowd).unwrap();
         assert!(connect(&mut b, 9, crowd).is_err());
-        assert_eq!(b.per_ip.values().sum::<u32>(), 5);
+        assert_eq!(b.per_ip.values().sum::<u32>(), 6);
     }
 }
