@@ -346,19 +346,7 @@ async fn witness_checks_run_each_position_once() {
     let (client, ledger) = billed_client(&mesh, &files, dir.path()).await;
     let store = ledger.store.clone();
     // Every server known, so each hop has a witness from the first check on.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client
-        .client
-        .live_servers(mesh.model())
-        .await
-        .unwrap()
-        .len()
-        < 2 * spans.len()
-    {
-        assert!(Instant::now() < deadline, "servers never all heard from");
-        let _ = client.client.discover(mesh.model(), 8).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    hear_from(&client, &mesh, 2 * spans.len()).await;
     let ctx = SessionContext {
         ledger: Some(ledger),
         ..SessionContext::default()
@@ -378,6 +366,47 @@ async fn witness_checks_run_each_position_once() {
     println!("{hops} hops, {sent} positions each, {billed} positions billed in all");
     // Each position once by the hop's server and once by its witness.
     assert_eq!(billed, 2 * hops * sent);
+    mesh.stop().await.unwrap();
+}
+
+/// A witness that fails is not asked again this session: with the only other server of
+/// the span gone, the first check finds it dead, bans it and notes one failure, and the
+/// generation still finishes with the right output (unchecked, as with no witness).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_witness_is_dropped_and_not_asked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_dir, _, head, want) = tiny_model(dir.path());
+    let whole = BlockRange::new(0, 8);
+    let mut mesh = LocalMesh::start(&model_dir, &[whole, whole]).await.unwrap();
+    let client = mesh.client().await.unwrap();
+    hear_from(&client, &mesh, 2).await;
+    let reputation = Reputation::in_memory();
+    let ctx = SessionContext {
+        reputation: reputation.clone(),
+        ..SessionContext::default()
+    };
+    let model = mesh.model().clone();
+    let mut session = RemoteSession::open_with(client.client.clone(), model, 8, checking(1.0), ctx)
+        .await
+        .unwrap();
+    let serving = session.route()[0].peer;
+    let (witness, _) = mesh
+        .servers()
+        .into_iter()
+        .find(|(p, _)| *p != serving)
+        .unwrap();
+    mesh.crash(witness);
+
+    let mut generation = Generation::new(PROMPT.to_vec(), params(), 512).unwrap();
+    pipeline::generate(&head, &mut session, &mut generation, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(generation.generated(), want.as_slice());
+    assert!(session.banned().contains(&witness));
+    assert!(!session.banned().contains(&serving));
+    let record = reputation.get(&witness);
+    assert_eq!(record.failures + record.timeouts, 1, "{record:?}");
+    session.close().await;
     mesh.stop().await.unwrap();
 }
 
@@ -418,4 +447,21 @@ async fn billed_client(
         config_hash: ConfigHash::of(&files.config).unwrap(),
     };
     (p2p::spawn(cfg).await.unwrap(), ledger)
+}
+
+/// Wait until `client` has heard the heartbeats of `servers` servers of `mesh`.
+async fn hear_from(client: &p2p::Peer, mesh: &LocalMesh, servers: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .client
+        .live_servers(mesh.model())
+        .await
+        .unwrap()
+        .len()
+        < servers
+    {
+        assert!(Instant::now() < deadline, "servers never all heard from");
+        let _ = client.client.discover(mesh.model(), 8).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

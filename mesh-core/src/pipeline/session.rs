@@ -357,14 +357,7 @@ impl RemoteSession {
         tracing::warn!("server failed: {e}");
         if let Some(peer) = e.peer() {
             self.banned.insert(peer);
-            let outcome = match &e {
-                PipelineError::Timeout { .. } => Some(Outcome::TimedOut),
-                // Recorded with its evidence when it was caught.
-                PipelineError::Mismatch { .. } => None,
-                PipelineError::Refused { reason, .. } if reason.is_transient() => None,
-                _ => Some(Outcome::Failed),
-            };
-            if let Some(outcome) = outcome {
+            if let Some(outcome) = failure_outcome(&e) {
                 self.reputation.note(&peer, outcome);
             }
         }
@@ -624,6 +617,18 @@ impl RemoteSession {
             peer,
             detail: e.to_string(),
         })
+    }
+}
+
+/// What a server's failure says of it, for its reputation (`None`: nothing to hold against
+/// it, or recorded elsewhere).
+fn failure_outcome(e: &PipelineError) -> Option<Outcome> {
+    match e {
+        PipelineError::Timeout { .. } => Some(Outcome::TimedOut),
+        // Recorded with its evidence when it was caught.
+        PipelineError::Mismatch { .. } => None,
+        PipelineError::Refused { reason, .. } if reason.is_transient() => None,
+        _ => Some(Outcome::Failed),
     }
 }
 

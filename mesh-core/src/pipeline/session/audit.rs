@@ -241,7 +241,7 @@ impl RemoteSession {
                 }
                 Some(Err(e)) => {
                     // Gone or failed: it is owed what it did; a fresh witness takes over.
-                    tracing::debug!(peer = %w.hop.peer, "witness failed: {e}");
+                    self.witness_failed(w.hop.peer, &e);
                     self.countersign(w.hop.peer, w.tally, w.pending).await;
                 }
                 None => {
@@ -283,7 +283,7 @@ impl RemoteSession {
             let mut w = match self.open_hop(Hop { peer, span }).await {
                 Ok(state) => Witness::new(state),
                 Err(e) => {
-                    tracing::debug!(%peer, "witness failed: {e}");
+                    self.witness_failed(peer, &e);
                     continue;
                 }
             };
@@ -298,10 +298,21 @@ impl RemoteSession {
                     };
                     return Ok(Some((opinion, w)));
                 }
-                Err(e) => tracing::debug!(%peer, "witness failed: {e}"),
+                Err(e) => self.witness_failed(peer, &e),
             }
         }
         Ok(None)
+    }
+
+    /// A witness that failed is not asked again in this session: a hung one would cost a
+    /// step timeout at every check. Its reputation records it like a failed hop, but
+    /// unlike a hop it does not count toward the session's failovers.
+    fn witness_failed(&mut self, peer: PeerId, e: &PipelineError) {
+        tracing::info!(%peer, "witness failed, not asked again this session: {e}");
+        self.banned.insert(peer);
+        if let Some(outcome) = super::failure_outcome(e) {
+            self.reputation.note(&peer, outcome);
+        }
     }
 
     /// Close hop `h`'s witness session, if it kept one, and countersign its work.
