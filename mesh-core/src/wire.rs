@@ -127,6 +127,26 @@ const CLAIM_PER_BYTE: usize = 16;
 /// fails before allocating it: those get at most 128 bytes per input byte, or 4 KiB.
 /// (serde itself preallocates at most 1 MiB for a sequence of claimed length.)
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], max_len: usize) -> Result<T, WireError> {
+    match decode_prefix(bytes, max_len)? {
+        (value, 0) => Ok(value),
+        (_, trailing) => Err(WireError::TrailingBytes(trailing)),
+    }
+}
+
+/// Like [`decode`], but bytes after the message are allowed and skipped; returns how many
+/// there were. For messages that newer peers may extend by appending fields (heartbeats):
+/// bincode is positional, so an older peer still reads every field it knows.
+pub fn decode_extensible<T: DeserializeOwned>(
+    bytes: &[u8],
+    max_len: usize,
+) -> Result<(T, usize), WireError> {
+    decode_prefix(bytes, max_len)
+}
+
+fn decode_prefix<T: DeserializeOwned>(
+    bytes: &[u8],
+    max_len: usize,
+) -> Result<(T, usize), WireError> {
     let max = max_len.min(FRAME_LIMIT);
     if bytes.len() > max {
         return Err(WireError::TooLarge {
@@ -148,10 +168,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], max_len: usize) -> Result<T, Wi
     };
     let need = body.len().saturating_mul(CLAIM_PER_BYTE);
     let (value, used) = decode_limited(body, need.min(tier))?;
-    if used != body.len() {
-        return Err(WireError::TrailingBytes(body.len() - used));
-    }
-    Ok(value)
+    Ok((value, body.len() - used))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -351,6 +368,10 @@ mod tests {
             decode::<Msg>(&long, 1024),
             Err(WireError::TrailingBytes(1))
         ));
+        // Only where appended fields are expected are they skipped.
+        let (skipped, extra) = decode_extensible::<Msg>(&long, 1024).unwrap();
+        assert_eq!((skipped, extra), (msg(), 1));
+        assert!(decode_extensible::<Msg>(&long, bytes.len()).is_err());
         assert!(matches!(decode::<Msg>(&[], 1024), Err(WireError::Empty)));
         assert!(decode::<Msg>(&bytes[..bytes.len() - 1], 1024).is_err());
     }

@@ -43,6 +43,10 @@ pub fn model_of_topic(hash: &TopicHash) -> Option<ModelId> {
 }
 
 /// One heartbeat on the wire (wire-encoded, at most [`MAX_HEARTBEAT_BYTES`]).
+///
+/// Extend it only by appending fields at the end: receivers skip bytes after the fields
+/// they know, so older peers keep accepting newer heartbeats (the gossipsub signature
+/// covers every byte, so nobody on the way can append).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
     /// Sender's peer id bytes; must equal the gossipsub message's signed source.
@@ -157,7 +161,9 @@ pub fn validate(
         return Err(Reject::Oversized);
     }
     let topic_model = model_of_topic(topic).ok_or(Reject::WrongModel)?;
-    let hb: Heartbeat = wire::decode(data, MAX_HEARTBEAT_BYTES).map_err(|_| Reject::Undecodable)?;
+    // Fields a newer sender appended are skipped: heartbeats grow without splitting the mesh.
+    let (hb, _): (Heartbeat, _) =
+        wire::decode_extensible(data, MAX_HEARTBEAT_BYTES).map_err(|_| Reject::Undecodable)?;
     if hb.model != topic_model.as_str() {
         return Err(Reject::WrongModel);
     }
@@ -341,6 +347,40 @@ mod tests {
     fn check(h: &Heartbeat, source: PeerId) -> Result<Valid, Reject> {
         let t = topic(&ModelId::new("tiny")).hash();
         validate(&wire::encode(h).unwrap(), &t, Some(source), NOW, SKEW)
+    }
+
+    /// A later version's heartbeat: today's fields, then fields appended after them.
+    #[derive(Serialize)]
+    struct NewerHeartbeat {
+        today: Heartbeat,
+        region: String,
+        busy_gpus: Vec<u32>,
+    }
+
+    #[test]
+    fn heartbeats_with_appended_fields_are_read_by_older_peers() {
+        let p = PeerId::random();
+        let good = hb(p);
+        let newer = NewerHeartbeat {
+            today: good.clone(),
+            region: "eu-west".into(),
+            busy_gpus: vec![0, 3],
+        };
+        let t = topic(&ModelId::new("tiny")).hash();
+        let bytes = wire::encode(&newer).unwrap();
+        assert!(bytes.len() > wire::encode(&good).unwrap().len());
+        let v = validate(&bytes, &t, Some(p), NOW, SKEW).unwrap();
+        assert_eq!(v.info, check(&good, p).unwrap().info);
+        // Appending never lifts the size bound.
+        let huge = NewerHeartbeat {
+            region: "x".repeat(MAX_HEARTBEAT_BYTES),
+            ..newer
+        };
+        let bytes = wire::encode(&huge).unwrap();
+        assert_eq!(
+            validate(&bytes, &t, Some(p), NOW, SKEW),
+            Err(Reject::Oversized)
+        );
     }
 
     #[test]
