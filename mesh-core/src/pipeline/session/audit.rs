@@ -306,8 +306,13 @@ impl RemoteSession {
 
     /// A witness that failed is not asked again in this session: a hung one would cost a
     /// step timeout at every check. Its reputation records it like a failed hop, but
-    /// unlike a hop it does not count toward the session's failovers.
+    /// unlike a hop it does not count toward the session's failovers. One that refused
+    /// (full, busy) failed nothing: it may serve this session later, as a witness or a hop.
     fn witness_failed(&mut self, peer: PeerId, e: &PipelineError) {
+        if let PipelineError::Refused { .. } = e {
+            tracing::debug!(%peer, "witness refused: {e}");
+            return;
+        }
         tracing::info!(%peer, "witness failed, not asked again this session: {e}");
         self.banned.insert(peer);
         if let Some(outcome) = super::failure_outcome(e) {
