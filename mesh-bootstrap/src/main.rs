@@ -34,6 +34,16 @@ struct Args {
     /// The identity key file; created with mode 0600 on first run.
     #[arg(long)]
     key: Option<PathBuf>,
+    /// Most inbound connections at once (every peer joining through this bootstrap holds
+    /// one while it looks the mesh up).
+    #[arg(long, default_value_t = p2p::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Most inbound connections from one IP address (an IPv6 /64 counts as one), so one
+    /// host cannot take every slot.
+    #[arg(long, default_value_t = p2p::DEFAULT_MAX_CONNECTIONS_PER_IP,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_ip: u32,
 }
 
 #[tokio::main]
@@ -63,6 +73,8 @@ async fn main() -> anyhow::Result<()> {
     };
     cfg.bootstrap = args.bootstrap;
     cfg.public_addrs = args.public_addr;
+    cfg.max_connections = args.max_connections;
+    cfg.max_connections_per_ip = args.max_connections_per_ip;
     let peer = p2p::spawn(cfg).await?;
     println!("peer id {}", peer.client.local_peer_id());
     for addr in &peer.listen_addrs {

@@ -20,6 +20,7 @@ use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
 
 use crate::model::tiny;
+use crate::p2p;
 use crate::pipeline::ServerLimits;
 use crate::types::BlockRange;
 
@@ -99,6 +100,8 @@ pub struct Network {
     pub public_addr: Vec<String>,
     pub heartbeat_secs: f64,
     pub announce_secs: f64,
+    pub max_connections: u32,
+    pub max_connections_per_ip: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -155,6 +158,8 @@ impl Default for Network {
             public_addr: Vec::new(),
             heartbeat_secs: 15.0,
             announce_secs: 120.0,
+            max_connections: p2p::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: p2p::DEFAULT_MAX_CONNECTIONS_PER_IP,
         }
     }
 }
@@ -197,6 +202,8 @@ pub struct Resolved {
     pub public_addrs: Vec<Multiaddr>,
     pub heartbeat_interval: Duration,
     pub announce_interval: Duration,
+    pub max_connections: u32,
+    pub max_connections_per_ip: u32,
     pub limits: ServerLimits,
     pub http: SocketAddr,
     pub pid_file: PathBuf,
@@ -354,6 +361,10 @@ public_addr = {public_addr}
 # Seconds between heartbeats, and between DHT re-announcements.
 heartbeat_secs = {heartbeat:?}
 announce_secs = {announce:?}
+# Inbound connections at once: in all, and from one IP address (an IPv6 /64 counts as
+# one), so one host cannot take every slot. Raise the second for many peers behind one NAT.
+max_connections = {max_connections}
+max_connections_per_ip = {max_per_ip}
 
 [limits]
 # Sessions open at once, in all and per client peer.
@@ -395,6 +406,8 @@ listen = {http}
             public_addr = toml_list(&self.network.public_addr),
             heartbeat = self.network.heartbeat_secs,
             announce = self.network.announce_secs,
+            max_connections = self.network.max_connections,
+            max_per_ip = self.network.max_connections_per_ip,
             max_sessions = self.limits.max_sessions,
             max_per_client = self.limits.max_sessions_per_client,
             cache = self.limits.cache_budget_mib,
@@ -469,6 +482,13 @@ listen = {http}
                 "max_sessions, max_sessions_per_client and max_len must be at least 1",
             ));
         }
+        let n = &self.network;
+        if n.max_connections == 0 || n.max_connections_per_ip == 0 {
+            return Err(invalid(
+                "network",
+                "max_connections and max_connections_per_ip must be at least 1",
+            ));
+        }
         let heartbeat_interval = secs(self.network.heartbeat_secs, "network.heartbeat_secs")?;
         let announce_interval = secs(self.network.announce_secs, "network.announce_secs")?;
         let listen = addrs(&self.network.listen, "network.listen")?;
@@ -490,6 +510,8 @@ listen = {http}
             public_addrs: addrs(&self.network.public_addr, "network.public_addr")?,
             heartbeat_interval,
             announce_interval,
+            max_connections: n.max_connections,
+            max_connections_per_ip: n.max_connections_per_ip,
             limits: ServerLimits {
                 max_sessions: l.max_sessions,
                 max_sessions_per_client: l.max_sessions_per_client,
@@ -535,6 +557,7 @@ mod tests {
             ..NodeFile::default()
         };
         f.network.bootstrap = vec!["/ip4/1.2.3.4/tcp/31337".into()];
+        f.network.max_connections_per_ip = 64;
         f.http.listen = "127.0.0.1:0".into();
         f.daemon.pid_file = Some("run/x.pid".into());
         assert_eq!(NodeFile::parse(&f.commented_toml()).unwrap(), f);
@@ -592,6 +615,9 @@ mod tests {
         let mut f = NodeFile::default();
         f.http.listen = "localhost".into();
         bad(f, "http.listen");
+        let mut f = NodeFile::default();
+        f.network.max_connections_per_ip = 0;
+        bad(f, "network");
     }
 
     #[test]

@@ -70,6 +70,10 @@ pub const COMMAND_QUEUE: usize = 64;
 pub const EVENT_QUEUE: usize = 256;
 /// Default TCP (and UDP/QUIC) port of a bootstrap peer.
 pub const DEFAULT_BOOTSTRAP_PORT: u16 = 31337;
+/// Default of [`P2pConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 256;
+/// Default of [`P2pConfig::max_connections_per_ip`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 32;
 
 /// What a peer is for; decides the Kademlia mode and whether it serves sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,8 +150,8 @@ impl P2pConfig {
             query_timeout: Duration::from_secs(5),
             lookup_timeout: Duration::from_secs(8),
             max_frame_bytes: MAX_FRAME_BYTES,
-            max_connections: 256,
-            max_connections_per_ip: 32,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             idle_timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(1),
             ping_timeout: Duration::from_secs(3),

@@ -143,6 +143,8 @@ pub fn p2p_config(r: &Resolved, identity: Identity) -> P2pConfig {
     p2p.heartbeat_interval = r.heartbeat_interval;
     p2p.announce_interval = r.announce_interval;
     p2p.record_ttl = r.announce_interval * 3;
+    p2p.max_connections = r.max_connections;
+    p2p.max_connections_per_ip = r.max_connections_per_ip;
     p2p
 }
 
