@@ -127,7 +127,7 @@ const CLAIM_PER_BYTE: usize = 16;
 /// fails before allocating it: those get at most 128 bytes per input byte, or 4 KiB.
 /// (serde itself preallocates at most 1 MiB for a sequence of claimed length.)
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], max_len: usize) -> Result<T, WireError> {
-    match decode_prefix(bytes, max_len)? {
+    match decode_extensible(bytes, max_len)? {
         (value, 0) => Ok(value),
         (_, trailing) => Err(WireError::TrailingBytes(trailing)),
     }
@@ -137,13 +137,6 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], max_len: usize) -> Result<T, Wi
 /// there were. For messages that newer peers may extend by appending fields (heartbeats):
 /// bincode is positional, so an older peer still reads every field it knows.
 pub fn decode_extensible<T: DeserializeOwned>(
-    bytes: &[u8],
-    max_len: usize,
-) -> Result<(T, usize), WireError> {
-    decode_prefix(bytes, max_len)
-}
-
-fn decode_prefix<T: DeserializeOwned>(
     bytes: &[u8],
     max_len: usize,
 ) -> Result<(T, usize), WireError> {
