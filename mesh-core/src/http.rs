@@ -51,6 +51,7 @@ pub use settle::{SettleAnswer, SettleError, SettleRequest};
 
 use crate::metrics::LATENCY_BUCKETS_SECS;
 use crate::node::NodeHandle;
+use crate::p2p::P2pStats;
 use crate::probe::{self, Gpu, Probe};
 
 /// Points kept for the dashboard's chart (an hour at the default 10 s sampling).
@@ -109,12 +110,8 @@ pub struct HealthMemory {
 
 #[derive(Default)]
 struct Sampled {
-    peers: usize,
-    heartbeats_published: u64,
-    /// Connections closed because their peer stopped answering pings.
-    unresponsive_closed: u64,
-    /// Inbound connections refused by the per-IP cap.
-    ip_limited: u64,
+    /// The swarm's counters at the last sample.
+    p2p: P2pStats,
     /// `(unix seconds, tokens served)`.
     history: VecDeque<(u64, u64)>,
 }
@@ -187,11 +184,7 @@ impl HttpState {
             };
             let stats = tokio::time::timeout(Duration::from_secs(2), node.client().stats()).await;
             if let Ok(Ok(stats)) = stats {
-                let mut s = self.sampled();
-                s.peers = stats.connected_peers;
-                s.heartbeats_published = stats.heartbeats_published;
-                s.unresponsive_closed = stats.unresponsive_closed;
-                s.ip_limited = stats.ip_limited;
+                self.sampled().p2p = stats;
             }
             self.push_point(tokens(node));
         }
@@ -213,7 +206,7 @@ impl HttpState {
                 ..HealthMemory::default()
             },
             vram: self.0.probe.gpus.clone(),
-            peers: self.sampled().peers,
+            peers: self.sampled().p2p.connected_peers,
             ..Health::default()
         };
         if let Some(node) = self.0.node.get() {
@@ -248,15 +241,7 @@ impl HttpState {
             }
         };
         let one = |v: String| vec![(String::new(), v)];
-        let sampled = {
-            let s = self.sampled();
-            (
-                s.peers,
-                s.heartbeats_published,
-                s.unresponsive_closed,
-                s.ip_limited,
-            )
-        };
+        let p2p = self.sampled().p2p;
         m(
             "mesh_up",
             "gauge",
@@ -273,25 +258,25 @@ impl HttpState {
             "mesh_peers_connected",
             "gauge",
             "Peers with an open connection.",
-            &one(sampled.0.to_string()),
+            &one(p2p.connected_peers.to_string()),
         );
         m(
             "mesh_heartbeats_published_total",
             "counter",
             "Heartbeats this node has published.",
-            &one(sampled.1.to_string()),
+            &one(p2p.heartbeats_published.to_string()),
         );
         m(
             "mesh_connections_closed_unresponsive_total",
             "counter",
             "Connections closed because the peer stopped answering pings.",
-            &one(sampled.2.to_string()),
+            &one(p2p.unresponsive_closed.to_string()),
         );
         m(
             "mesh_connections_refused_per_ip_total",
             "counter",
             "Inbound connections refused because their IP held max_connections_per_ip already.",
-            &one(sampled.3.to_string()),
+            &one(p2p.ip_limited.to_string()),
         );
         if let Some(rss) = probe::process_rss_bytes() {
             m(

@@ -219,34 +219,31 @@ impl RemoteSession {
         let h = &mut self.hops[i];
         let (hop, from, kept) = (h.hop, h.positions(h.checked), h.witness.take());
         if let Some(mut w) = kept {
-            let input = Tensor::cat(&self.hops[i].history[self.hops[i].checked..], 1)?;
-            let usable = w.positions == from && !self.banned.contains(&w.hop.peer);
-            let answer = match usable {
-                true => Some(
-                    self.forward(w.hop.peer, w.session, &input, from as u32)
-                        .await,
-                ),
-                false => None,
-            };
-            match answer {
-                Some(Ok((output, receipt, attestation))) => {
-                    w.took(input.dim(1)?, receipt);
-                    let reference = witnessed(&w, from, attestation);
-                    self.hops[i].witness = Some(w);
-                    return Ok(Some(Opinion {
-                        output,
-                        from,
-                        reference,
-                    }));
-                }
-                Some(Err(e)) => {
-                    // Gone or failed: it is owed what it did; a fresh witness takes over.
-                    self.witness_failed(w.hop.peer, &e);
-                    self.countersign(w.hop.peer, w.tally, w.pending).await;
-                }
-                None => {
-                    self.close_session(w.hop.peer, w.session, w.tally, w.pending)
-                        .await
+            if w.positions != from || self.banned.contains(&w.hop.peer) {
+                // Out of step with the hop: close it; a fresh witness starts over.
+                self.close_session(w.hop.peer, w.session, w.tally, w.pending)
+                    .await;
+            } else {
+                let input = Tensor::cat(&self.hops[i].history[self.hops[i].checked..], 1)?;
+                match self
+                    .forward(w.hop.peer, w.session, &input, from as u32)
+                    .await
+                {
+                    Ok((output, receipt, attestation)) => {
+                        w.took(input.dim(1)?, receipt);
+                        let reference = witnessed(&w, from, attestation);
+                        self.hops[i].witness = Some(w);
+                        return Ok(Some(Opinion {
+                            output,
+                            from,
+                            reference,
+                        }));
+                    }
+                    Err(e) => {
+                        // Gone or failed: it is owed what it did; a fresh witness takes over.
+                        self.witness_failed(w.hop.peer, &e);
+                        self.countersign(w.hop.peer, w.tally, w.pending).await;
+                    }
                 }
             }
         }
