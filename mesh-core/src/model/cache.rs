@@ -1,7 +1,6 @@
 //! The KV cache one session keeps on one span.
 
-use candle_core::DType;
-use candle_nn::kv_cache::KvCache;
+use candle_core::{DType, Tensor};
 
 use super::LlamaConfig;
 use crate::types::BlockRange;
@@ -11,7 +10,7 @@ use crate::types::BlockRange;
 #[derive(Debug, Clone)]
 pub struct SpanCache {
     pub(crate) range: BlockRange,
-    pub(crate) layers: Vec<KvCache>,
+    pub(crate) layers: Vec<LayerKv>,
     len: usize,
     max_len: usize,
 }
@@ -20,7 +19,7 @@ impl SpanCache {
     pub(crate) fn new(range: BlockRange, max_len: usize) -> Self {
         Self {
             range,
-            layers: (0..range.len()).map(|_| KvCache::new(2, max_len)).collect(),
+            layers: (0..range.len()).map(|_| LayerKv::new(max_len)).collect(),
             len: 0,
             max_len,
         }
@@ -48,14 +47,67 @@ impl SpanCache {
         self.len += tokens;
     }
 
-    /// Forget every token; the next step starts again at position 0.
+    /// Forget every token; the next step starts again at position 0. The storage stays:
+    /// every step writes its positions before anything reads them.
     pub fn reset(&mut self) {
-        self.layers.iter_mut().for_each(KvCache::reset);
         self.len = 0;
     }
 
     /// Bytes a cache of `max_len` tokens over `num_layers` blocks takes at `dtype`.
     pub fn bytes_for(cfg: &LlamaConfig, num_layers: usize, max_len: usize, dtype: DType) -> usize {
         2 * num_layers * cfg.num_kv_heads() * cfg.head_dim() * max_len * dtype.size_in_bytes()
+    }
+}
+
+/// One block's keys and values: a single `[2, batch, kv_heads, max_len, head_dim]` tensor
+/// (keys, then values), allocated on the first step. Steps write their positions in place,
+/// so the generic ops and the fused CUDA decode kernels share one layout.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerKv {
+    kv: Option<Tensor>,
+    max_len: usize,
+}
+
+impl LayerKv {
+    fn new(max_len: usize) -> Self {
+        Self { kv: None, max_len }
+    }
+
+    /// The whole cache for `batch × kv_heads` heads of `head_dim`, allocated on first use
+    /// (and again only if the shape, dtype or device changes).
+    pub fn storage(
+        &mut self,
+        batch: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<&Tensor> {
+        let dims = [2, batch, kv_heads, self.max_len, head_dim];
+        let fits = self.kv.as_ref().is_some_and(|kv| {
+            kv.dims() == dims && kv.dtype() == dtype && kv.device().same_device(device)
+        });
+        if !fits {
+            self.kv = Some(Tensor::zeros(&dims, dtype, device)?);
+        }
+        self.kv
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("cache was just allocated".into()))
+    }
+
+    /// Write `k` and `v` (`[batch, kv_heads, t, head_dim]`) at positions `pos..pos + t` and
+    /// return every key and value up to them.
+    pub fn append(
+        &mut self,
+        k: &Tensor,
+        v: &Tensor,
+        pos: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (b, heads, t, head_dim) = k.dims4()?;
+        let kv = self.storage(b, heads, head_dim, k.dtype(), k.device())?;
+        let (keys, values) = (kv.get(0)?, kv.get(1)?);
+        keys.slice_set(&k.contiguous()?, 2, pos)?;
+        values.slice_set(&v.contiguous()?, 2, pos)?;
+        Ok((keys.narrow(2, 0, pos + t)?, values.narrow(2, 0, pos + t)?))
     }
 }

@@ -22,11 +22,16 @@ pub struct ClientHead {
 
 impl ClientHead {
     pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self, ModelError> {
-        let cfg = files.config.clone();
-        let w = Weights::open(files, dtype, device)?;
+        Self::from_weights(&files.config, &Weights::open(files, dtype, device)?)
+    }
+
+    /// The head of a model of shape `cfg`, taken from `w` (at its dtype, on its device).
+    pub fn from_weights(cfg: &LlamaConfig, w: &Weights) -> Result<Self, ModelError> {
+        let cfg = cfg.clone();
+        let before = w.loaded_bytes();
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed_weight = w.get("model.embed_tokens.weight", &[v, h])?;
-        let norm = RmsNorm::load(&w, "model.norm.weight", h, cfg.rms_norm_eps)?;
+        let norm = RmsNorm::load(w, "model.norm.weight", h, cfg.rms_norm_eps)?;
         // Tied models share the embedding matrix; HF drops lm_head.weight from the file.
         let lm_weight = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
             embed_weight.clone()
@@ -37,8 +42,8 @@ impl ClientHead {
             embed: Embedding::new(embed_weight, h),
             lm_head: Linear::new(lm_weight, None),
             norm,
-            device: device.clone(),
-            weight_bytes: w.loaded_bytes(),
+            device: w.device().clone(),
+            weight_bytes: w.loaded_bytes() - before,
             config: cfg,
         })
     }
@@ -68,7 +73,11 @@ impl ClientHead {
 
     /// f32 logits `[batch, seq, vocab]` for hidden states leaving the last block.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
-        let x = self.norm.forward(&hidden.to_device(&self.device)?)?;
+        // Hidden states arrive in the last span's dtype; the head computes in its own.
+        let dtype = self.embed.embeddings().dtype();
+        let x = self
+            .norm
+            .forward(&hidden.to_device(&self.device)?.to_dtype(dtype)?)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 

@@ -1,9 +1,16 @@
 //! One Llama decoder block: RMSNorm, grouped-query attention with rotary embeddings,
 //! SwiGLU MLP, residuals.
+//!
+//! On the CPU every step runs candle's generic ops. On a GPU the q/k/v and gate/up
+//! projections are fused into one matrix each (one launch instead of three or two, the
+//! input read once), and a decode step of one token runs our own kernels
+//! ([`super::kernels`]); prefill keeps the generic ops.
 
-use candle_core::{DType, Tensor};
-use candle_nn::{kv_cache::KvCache, Linear, Module};
+use candle_core::{DType, Tensor, D};
+use candle_nn::{Linear, Module};
 
+use super::cache::LayerKv;
+use super::kernels;
 use super::rope::RopeTables;
 use super::{LlamaConfig, ModelError, Weights};
 
@@ -25,6 +32,16 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
     }
+
+    /// `x + delta` and its norm in one pass (the fused kernel).
+    fn forward_residual(&self, x: &Tensor, delta: &Tensor) -> Result<(Tensor, Tensor), ModelError> {
+        Ok(kernels::rms_norm_residual(
+            x,
+            delta,
+            &self.weight,
+            self.eps,
+        )?)
+    }
 }
 
 fn linear(
@@ -43,11 +60,72 @@ fn linear(
     Ok(Linear::new(weight, bias))
 }
 
+/// Several projections of one input: separate matrices (CPU, where the tests pin
+/// agreement with transformers op for op), or one matrix stacked along the outputs (GPU).
+#[derive(Clone, Debug)]
+enum Projections {
+    Separate(Vec<Linear>),
+    Fused { linear: Linear, widths: Vec<usize> },
+}
+
+impl Projections {
+    fn new(parts: Vec<Linear>, fuse: bool) -> Result<Self, ModelError> {
+        if !fuse {
+            return Ok(Self::Separate(parts));
+        }
+        let widths = parts
+            .iter()
+            .map(|p| p.weight().dim(0))
+            .collect::<Result<Vec<_>, _>>()?;
+        let weights: Vec<&Tensor> = parts.iter().map(Linear::weight).collect();
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(Linear::bias).collect();
+        let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
+        Ok(Self::Fused {
+            linear: Linear::new(Tensor::cat(&weights, 0)?, bias),
+            widths,
+        })
+    }
+
+    /// Stack separate matrices into one (a no-op when they already are).
+    fn fuse(&mut self) -> Result<(), ModelError> {
+        if let Self::Separate(parts) = self {
+            *self = Self::new(std::mem::take(parts), true)?;
+        }
+        Ok(())
+    }
+
+    /// Every projection's output, in the order they were given.
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>, ModelError> {
+        match self {
+            Self::Separate(parts) => Ok(parts
+                .iter()
+                .map(|p| p.forward(x))
+                .collect::<Result<_, _>>()?),
+            Self::Fused { linear, widths } => {
+                let all = linear.forward(x)?;
+                let mut at = 0;
+                let mut out = Vec::with_capacity(widths.len());
+                for &w in widths {
+                    out.push(all.narrow(D::Minus1, at, w)?);
+                    at += w;
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// The stacked output, for the fused kernels; `None` when the matrices are separate.
+    fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>, ModelError> {
+        match self {
+            Self::Separate(_) => Ok(None),
+            Self::Fused { linear, .. } => Ok(Some(linear.forward(x)?)),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Projections,
     o_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
@@ -60,10 +138,13 @@ impl Attention {
         let hd = cfg.head_dim();
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
         let bias = cfg.attention_bias;
+        let parts = vec![
+            linear(w, &format!("{prefix}.q_proj"), nh * hd, h, bias)?,
+            linear(w, &format!("{prefix}.k_proj"), nkv * hd, h, bias)?,
+            linear(w, &format!("{prefix}.v_proj"), nkv * hd, h, bias)?,
+        ];
         Ok(Self {
-            q_proj: linear(w, &format!("{prefix}.q_proj"), nh * hd, h, bias)?,
-            k_proj: linear(w, &format!("{prefix}.k_proj"), nkv * hd, h, bias)?,
-            v_proj: linear(w, &format!("{prefix}.v_proj"), nkv * hd, h, bias)?,
+            qkv: Projections::new(parts, w.device().is_cuda())?,
             o_proj: linear(w, &format!("{prefix}.o_proj"), h, nh * hd, bias)?,
             num_heads: nh,
             num_kv_heads: nkv,
@@ -77,20 +158,24 @@ impl Attention {
         x: &Tensor,
         start: usize,
         rope: &RopeTables,
-        cache: &mut KvCache,
+        cache: &mut LayerKv,
     ) -> Result<Tensor, ModelError> {
         let (b, t, _) = x.dims3()?;
-        let heads = |proj: &Linear, n: usize| -> Result<Tensor, ModelError> {
+        let heads = |proj: &Tensor, n: usize| -> Result<Tensor, ModelError> {
             Ok(proj
-                .forward(x)?
                 .reshape((b, t, n, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rope.apply(&heads(&self.q_proj, self.num_heads)?, start)?;
-        let k = rope.apply(&heads(&self.k_proj, self.num_kv_heads)?, start)?;
-        let v = heads(&self.v_proj, self.num_kv_heads)?;
-        let (k, v) = cache.append(&k, &v)?;
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv
+            .forward(x)?
+            .try_into()
+            .map_err(|_| ModelError::Unsupported("attention needs q, k and v".into()))?;
+        let q = rope.apply(&heads(&q, self.num_heads)?, start)?;
+        let k = rope.apply(&heads(&k, self.num_kv_heads)?, start)?;
+        let v = heads(&v, self.num_kv_heads)?;
+        let (k, v) = cache.append(&k, &v, start)?;
         let k = repeat_kv(k, self.num_heads / self.num_kv_heads)?;
         let v = repeat_kv(v, self.num_heads / self.num_kv_heads)?;
 
@@ -112,6 +197,34 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, t, self.num_heads * self.head_dim))?;
         Ok(self.o_proj.forward(&out)?)
+    }
+
+    /// One token of one session (`x`: `[1, 1, hidden]`) through the fused kernels:
+    /// rotary + cache append in place, then grouped-query attention over the cache.
+    /// `None` when this attention has no fused projection (the CPU).
+    fn forward_decode(
+        &self,
+        x: &Tensor,
+        start: usize,
+        rope: &RopeTables,
+        cache: &mut LayerKv,
+    ) -> Result<Option<Tensor>, ModelError> {
+        let (Some(qkv), Some(table)) = (self.qkv.forward_fused(x)?, rope.packed()) else {
+            return Ok(None);
+        };
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let kv = cache.storage(1, nkv, hd, qkv.dtype(), qkv.device())?;
+        let max_len = kv.dim(3)?;
+        let kv = kv.reshape((2, nkv, max_len, hd))?;
+        kernels::kv_append(&kv, &qkv, table, start, nh)?;
+        let q = kernels::rope_q(&qkv, table, start, nh, hd)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let out = kernels::gqa_decode_attention(&q, &kv, start + 1, scale)?;
+        Ok(Some(self.o_proj.forward(&out.reshape((
+            1,
+            1,
+            nh * hd,
+        ))?)?))
     }
 }
 
@@ -150,25 +263,39 @@ fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor, ModelError> {
 
 #[derive(Clone, Debug)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: Projections,
     down_proj: Linear,
 }
 
 impl Mlp {
     fn load(w: &Weights, prefix: &str, cfg: &LlamaConfig) -> Result<Self, ModelError> {
         let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        let parts = vec![
+            linear(w, &format!("{prefix}.gate_proj"), i, h, bias)?,
+            linear(w, &format!("{prefix}.up_proj"), i, h, bias)?,
+        ];
         Ok(Self {
-            gate_proj: linear(w, &format!("{prefix}.gate_proj"), i, h, bias)?,
-            up_proj: linear(w, &format!("{prefix}.up_proj"), i, h, bias)?,
+            gate_up: Projections::new(parts, w.device().is_cuda())?,
             down_proj: linear(w, &format!("{prefix}.down_proj"), h, i, bias)?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        let up = self.up_proj.forward(x)?;
+        let [gate, up]: [Tensor; 2] = self
+            .gate_up
+            .forward(x)?
+            .try_into()
+            .map_err(|_| ModelError::Unsupported("the MLP needs gate and up".into()))?;
+        let gate = candle_nn::ops::silu(&gate)?;
         Ok(self.down_proj.forward(&(gate * up)?)?)
+    }
+
+    /// The fused gate|up projection through the SwiGLU kernel; generic when not fused.
+    fn forward_decode(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        match self.gate_up.forward_fused(x)? {
+            Some(gate_up) => Ok(self.down_proj.forward(&kernels::swiglu(&gate_up)?)?),
+            None => self.forward(x),
+        }
     }
 }
 
@@ -179,6 +306,8 @@ pub(crate) struct Block {
     attn: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
+    /// Decode steps run the fused kernels (a GPU and a shape they are built for).
+    fused_decode: bool,
     span: tracing::Span,
 }
 
@@ -201,6 +330,12 @@ impl Block {
                 cfg.rms_norm_eps,
             )?,
             mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+            fused_decode: w.device().is_cuda()
+                && kernels::fused_decode_supported(
+                    cfg.num_attention_heads,
+                    cfg.num_kv_heads(),
+                    cfg.head_dim(),
+                ),
             span: tracing::trace_span!("block", index),
         })
     }
@@ -210,9 +345,16 @@ impl Block {
         x: &Tensor,
         start: usize,
         rope: &RopeTables,
-        cache: &mut KvCache,
+        cache: &mut LayerKv,
     ) -> Result<Tensor, ModelError> {
         let _enter = self.span.enter();
+        if self.fused_decode && x.dims()[..2] == [1, 1] {
+            let normed = self.input_layernorm.forward(x)?;
+            if let Some(attn) = self.attn.forward_decode(&normed, start, rope, cache)? {
+                let (x, normed) = self.post_attention_layernorm.forward_residual(x, &attn)?;
+                return Ok((&x + self.mlp.forward_decode(&normed)?)?);
+            }
+        }
         let attn = self
             .attn
             .forward(&self.input_layernorm.forward(x)?, start, rope, cache)?;
@@ -221,5 +363,24 @@ impl Block {
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + mlp)?)
+    }
+}
+
+impl Block {
+    /// Turn the fused decode path on or off. On a GPU it is on by default; turning it on
+    /// elsewhere stacks the projections and runs the kernels' CPU references, which is how
+    /// the tests check the path's wiring without a GPU. Shapes without kernels stay generic.
+    pub fn set_fused_decode(&mut self, on: bool, cfg: &LlamaConfig) -> Result<(), ModelError> {
+        let supported = kernels::fused_decode_supported(
+            cfg.num_attention_heads,
+            cfg.num_kv_heads(),
+            cfg.head_dim(),
+        );
+        if on && supported {
+            self.attn.qkv.fuse()?;
+            self.mlp.gate_up.fuse()?;
+        }
+        self.fused_decode = on && supported;
+        Ok(())
     }
 }

@@ -9,6 +9,9 @@ use super::{LlamaConfig, ModelError, RopeScaling};
 pub struct RopeTables {
     cos: Tensor,
     sin: Tensor,
+    /// On a GPU, for the fused decode kernels: `[max_positions, 2, head_dim / 2]` f32,
+    /// the cosines then the sines of each position next to each other.
+    packed: Option<Tensor>,
 }
 
 /// Inverse frequencies as HF's `_compute_default_rope_parameters` and
@@ -68,9 +71,40 @@ impl RopeTables {
                 sin.push(angle.sin());
             }
         }
-        let cos = Tensor::from_vec(cos, (positions, half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (positions, half), device)?.to_dtype(dtype)?;
-        Ok(Self { cos, sin })
+        let cos = Tensor::from_vec(cos, (positions, half), device)?;
+        let sin = Tensor::from_vec(sin, (positions, half), device)?;
+        let packed = if device.is_cuda() {
+            Some(Tensor::stack(&[&cos, &sin], 1)?.contiguous()?)
+        } else {
+            None
+        };
+        Ok(Self {
+            cos: cos.to_dtype(dtype)?,
+            sin: sin.to_dtype(dtype)?,
+            packed,
+        })
+    }
+
+    /// The f32 `[positions, 2, head_dim / 2]` table of the fused kernels (GPU only).
+    pub fn packed(&self) -> Option<&Tensor> {
+        self.packed.as_ref()
+    }
+
+    /// Make the packed table on a device that does not have it by default (the CPU).
+    pub fn ensure_packed(&mut self) -> Result<(), ModelError> {
+        if self.packed.is_none() {
+            self.packed = Some(self.packed_f32()?);
+        }
+        Ok(())
+    }
+
+    /// The packed table for any device, for tests of the kernels' CPU references.
+    pub fn packed_f32(&self) -> Result<Tensor, ModelError> {
+        let (cos, sin) = (
+            self.cos.to_dtype(DType::F32)?,
+            self.sin.to_dtype(DType::F32)?,
+        );
+        Ok(Tensor::stack(&[&cos, &sin], 1)?.contiguous()?)
     }
 
     /// Rotate `x` of shape `[batch, heads, seq, head_dim]` for positions `start..start+seq`.

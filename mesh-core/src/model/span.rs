@@ -27,26 +27,37 @@ impl SpanModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let config = files.config.clone();
+        let weights = Weights::open(files, dtype, device)?;
+        Self::from_weights(&files.config, &weights, range)
+    }
+
+    /// Blocks `range` of a model of shape `config`, taken from `weights` (at its dtype, on
+    /// its device).
+    pub fn from_weights(
+        config: &LlamaConfig,
+        weights: &Weights,
+        range: BlockRange,
+    ) -> Result<Self, ModelError> {
         if !range.fits(config.num_blocks()) {
             return Err(ModelError::SpanOutOfRange {
                 span: range,
                 num_blocks: config.num_blocks(),
             });
         }
-        let weights = Weights::open(files, dtype, device)?;
+        let before = weights.loaded_bytes();
         let blocks = (range.start..range.end)
-            .map(|i| Block::load(&weights, i as usize, &config))
+            .map(|i| Block::load(weights, i as usize, config))
             .collect::<Result<Vec<_>, _>>()?;
-        let rope = RopeTables::new(&config, dtype, device)?;
+        let (dtype, device) = (weights.dtype(), weights.device().clone());
+        let rope = RopeTables::new(config, dtype, &device)?;
         Ok(Self {
-            weight_bytes: weights.loaded_bytes(),
-            config,
+            weight_bytes: weights.loaded_bytes() - before,
+            config: config.clone(),
             range,
             blocks,
             rope,
             dtype,
-            device: device.clone(),
+            device,
         })
     }
 
@@ -64,6 +75,19 @@ impl SpanModel {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Whether decode steps run mesh's fused kernels (on by default on a GPU where the
+    /// model's shape has them); off runs candle's generic ops, for comparisons. On the CPU
+    /// the kernels are their references, so turning it on there tests the wiring.
+    pub fn set_fused_decode(&mut self, on: bool) -> Result<(), ModelError> {
+        if on {
+            self.rope.ensure_packed()?;
+        }
+        for block in &mut self.blocks {
+            block.set_fused_decode(on, &self.config)?;
+        }
+        Ok(())
     }
 
     /// Bytes of weights this span copied out of the model files.

@@ -5,7 +5,7 @@
 //! those copies, which is how a span's memory is shown to scale with its size.
 
 use std::cell::Cell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
@@ -101,9 +101,17 @@ pub fn parse_dtype(name: &str) -> Option<DType> {
     }
 }
 
+/// Where a model's tensors come from.
+enum Source {
+    /// Memory-mapped safetensors files: a tensor is read when a span asks for it.
+    Files(MmapedSafetensors),
+    /// Tensors already made (random-weight models that are never written to disk).
+    Memory(HashMap<String, Tensor>),
+}
+
 /// Lazily-read weights of one model, converted to `dtype` on `device` as they are taken.
 pub struct Weights {
-    tensors: MmapedSafetensors,
+    tensors: Source,
     dtype: DType,
     device: Device,
     loaded_bytes: Cell<usize>,
@@ -134,11 +142,22 @@ impl Weights {
             }
         })?;
         Ok(Self {
-            tensors,
+            tensors: Source::Files(tensors),
             dtype,
             device: device.clone(),
             loaded_bytes: Cell::new(0),
         })
+    }
+
+    /// Weights from tensors in memory, named as in a Hugging Face checkpoint; taken at
+    /// `dtype` on `device` like file weights.
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Self {
+        Self {
+            tensors: Source::Memory(tensors),
+            dtype,
+            device: device.clone(),
+            loaded_bytes: Cell::new(0),
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -155,17 +174,48 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.get(name).is_ok()
+        match &self.tensors {
+            Source::Files(files) => files.get(name).is_ok(),
+            Source::Memory(map) => map.contains_key(name),
+        }
     }
 
     /// Take one tensor, checking its dtype and shape before copying it.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        let view = self
-            .tensors
-            .get(name)
-            .map_err(|_| ModelError::MissingWeight {
-                name: name.to_string(),
-            })?;
+        let missing = || ModelError::MissingWeight {
+            name: name.to_string(),
+        };
+        let tensor = match &self.tensors {
+            Source::Files(files) => Self::read(
+                files.get(name).map_err(|_| missing())?,
+                name,
+                shape,
+                &self.device,
+            )?,
+            Source::Memory(map) => {
+                let t = map.get(name).ok_or_else(missing)?;
+                if t.dims() != shape {
+                    return Err(ModelError::WeightShape {
+                        name: name.to_string(),
+                        expected: shape.to_vec(),
+                        actual: t.dims().to_vec(),
+                    });
+                }
+                t.to_device(&self.device)?
+            }
+        };
+        let tensor = tensor.to_dtype(self.dtype)?;
+        self.loaded_bytes
+            .set(self.loaded_bytes.get() + tensor.elem_count() * self.dtype.size_in_bytes());
+        Ok(tensor)
+    }
+
+    fn read(
+        view: safetensors::tensor::TensorView<'_>,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Tensor, ModelError> {
         use candle_core::safetensors::Load;
         let stored = view.dtype();
         if !matches!(
@@ -184,9 +234,6 @@ impl Weights {
                 actual: view.shape().to_vec(),
             });
         }
-        let tensor = view.load(&self.device)?.to_dtype(self.dtype)?;
-        self.loaded_bytes
-            .set(self.loaded_bytes.get() + tensor.elem_count() * self.dtype.size_in_bytes());
-        Ok(tensor)
+        Ok(view.load(device)?)
     }
 }

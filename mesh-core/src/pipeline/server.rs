@@ -392,15 +392,17 @@ impl SpanServer {
             Ok(t) => t,
             Err(e) => return SessionResponse::Refused(Refusal::BadRequest(e.to_string())),
         };
-        let wire_dtype = input.dtype();
         let started = Instant::now();
+        // The answer travels in the span's dtype: a bf16 span sends half the bytes of f32.
+        // Copying it out waits for the device, so the time counts the whole computation.
         let output = self
             .span
             .forward(&mut state.cache, &input, start_pos as usize)
-            .and_then(|out| Ok(out.to_dtype(wire_dtype)?));
+            .map_err(|e| e.to_string())
+            .and_then(|out| WireTensor::from_tensor(&out).map_err(|e| e.to_string()));
         let output = match output {
             Ok(t) => t,
-            Err(e) => return SessionResponse::Refused(Refusal::BadRequest(e.to_string())),
+            Err(e) => return SessionResponse::Refused(Refusal::BadRequest(e)),
         };
         let micros = started.elapsed().as_micros() as u64;
         let positions = input.dim(1).unwrap_or(0) as u64;
@@ -428,18 +430,15 @@ impl SpanServer {
                 .flatten()
         });
         let receipt = self.bill(issued);
-        match WireTensor::from_tensor(&output) {
-            Ok(out) => SessionResponse::Hidden {
-                attestation: self
-                    .signer
-                    .as_ref()
-                    .map(|key| Attestation::sign(key, &session, start_pos, hidden, &out)),
-                session,
-                hidden: out,
-                compute_micros: micros,
-                receipt,
-            },
-            Err(e) => SessionResponse::Refused(Refusal::BadRequest(e.to_string())),
+        SessionResponse::Hidden {
+            attestation: self
+                .signer
+                .as_ref()
+                .map(|key| Attestation::sign(key, &session, start_pos, hidden, &output)),
+            session,
+            hidden: output,
+            compute_micros: micros,
+            receipt,
         }
     }
 
