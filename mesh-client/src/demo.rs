@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mesh_core::model::DeviceSpec;
 use mesh_core::p2p::Multiaddr;
 use mesh_core::BlockRange;
 
@@ -103,9 +104,9 @@ fn spawn(
 }
 
 impl ProcessMesh {
-    /// A bootstrap and one `mesh-node` per span of the embedded tiny model; `home` holds
-    /// their keys and the model.
-    pub fn start(home: &Path, spans: &[BlockRange]) -> Result<Self, DemoError> {
+    /// A bootstrap and one `mesh-node` per span of the embedded tiny model, computing on
+    /// `device`; `home` holds their keys and the model.
+    pub fn start(home: &Path, spans: &[BlockRange], device: DeviceSpec) -> Result<Self, DemoError> {
         let key = |n: &str| home.join(format!("{n}.key")).display().to_string();
         let (boot, bootstrap) = spawn(
             "bootstrap",
@@ -146,6 +147,8 @@ impl ProcessMesh {
                 home.join(format!("{name}-ledger")).display().to_string(),
                 "--price-per-token".into(),
                 "1".into(),
+                "--device".into(),
+                device.to_string(),
             ];
             let (child, addr) = spawn(&name, "mesh-node", &args, home)?;
             mesh.children.push(child);

@@ -31,8 +31,8 @@ use std::time::Duration;
 use mesh_core::identity::Identity;
 use mesh_core::ledger::{ConfigHash, Evidence, Reputation, SignedReceipt, Store};
 use mesh_core::model::{
-    chat, tiny, ChatTemplate, ClientHead, Generation, MeshTokenizer, ModelError, ModelFiles,
-    TextStream,
+    chat, tiny, ChatTemplate, ClientHead, DeviceSpec, Generation, MeshTokenizer, ModelError,
+    ModelFiles, TextStream,
 };
 use mesh_core::p2p::{self, Multiaddr, P2pConfig, Role};
 use mesh_core::pipeline::session::SessionContext;
@@ -115,6 +115,7 @@ pub struct MeshClientBuilder {
     session: SessionConfig,
     ledger_dir: Option<PathBuf>,
     verify_locally: bool,
+    device: DeviceSpec,
 }
 
 impl MeshClientBuilder {
@@ -175,6 +176,13 @@ impl MeshClientBuilder {
         self
     }
 
+    /// Where the embeddings and LM head compute (default: the CPU). A GPU that cannot be
+    /// used falls back to the CPU with a warning.
+    pub fn device(mut self, device: DeviceSpec) -> Self {
+        self.device = device;
+        self
+    }
+
     /// Join the mesh and load the model's head and tokenizer.
     pub async fn build(mut self) -> Result<MeshClient, ClientError> {
         let model = ModelId::new(self.model.unwrap_or_else(|| tiny::TINY_MODEL_ID.into()));
@@ -188,7 +196,11 @@ impl MeshClientBuilder {
             }
         };
         let files = ModelFiles::open(&dir)?;
-        let head = ClientHead::load(&files, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+        let device = mesh_core::model::device::select(self.device);
+        if device.fell_back {
+            tracing::warn!("client head: {}", device.description);
+        }
+        let head = ClientHead::load(&files, candle_core::DType::F32, &device.device)?;
         let tokenizer = MeshTokenizer::from_file(&files.tokenizer_path())?;
         let chat_template = ChatTemplate::from_model_dir(&dir)?;
         let mut eos = files.config.eos_tokens();

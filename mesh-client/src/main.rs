@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use mesh_client::demo::ProcessMesh;
 use mesh_client::{ChatMessage, MeshClient, SamplingParams};
-use mesh_core::model::{tiny, LocalModel};
+use mesh_core::model::{tiny, DeviceSpec, LocalModel};
 use mesh_core::p2p::Multiaddr;
 use mesh_core::pipeline::VerifyConfig;
 use mesh_core::BlockRange;
@@ -85,6 +85,9 @@ struct MeshArgs {
     /// other servers (it must hold every block's weights).
     #[arg(long)]
     verify_locally: bool,
+    /// Where the client's embeddings and LM head compute: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -112,6 +115,9 @@ enum Command {
         /// of the tiny model.
         #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
         verify: f64,
+        /// Where the nodes and the client compute: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
     },
     /// Generate text through the mesh.
     Generate {
@@ -166,6 +172,9 @@ enum Command {
         /// Model directory; default: the embedded tiny model.
         #[arg(long)]
         model_dir: Option<PathBuf>,
+        /// Where the spans and the head compute: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
     },
 }
 
@@ -182,7 +191,8 @@ async fn main() -> anyhow::Result<()> {
             sampling,
             nodes,
             verify,
-        } => demo(sampling, nodes, verify).await,
+            device,
+        } => demo(sampling, nodes, verify, device).await,
         Command::Generate { mesh, sampling } => {
             let client = connect(mesh).await?;
             stream(&client, &sampling).await
@@ -265,7 +275,8 @@ async fn main() -> anyhow::Result<()> {
             sampling,
             spans,
             model_dir,
-        } => local(sampling, spans, model_dir),
+            device,
+        } => local(sampling, spans, model_dir, device),
     }
 }
 
@@ -285,7 +296,8 @@ async fn connect(args: MeshArgs) -> anyhow::Result<MeshClient> {
             rate: args.verify,
             ..VerifyConfig::default()
         })
-        .verify_locally(args.verify_locally);
+        .verify_locally(args.verify_locally)
+        .device(args.device);
     // Finding servers that cover every block can take seconds: show that it is working.
     let spinner = indicatif::ProgressBar::new_spinner()
         .with_message("joining the mesh and waiting for servers of every block");
@@ -331,7 +343,12 @@ async fn stream(client: &MeshClient, sampling: &Sampling) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn demo(sampling: Sampling, nodes: u32, verify: f64) -> anyhow::Result<()> {
+async fn demo(
+    sampling: Sampling,
+    nodes: u32,
+    verify: f64,
+    device: DeviceSpec,
+) -> anyhow::Result<()> {
     let home = tempdir_for_demo()?;
     let model_dir = tiny::ensure(&tiny::default_dir())?;
     // The nodes read the same tiny model from their MESH_HOME.
@@ -347,7 +364,7 @@ async fn demo(sampling: Sampling, nodes: u32, verify: f64) -> anyhow::Result<()>
     );
     let mesh = tokio::task::spawn_blocking({
         let home = home.clone();
-        move || ProcessMesh::start(&home, &spans)
+        move || ProcessMesh::start(&home, &spans, device)
     })
     .await??;
     println!("bootstrap {}", mesh.bootstrap());
@@ -363,6 +380,7 @@ async fn demo(sampling: Sampling, nodes: u32, verify: f64) -> anyhow::Result<()>
             ..VerifyConfig::default()
         })
         .verify_locally(true)
+        .device(device)
         .build()
         .await
         .context("joining the local mesh")?;
@@ -434,12 +452,19 @@ fn tempdir_for_demo() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn local(sampling: Sampling, spans: u32, model_dir: Option<PathBuf>) -> anyhow::Result<()> {
+fn local(
+    sampling: Sampling,
+    spans: u32,
+    model_dir: Option<PathBuf>,
+    device: DeviceSpec,
+) -> anyhow::Result<()> {
     let dir = match model_dir {
         Some(dir) => dir,
         None => tiny::ensure(&tiny::default_dir())?,
     };
-    let model = LocalModel::load_split(&dir, spans, &candle_core::Device::Cpu)
+    let selected = mesh_core::model::device::select(device);
+    eprintln!("computing on {}", selected.description);
+    let model = LocalModel::load_split(&dir, spans, &selected.device)
         .with_context(|| format!("loading {}", dir.display()))?;
     for span in model.spans() {
         println!(

@@ -78,6 +78,8 @@ pub struct NodeFile {
     pub span_len: Option<u32>,
     /// `f32`, `f16` (`bf16` needs a GPU).
     pub dtype: String,
+    /// `cpu`, `cuda` or `cuda:N`; a GPU that cannot be used falls back to the CPU.
+    pub device: String,
     /// Price per token in micro-units.
     pub price_per_token: u64,
     /// The identity key file; default `node.key` beside this file.
@@ -138,6 +140,7 @@ impl Default for NodeFile {
             blocks: None,
             span_len: None,
             dtype: "f32".into(),
+            device: "cpu".into(),
             price_per_token: 0,
             key: None,
             log_format: "text".into(),
@@ -193,6 +196,7 @@ pub struct Resolved {
     pub blocks: Option<BlockRange>,
     pub span_len: Option<u32>,
     pub dtype: candle_core::DType,
+    pub device: crate::model::DeviceSpec,
     pub price_per_token: u64,
     pub key: PathBuf,
     pub ledger_dir: PathBuf,
@@ -339,6 +343,9 @@ model = {model}
 {span_len}
 # Weights and compute dtype: f32 or f16 (bf16 needs a GPU).
 dtype = {dtype}
+# Where the span computes: "cpu", "cuda" or "cuda:N" (a build with --features cuda).
+# A GPU that cannot be used is reported at start and the CPU serves instead.
+device = {device}
 # Price per token, in micro-units.
 price_per_token = {price}
 # The identity key (ed25519, mode 0600). Back it up: it is this node's identity and
@@ -397,6 +404,7 @@ listen = {http}
             blocks = opt_line("blocks", self.blocks.as_deref().map(toml_str), "\"0..8\""),
             span_len = opt_line("span_len", self.span_len.map(|n| n.to_string()), "8"),
             dtype = toml_str(&self.dtype),
+            device = toml_str(&self.device),
             price = self.price_per_token,
             key = opt_line("key", path(&self.key), "\"node.key\""),
             log_format = toml_str(&self.log_format),
@@ -459,6 +467,10 @@ listen = {http}
                 format!("{:?}: expected f32, f16 or bf16", self.dtype),
             )
         })?;
+        let device = self
+            .device
+            .parse::<crate::model::DeviceSpec>()
+            .map_err(|m| invalid("device", m))?;
         let json_logs = match self.log_format.as_str() {
             "text" => false,
             "json" => true,
@@ -501,6 +513,7 @@ listen = {http}
             blocks,
             span_len: self.span_len,
             dtype,
+            device,
             price_per_token: self.price_per_token,
             key: abs(self.key.as_deref().unwrap_or(Path::new("node.key"))),
             ledger_dir: abs(self.ledger_dir.as_deref().unwrap_or(Path::new("ledger"))),

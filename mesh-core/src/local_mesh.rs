@@ -47,6 +47,9 @@ pub struct LocalMesh {
     /// When set, nodes added from now on keep receipts under this folder (one store per
     /// node) and bill at this price.
     pub billing: Option<(PathBuf, u64)>,
+    /// What nodes added from now on compute in and on.
+    pub dtype: DType,
+    pub device: Device,
 }
 
 /// A peer config listening on an ephemeral loopback port.
@@ -61,6 +64,16 @@ pub fn loopback_config(role: Role, bootstrap: Vec<Multiaddr>) -> P2pConfig {
 impl LocalMesh {
     /// Start a bootstrap and one server per span of the model in `model_dir`.
     pub async fn start(model_dir: &Path, spans: &[BlockRange]) -> Result<Self, NodeError> {
+        Self::start_on(model_dir, spans, DType::F32, &Device::Cpu).await
+    }
+
+    /// [`LocalMesh::start`] with nodes computing in `dtype` on `device` (a GPU check).
+    pub async fn start_on(
+        model_dir: &Path,
+        spans: &[BlockRange],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, NodeError> {
         let files = ModelFiles::open(model_dir)?;
         let boot = p2p::spawn(loopback_config(Role::Bootstrap, vec![])).await?;
         let boot_addr =
@@ -82,6 +95,8 @@ impl LocalMesh {
             boot_stop: Some(boot_stop),
             nodes: Vec::new(),
             billing: None,
+            dtype,
+            device: device.clone(),
         };
         for span in spans {
             mesh.add_node(*span).await?;
@@ -121,8 +136,8 @@ impl LocalMesh {
             model_dir: self.model_dir.clone(),
             span: Some(span),
             span_len: None,
-            dtype: DType::F32,
-            device: Device::Cpu,
+            dtype: self.dtype,
+            device: self.device.clone(),
             limits: ServerLimits::default(),
             price_per_token: self.billing.as_ref().map_or(0, |(_, price)| *price),
             ledger_dir: self

@@ -157,6 +157,18 @@ fn cpu_model() -> String {
         .unwrap_or_default()
 }
 
+/// Free memory where a span on `device` would live, and its name for messages: the GPU's
+/// VRAM as its driver reports it now, or the machine's available RAM.
+pub fn free_memory_for(
+    device: &candle_core::Device,
+    ram_available: Option<u64>,
+) -> (Option<u64>, &'static str) {
+    match crate::model::device::vram(device) {
+        Some(v) => (Some(v.free_bytes), "VRAM"),
+        None => (ram_available, "RAM"),
+    }
+}
+
 /// Total and available RAM (cheap: one read of `/proc/meminfo`).
 pub fn probe_memory() -> Memory {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();

@@ -20,7 +20,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use libp2p::{Multiaddr, PeerId};
 
 use crate::identity::Identity;
@@ -45,6 +45,8 @@ pub struct RegisterConfig {
     /// How many blocks to pick when `span` is `None`; `None` = as many as fit.
     pub span_len: Option<u32>,
     pub dtype: DType,
+    /// Where the span would compute; its free memory sizes the span.
+    pub device: crate::model::DeviceSpec,
     /// The KV-cache budget: the margin kept beside the weights.
     pub cache_budget_bytes: u64,
     pub price_per_token: u64,
@@ -138,7 +140,12 @@ pub async fn register(cfg: RegisterConfig, probe: Probe) -> Result<Registration,
     };
     let files = ModelFiles::open(&cfg.model_dir).map_err(model_err)?;
     // The headers of every weight file, and the dtype against the device.
-    Weights::open(&files, cfg.dtype, &Device::Cpu).map_err(model_err)?;
+    let device = crate::model::device::select(cfg.device);
+    if device.fell_back {
+        tracing::warn!("device: {}", device.description);
+    }
+    Weights::open(&files, cfg.dtype, &device.device).map_err(model_err)?;
+    let (free, memory) = probe::free_memory_for(&device.device, probe.memory.available_bytes);
     let num_blocks = files.config.num_blocks();
     if let Some(expected) = cfg.num_blocks.filter(|&n| n != num_blocks) {
         return Err(RegisterError::NumBlocks {
@@ -159,8 +166,8 @@ pub async fn register(cfg: RegisterConfig, probe: Probe) -> Result<Registration,
         cfg.span_len,
         cfg.dtype,
         cfg.cache_budget_bytes,
-        probe.memory.available_bytes,
-        "RAM",
+        free,
+        memory,
     )?;
     if cfg.p2p.bootstrap.is_empty() {
         return Err(RegisterError::NoBootstrap);

@@ -115,6 +115,10 @@ pub struct NodeFlags {
     /// Weights and compute dtype: f32, f16 (bf16 needs a GPU) [default: f32].
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Where the span computes: cpu, cuda or cuda:N (needs a build with --features cuda)
+    /// [default: cpu].
+    #[arg(long)]
+    pub device: Option<String>,
     /// Sessions open at once [default: 64].
     #[arg(long)]
     pub max_sessions: Option<usize>,

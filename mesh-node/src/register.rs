@@ -52,6 +52,7 @@ pub fn register(a: RegisterArgs) -> anyhow::Result<()> {
         span: r.blocks,
         span_len: r.span_len,
         dtype: r.dtype,
+        device: r.device,
         cache_budget_bytes: r.limits.cache_budget_bytes as u64,
         price_per_token: r.price_per_token,
         p2p: p2p_config(&r, identity),

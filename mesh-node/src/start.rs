@@ -10,7 +10,7 @@ use mesh_core::config::{self, NodeFile, Resolved};
 use mesh_core::daemon::{self, PidFile};
 use mesh_core::http::{self, HttpState};
 use mesh_core::identity::Identity;
-use mesh_core::model::{tiny, ModelFiles};
+use mesh_core::model::{device, tiny, ModelFiles};
 use mesh_core::node::{Node, NodeConfig};
 use mesh_core::p2p::{Event, P2pConfig, Role};
 use mesh_core::probe;
@@ -68,6 +68,9 @@ pub fn apply_node_flags(file: &mut NodeFile, a: &NodeFlags) {
     }
     if let Some(v) = &a.dtype {
         file.dtype = v.clone();
+    }
+    if let Some(v) = &a.device {
+        file.device = v.clone();
     }
     let l = &mut file.limits;
     l.max_sessions = a.max_sessions.unwrap_or(l.max_sessions);
@@ -179,15 +182,36 @@ fn preflight(r: &Resolved, num_blocks_flag: Option<u32>) -> anyhow::Result<Check
         .with_context(|| format!("identity key {}", r.key.display()))?;
     logging::set_peer_id(&identity.peer_id().to_string());
 
-    // Sizing: the weights of the span plus the KV-cache budget must fit in free memory.
+    // The device: a GPU asked for but unusable is said once, loudly, and the CPU serves.
+    let selected = device::select(r.device);
+    if selected.fell_back {
+        tracing::warn!(
+            "device {} cannot be used; serving from {}",
+            r.device,
+            selected.description
+        );
+    } else {
+        tracing::info!(device = %selected.description, "serving from");
+    }
+    if selected.device.is_cpu() && r.dtype == candle_core::DType::BF16 {
+        bail!(
+            "dtype bf16 needs a GPU, and this node computes on {}",
+            selected.description
+        );
+    }
+
+    // Sizing: the weights of the span plus the KV-cache budget must fit in free memory
+    // of the device: VRAM on a GPU, RAM on the CPU.
+    let (free, memory) =
+        probe::free_memory_for(&selected.device, probe::probe_memory().available_bytes);
     let sizing = probe::size_span(
         &files.config,
         r.blocks,
         r.span_len,
         r.dtype,
         r.limits.cache_budget_bytes as u64,
-        probe::probe_memory().available_bytes,
-        "RAM",
+        free,
+        memory,
     )?;
     let span_len = match (r.blocks, r.span_len) {
         (None, None) if sizing.blocks < num_blocks => {
@@ -208,7 +232,7 @@ fn preflight(r: &Resolved, num_blocks_flag: Option<u32>) -> anyhow::Result<Check
             span: r.blocks,
             span_len,
             dtype: r.dtype,
-            device: candle_core::Device::Cpu,
+            device: selected.device,
             limits: r.limits.clone(),
             price_per_token: r.price_per_token,
             ledger_dir: Some(r.ledger_dir.clone()),
