@@ -1,1 +1,3 @@
 //! Umbrella package for examples/ and benches/.
+
+pub mod gpu_check;
