@@ -258,8 +258,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Nodes { mesh } => {
             let client = connect(mesh).await?;
             for s in client.nodes().await? {
+                // Live VRAM and utilisation, for servers that send them.
+                let gpus: String = s
+                    .gpu_live
+                    .iter()
+                    .map(|g| format!("  {}", g.short()))
+                    .collect();
                 println!(
-                    "{} blocks {} of {}  {:.1} tok/s/block  {} sessions  price {}  [{}]",
+                    "{} blocks {} of {}  {:.1} tok/s/block  {} sessions  price {}{gpus}  [{}]",
                     s.peer_id,
                     s.span,
                     s.num_blocks,

@@ -1,8 +1,9 @@
-//! The node's local HTTP port: `/healthz` (JSON), `/metrics` (Prometheus text),
-//! `/api/earnings` (JSON, from the node's own ledger, [`earnings`]), `POST /api/settle`
-//! (`mesh-node settle` on the running node, this machine only, [`settle`]) and `/` (a
-//! dashboard page with inline SVG charts and no external assets, built in
-//! `http/dashboard.rs`). [`get`] and [`post`] are the blocking client the commands use.
+//! The node's local HTTP port: `/healthz` (JSON), `/metrics` (Prometheus text, built in
+//! `http/prometheus.rs`), `/api/earnings` (JSON, from the node's own ledger,
+//! [`earnings`]), `POST /api/settle` (`mesh-node settle` on the running node, this machine
+//! only, [`settle`]) and `/` (a dashboard page with inline SVG charts and no external
+//! assets, built in `http/dashboard.rs`). [`get`] and [`post`] are the blocking client the
+//! commands use.
 //!
 //! ```no_run
 //! # async fn demo(node: &mesh_core::node::Node) -> std::io::Result<()> {
@@ -16,11 +17,12 @@
 //! ```
 //!
 //! Every status handler only reads figures already at hand: the worker's latest snapshot
-//! (a `watch` channel), and peer counts and the chart's history that a sampler task
-//! ([`HttpState::sample`]) refreshes on a timer. No handler waits on the span worker or
-//! the swarm. Earnings and settlements use the ledger the node holds open (sled allows
-//! one opener, so this is how `mesh-node earnings` and `settle` reach a running node's),
-//! on a blocking thread.
+//! (a `watch` channel), peer counts and the chart's history that a sampler task
+//! ([`HttpState::sample`]) refreshes on a timer, and the latest GPU reading (the node's,
+//! read for every heartbeat; the sampler's while the node starts). No handler waits on the
+//! span worker, the swarm or the GPU driver. Earnings and settlements use the ledger the
+//! node holds open (sled allows one opener, so this is how `mesh-node earnings` and
+//! `settle` reach a running node's), on a blocking thread.
 //! The port is meant for 127.0.0.1 (or a firewalled network): it shows operational
 //! figures and has no authentication; the one route that changes state, `/api/settle`,
 //! answers only requests from this machine.
@@ -28,10 +30,10 @@
 mod client;
 mod dashboard;
 pub mod earnings;
+mod prometheus;
 pub mod settle;
 
 use std::collections::VecDeque;
-use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,13 +51,15 @@ pub use client::{get, post, MAX_GET_BYTES};
 pub use earnings::EarningsView;
 pub use settle::{SettleAnswer, SettleError, SettleRequest};
 
-use crate::metrics::LATENCY_BUCKETS_SECS;
 use crate::node::NodeHandle;
 use crate::p2p::P2pStats;
-use crate::probe::{self, Gpu, Probe};
+use crate::probe::{self, Gpu, GpuReadings, Probe};
+use crate::types::GpuLive;
 
 /// Points kept for the dashboard's chart (an hour at the default 10 s sampling).
 pub const HISTORY_POINTS: usize = 360;
+/// How often [`HttpState::sample`] reads the GPUs while the node starts, at most.
+pub const STARTING_SAMPLE: Duration = Duration::from_secs(2);
 /// How long the dashboard reuses an earnings view before reading the ledger again.
 pub const EARNINGS_CACHE: Duration = Duration::from_secs(5);
 
@@ -96,7 +100,12 @@ pub struct Health {
     pub decode_tokens: u64,
     pub peers: usize,
     pub memory: HealthMemory,
+    /// The GPUs found at start-up, their VRAM figures updated from `gpu_live`.
     pub vram: Vec<Gpu>,
+    /// Each GPU's memory and utilisation as last read (about once per heartbeat); empty
+    /// without GPUs (or from a node that predates the field).
+    #[serde(default)]
+    pub gpu_live: Vec<GpuLive>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -119,6 +128,8 @@ struct Sampled {
 struct Inner {
     started: Instant,
     probe: Probe,
+    /// GPU readings while the node starts; once it is up, the node's are used.
+    gpu: GpuReadings,
     node: OnceLock<NodeHandle>,
     sampled: Mutex<Sampled>,
     earnings: Mutex<Option<(Instant, Arc<EarningsView>)>>,
@@ -141,9 +152,16 @@ fn unix_now() -> u64 {
 impl HttpState {
     /// State for a node still starting: `/healthz` says `starting` until [`Self::set_node`].
     pub fn new(probe: Probe) -> Self {
+        Self::with_gpu(probe, GpuReadings::new())
+    }
+
+    /// Like [`Self::new`], with GPU readings from `gpu` until the node is up (tests supply
+    /// their own with [`GpuReadings::with_reader`] or [`GpuReadings::set`]).
+    pub fn with_gpu(probe: Probe, gpu: GpuReadings) -> Self {
         Self(Arc::new(Inner {
             started: Instant::now(),
             probe,
+            gpu,
             node: OnceLock::new(),
             sampled: Mutex::new(Sampled::default()),
             earnings: Mutex::new(None),
@@ -173,9 +191,24 @@ impl HttpState {
         s.history.push_back((unix_now(), tokens));
     }
 
-    /// Refreshes the peer figures and adds a chart point at once and then every `every`;
-    /// runs until dropped (spawn it, abort it at shutdown).
+    /// The GPUs now, as last read: by the node for its heartbeats once it is up, by
+    /// [`Self::sample`] before. Never waits on the driver; empty without GPUs.
+    pub fn gpu_live(&self) -> Vec<GpuLive> {
+        match self.0.node.get() {
+            Some(node) => node.gpu_live(),
+            None => self.0.gpu.latest(),
+        }
+    }
+
+    /// Refreshes the peer figures and adds a chart point once the node is up and then
+    /// every `every`; before, reads the GPUs every `every` (at most [`STARTING_SAMPLE`]:
+    /// loading a span fills VRAM, worth watching). Runs until dropped (spawn it, abort it
+    /// at shutdown).
     pub async fn sample(self, every: Duration) {
+        while self.0.node.get().is_none() {
+            self.0.gpu.refresh().await;
+            tokio::time::sleep(every.min(STARTING_SAMPLE)).await;
+        }
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
@@ -206,9 +239,16 @@ impl HttpState {
                 ..HealthMemory::default()
             },
             vram: self.0.probe.gpus.clone(),
+            gpu_live: self.gpu_live(),
             peers: self.sampled().p2p.connected_peers,
             ..Health::default()
         };
+        for g in &mut h.vram {
+            if let Some(live) = h.gpu_live.iter().find(|l| l.index == g.index) {
+                g.vram_free_bytes = Some(live.memory_free_bytes);
+                g.vram_total_bytes = Some(live.memory_total_bytes);
+            }
+        }
         if let Some(node) = self.0.node.get() {
             let snap = node.snapshot();
             let ann = node.announcement();
@@ -229,197 +269,6 @@ impl HttpState {
             h.memory.kv_free_bytes = snap.free_cache_bytes;
         }
         h
-    }
-
-    /// The `/metrics` body, Prometheus text exposition format 0.0.4.
-    pub fn metrics_text(&self) -> String {
-        let mut out = String::new();
-        let mut m = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
-        };
-        let one = |v: String| vec![(String::new(), v)];
-        let p2p = self.sampled().p2p;
-        m(
-            "mesh_up",
-            "gauge",
-            "1 once the span is loaded and announced, 0 while starting.",
-            &one(u8::from(self.0.node.get().is_some()).to_string()),
-        );
-        m(
-            "mesh_uptime_seconds",
-            "gauge",
-            "Seconds since the node process started.",
-            &one(self.0.started.elapsed().as_secs_f64().to_string()),
-        );
-        m(
-            "mesh_peers_connected",
-            "gauge",
-            "Peers with an open connection.",
-            &one(p2p.connected_peers.to_string()),
-        );
-        m(
-            "mesh_heartbeats_published_total",
-            "counter",
-            "Heartbeats this node has published.",
-            &one(p2p.heartbeats_published.to_string()),
-        );
-        m(
-            "mesh_connections_closed_unresponsive_total",
-            "counter",
-            "Connections closed because the peer stopped answering pings.",
-            &one(p2p.unresponsive_closed.to_string()),
-        );
-        m(
-            "mesh_connections_refused_per_ip_total",
-            "counter",
-            "Inbound connections refused because their IP held max_connections_per_ip already.",
-            &one(p2p.ip_limited.to_string()),
-        );
-        if let Some(rss) = probe::process_rss_bytes() {
-            m(
-                "mesh_process_resident_memory_bytes",
-                "gauge",
-                "Resident memory of the node process.",
-                &one(rss.to_string()),
-            );
-        }
-        let Some(node) = self.0.node.get() else {
-            return out;
-        };
-        let snap = node.snapshot();
-        let ann = node.announcement();
-        m(
-            "mesh_node_info",
-            "gauge",
-            "The node's identity and span, as labels.",
-            &[(
-                format!(
-                    "{{peer_id=\"{}\",model=\"{}\",span=\"{}..{}\",version=\"{}\"}}",
-                    label(&node.peer_id().to_string()),
-                    label(ann.model.as_str()),
-                    ann.span.start,
-                    ann.span.end,
-                    env!("CARGO_PKG_VERSION")
-                ),
-                "1".into(),
-            )],
-        );
-        m(
-            "mesh_tokens_served_total",
-            "counter",
-            "Token positions run through this node's span.",
-            &[
-                (
-                    "{phase=\"prefill\"}".into(),
-                    snap.stats.prefill_tokens.to_string(),
-                ),
-                (
-                    "{phase=\"decode\"}".into(),
-                    snap.stats.decode_tokens.to_string(),
-                ),
-            ],
-        );
-        m(
-            "mesh_sessions_active",
-            "gauge",
-            "Sessions holding a KV cache now.",
-            &one(snap.active_sessions.to_string()),
-        );
-        m(
-            "mesh_sessions_opened_total",
-            "counter",
-            "Sessions opened since start.",
-            &one(snap.stats.sessions_opened.to_string()),
-        );
-        m(
-            "mesh_sessions_expired_total",
-            "counter",
-            "Sessions closed for sitting idle.",
-            &one(snap.stats.sessions_expired.to_string()),
-        );
-        m(
-            "mesh_request_queue_depth",
-            "gauge",
-            "Requests waiting for the span worker.",
-            &one(snap.queued.to_string()),
-        );
-        m(
-            "mesh_requests_total",
-            "counter",
-            "Session requests received.",
-            &one(snap.metrics.requests.to_string()),
-        );
-        m(
-            "mesh_bytes_total",
-            "counter",
-            "Session protocol payload bytes.",
-            &[
-                (
-                    "{direction=\"in\"}".into(),
-                    snap.metrics.bytes_in.to_string(),
-                ),
-                (
-                    "{direction=\"out\"}".into(),
-                    snap.metrics.bytes_out.to_string(),
-                ),
-            ],
-        );
-        let errors: Vec<(String, String)> = snap
-            .metrics
-            .refusals
-            .iter()
-            .map(|(kind, n)| (format!("{{kind=\"{}\"}}", label(kind)), n.to_string()))
-            .collect();
-        m(
-            "mesh_errors_total",
-            "counter",
-            "Requests refused, by kind.",
-            &errors,
-        );
-        m(
-            "mesh_kv_cache_bytes",
-            "gauge",
-            "KV-cache budget reserved by sessions and still free.",
-            &[
-                (
-                    "{state=\"reserved\"}".into(),
-                    snap.reserved_bytes.to_string(),
-                ),
-                ("{state=\"free\"}".into(), snap.free_cache_bytes.to_string()),
-            ],
-        );
-        m(
-            "mesh_throughput_tokens_per_second",
-            "gauge",
-            "Recent decode throughput of the span.",
-            &one(snap.throughput_tps.to_string()),
-        );
-        let h = &snap.metrics.block_latency;
-        let mut samples: Vec<(String, String)> = h
-            .cumulative()
-            .into_iter()
-            .map(|(le, n)| {
-                let le = if le.is_infinite() {
-                    "+Inf".to_owned()
-                } else {
-                    le.to_string()
-                };
-                (format!("_bucket{{le=\"{le}\"}}"), n.to_string())
-            })
-            .collect();
-        samples.push(("_sum".into(), h.sum_secs.to_string()));
-        samples.push(("_count".into(), h.count.to_string()));
-        debug_assert_eq!(samples.len(), LATENCY_BUCKETS_SECS.len() + 3);
-        m(
-            "mesh_block_latency_seconds",
-            "histogram",
-            "Compute time of one forward pass per block of the span.",
-            &samples,
-        );
-        out
     }
 
     /// The dashboard page. The earnings part reads the ledger (see [`Self::earnings`]).
@@ -603,6 +452,67 @@ mod tests {
         let h: Health = serde_json::from_str(&body).unwrap();
         assert_eq!(h.status, "starting");
         assert!(h.running && h.peer_id.is_none());
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn live_gpu_readings_reach_healthz_metrics_and_the_page() {
+        let reading = GpuLive {
+            index: 0,
+            memory_used_bytes: 5 << 30,
+            memory_free_bytes: 19 << 30,
+            memory_total_bytes: 24 << 30,
+            utilization_percent: Some(63),
+        };
+        // The start-up probe saw GPU 0 nearly empty; the reading is what counts now.
+        let probe = Probe {
+            gpus: vec![Gpu {
+                index: 0,
+                name: "NVIDIA A10".into(),
+                vram_free_bytes: Some(23 << 30),
+                vram_total_bytes: Some(24 << 30),
+                ..Gpu::default()
+            }],
+            ..Probe::default()
+        };
+        let state = HttpState::with_gpu(probe, GpuReadings::with_reader(move || vec![reading]));
+        let sampler = tokio::spawn(state.clone().sample(Duration::from_millis(20)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, state, async {
+            let _ = stopped.await;
+        }));
+        let t = Duration::from_secs(5);
+        let (health, metrics, page) = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + t;
+            loop {
+                let metrics = get(addr, "/metrics", t).unwrap().1;
+                if metrics.contains("mesh_gpu_") || Instant::now() > deadline {
+                    let health = get(addr, "/healthz", t).unwrap().1;
+                    break (health, metrics, get(addr, "/", t).unwrap().1);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await
+        .unwrap();
+        for name in [
+            "mesh_gpu_memory_used_bytes{gpu=\"0\"} 5368709120\n",
+            "mesh_gpu_memory_total_bytes{gpu=\"0\"} 25769803776\n",
+            "mesh_gpu_utilization_percent{gpu=\"0\"} 63\n",
+        ] {
+            assert!(metrics.contains(name), "no {name:?} in\n{metrics}");
+        }
+        let h: Health = serde_json::from_str(&health).unwrap();
+        assert_eq!(h.gpu_live, vec![reading]);
+        assert_eq!(h.vram[0].vram_free_bytes, Some(19 << 30));
+        assert!(
+            page.contains("NVIDIA A10: 5.0 GiB used of 24.0 GiB (19.0 GiB free), 63% utilisation"),
+            "{page}"
+        );
+        sampler.abort();
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
     }

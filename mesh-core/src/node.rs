@@ -32,7 +32,8 @@ use crate::pipeline::balance::{block_coverage, choose_span};
 use crate::pipeline::{
     Billing, Refusal, ServerLimits, ServerStats, SessionRequest, SessionResponse, SpanServer,
 };
-use crate::types::{BlockRange, Capability, ModelId, ServerLoad};
+use crate::probe::GpuReadings;
+use crate::types::{BlockRange, Capability, GpuLive, ModelId, ServerLoad};
 use crate::wire;
 
 /// A running receipt every this many tokens per session.
@@ -105,6 +106,7 @@ pub struct NodeHandle {
     snapshot: watch::Receiver<NodeSnapshot>,
     busy: Arc<AtomicU64>,
     ledger: Option<crate::ledger::Store>,
+    gpu: GpuReadings,
 }
 
 impl NodeHandle {
@@ -130,6 +132,12 @@ impl NodeHandle {
     /// open a store, so the status pages read it through this). `None` without billing.
     pub fn ledger(&self) -> Option<&crate::ledger::Store> {
         self.ledger.as_ref()
+    }
+
+    /// This machine's GPUs as last read for a heartbeat (once per heartbeat interval);
+    /// empty without GPUs. Never waits on the driver.
+    pub fn gpu_live(&self) -> Vec<GpuLive> {
+        self.gpu.latest()
     }
 
     /// The latest snapshot, with requests refused as busy (never queued) counted in.
@@ -165,6 +173,8 @@ pub struct Node {
     busy: Arc<AtomicU64>,
     admission: Arc<Mutex<Admission>>,
     ledger: Option<crate::ledger::Store>,
+    /// Live GPU figures, read again every heartbeat and sent with it.
+    gpu: GpuReadings,
 }
 
 /// Bytes of the largest session frame: `max_len` positions of f32 hidden states, plus room
@@ -247,6 +257,9 @@ impl Node {
             capability: cfg.capability,
         };
         ann.validate()?;
+        // A first reading with the span loaded, so the first heartbeat carries it.
+        let gpu = GpuReadings::new();
+        peer.client.set_gpu_live(gpu.refresh().await).await?;
         Ok(Self {
             peer,
             ann,
@@ -257,6 +270,7 @@ impl Node {
             busy: Arc::new(AtomicU64::new(0)),
             admission,
             ledger,
+            gpu,
         })
     }
 
@@ -269,6 +283,7 @@ impl Node {
             snapshot: self.snapshot.clone(),
             busy: self.busy.clone(),
             ledger: self.ledger.clone(),
+            gpu: self.gpu.clone(),
         }
     }
 
@@ -302,10 +317,12 @@ impl Node {
             busy,
             admission,
             ledger: _,
+            gpu,
         } = self;
         let load_task = tokio::spawn(report_load(
             peer.client.clone(),
             jobs.clone(),
+            gpu,
             heartbeat_interval,
         ));
         let request_jobs = jobs.clone();
@@ -495,8 +512,14 @@ fn work(
     }
 }
 
-/// Refresh the heartbeat's load figures and expire idle sessions, once per heartbeat.
-async fn report_load(client: p2p::Client, jobs: mpsc::Sender<Job>, every: Duration) {
+/// Refresh the heartbeat's load figures and GPU readings and expire idle sessions, once
+/// per heartbeat.
+async fn report_load(
+    client: p2p::Client,
+    jobs: mpsc::Sender<Job>,
+    gpu: GpuReadings,
+    every: Duration,
+) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
@@ -513,6 +536,12 @@ async fn report_load(client: p2p::Client, jobs: mpsc::Sender<Job>, every: Durati
         };
         if client.set_load(load).await.is_err() {
             return;
+        }
+        // Read off the runtime and bounded in time ([`crate::probe::gpu_live`]).
+        match client.set_gpu_live(gpu.refresh().await).await {
+            Ok(()) => {}
+            Err(P2pError::Closed) => return,
+            Err(e) => tracing::debug!("GPU readings not sent: {e}"),
         }
     }
 }

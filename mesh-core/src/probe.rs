@@ -11,6 +11,13 @@
 //! `statvfs` for the disk, and `nvidia-smi` (when on the `PATH`) or
 //! `/proc/driver/nvidia` for GPUs. A figure that cannot be read is `None` or absent, never
 //! an error: a probe always answers. No GPU found is a clean empty list with a note.
+//!
+//! The probe is a start-up snapshot; what changes while a node runs (GPU memory used and
+//! utilisation) is read again by [`gpu_live`] and kept by a [`GpuReadings`] sampler.
+
+mod live;
+
+pub use live::{gpu_live, GpuReadings, GPU_LIVE_TIMEOUT, MIN_GPU_SAMPLE};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -246,7 +253,12 @@ fn gpus() -> (Vec<Gpu>, String) {
     (Vec::new(), note.into())
 }
 
-/// Runs a command for at most `limit`, returning stdout if it succeeded.
+/// Most bytes of a command's output read ([`run_bounded`]).
+const MAX_COMMAND_OUTPUT: u64 = 1 << 20;
+
+/// Runs a command for at most `limit`, returning stdout (up to [`MAX_COMMAND_OUTPUT`]
+/// bytes) if it succeeded. Never waits much longer: at the limit the command is killed and,
+/// if it does not die at once (a process stuck in a hung driver may not), left behind.
 fn run_bounded(cmd: &str, args: &[&str], limit: Duration) -> Option<String> {
     let mut child = Command::new(cmd)
         .args(args)
@@ -262,14 +274,25 @@ fn run_bounded(cmd: &str, args: &[&str], limit: Duration) -> Option<String> {
             Ok(Some(_)) | Err(_) => return None,
             Ok(None) if std::time::Instant::now() >= deadline => {
                 let _ = child.kill();
-                let _ = child.wait();
+                // Reap it if it goes promptly; a blocking wait could hang on a stuck one.
+                for _ in 0..10 {
+                    if !matches!(child.try_wait(), Ok(None)) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 return None;
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
     let mut out = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take()?, &mut out).ok()?;
+    let stdout = child.stdout.take()?;
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(stdout, MAX_COMMAND_OUTPUT),
+        &mut out,
+    )
+    .ok()?;
     Some(out)
 }
 
@@ -496,6 +519,25 @@ mod tests {
         let banner =
             "| NVIDIA-SMI 550.54.15   Driver Version: 550.54.15   CUDA Version: 12.4     |";
         assert_eq!(cuda_version(banner).as_deref(), Some("12.4"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_command_past_its_limit_is_killed_not_waited_for() {
+        let t = std::time::Instant::now();
+        assert_eq!(
+            run_bounded("sleep", &["5"], Duration::from_millis(100)),
+            None
+        );
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert_eq!(
+            run_bounded("echo", &["hi"], Duration::from_secs(5)).as_deref(),
+            Some("hi\n")
+        );
+        assert_eq!(
+            run_bounded("mesh-no-such-command", &[], Duration::from_secs(1)),
+            None
+        );
     }
 
     #[test]

@@ -159,6 +159,63 @@ impl Capability {
     }
 }
 
+/// One GPU's memory and load now, as its driver reports it: sampled about once per
+/// heartbeat ([`crate::probe::gpu_live`]) so heartbeats, `/healthz`, `/metrics`, the
+/// dashboard and `mesh-node status` show the present rather than the start-up probe.
+/// Self-reported in heartbeats, like [`Capability`]: a hint, never proof.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuLive {
+    /// The driver's index (`nvidia-smi`'s), the order of [`Capability::gpus`].
+    pub index: u32,
+    pub memory_used_bytes: u64,
+    pub memory_free_bytes: u64,
+    pub memory_total_bytes: u64,
+    /// Percent of the driver's last sample period a kernel ran, 0..=100; `None` where the
+    /// driver does not say (MIG slices, some older boards).
+    pub utilization_percent: Option<u8>,
+}
+
+impl GpuLive {
+    /// Possible figures: used and free each at most total, utilisation at most 100.
+    pub fn is_valid(&self) -> bool {
+        self.memory_used_bytes <= self.memory_total_bytes
+            && self.memory_free_bytes <= self.memory_total_bytes
+            && self.utilization_percent.is_none_or(|u| u <= 100)
+    }
+
+    /// What a receiver accepts: at most [`Capability::MAX_GPUS`] readings, each valid.
+    pub fn list_is_valid(list: &[GpuLive]) -> bool {
+        list.len() <= Capability::MAX_GPUS && list.iter().all(GpuLive::is_valid)
+    }
+
+    /// `5.0 GiB used of 24.0 GiB (19.0 GiB free), 63% utilisation`.
+    pub fn usage(&self) -> String {
+        format!(
+            "{} used of {} ({} free), {}",
+            gib(self.memory_used_bytes),
+            gib(self.memory_total_bytes),
+            gib(self.memory_free_bytes),
+            self.utilization()
+        )
+    }
+
+    /// `gpu0 19.0/24.0 GiB free, 63% utilisation`: one GPU in a line of several.
+    pub fn short(&self) -> String {
+        format!(
+            "gpu{} {:.1}/{} free, {}",
+            self.index,
+            self.memory_free_bytes as f64 / f64::from(1u32 << 30),
+            gib(self.memory_total_bytes),
+            self.utilization()
+        )
+    }
+
+    fn utilization(&self) -> String {
+        self.utilization_percent
+            .map_or_else(|| "utilisation n/a".into(), |u| format!("{u}% utilisation"))
+    }
+}
+
 fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30))
 }
@@ -221,6 +278,9 @@ pub struct ServerInfo {
     pub interval: std::time::Duration,
     /// The server's hardware, as it reports it.
     pub capability: Capability,
+    /// Its GPUs' memory and utilisation when it sent the heartbeat; empty without GPUs or
+    /// from a server that predates the field.
+    pub gpu_live: Vec<GpuLive>,
 }
 
 /// A server found in the DHT for a block: who it is, where to dial it, and its whole span.
@@ -297,6 +357,41 @@ mod tests {
             ..c
         };
         assert!(!control.is_valid());
+    }
+
+    #[test]
+    fn gpu_live_bounds_and_summary() {
+        let g = GpuLive {
+            index: 1,
+            memory_used_bytes: 2 << 30,
+            memory_free_bytes: 22 << 30,
+            memory_total_bytes: 24 << 30,
+            utilization_percent: Some(37),
+        };
+        assert!(g.is_valid());
+        assert_eq!(g.short(), "gpu1 22.0/24.0 GiB free, 37% utilisation");
+        assert_eq!(
+            g.usage(),
+            "2.0 GiB used of 24.0 GiB (22.0 GiB free), 37% utilisation"
+        );
+        let unknown = GpuLive {
+            utilization_percent: None,
+            ..g
+        };
+        assert!(unknown.is_valid());
+        assert!(unknown.short().ends_with("free, utilisation n/a"));
+        let over = |f: &dyn Fn(&mut GpuLive)| {
+            let mut x = g;
+            f(&mut x);
+            x.is_valid()
+        };
+        assert!(over(&|x| x.utilization_percent = Some(100)));
+        assert!(!over(&|x| x.utilization_percent = Some(101)));
+        assert!(!over(&|x| x.memory_used_bytes = x.memory_total_bytes + 1));
+        assert!(!over(&|x| x.memory_free_bytes = x.memory_total_bytes + 1));
+        assert!(GpuLive::list_is_valid(&[]));
+        assert!(GpuLive::list_is_valid(&[g; Capability::MAX_GPUS]));
+        assert!(!GpuLive::list_is_valid(&[g; Capability::MAX_GPUS + 1]));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use mesh_core::identity::Identity;
 use mesh_core::p2p::dht::{self, ServerRecord};
 use mesh_core::p2p::heartbeat::{self, Heartbeat};
 use mesh_core::p2p::{self, Announcement, Event, P2pConfig, P2pStats, Role};
-use mesh_core::types::{Capability, GpuSummary};
+use mesh_core::types::{Capability, GpuLive, GpuSummary};
 use mesh_core::{wire, BlockRange, ModelId, ServerLoad};
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -220,6 +220,13 @@ fn heartbeat_from(peer: PeerId) -> Heartbeat {
                 vram_bytes: 24 << 30,
             }],
         },
+        gpu_live: vec![GpuLive {
+            index: 0,
+            memory_used_bytes: 6 << 30,
+            memory_free_bytes: 18 << 30,
+            memory_total_bytes: 24 << 30,
+            utilization_percent: Some(55),
+        }],
     }
 }
 
@@ -269,6 +276,8 @@ async fn malformed_gossip_is_rejected_counted_and_harmless() {
     nan.load = f32::NAN;
     let mut gpus = heartbeat_from(me);
     gpus.capability.gpus = vec![gpus.capability.gpus[0].clone(); Capability::MAX_GPUS + 1];
+    let mut busy = heartbeat_from(me);
+    busy.gpu_live[0].utilization_percent = Some(101);
     let bad: Vec<Vec<u8>> = vec![
         b"definitely not a heartbeat".to_vec(), // undecodable
         vec![],                                 // empty
@@ -280,6 +289,7 @@ async fn malformed_gossip_is_rejected_counted_and_harmless() {
         enc(&spoofed),
         enc(&nan),
         enc(&gpus),
+        enc(&busy),
     ];
     let n_bad = bad.len() as u64;
     for data in bad {
@@ -304,7 +314,7 @@ async fn malformed_gossip_is_rejected_counted_and_harmless() {
     assert_eq!(stats.gossip.stale, 1, "{stats:?}");
     assert_eq!(stats.gossip.future, 1, "{stats:?}");
     assert_eq!(stats.gossip.spoofed, 1, "{stats:?}");
-    assert_eq!(stats.gossip.malformed, 2, "{stats:?}");
+    assert_eq!(stats.gossip.malformed, 3, "{stats:?}");
     let live = drive_while(&mut swarm, target.client.live_servers(&tiny())).await;
     assert!(live.unwrap().is_empty());
 
@@ -328,6 +338,7 @@ async fn malformed_gossip_is_rejected_counted_and_harmless() {
     assert_eq!(live[0].peer_id, me);
     assert_eq!(live[0].span, BlockRange::new(4, 8));
     assert_eq!(live[0].capability, heartbeat_from(me).capability);
+    assert_eq!(live[0].gpu_live, heartbeat_from(me).gpu_live);
 
     // Far over the transport limit (64 KiB): gossipsub refuses the frame before our
     // validator runs. The target survives and keeps serving.

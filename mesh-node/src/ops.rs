@@ -128,8 +128,27 @@ pub fn status(a: StatusArgs) -> anyhow::Result<i32> {
         h.tokens_served, h.prefill_tokens, h.decode_tokens
     );
     println!("peers {}", h.peers);
+    for line in gpu_lines(&h) {
+        println!("{line}");
+    }
     println!("http on {addr}");
     Ok(0)
+}
+
+/// One line per GPU the node last read (`gpu 0 NVIDIA A10: 5.0 GiB used of ...`); none
+/// without GPUs.
+fn gpu_lines(h: &Health) -> Vec<String> {
+    h.gpu_live
+        .iter()
+        .map(|g| {
+            let name = h
+                .vram
+                .iter()
+                .find(|v| v.index == g.index)
+                .map_or(String::new(), |v| format!(" {}", v.name));
+            format!("gpu {}{name}: {}", g.index, g.usage())
+        })
+        .collect()
 }
 
 pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
@@ -383,4 +402,55 @@ pub fn earnings(a: EarningsArgs) -> anyhow::Result<()> {
     let total: u64 = rows.iter().map(|r| r.amount).sum();
     println!("total {total}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::probe::Gpu;
+    use mesh_core::types::GpuLive;
+
+    #[test]
+    fn status_has_a_line_per_gpu_and_none_without() {
+        assert!(gpu_lines(&Health::default()).is_empty());
+        let live = GpuLive {
+            index: 0,
+            memory_used_bytes: 5 << 30,
+            memory_free_bytes: 19 << 30,
+            memory_total_bytes: 24 << 30,
+            utilization_percent: Some(63),
+        };
+        let h = Health {
+            vram: vec![Gpu {
+                index: 0,
+                name: "NVIDIA A10".into(),
+                ..Gpu::default()
+            }],
+            gpu_live: vec![
+                live,
+                GpuLive {
+                    index: 1,
+                    utilization_percent: None,
+                    ..live
+                },
+            ],
+            ..Health::default()
+        };
+        assert_eq!(
+            gpu_lines(&h),
+            vec![
+                "gpu 0 NVIDIA A10: 5.0 GiB used of 24.0 GiB (19.0 GiB free), 63% utilisation",
+                "gpu 1: 5.0 GiB used of 24.0 GiB (19.0 GiB free), utilisation n/a",
+            ]
+        );
+        // A node from before the readings answers /healthz without them: still parsed.
+        let old = r#"{"status":"serving","running":true,"version":"0.1.0","pid":1,
+            "uptime_secs":1,"peer_id":null,"model":null,"span":null,"num_blocks":null,
+            "price_per_token":null,"listen_addrs":[],"sessions":0,"sessions_opened":0,
+            "queue":0,"tokens_served":0,"prefill_tokens":0,"decode_tokens":0,"peers":0,
+            "memory":{"process_rss_bytes":null,"available_bytes":null,"total_bytes":null,
+            "kv_reserved_bytes":0,"kv_free_bytes":0},"vram":[]}"#;
+        let h: Health = serde_json::from_str(old).unwrap();
+        assert!(gpu_lines(&h).is_empty());
+    }
 }

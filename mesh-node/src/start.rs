@@ -409,17 +409,20 @@ async fn serve(checked: Checked) -> anyhow::Result<()> {
         stopped(shutdown.clone()),
     ));
     println!("http on {http_addr}");
+    // Started before the span loads, so /healthz shows VRAM filling while it does.
+    let sampler = tokio::spawn(state.clone().sample(SAMPLE_EVERY));
 
     let node = tokio::select! {
-        node = Node::start(cfg) => node?,
+        node = Node::start(cfg) => node,
         () = stopped(shutdown.clone()) => {
+            sampler.abort();
             println!("stopped before serving");
             return Ok(());
         }
     };
+    let node = node.inspect_err(|_| sampler.abort())?;
     let peer_id = node.peer_id();
     state.set_node(node.handle());
-    let sampler = tokio::spawn(state.clone().sample(SAMPLE_EVERY));
     println!("peer id {peer_id}");
     for addr in node.listen_addrs() {
         println!("listening on {addr}");

@@ -131,6 +131,9 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
     assert!(out.contains(&format!("peer id {peer_id}")), "{out}");
     assert!(out.contains("blocks 0..8 of 8"), "{out}");
     assert!(out.contains("tokens served 0"), "{out}");
+    // Live GPU lines when the machine has GPUs, none (and no error) when it has none.
+    let has_gpu = !mesh_core::probe::gpu_live().is_empty();
+    assert_eq!(out.lines().any(|l| l.starts_with("gpu ")), has_gpu, "{out}");
 
     // /healthz, /metrics, /.
     let (code, body) = get(http_addr, "/healthz");
@@ -142,6 +145,7 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
     assert_eq!(health.peer_id.as_deref(), Some(peer_id.as_str()));
     assert_eq!(health.span.as_deref(), Some("0..8"));
     assert!(health.memory.total_bytes.is_some());
+    assert_eq!(!health.gpu_live.is_empty(), has_gpu, "{body}");
 
     let (code, metrics) = get(http_addr, "/metrics");
     assert_eq!(code, 200);
@@ -163,6 +167,11 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
         );
     }
     assert!(metrics.contains(&format!("peer_id=\"{peer_id}\"")));
+    assert_eq!(
+        metrics.contains("mesh_gpu_memory_used_bytes{gpu=\"0\"}"),
+        has_gpu,
+        "{metrics}"
+    );
 
     let (code, page) = get(http_addr, "/");
     assert_eq!(code, 200);

@@ -202,27 +202,50 @@ fn earnings_html(e: &Earnings<'_>) -> (String, String) {
     (summary, body)
 }
 
+/// One line per GPU: its name from the start-up probe, memory and utilisation from the
+/// latest reading (the probe's figures where there is none); the probe's note without GPUs.
+fn gpus_html(h: &Health, note: &str) -> String {
+    if h.vram.is_empty() && h.gpu_live.is_empty() {
+        return esc(note);
+    }
+    let gib = |b: Option<u64>| b.map_or("?".into(), human_bytes);
+    let live = |index: u32| h.gpu_live.iter().find(|l| l.index == index);
+    let mut lines: Vec<String> = h
+        .vram
+        .iter()
+        .map(|g| match live(g.index) {
+            Some(l) => format!(
+                "<span id=\"gpu-{}\">{}: {}</span>",
+                g.index,
+                esc(&g.name),
+                esc(&l.usage())
+            ),
+            None => format!(
+                "<span id=\"gpu-{}\">{} ({} free of {})</span>",
+                g.index,
+                esc(&g.name),
+                gib(g.vram_free_bytes),
+                gib(g.vram_total_bytes)
+            ),
+        })
+        .collect();
+    for l in &h.gpu_live {
+        if !h.vram.iter().any(|g| g.index == l.index) {
+            let index = l.index;
+            lines.push(format!(
+                "<span id=\"gpu-{index}\">GPU {index}: {}</span>",
+                esc(&l.usage())
+            ));
+        }
+    }
+    lines.join("<br>")
+}
+
 /// The whole page.
 pub(super) fn render(p: &Page<'_>) -> String {
     let h = p.health;
     let gib = |b: Option<u64>| b.map_or("?".into(), human_bytes);
-    let gpus = if p.probe.gpus.is_empty() {
-        esc(&p.probe.gpu_note)
-    } else {
-        p.probe
-            .gpus
-            .iter()
-            .map(|g| {
-                format!(
-                    "{} ({} free of {})",
-                    esc(&g.name),
-                    gib(g.vram_free_bytes),
-                    gib(g.vram_total_bytes)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("<br>")
-    };
+    let gpus = gpus_html(h, &p.probe.gpu_note);
     let dash = |o: &Option<String>| o.as_deref().map_or("-".into(), esc);
     let (earned, earnings) = earnings_html(&p.earnings);
     let cpu = if p.probe.cpu.model.is_empty() {
@@ -311,6 +334,7 @@ svg{{border:1px solid #ddd;background:#fafafa}}
 mod tests {
     use super::*;
     use crate::http::earnings::{RecentReceipt, Totals};
+    use crate::types::GpuLive;
 
     #[test]
     fn chart_escaping_and_times() {
@@ -326,6 +350,63 @@ mod tests {
         assert_eq!(human_duration(3725), "1h 2m");
         assert_eq!(utc_time(951_782_400_000 + 3_723_000), "2000-02-29 01:02:03");
         assert_eq!(short("12D3KooWabcdefgh", 4), "…efgh");
+    }
+
+    #[test]
+    fn gpus_show_live_memory_and_utilisation() {
+        let live = GpuLive {
+            index: 0,
+            memory_used_bytes: 3 << 30,
+            memory_free_bytes: 21 << 30,
+            memory_total_bytes: 24 << 30,
+            utilization_percent: Some(42),
+        };
+        let h = Health {
+            vram: vec![
+                crate::probe::Gpu {
+                    index: 0,
+                    name: "NVIDIA <A10>".into(),
+                    ..Default::default()
+                },
+                crate::probe::Gpu {
+                    index: 1,
+                    name: "NVIDIA A10".into(),
+                    vram_free_bytes: Some(1 << 30),
+                    vram_total_bytes: Some(24 << 30),
+                    ..Default::default()
+                },
+            ],
+            gpu_live: vec![
+                live,
+                GpuLive {
+                    index: 2,
+                    utilization_percent: None,
+                    ..live
+                },
+            ],
+            ..Health::default()
+        };
+        let html = gpus_html(&h, "unused");
+        assert!(
+            html.contains(
+                "<span id=\"gpu-0\">NVIDIA &lt;A10&gt;: 3.0 GiB used of 24.0 GiB (21.0 GiB free), 42% utilisation</span>"
+            ),
+            "{html}"
+        );
+        // No reading for GPU 1: the probe's figures; a reading without a name: its index.
+        assert!(
+            html.contains("NVIDIA A10 (1.0 GiB free of 24.0 GiB)"),
+            "{html}"
+        );
+        assert!(
+            html.contains("GPU 2: 3.0 GiB used of 24.0 GiB (21.0 GiB free), utilisation n/a"),
+            "{html}"
+        );
+        // No GPU: the probe's note, nothing else.
+        assert_eq!(
+            gpus_html(&Health::default(), "no GPU: <none>"),
+            "no GPU: &lt;none&gt;"
+        );
     }
 
     #[test]

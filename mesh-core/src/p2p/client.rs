@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::heartbeat::GossipStats;
 use super::reachability::Reachability;
 use super::P2pError;
-use crate::types::{BlockRange, Capability, ModelId, RemoteSpan, ServerInfo, ServerLoad};
+use crate::types::{BlockRange, Capability, GpuLive, ModelId, RemoteSpan, ServerInfo, ServerLoad};
 
 /// What a server announces: the span it serves and what it charges.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +79,7 @@ pub(crate) enum Command {
     Announce(Announcement, Reply<()>),
     Unannounce(Reply<()>),
     SetLoad(ServerLoad),
+    SetGpuLive(Vec<GpuLive>),
     Subscribe(ModelId, Reply<()>),
     Lookup(ModelId, u32, Reply<Vec<RemoteSpan>>),
     LiveServers(ModelId, oneshot::Sender<Vec<ServerInfo>>),
@@ -157,6 +158,15 @@ impl Client {
     /// Updates the load figures sent in the next heartbeats.
     pub async fn set_load(&self, load: ServerLoad) -> Result<(), P2pError> {
         self.send(Command::SetLoad(load)).await
+    }
+
+    /// Updates the GPU readings sent in the next heartbeats (kept across announcements).
+    /// Refused when over their bounds ([`GpuLive::list_is_valid`]).
+    pub async fn set_gpu_live(&self, gpus: Vec<GpuLive>) -> Result<(), P2pError> {
+        if !GpuLive::list_is_valid(&gpus) {
+            return Err(P2pError::Invalid("GPU readings over their bounds"));
+        }
+        self.send(Command::SetGpuLive(gpus)).await
     }
 
     /// Listens to heartbeats of `model` (a server is subscribed to its own model already).

@@ -36,7 +36,7 @@ use super::heartbeat::LiveTable;
 use super::ip_limit::IpLimitExceeded;
 use super::reachability::Reachability;
 use super::{Event, P2pConfig, P2pError, Role};
-use crate::types::{ModelId, RemoteSpan};
+use crate::types::{GpuLive, ModelId, RemoteSpan};
 
 mod announce;
 mod commands;
@@ -123,6 +123,8 @@ pub struct EventLoop {
     keypair: libp2p::identity::Keypair,
     local: PeerId,
     announced: Option<Announced>,
+    /// This peer's GPU readings, sent in its heartbeats ([`crate::p2p::Client::set_gpu_live`]).
+    gpu_live: Vec<GpuLive>,
     table: LiveTable,
     subscribed: HashSet<ModelId>,
     relayed: HashSet<ModelId>,
@@ -171,6 +173,7 @@ impl EventLoop {
                 lookup_timeout: cfg.lookup_timeout,
             },
             announced: None,
+            gpu_live: Vec::new(),
             table: LiveTable::default(),
             subscribed: HashSet::new(),
             relayed: HashSet::new(),

@@ -14,7 +14,7 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use super::dht::{check_addrs, check_model_span, RecordReject};
-use crate::types::{BlockRange, Capability, ModelId, ServerInfo, ServerLoad};
+use crate::types::{BlockRange, Capability, GpuLive, ModelId, ServerInfo, ServerLoad};
 use crate::wire;
 
 /// Prefix of heartbeat topics: `mesh/hb/1/<model>`.
@@ -74,6 +74,10 @@ pub struct Heartbeat {
     pub leaving: bool,
     /// The sender's hardware: cores, RAM, GPUs (bounded, [`Capability::is_valid`]).
     pub capability: Capability,
+    /// The sender's GPUs now: memory used, free and total and utilisation, read again for
+    /// every heartbeat (bounded, [`GpuLive::list_is_valid`]). Appended after `capability`:
+    /// heartbeats from senders before it end there and are read with an empty list.
+    pub gpu_live: Vec<GpuLive>,
 }
 
 /// Why a heartbeat was rejected; each has its own counter in [`GossipStats`].
@@ -89,7 +93,8 @@ pub enum Reject {
     Spoofed,
     /// The span is empty or does not fit the model's block count.
     BadSpan,
-    /// Some other field is out of range (addresses, numbers, version, interval, hardware).
+    /// Some other field is out of range (addresses, numbers, version, interval, hardware,
+    /// GPU readings).
     Malformed,
     /// Timestamp older than the allowed clock skew.
     Stale,
@@ -161,9 +166,7 @@ pub fn validate(
         return Err(Reject::Oversized);
     }
     let topic_model = model_of_topic(topic).ok_or(Reject::WrongModel)?;
-    // Fields a newer sender appended are skipped: heartbeats grow without splitting the mesh.
-    let (hb, _): (Heartbeat, _) =
-        wire::decode_extensible(data, MAX_HEARTBEAT_BYTES).map_err(|_| Reject::Undecodable)?;
+    let hb = decode(data)?;
     if hb.model != topic_model.as_str() {
         return Err(Reject::WrongModel);
     }
@@ -184,6 +187,7 @@ pub fn validate(
         || hb.version.len() > MAX_VERSION_LEN
         || !(MIN_INTERVAL..=MAX_INTERVAL).contains(&interval)
         || !hb.capability.is_valid()
+        || !GpuLive::list_is_valid(&hb.gpu_live)
     {
         return Err(Reject::Malformed);
     }
@@ -212,9 +216,30 @@ pub fn validate(
             timestamp_ms: hb.timestamp_ms,
             interval,
             capability: hb.capability,
+            gpu_live: hb.gpu_live,
         },
         leaving: hb.leaving,
     })
+}
+
+/// Decodes a heartbeat, skipping fields a newer sender appended (heartbeats grow without
+/// splitting the mesh), and reading one from a sender older than `gpu_live` too: those end
+/// right after `capability`, which is a heartbeat with no readings less the one byte that
+/// encodes the empty list. Only that exact end is accepted; anything else cut short is
+/// undecodable.
+fn decode(data: &[u8]) -> Result<Heartbeat, Reject> {
+    if let Ok((hb, _)) = wire::decode_extensible::<Heartbeat>(data, MAX_HEARTBEAT_BYTES) {
+        return Ok(hb);
+    }
+    let mut padded = Vec::with_capacity(data.len() + 1);
+    padded.extend_from_slice(data);
+    padded.push(0);
+    match wire::decode_extensible::<Heartbeat>(&padded, MAX_HEARTBEAT_BYTES + 1) {
+        // The added zero was read as the empty list, and it was the last byte: `data` ended
+        // exactly where an older sender's heartbeat does.
+        Ok((hb, 0)) if hb.gpu_live.is_empty() => Ok(hb),
+        _ => Err(Reject::Undecodable),
+    }
 }
 
 /// What changed in the table after an update.
@@ -341,8 +366,17 @@ mod tests {
                     vram_bytes: 24 << 30,
                 }],
             },
+            gpu_live: vec![GPU],
         }
     }
+
+    const GPU: GpuLive = GpuLive {
+        index: 0,
+        memory_used_bytes: 20 << 30,
+        memory_free_bytes: 4 << 30,
+        memory_total_bytes: 24 << 30,
+        utilization_percent: Some(87),
+    };
 
     fn check(h: &Heartbeat, source: PeerId) -> Result<Valid, Reject> {
         let t = topic(&ModelId::new("tiny")).hash();
@@ -381,6 +415,69 @@ mod tests {
             validate(&bytes, &t, Some(p), NOW, SKEW),
             Err(Reject::Oversized)
         );
+    }
+
+    #[test]
+    fn heartbeats_carry_live_gpu_figures() {
+        let p = PeerId::random();
+        let mut h = hb(p);
+        let bytes = wire::encode(&h).unwrap();
+        let back: Heartbeat = wire::decode(&bytes, MAX_HEARTBEAT_BYTES).unwrap();
+        assert_eq!(back, h);
+        assert_eq!(check(&h, p).unwrap().info.gpu_live, vec![GPU]);
+
+        // The largest heartbeat with the most GPUs and readings stays well inside the bound.
+        let max = GpuLive {
+            index: u32::MAX,
+            memory_used_bytes: u64::MAX,
+            memory_free_bytes: u64::MAX,
+            memory_total_bytes: u64::MAX,
+            utilization_percent: Some(100),
+        };
+        let name = "n".repeat(Capability::MAX_GPU_NAME);
+        h.capability.gpus = vec![
+            crate::types::GpuSummary {
+                name,
+                vram_bytes: u64::MAX
+            };
+            Capability::MAX_GPUS
+        ];
+        h.gpu_live = vec![max; Capability::MAX_GPUS];
+        let len = wire::encode(&h).unwrap().len();
+        assert!(len < MAX_HEARTBEAT_BYTES / 2, "{len} bytes");
+        assert_eq!(
+            check(&h, p).unwrap().info.gpu_live.len(),
+            Capability::MAX_GPUS
+        );
+
+        // No GPU: no readings, nothing else changes.
+        h.gpu_live.clear();
+        assert!(check(&h, p).unwrap().info.gpu_live.is_empty());
+    }
+
+    #[test]
+    fn heartbeats_from_before_gpu_live_are_still_read() {
+        let p = PeerId::random();
+        let mut h = hb(p);
+        h.gpu_live.clear();
+        // An older sender's bytes: everything up to `capability`, without the list.
+        let full = wire::encode(&h).unwrap();
+        assert_eq!(full.last(), Some(&0));
+        let older = &full[..full.len() - 1];
+        let t = topic(&ModelId::new("tiny")).hash();
+        let v = validate(older, &t, Some(p), NOW, SKEW).unwrap();
+        assert_eq!(v.info, check(&h, p).unwrap().info);
+        assert!(v.info.gpu_live.is_empty());
+        // Cut anywhere else, or inside the readings, it is undecodable.
+        let with = wire::encode(&hb(p)).unwrap();
+        for cut in [older.len() - 1, older.len() + 1, with.len() - 1] {
+            assert_eq!(
+                validate(&with[..cut], &t, Some(p), NOW, SKEW),
+                Err(Reject::Undecodable),
+                "cut at {cut} of {}",
+                with.len()
+            );
+        }
     }
 
     #[test]
@@ -443,6 +540,22 @@ mod tests {
         );
         assert_eq!(
             bad(&|h| h.capability.gpus[0].name = "A10\r\n".into()),
+            Err(Reject::Malformed)
+        );
+        assert_eq!(
+            bad(&|h| h.gpu_live[0].utilization_percent = Some(101)),
+            Err(Reject::Malformed)
+        );
+        assert_eq!(
+            bad(&|h| h.gpu_live[0].memory_used_bytes = (24 << 30) + 1),
+            Err(Reject::Malformed)
+        );
+        assert_eq!(
+            bad(&|h| h.gpu_live[0].memory_free_bytes = u64::MAX),
+            Err(Reject::Malformed)
+        );
+        assert_eq!(
+            bad(&|h| h.gpu_live = vec![GPU; Capability::MAX_GPUS + 1]),
             Err(Reject::Malformed)
         );
         assert_eq!(bad(&|h| h.timestamp_ms = NOW - 61_000), Err(Reject::Stale));

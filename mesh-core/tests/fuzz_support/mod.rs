@@ -322,6 +322,7 @@ pub fn heartbeat_message(data: &[u8]) -> bool {
             assert!(info.version.len() <= heartbeat::MAX_VERSION_LEN);
             assert!((heartbeat::MIN_INTERVAL..=heartbeat::MAX_INTERVAL).contains(&info.interval));
             assert!(info.capability.is_valid());
+            assert!(mesh_core::types::GpuLive::list_is_valid(&info.gpu_live));
             let skew = SKEW.as_millis() as u64;
             assert!(info.timestamp_ms.abs_diff(NOW_MS) <= skew);
             for x in [info.load.throughput_tps, info.load.load] {

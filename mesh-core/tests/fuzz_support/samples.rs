@@ -15,7 +15,7 @@ use mesh_core::ledger::{
 use mesh_core::p2p::dht::{self, ServerRecord};
 use mesh_core::p2p::heartbeat::Heartbeat;
 use mesh_core::pipeline::{Refusal, SessionRequest, SessionResponse};
-use mesh_core::types::{Capability, GpuSummary};
+use mesh_core::types::{Capability, GpuLive, GpuSummary};
 use mesh_core::wire::{self, WireDType, WireTensor};
 use mesh_core::{BlockRange, ModelId, SessionId};
 
@@ -192,7 +192,24 @@ pub fn heartbeat(leaving: bool) -> Heartbeat {
                 vram_bytes: 24 << 30,
             }],
         },
+        gpu_live: vec![GpuLive {
+            index: 0,
+            memory_used_bytes: 20 << 30,
+            memory_free_bytes: 4 << 30,
+            memory_total_bytes: 24 << 30,
+            utilization_percent: Some(87),
+        }],
     }
+}
+
+/// [`heartbeat`] as a sender from before `gpu_live` wrote it: the bytes end after
+/// `capability` (a heartbeat with no readings, less the one byte of the empty list).
+pub fn older_heartbeat(leaving: bool) -> Vec<u8> {
+    let mut h = heartbeat(leaving);
+    h.gpu_live.clear();
+    let mut bytes = enc(&h);
+    assert_eq!(bytes.pop(), Some(0), "an empty list is one zero byte");
+    bytes
 }
 
 pub fn server_record() -> ServerRecord {
@@ -295,7 +312,11 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             }
             out
         }
-        "heartbeat" => vec![enc(&heartbeat(false)), enc(&heartbeat(true))],
+        "heartbeat" => vec![
+            enc(&heartbeat(false)),
+            enc(&heartbeat(true)),
+            older_heartbeat(false),
+        ],
         "dht_record" => vec![
             with_selector(0, &signed_record()),
             with_selector(1, dht::block_key(&model(), 3).as_ref()),

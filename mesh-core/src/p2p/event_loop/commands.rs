@@ -34,6 +34,7 @@ impl EventLoop {
                     a.ann.load = load;
                 }
             }
+            Command::SetGpuLive(gpus) => self.gpu_live = gpus,
             Command::Subscribe(model, reply) => {
                 let _ = reply.send(self.subscribe(&model));
             }

@@ -59,6 +59,7 @@ impl EventLoop {
             timestamp_ms: now_ms(),
             leaving,
             capability: ann.capability.clone(),
+            gpu_live: self.gpu_live.clone(),
         };
         let bytes = wire::encode(&hb)?;
         self.swarm
