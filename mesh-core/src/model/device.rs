@@ -124,7 +124,8 @@ fn open_cuda(ordinal: usize) -> Result<(Device, String), String> {
     // report it as the reason, since a provider's machine may simply have no driver.
     let opened = std::panic::catch_unwind(|| Device::new_cuda(ordinal))
         .map_err(|_| "the CUDA driver (libcuda.so.1) could not be loaded".to_string())?;
-    let device = opened.map_err(|e| e.to_string())?;
+    // candle appends a backtrace to its errors when RUST_BACKTRACE is set: keep the cause.
+    let device = opened.map_err(|e| first_line(&e.to_string()))?;
     let Device::Cuda(cuda) = &device else {
         return Err("candle returned a non-CUDA device".into());
     };
@@ -147,6 +148,11 @@ fn open_cuda(ordinal: usize) -> Result<(Device, String), String> {
 
 #[cfg(feature = "cuda")]
 const GIB: f64 = (1u64 << 30) as f64;
+
+#[cfg(feature = "cuda")]
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or_default().trim().to_string()
+}
 
 #[cfg(not(feature = "cuda"))]
 fn open_cuda(_ordinal: usize) -> Result<(Device, String), String> {
