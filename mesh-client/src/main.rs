@@ -39,7 +39,9 @@ struct Sampling {
     top_k: usize,
     #[arg(long, default_value_t = 0.95)]
     top_p: f32,
-    #[arg(long, default_value_t = 1.1)]
+    /// Penalty on tokens already in the sequence (1 = none). Off by default, as in the
+    /// OpenAI gateway and transformers' `generate`, so `--temperature 0` is plain greedy.
+    #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f32,
     /// Sampling seed: the same seed gives the same text.
     #[arg(long, default_value_t = 42)]
