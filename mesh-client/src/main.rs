@@ -226,7 +226,7 @@ async fn main() -> anyhow::Result<()> {
             let store = mesh_core::ledger::Store::open(&dir)
                 .with_context(|| format!("opening {}", dir.display()))?;
             let mut shown = 0;
-            for entry in store.by_time(0, u64::MAX, limit)? {
+            for entry in store.newest(limit)? {
                 let signed = entry.countersigned.as_ref().unwrap_or(&entry.latest);
                 let r = &signed.receipt;
                 println!(

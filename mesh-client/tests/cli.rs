@@ -49,3 +49,59 @@ fn temperature_zero_in_the_cli_is_plain_greedy() {
     );
     assert_eq!(SamplingParams::default().repetition_penalty, 1.0);
 }
+
+/// `mesh-client receipts` lists the newest hops first, as its help says, and `--limit`
+/// keeps the newest ones.
+#[test]
+fn receipts_are_listed_newest_first() {
+    use mesh_core::identity::Identity;
+    use mesh_core::ledger::{ConfigHash, Receipt, Store, Terms};
+    use mesh_core::{BlockRange, ModelId, SessionId};
+
+    const DAY_MS: u64 = 86_400_000;
+    let dir = tempfile::tempdir().unwrap();
+    let client = Identity::generate();
+    let server = Identity::generate();
+    {
+        let store = Store::open(&dir.path().join("receipts")).unwrap();
+        // Stored out of order: day 2, day 0, day 1 (and prefill = the day, to tell them apart).
+        for day in [2, 0, 1] {
+            let terms = Terms {
+                session: SessionId::random(),
+                client: client.peer_id(),
+                server: server.peer_id(),
+                model: ModelId::new(tiny::TINY_MODEL_ID),
+                config_hash: ConfigHash::of(&tiny::config()).unwrap(),
+                span: BlockRange::new(0, 8),
+                price_per_token: 1,
+            };
+            let start = (20_000 + day) * DAY_MS;
+            let signed = Receipt::new(terms, 10 + day, 1, start, start + 1_000, 1)
+                .unwrap()
+                .sign(&server.signing_key())
+                .unwrap();
+            store.put(&signed).unwrap();
+        }
+    }
+    let out = Command::new(CLI)
+        .args(["receipts", "--limit", "2", "--ledger-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let prefills: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split(" prefill ").nth(1))
+        .filter_map(|rest| rest.split(' ').next())
+        .collect();
+    assert_eq!(
+        prefills,
+        ["12", "11"],
+        "newest first, the newest two:\n{stdout}"
+    );
+}
