@@ -433,6 +433,8 @@ impl MeshClient {
         let i = self.inner.clone();
         params.stop_tokens.extend(i.eos.iter().copied());
         let prompt_len = ids.len() as u64;
+        // The text stream decodes each token after the prompt, as a whole decode does.
+        let text = TextStream::new(i.tokenizer.clone(), &ids);
         let mut generation = Generation::new(ids, params, i.max_context)?;
         let mut session = self.open_session().await?;
         let prices: std::collections::HashMap<_, _> = self
@@ -454,7 +456,7 @@ impl MeshClient {
         let state = StreamState {
             tokens: rx,
             outcome: Some(err_rx),
-            text: TextStream::new(i.tokenizer.clone()),
+            text,
             prices,
             cost: 0,
             prompt_len,
