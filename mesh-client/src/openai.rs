@@ -99,7 +99,7 @@ fn status_of(e: &ClientError) -> StatusCode {
         ClientError::NoRoute(_) | ClientError::OverPrice { .. } => StatusCode::SERVICE_UNAVAILABLE,
         ClientError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         ClientError::ModelUnknown(_) => StatusCode::NOT_FOUND,
-        ClientError::Model(_) => StatusCode::BAD_REQUEST,
+        ClientError::Model(_) | ClientError::ContextTooLong { .. } => StatusCode::BAD_REQUEST,
         _ => StatusCode::BAD_GATEWAY,
     }
 }
