@@ -519,6 +519,16 @@ impl MeshClient {
         })
     }
 
+    /// The model's context: prompt and generated tokens together, at most.
+    pub fn max_context(&self) -> usize {
+        self.inner.max_context
+    }
+
+    /// Bytes of the longest token of the model's tokenizer ([`MeshTokenizer::longest_token_bytes`]).
+    pub fn longest_token_bytes(&self) -> usize {
+        self.inner.tokenizer.longest_token_bytes()
+    }
+
     /// Tokens of `text` under the model's tokenizer (0 if it cannot be encoded).
     pub fn count_tokens(&self, text: &str) -> usize {
         self.inner.tokenizer.encode(text).map_or(0, |ids| ids.len())

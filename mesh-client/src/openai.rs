@@ -6,8 +6,9 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,20 +19,128 @@ use serde_json::{json, Value};
 
 use crate::{ChatMessage, ClientError, MeshClient, SamplingParams};
 
+/// Prompt text accepted at most, whatever the model: tokenizing text takes far more
+/// memory than the text (1.9 MB of prompt took the gateway from 30 to 394 MB).
+const MAX_PROMPT_BYTES: usize = 1 << 20;
+/// Room in a body for JSON around the prompt (fields, quoting, escapes).
+const BODY_OVERHEAD: usize = 64 << 10;
+
+/// How large a request may be, fixed at start from the model.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    /// Prompt text (or all messages' content together) taken at most: what could fit
+    /// the model's context if every token were the longest one, twice over for
+    /// normalizers that shrink text, and never over [`MAX_PROMPT_BYTES`].
+    prompt_bytes: usize,
+    /// Request body taken at most: the prompt twice over (escapes) plus the JSON around it.
+    body_bytes: usize,
+}
+
+impl Limits {
+    fn of(client: &MeshClient) -> Self {
+        let prompt_bytes = client
+            .max_context()
+            .saturating_mul(client.longest_token_bytes())
+            .saturating_mul(2)
+            .min(MAX_PROMPT_BYTES);
+        Self {
+            prompt_bytes,
+            body_bytes: prompt_bytes.saturating_mul(2).saturating_add(BODY_OVERHEAD),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Gateway {
+    client: MeshClient,
+    limits: Limits,
+}
+
 /// Serve the gateway on `listener` until `shutdown` resolves.
+///
+/// Sizes are checked before any work: a body over the limit is refused (413) on its
+/// `Content-Length` before it is read, or once the limit is read when it has none, and
+/// a prompt over the limit (400) before it is tokenized.
 pub async fn serve(
     client: MeshClient,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let limits = Limits::of(&client);
     let app = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
-        .with_state(client);
+        .layer(middleware::from_fn_with_state(limits, refuse_large_bodies))
+        .layer(DefaultBodyLimit::max(limits.body_bytes))
+        .with_state(Gateway { client, limits });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Refuse a body that says it is over the limit before reading any of it (a client that
+/// sent `Expect: 100-continue` never sends it).
+async fn refuse_large_bodies(State(limits): State<Limits>, req: Request, next: Next) -> Response {
+    let length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match length {
+        Some(n) if n > limits.body_bytes as u64 => ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "request body of {n} bytes is over this gateway's limit of {} bytes",
+                limits.body_bytes
+            ),
+            param: None,
+            code: Some("request_too_large"),
+        }
+        .into_response(),
+        _ => next.run(req).await,
+    }
+}
+
+/// Refuse prompt text over the limit, before it is tokenized.
+fn check_prompt_bytes(limits: Limits, bytes: usize, param: &'static str) -> Result<(), ApiError> {
+    if bytes <= limits.prompt_bytes {
+        return Ok(());
+    }
+    Err(ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: format!(
+            "the prompt is {bytes} bytes, more than the model's context can take (at most {} bytes are accepted)",
+            limits.prompt_bytes
+        ),
+        param: Some(param),
+        code: Some("context_length_exceeded"),
+    })
+}
+
+/// A refusal in OpenAI's form: `{"error": {"message", "type", "param", "code"}}`, so
+/// the SDKs raise their typed errors with the message.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = match self.status {
+            StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => {
+                "invalid_request_error"
+            }
+            _ => "server_error",
+        };
+        let body = json!({"error": {
+            "message": self.message, "type": kind, "param": self.param, "code": self.code,
+        }});
+        (self.status, Json(body)).into_response()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,7 +213,8 @@ fn status_of(e: &ClientError) -> StatusCode {
     }
 }
 
-async fn models(State(client): State<MeshClient>) -> Json<Value> {
+async fn models(State(gw): State<Gateway>) -> Json<Value> {
+    let client = &gw.client;
     Json(json!({
         "object": "list",
         "data": [{"id": client.model().as_str(), "object": "model", "created": 0, "owned_by": "mesh"}]
@@ -112,9 +222,12 @@ async fn models(State(client): State<MeshClient>) -> Json<Value> {
 }
 
 async fn completions(
-    State(client): State<MeshClient>,
+    State(Gateway { client, limits }): State<Gateway>,
     Json(req): Json<CompletionRequest>,
 ) -> Response {
+    if let Err(refused) = check_prompt_bytes(limits, req.prompt.len(), "prompt") {
+        return refused.into_response();
+    }
     let params = req.sampling.params(16);
     let model = req.model.unwrap_or_else(|| client.model().to_string());
     let ids = client.prompt_ids(&req.prompt);
@@ -122,9 +235,17 @@ async fn completions(
 }
 
 async fn chat_completions(
-    State(client): State<MeshClient>,
+    State(Gateway { client, limits }): State<Gateway>,
     Json(req): Json<ChatRequest>,
 ) -> Response {
+    let bytes = req
+        .messages
+        .iter()
+        .map(|m| m.content.len() + m.role.len())
+        .sum();
+    if let Err(refused) = check_prompt_bytes(limits, bytes, "messages") {
+        return refused.into_response();
+    }
     let params = req.sampling.params(256);
     let model = req.model.unwrap_or_else(|| client.model().to_string());
     // The same ids as `MeshClient::chat`: the model's chat template, with no doubled BOS.

@@ -74,6 +74,18 @@ impl MeshTokenizer {
         Ok(whole.get(before.len()..).unwrap_or_default().to_string())
     }
 
+    /// Bytes of the longest token as the vocabulary spells it (special tokens included):
+    /// with it, a text's length bounds how many tokens it can at least take, before it is
+    /// tokenized.
+    pub fn longest_token_bytes(&self) -> usize {
+        self.inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+    }
+
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
