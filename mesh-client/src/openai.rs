@@ -2,6 +2,8 @@
 //! `/v1/chat/completions`, streaming (SSE) and not, in OpenAI's wire format, so the
 //! official SDKs work against the mesh unchanged.
 
+mod request;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -14,10 +16,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::{ChatMessage, ClientError, MeshClient, SamplingParams};
+use crate::{MeshClient, SamplingParams, TokenStream};
+use request::{check_messages, check_model, ApiError, ChatRequest, CompletionRequest, OpenAiJson};
 
 /// Prompt text accepted at most, whatever the model: tokenizing text takes far more
 /// memory than the text (1.9 MB of prompt took the gateway from 30 to 394 MB).
@@ -118,139 +120,52 @@ fn check_prompt_bytes(limits: Limits, bytes: usize, param: &'static str) -> Resu
     })
 }
 
-/// A refusal in OpenAI's form: `{"error": {"message", "type", "param", "code"}}`, so
-/// the SDKs raise their typed errors with the message.
-#[derive(Debug)]
-struct ApiError {
-    status: StatusCode,
-    message: String,
-    param: Option<&'static str>,
-    code: Option<&'static str>,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let kind = match self.status {
-            StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => {
-                "invalid_request_error"
-            }
-            _ => "server_error",
-        };
-        let body = json!({"error": {
-            "message": self.message, "type": kind, "param": self.param, "code": self.code,
-        }});
-        (self.status, Json(body)).into_response()
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct CompletionRequest {
-    model: Option<String>,
-    prompt: String,
-    #[serde(default)]
-    stream: bool,
-    #[serde(flatten)]
-    sampling: OpenAiSampling,
-}
-
-#[derive(Debug, Deserialize)]
-struct ChatRequest {
-    model: Option<String>,
-    messages: Vec<ChatMessage>,
-    #[serde(default)]
-    stream: bool,
-    #[serde(flatten)]
-    sampling: OpenAiSampling,
-}
-
-/// OpenAI's sampling fields, with its defaults.
-#[derive(Debug, Deserialize)]
-struct OpenAiSampling {
-    max_tokens: Option<usize>,
-    max_completion_tokens: Option<usize>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    seed: Option<u64>,
-}
-
-impl OpenAiSampling {
-    fn params(&self, default_max: usize) -> SamplingParams {
-        SamplingParams {
-            max_new_tokens: self
-                .max_completion_tokens
-                .or(self.max_tokens)
-                .unwrap_or(default_max)
-                .min(4096),
-            temperature: self.temperature.unwrap_or(1.0),
-            top_k: None,
-            top_p: self.top_p,
-            repetition_penalty: 1.0,
-            seed: self.seed.unwrap_or(0),
-            stop_tokens: Vec::new(),
-        }
-    }
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn error(status: StatusCode, e: &ClientError) -> Response {
-    let body =
-        json!({"error": {"message": e.to_string(), "type": "mesh_error", "code": status.as_u16()}});
-    (status, Json(body)).into_response()
-}
-
-fn status_of(e: &ClientError) -> StatusCode {
-    match e {
-        ClientError::NoRoute(_) | ClientError::OverPrice { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        ClientError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        ClientError::ModelUnknown(_) => StatusCode::NOT_FOUND,
-        ClientError::Model(_) | ClientError::ContextTooLong { .. } => StatusCode::BAD_REQUEST,
-        _ => StatusCode::BAD_GATEWAY,
-    }
-}
-
 async fn models(State(gw): State<Gateway>) -> Json<Value> {
-    let client = &gw.client;
     Json(json!({
         "object": "list",
-        "data": [{"id": client.model().as_str(), "object": "model", "created": 0, "owned_by": "mesh"}]
+        "data": [{"id": gw.client.model().as_str(), "object": "model", "created": 0, "owned_by": "mesh"}]
     }))
 }
 
 async fn completions(
     State(Gateway { client, limits }): State<Gateway>,
-    Json(req): Json<CompletionRequest>,
-) -> Response {
-    if let Err(refused) = check_prompt_bytes(limits, req.prompt.len(), "prompt") {
-        return refused.into_response();
-    }
-    let params = req.sampling.params(16);
-    let model = req.model.unwrap_or_else(|| client.model().to_string());
-    let ids = client.prompt_ids(&req.prompt);
-    run(client, ids, params, model, req.stream, Kind::Text).await
+    OpenAiJson(req): OpenAiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let model = check_model(req.model.as_deref(), client.model())?;
+    req.sampling.check()?;
+    check_prompt_bytes(limits, req.prompt.len(), "prompt")?;
+    let ids = client.prompt_ids(&req.prompt)?;
+    let reply = Reply {
+        kind: Kind::Text,
+        model,
+        stream: req.stream,
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+    };
+    run(client, ids, req.sampling.params(16), reply).await
 }
 
 async fn chat_completions(
     State(Gateway { client, limits }): State<Gateway>,
-    Json(req): Json<ChatRequest>,
-) -> Response {
+    OpenAiJson(req): OpenAiJson<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let model = check_model(req.model.as_deref(), client.model())?;
+    req.sampling.check()?;
+    check_messages(&req.messages)?;
     let bytes = req
         .messages
         .iter()
         .map(|m| m.content.len() + m.role.len())
         .sum();
-    if let Err(refused) = check_prompt_bytes(limits, bytes, "messages") {
-        return refused.into_response();
-    }
-    let params = req.sampling.params(256);
-    let model = req.model.unwrap_or_else(|| client.model().to_string());
+    check_prompt_bytes(limits, bytes, "messages")?;
     // The same ids as `MeshClient::chat`: the model's chat template, with no doubled BOS.
-    let ids = client.chat_ids(&req.messages);
-    run(client, ids, params, model, req.stream, Kind::Chat).await
+    let ids = client.chat_ids(&req.messages)?;
+    let reply = Reply {
+        kind: Kind::Chat,
+        model,
+        stream: req.stream,
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+    };
+    run(client, ids, req.sampling.params(256), reply).await
 }
 
 #[derive(Clone, Copy)]
@@ -259,62 +174,73 @@ enum Kind {
     Chat,
 }
 
-async fn run(
-    client: MeshClient,
-    ids: Result<Vec<u32>, ClientError>,
-    params: SamplingParams,
+/// How to answer: which API's shapes, for which model name, streamed or not.
+struct Reply {
+    kind: Kind,
     model: String,
     stream: bool,
-    kind: Kind,
-) -> Response {
+    include_usage: bool,
+}
+
+/// Why generation ended, in OpenAI's words, the same streamed or not: `length` when it
+/// made every token asked for or filled the model's context, `stop` on a stop token.
+fn finish_reason(
+    count: usize,
+    max: usize,
+    prompt_tokens: usize,
+    max_context: usize,
+) -> &'static str {
+    if count >= max || prompt_tokens + count >= max_context {
+        "length"
+    } else {
+        "stop"
+    }
+}
+
+fn usage(prompt_tokens: usize, count: usize) -> Value {
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": count, "total_tokens": prompt_tokens + count})
+}
+
+async fn run(
+    client: MeshClient,
+    ids: Vec<u32>,
+    params: SamplingParams,
+    reply: Reply,
+) -> Result<Response, ApiError> {
     let max = params.max_new_tokens;
-    let ids = match ids {
-        Ok(ids) => ids,
-        Err(e) => return error(status_of(&e), &e),
-    };
     let prompt_tokens = ids.len();
-    let tokens = match client.generate_ids(ids, params).await {
-        Ok(t) => t,
-        Err(e) => return error(status_of(&e), &e),
+    let max_context = client.max_context();
+    let mut tokens = client.generate_ids(ids, params).await?;
+    let meta = Meta {
+        kind: reply.kind,
+        id: format!("mesh-{:x}", rand::random::<u64>()),
+        model: reply.model,
+        created: now(),
     };
-    let id = format!("mesh-{:x}", rand_id());
-    let created = now();
-    if stream {
-        let (id2, model2) = (id.clone(), model.clone());
-        let body = tokens
-            .map(move |t| match t {
-                Ok(t) => Ok::<_, Infallible>(
-                    Event::default()
-                        .data(chunk(kind, &id, &model, created, Some(&t.text), None).to_string()),
-                ),
-                Err(e) => {
-                    Ok(Event::default()
-                        .data(json!({"error": {"message": e.to_string()}}).to_string()))
-                }
-            })
-            .chain(futures::stream::iter([
-                // OpenAI ends with a chunk that carries only the finish reason, then [DONE].
-                Ok(Event::default()
-                    .data(chunk(kind, &id2, &model2, created, None, Some("stop")).to_string())),
-                Ok(Event::default().data("[DONE]")),
-            ]));
-        return Sse::new(body).into_response();
+    let finish = move |count| finish_reason(count, max, prompt_tokens, max_context);
+    if reply.stream {
+        let state = Streaming {
+            tokens,
+            count: 0,
+            phase: Phase::Tokens,
+            meta,
+            include_usage: reply.include_usage,
+            prompt_tokens,
+        };
+        let events = futures::stream::unfold(state, move |st| next_event(st, finish));
+        return Ok(Sse::new(events).into_response());
     }
     let mut text = String::new();
     let mut count = 0;
-    let mut tokens = tokens;
     while let Some(t) = tokens.next().await {
-        match t {
-            Ok(t) => {
-                text.push_str(&t.text);
-                count += 1;
-            }
-            Err(e) => return error(status_of(&e), &e),
-        }
+        text.push_str(&t?.text);
+        count += 1;
     }
-    let finish = if count >= max { "length" } else { "stop" };
-    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": count, "total_tokens": prompt_tokens + count});
-    let body = match kind {
+    let (finish, usage) = (finish(count), usage(prompt_tokens, count));
+    let Meta {
+        id, model, created, ..
+    } = meta;
+    let body = match meta.kind {
         Kind::Text => json!({
             "id": id, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}],
@@ -326,17 +252,83 @@ async fn run(
             "usage": usage,
         }),
     };
-    Json(body).into_response()
+    Ok(Json(body).into_response())
 }
 
-fn chunk(
+/// What every chunk of one answer repeats.
+struct Meta {
     kind: Kind,
-    id: &str,
-    model: &str,
+    id: String,
+    model: String,
     created: u64,
-    text: Option<&str>,
-    finish: Option<&str>,
-) -> Value {
+}
+
+/// Where a stream is: tokens, then the finish chunk, the usage chunk if asked for, and
+/// `[DONE]`; or, after an error, nothing more.
+enum Phase {
+    Tokens,
+    Usage,
+    Done,
+    End,
+}
+
+struct Streaming {
+    tokens: TokenStream,
+    count: usize,
+    phase: Phase,
+    meta: Meta,
+    include_usage: bool,
+    prompt_tokens: usize,
+}
+
+async fn next_event(
+    mut st: Streaming,
+    finish: impl Fn(usize) -> &'static str,
+) -> Option<(Result<Event, Infallible>, Streaming)> {
+    let data = match st.phase {
+        Phase::Tokens => match st.tokens.next().await {
+            Some(Ok(t)) => {
+                st.count += 1;
+                chunk(&st.meta, Some(&t.text), None).to_string()
+            }
+            // As OpenAI does: the error as the last event. No finish reason and no [DONE]
+            // follow, so no client takes a cut-short answer for a whole one.
+            Some(Err(e)) => {
+                st.phase = Phase::End;
+                ApiError::from(e).body().to_string()
+            }
+            None => {
+                st.phase = if st.include_usage {
+                    Phase::Usage
+                } else {
+                    Phase::Done
+                };
+                chunk(&st.meta, None, Some(finish(st.count))).to_string()
+            }
+        },
+        Phase::Usage => {
+            st.phase = Phase::Done;
+            let mut last = chunk(&st.meta, None, None);
+            last["choices"] = json!([]);
+            last["usage"] = usage(st.prompt_tokens, st.count);
+            last.to_string()
+        }
+        Phase::Done => {
+            st.phase = Phase::End;
+            "[DONE]".to_string()
+        }
+        Phase::End => return None,
+    };
+    Some((Ok(Event::default().data(data)), st))
+}
+
+fn chunk(meta: &Meta, text: Option<&str>, finish: Option<&str>) -> Value {
+    let Meta {
+        kind,
+        id,
+        model,
+        created,
+    } = meta;
     match kind {
         Kind::Text => json!({
             "id": id, "object": "text_completion", "created": created, "model": model,
@@ -355,9 +347,8 @@ fn chunk(
     }
 }
 
-fn rand_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(now());
-    h.finish()
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
