@@ -59,6 +59,10 @@ pub enum ClientError {
     /// Servers were found, but all of them charge more than `max_price`.
     #[error("every server of {model} is above the max price of {max_price}")]
     OverPrice { model: ModelId, max_price: u64 },
+    /// No server of the model takes a session as long as the prompt plus the max tokens;
+    /// `longest` is the most any offered. Shorten the request: no server is to blame.
+    #[error("no server takes {requested} positions (prompt + max tokens); the longest offered is {longest}: shorten the prompt or the max tokens")]
+    ContextTooLong { requested: u32, longest: u32 },
     /// A server or the discovery did not answer in time.
     #[error("timed out: {0}")]
     Timeout(String),
@@ -82,6 +86,9 @@ impl From<PipelineError> for ClientError {
         match e {
             PipelineError::NoRoute { .. } => ClientError::NoRoute(e.to_string()),
             PipelineError::Timeout { .. } => ClientError::Timeout(e.to_string()),
+            PipelineError::ContextTooLong {
+                requested, longest, ..
+            } => ClientError::ContextTooLong { requested, longest },
             other => ClientError::Pipeline(other),
         }
     }
@@ -361,9 +368,14 @@ impl MeshClient {
         }
     }
 
-    /// Open a route, retrying with exponential backoff (3 attempts).
-    async fn open_session(&self) -> Result<RemoteSession, ClientError> {
+    /// Open a route for sessions of `max_len` positions, retrying with exponential backoff
+    /// (3 attempts).
+    async fn open_session(&self, max_len: u32) -> Result<RemoteSession, ClientError> {
         let i = &self.inner;
+        let cfg = SessionConfig {
+            max_len,
+            ..i.session.clone()
+        };
         let mut delay = Duration::from_millis(250);
         let mut attempt = 1;
         loop {
@@ -371,7 +383,7 @@ impl MeshClient {
                 i.p2p.clone(),
                 i.model.clone(),
                 i.num_blocks,
-                i.session.clone(),
+                cfg.clone(),
                 i.context.clone(),
             )
             .await;
@@ -393,6 +405,8 @@ impl MeshClient {
                         i.model
                     )));
                 }
+                // Trying again will not make servers take longer sessions.
+                Err(e @ PipelineError::ContextTooLong { .. }) => return Err(e.into()),
                 Err(e) if attempt >= OPEN_ATTEMPTS => return Err(e.into()),
                 Err(e) => {
                     tracing::info!(
@@ -433,8 +447,15 @@ impl MeshClient {
         let i = self.inner.clone();
         params.stop_tokens.extend(i.eos.iter().copied());
         let prompt_len = ids.len() as u64;
+        // The text stream decodes each token after the prompt, as a whole decode does.
+        let text = TextStream::new(i.tokenizer.clone(), &ids);
+        // Reserve what this request can use on each server: the prompt and every token
+        // it may generate, within the model's context (not a fixed length that servers
+        // would refuse, or that would cut a long request short).
+        let positions = (ids.len().saturating_add(params.max_new_tokens)).min(i.max_context);
+        let max_len = u32::try_from(positions).unwrap_or(u32::MAX);
         let mut generation = Generation::new(ids, params, i.max_context)?;
-        let mut session = self.open_session().await?;
+        let mut session = self.open_session(max_len).await?;
         let prices: std::collections::HashMap<_, _> = self
             .nodes()
             .await?
@@ -454,7 +475,7 @@ impl MeshClient {
         let state = StreamState {
             tokens: rx,
             outcome: Some(err_rx),
-            text: TextStream::new(i.tokenizer.clone()),
+            text,
             prices,
             cost: 0,
             prompt_len,
@@ -496,6 +517,16 @@ impl MeshClient {
             Some(t) => t.encode(&i.tokenizer, messages, true)?,
             None => i.tokenizer.encode(&chat::transcript(messages))?,
         })
+    }
+
+    /// The model's context: prompt and generated tokens together, at most.
+    pub fn max_context(&self) -> usize {
+        self.inner.max_context
+    }
+
+    /// Bytes of the longest token of the model's tokenizer ([`MeshTokenizer::longest_token_bytes`]).
+    pub fn longest_token_bytes(&self) -> usize {
+        self.inner.tokenizer.longest_token_bytes()
     }
 
     /// Tokens of `text` under the model's tokenizer (0 if it cannot be encoded).

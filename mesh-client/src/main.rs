@@ -39,7 +39,9 @@ struct Sampling {
     top_k: usize,
     #[arg(long, default_value_t = 0.95)]
     top_p: f32,
-    #[arg(long, default_value_t = 1.1)]
+    /// Penalty on tokens already in the sequence (1 = none). Off by default, as in the
+    /// OpenAI gateway and transformers' `generate`, so `--temperature 0` is plain greedy.
+    #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f32,
     /// Sampling seed: the same seed gives the same text.
     #[arg(long, default_value_t = 42)]
@@ -224,7 +226,7 @@ async fn main() -> anyhow::Result<()> {
             let store = mesh_core::ledger::Store::open(&dir)
                 .with_context(|| format!("opening {}", dir.display()))?;
             let mut shown = 0;
-            for entry in store.by_time(0, u64::MAX, limit)? {
+            for entry in store.newest(limit)? {
                 let signed = entry.countersigned.as_ref().unwrap_or(&entry.latest);
                 let r = &signed.receipt;
                 println!(

@@ -131,6 +131,15 @@ impl LocalMesh {
 
     /// Start one more server of `span`.
     pub async fn add_node(&mut self, span: BlockRange) -> Result<PeerId, NodeError> {
+        self.add_node_with(span, ServerLimits::default()).await
+    }
+
+    /// Start one more server of `span` under `limits` (a shorter `max_len`, say).
+    pub async fn add_node_with(
+        &mut self,
+        span: BlockRange,
+        limits: ServerLimits,
+    ) -> Result<PeerId, NodeError> {
         let cfg = NodeConfig {
             model_id: self.model.clone(),
             model_dir: self.model_dir.clone(),
@@ -138,7 +147,7 @@ impl LocalMesh {
             span_len: None,
             dtype: self.dtype,
             device: self.device.clone(),
-            limits: ServerLimits::default(),
+            limits,
             price_per_token: self.billing.as_ref().map_or(0, |(_, price)| *price),
             ledger_dir: self
                 .billing

@@ -40,6 +40,17 @@ pub enum PipelineError {
         range: BlockRange,
         excluded: usize,
     },
+    /// Every server that could serve these blocks takes shorter sessions than asked for.
+    /// Not the servers' fault: none is banned or marked down for it.
+    #[error(
+        "no server of {model} takes a session of {requested} positions (prompt + max tokens); \
+         the longest any offers is {longest}: shorten the prompt or the max tokens"
+    )]
+    ContextTooLong {
+        model: ModelId,
+        requested: u32,
+        longest: u32,
+    },
     /// A server answered with a refusal.
     #[error("{peer} refused: {reason}")]
     Refused { peer: PeerId, reason: Refusal },

@@ -474,15 +474,7 @@ impl Store {
         session: &SessionId,
         server: &PeerId,
     ) -> Result<Option<Entry>, LedgerError> {
-        let id = pk(session, server);
-        let Some(latest) = self.get_decoded(&key(LATEST, &id))? else {
-            return Ok(None);
-        };
-        Ok(Some(Entry {
-            latest,
-            countersigned: self.get_decoded(&key(COUNTERSIGNED, &id))?,
-            settled: self.get_decoded(&key(SETTLED, &id))?,
-        }))
+        self.entry_by_pk(&pk(session, server))
     }
 
     fn entry_by_pk(&self, id: &[u8]) -> Result<Option<Entry>, LedgerError> {
@@ -536,6 +528,19 @@ impl Store {
         let start = key(BY_TIME, &from_ms.to_be_bytes());
         let end = key(BY_TIME, &to_ms.to_be_bytes());
         for kv in self.tree.range(start..end).take(limit) {
+            let (k, _) = kv.map_err(StoreError::from)?;
+            if let Some(e) = self.entry_by_pk(&k[9..])? {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The `limit` hops whose sessions started last, newest first: what a listing shows
+    /// (walking [`Store::by_time`] from the start would show the oldest).
+    pub fn newest(&self, limit: usize) -> Result<Vec<Entry>, LedgerError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([BY_TIME]).rev().take(limit) {
             let (k, _) = kv.map_err(StoreError::from)?;
             if let Some(e) = self.entry_by_pk(&k[9..])? {
                 out.push(e);

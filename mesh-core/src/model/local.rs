@@ -143,7 +143,7 @@ impl LocalModel {
         let prompt_tokens = tokenizer.encode(prompt)?;
         let mut params = params.clone();
         params.stop_tokens.extend(self.files.config.eos_tokens());
-        let mut stream = TextStream::new(tokenizer.clone());
+        let mut stream = TextStream::new(tokenizer.clone(), &prompt_tokens);
         let mut stream_error = None;
         let generation =
             self.generate_ids(prompt_tokens.clone(), &params, |id| match stream.push(id) {
@@ -155,7 +155,7 @@ impl LocalModel {
             return Err(e);
         }
         Ok(GenerationOutput {
-            text: tokenizer.decode(generation.generated())?,
+            text: tokenizer.decode_after(&prompt_tokens, generation.generated())?,
             prompt_tokens,
             tokens: generation.generated().to_vec(),
             finish: generation.finish_reason().unwrap_or(FinishReason::Length),

@@ -25,6 +25,8 @@ pub struct SamplingParams {
     pub stop_tokens: Vec<u32>,
 }
 
+/// No repetition penalty by default (as transformers' `generate`, the OpenAI gateway and
+/// the CLI): a penalty is a choice, and with it temperature 0 would not be plain greedy.
 impl Default for SamplingParams {
     fn default() -> Self {
         Self {
@@ -32,7 +34,7 @@ impl Default for SamplingParams {
             temperature: 0.8,
             top_k: Some(40),
             top_p: Some(0.95),
-            repetition_penalty: 1.1,
+            repetition_penalty: 1.0,
             seed: 0,
             stop_tokens: Vec::new(),
         }

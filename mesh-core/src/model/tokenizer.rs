@@ -65,6 +65,27 @@ impl MeshTokenizer {
             .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
+    /// Text that `generated` adds after `prompt`, as decoding the whole sequence shows it
+    /// (what [`TextStream`] streams, once every character is complete).
+    pub fn decode_after(&self, prompt: &[u32], generated: &[u32]) -> Result<String, ModelError> {
+        let whole: Vec<u32> = prompt.iter().chain(generated).copied().collect();
+        let whole = self.decode(&whole)?;
+        let before = self.decode(prompt)?;
+        Ok(whole.get(before.len()..).unwrap_or_default().to_string())
+    }
+
+    /// Bytes of the longest token as the vocabulary spells it (special tokens included):
+    /// with it, a text's length bounds how many tokens it can at least take, before it is
+    /// tokenized.
+    pub fn longest_token_bytes(&self) -> usize {
+        self.inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+    }
+
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
@@ -72,19 +93,29 @@ impl MeshTokenizer {
 
 /// Turns tokens into text as they arrive, holding back bytes of an unfinished
 /// UTF-8 character so the stream never shows a replacement character mid-way.
+///
+/// Each new token is decoded after the tokens of the text shown last (at first the
+/// prompt), and the text it adds is the difference: decoders treat the start of a text
+/// specially (sentencepiece's strips its leading space), so decoding the continuation on
+/// its own would glue its first word to the prompt's last. What is streamed is what
+/// decoding the whole sequence shows after the prompt, and each step decodes only the
+/// last shown text's tokens plus the new ones.
 #[derive(Debug)]
 pub struct TextStream {
     tokenizer: MeshTokenizer,
+    /// The tokens of the text shown last (the context), then those not shown yet.
     ids: Vec<u32>,
-    emitted: usize,
+    /// How many of `ids` are context.
+    shown: usize,
 }
 
 impl TextStream {
-    pub fn new(tokenizer: MeshTokenizer) -> Self {
+    /// A stream of the text generated after `prompt` (empty for text from the start).
+    pub fn new(tokenizer: MeshTokenizer, prompt: &[u32]) -> Self {
         Self {
             tokenizer,
-            ids: Vec::new(),
-            emitted: 0,
+            ids: prompt.to_vec(),
+            shown: prompt.len(),
         }
     }
 
@@ -92,18 +123,17 @@ impl TextStream {
     pub fn push(&mut self, id: u32) -> Result<Option<String>, ModelError> {
         self.ids.push(id);
         let text = self.tokenizer.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted {
+        if text.ends_with('\u{FFFD}') {
             return Ok(None);
         }
-        let Some(chunk) = text.get(self.emitted..).map(str::to_string) else {
+        let before = self.tokenizer.decode(&self.ids[..self.shown])?;
+        let Some(chunk) = text.get(before.len()..).filter(|c| !c.is_empty()) else {
             return Ok(None);
         };
-        self.emitted = text.len();
+        let chunk = chunk.to_string();
+        // What was just shown is the next token's context.
+        self.ids.drain(..self.shown);
+        self.shown = self.ids.len();
         Ok(Some(chunk))
-    }
-
-    /// All text so far, including a trailing partial character.
-    pub fn text(&self) -> Result<String, ModelError> {
-        self.tokenizer.decode(&self.ids)
     }
 }

@@ -11,9 +11,11 @@
 
 mod audit;
 mod billing;
+mod coverage;
 
 use billing::hold_back;
 pub use billing::ClientLedger;
+pub use coverage::wait_for_coverage;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -42,7 +44,9 @@ const REDISCOVER_POLL: Duration = Duration::from_millis(200);
 /// How a client runs its sessions.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
-    /// Longest session (prompt + generated) to reserve cache for on each server.
+    /// Positions (prompt + generated) to reserve cache for on each server. A server that
+    /// takes fewer refuses, which is no failure of it: the session routes around it.
+    /// `MeshClient` sets this per generation to the prompt plus the max tokens.
     pub max_len: u32,
     /// One request may take this long before its server is declared failed.
     pub step_timeout: Duration,
@@ -149,6 +153,9 @@ pub struct RemoteSession {
     sampler: rand_chacha::ChaCha8Rng,
     /// Servers this session caught returning wrong hidden states.
     caught: Vec<PeerId>,
+    /// Servers that take shorter sessions than `cfg.max_len`, with the length they take:
+    /// left out of routes but not banned, since they did nothing wrong.
+    too_short: HashMap<PeerId, u32>,
 }
 
 impl RemoteSession {
@@ -192,6 +199,7 @@ impl RemoteSession {
             reference: ctx.reference,
             sampler: rand_chacha::ChaCha8Rng::from_os_rng(),
             caught: Vec::new(),
+            too_short: HashMap::new(),
             p2p,
             model,
             num_blocks,
@@ -407,7 +415,16 @@ impl RemoteSession {
         loop {
             let mut new_hops = match self.open_route(range).await {
                 Ok(h) => h,
-                Err(e @ PipelineError::NoRoute { .. }) => return Err(e),
+                Err(e @ (PipelineError::NoRoute { .. } | PipelineError::ContextTooLong { .. })) => {
+                    return Err(e)
+                }
+                Err(PipelineError::Refused {
+                    peer,
+                    reason: Refusal::MaxLenTooLarge { limit, .. },
+                }) => {
+                    self.too_short.insert(peer, limit);
+                    continue;
+                }
                 Err(e) => {
                     self.note_failure(e)?;
                     continue;
@@ -462,6 +479,14 @@ impl RemoteSession {
     async fn open_route(&mut self, range: BlockRange) -> Result<Vec<HopState>, PipelineError> {
         let hops = match self.plan_route(range).await? {
             Some(hops) => hops,
+            // Servers are there but take shorter sessions: looking again will not help.
+            None if !self.too_short.is_empty() => {
+                return Err(PipelineError::ContextTooLong {
+                    model: self.model.clone(),
+                    requested: self.cfg.max_len,
+                    longest: self.too_short.values().copied().max().unwrap_or(0),
+                })
+            }
             None => self.rediscover(range).await?,
         };
         let mut opened = Vec::with_capacity(hops.len());
@@ -473,10 +498,12 @@ impl RemoteSession {
 
     async fn plan_route(&self, range: BlockRange) -> Result<Option<Vec<Hop>>, PipelineError> {
         let candidates = self.candidates().await?;
+        let mut excluded = self.banned.clone();
+        excluded.extend(self.too_short.keys());
         Ok(plan(
             &candidates,
             range,
-            &self.banned,
+            &excluded,
             &self.cfg.policy,
             self.tie_break,
         ))
@@ -639,41 +666,5 @@ fn unexpected(peer: PeerId, response: SessionResponse) -> PipelineError {
             peer,
             detail: format!("unexpected response {other:?}"),
         },
-    }
-}
-
-/// Find `model`'s servers through the DHT, connect to them, and wait until their
-/// heartbeats cover every block (or `timeout` passes). Returns the live servers.
-pub async fn wait_for_coverage(
-    p2p: &p2p::Client,
-    model: &ModelId,
-    num_blocks: u32,
-    timeout: Duration,
-) -> Result<Vec<crate::types::ServerInfo>, PipelineError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let full = BlockRange::new(0, num_blocks);
-    loop {
-        // Lookups also dial the servers found, so their heartbeats reach us directly.
-        if let Err(e) = p2p.discover(model, num_blocks).await {
-            tracing::debug!("discovery: {e}");
-        }
-        let live = p2p.live_servers(model).await?;
-        let candidates: Vec<Candidate> = live
-            .iter()
-            .filter(|s| s.num_blocks == num_blocks)
-            .map(Candidate::from_heartbeat)
-            .collect();
-        let policy = RoutePolicy::default();
-        if plan(&candidates, full, &HashSet::new(), &policy, 0).is_some() {
-            return Ok(live);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(PipelineError::NoRoute {
-                model: model.clone(),
-                range: full,
-                excluded: 0,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

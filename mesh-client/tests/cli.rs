@@ -1,0 +1,107 @@
+//! The `mesh-client` binary as a user runs it: its defaults and what it prints.
+
+use std::process::Command;
+
+use mesh_client::SamplingParams;
+use mesh_core::model::{tiny, LocalModel};
+
+const CLI: &str = env!("CARGO_BIN_EXE_mesh-client");
+
+/// `--temperature 0` is plain greedy decoding, as `SamplingParams::greedy` and the OpenAI
+/// gateway do it: no repetition penalty unless asked for (transformers' `generate`
+/// defaults to 1.0 too), so the CLI and the API give the same "greedy" text.
+#[test]
+fn temperature_zero_in_the_cli_is_plain_greedy() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write(dir.path()).unwrap();
+    let prompt = "the the the mesh mesh mesh";
+    // What the CLI prints is the streamed text, so compare with the streamed text.
+    let mut want = String::new();
+    LocalModel::load_split(dir.path(), 1, &candle_core::Device::Cpu)
+        .unwrap()
+        .generate(prompt, &SamplingParams::greedy(40), |t| want.push_str(t))
+        .unwrap();
+    let out = Command::new(CLI)
+        .args([
+            "local",
+            "--spans",
+            "1",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "40",
+        ])
+        .arg("--prompt")
+        .arg(prompt)
+        .arg("--model-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("{prompt}{want}\n--")),
+        "the CLI's greedy text differs from plain greedy {want:?}:\n{stdout}"
+    );
+    assert_eq!(SamplingParams::default().repetition_penalty, 1.0);
+}
+
+/// `mesh-client receipts` lists the newest hops first, as its help says, and `--limit`
+/// keeps the newest ones.
+#[test]
+fn receipts_are_listed_newest_first() {
+    use mesh_core::identity::Identity;
+    use mesh_core::ledger::{ConfigHash, Receipt, Store, Terms};
+    use mesh_core::{BlockRange, ModelId, SessionId};
+
+    const DAY_MS: u64 = 86_400_000;
+    let dir = tempfile::tempdir().unwrap();
+    let client = Identity::generate();
+    let server = Identity::generate();
+    {
+        let store = Store::open(&dir.path().join("receipts")).unwrap();
+        // Stored out of order: day 2, day 0, day 1 (and prefill = the day, to tell them apart).
+        for day in [2, 0, 1] {
+            let terms = Terms {
+                session: SessionId::random(),
+                client: client.peer_id(),
+                server: server.peer_id(),
+                model: ModelId::new(tiny::TINY_MODEL_ID),
+                config_hash: ConfigHash::of(&tiny::config()).unwrap(),
+                span: BlockRange::new(0, 8),
+                price_per_token: 1,
+            };
+            let start = (20_000 + day) * DAY_MS;
+            let signed = Receipt::new(terms, 10 + day, 1, start, start + 1_000, 1)
+                .unwrap()
+                .sign(&server.signing_key())
+                .unwrap();
+            store.put(&signed).unwrap();
+        }
+    }
+    let out = Command::new(CLI)
+        .args(["receipts", "--limit", "2", "--ledger-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let prefills: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split(" prefill ").nth(1))
+        .filter_map(|rest| rest.split(' ').next())
+        .collect();
+    assert_eq!(
+        prefills,
+        ["12", "11"],
+        "newest first, the newest two:\n{stdout}"
+    );
+}
