@@ -56,9 +56,10 @@ pub enum ClientError {
     /// No live servers cover every block of the model (within the price limit).
     #[error("no route: {0}")]
     NoRoute(String),
-    /// Servers were found, but all of them charge more than `max_price`.
-    #[error("every server of {model} is above the max price of {max_price}")]
-    OverPrice { model: ModelId, max_price: u64 },
+    /// Servers cover the model, but only at prices over the ceiling (`max_price`, or
+    /// `max_price_ratio` times the median of a span's servers); the message names them.
+    #[error("over price: {0}")]
+    OverPrice(String),
     /// No server of the model takes a session as long as the prompt plus the max tokens;
     /// `longest` is the most any offered. Shorten the request: no server is to blame.
     #[error("no server takes {requested} positions (prompt + max tokens); the longest offered is {longest}: shorten the prompt or the max tokens")]
@@ -85,6 +86,7 @@ impl From<PipelineError> for ClientError {
     fn from(e: PipelineError) -> Self {
         match e {
             PipelineError::NoRoute { .. } => ClientError::NoRoute(e.to_string()),
+            PipelineError::OverPrice { .. } => ClientError::OverPrice(e.to_string()),
             PipelineError::Timeout { .. } => ClientError::Timeout(e.to_string()),
             PipelineError::ContextTooLong {
                 requested, longest, ..
@@ -147,6 +149,14 @@ impl MeshClientBuilder {
     /// Never use servers that charge more than this (micro-units per token per block).
     pub fn max_price(mut self, price: u64) -> Self {
         self.max_price = Some(price);
+        self
+    }
+
+    /// Never use a server that asks more than `ratio` times the median price of the
+    /// servers of its blocks (default [`pipeline::DEFAULT_MAX_PRICE_RATIO`]); `None` lifts
+    /// this ceiling, leaving only [`MeshClientBuilder::max_price`].
+    pub fn max_price_ratio(mut self, ratio: Option<f64>) -> Self {
+        self.session.policy.max_price_ratio = ratio;
         self
     }
 
@@ -263,7 +273,6 @@ impl MeshClientBuilder {
                 tokenizer,
                 chat_template,
                 session: self.session,
-                max_price: self.max_price,
                 context,
             }),
         };
@@ -321,7 +330,6 @@ struct Inner {
     /// The model's chat template (`tokenizer_config.json`), if it has one.
     chat_template: Option<ChatTemplate>,
     session: SessionConfig,
-    max_price: Option<u64>,
     /// Ledger, reputation and local reference shared by every session.
     context: SessionContext,
 }
@@ -389,22 +397,8 @@ impl MeshClient {
             .await;
             match opened {
                 Ok(s) => return Ok(s),
-                Err(PipelineError::NoRoute { .. })
-                    if i.max_price.is_some() && attempt == OPEN_ATTEMPTS =>
-                {
-                    let live = i.p2p.live_servers(&i.model).await?;
-                    let max = i.max_price.unwrap_or(u64::MAX);
-                    if !live.is_empty() && live.iter().all(|s| s.price_per_token > max) {
-                        return Err(ClientError::OverPrice {
-                            model: i.model.clone(),
-                            max_price: max,
-                        });
-                    }
-                    return Err(ClientError::NoRoute(format!(
-                        "blocks of {} uncovered",
-                        i.model
-                    )));
-                }
+                // Prices do not change by waiting a second.
+                Err(e @ PipelineError::OverPrice { .. }) => return Err(e.into()),
                 // Trying again will not make servers take longer sessions.
                 Err(e @ PipelineError::ContextTooLong { .. }) => return Err(e.into()),
                 Err(e) if attempt >= OPEN_ATTEMPTS => return Err(e.into()),

@@ -76,6 +76,10 @@ struct MeshArgs {
     /// Refuse servers above this price (micro-units per token per block).
     #[arg(long)]
     max_price: Option<u64>,
+    /// Refuse servers asking more than this many times the median price of the servers
+    /// of their blocks (0: no relative ceiling, only --max-price).
+    #[arg(long, default_value_t = mesh_core::pipeline::DEFAULT_MAX_PRICE_RATIO)]
+    max_price_ratio: f64,
     /// The client's identity and receipts [default: $MESH_HOME/client].
     #[arg(long)]
     ledger_dir: Option<PathBuf>,
@@ -298,6 +302,7 @@ async fn connect(args: MeshArgs) -> anyhow::Result<MeshClient> {
     if let Some(p) = args.max_price {
         b = b.max_price(p);
     }
+    b = b.max_price_ratio((args.max_price_ratio > 0.0).then_some(args.max_price_ratio));
     b = b
         .ledger_dir(args.ledger_dir.unwrap_or_else(default_ledger_dir))
         .verify(VerifyConfig {

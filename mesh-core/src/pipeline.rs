@@ -23,7 +23,7 @@ use libp2p::PeerId;
 
 pub use generate::{generate, generate_into, TokenEvent};
 pub use protocol::{Refusal, SessionRequest, SessionResponse};
-pub use route::{Candidate, Hop, RoutePolicy};
+pub use route::{Candidate, Hop, PricedOut, RoutePolicy, DEFAULT_MAX_PRICE_RATIO};
 pub use server::{Billing, ServerLimits, ServerStats, SessionUsage, SpanServer};
 pub use session::{wait_for_coverage, ClientLedger, RemoteSession, SessionConfig};
 pub use verify::{LocalReference, VerifyConfig};
@@ -50,6 +50,22 @@ pub enum PipelineError {
         model: ModelId,
         requested: u32,
         longest: u32,
+    },
+    /// Servers cover these blocks, but only at prices over the client's ceiling
+    /// ([`RoutePolicy::max_price`], [`RoutePolicy::max_price_ratio`]).
+    #[error("no route for blocks {range} of {model} within the price ceiling: {}", priced_out_list(.servers))]
+    OverPrice {
+        model: ModelId,
+        range: BlockRange,
+        servers: Vec<PricedOut>,
+    },
+    /// A server offered terms at a higher price than it announced (DHT record or
+    /// heartbeat): the client never agrees to them.
+    #[error("{peer} offered terms at {offered} per token, above the {announced} it announced")]
+    AboveAnnouncedPrice {
+        peer: PeerId,
+        offered: u64,
+        announced: u64,
     },
     /// A server answered with a refusal.
     #[error("{peer} refused: {reason}")]
@@ -104,8 +120,23 @@ impl PipelineError {
             | PipelineError::Timeout { peer, .. }
             | PipelineError::Unreachable { peer, .. }
             | PipelineError::Protocol { peer, .. }
-            | PipelineError::Mismatch { peer, .. } => Some(*peer),
+            | PipelineError::Mismatch { peer, .. }
+            | PipelineError::AboveAnnouncedPrice { peer, .. } => Some(*peer),
             _ => None,
         }
     }
+}
+
+/// "peer asks P (ceiling C), ..." for [`PipelineError::OverPrice`].
+fn priced_out_list(servers: &[PricedOut]) -> String {
+    servers
+        .iter()
+        .map(|o| {
+            format!(
+                "{} asks {} (ceiling {})",
+                o.peer, o.price_per_token, o.ceiling
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -1,6 +1,11 @@
 //! Choosing a chain of servers that covers blocks `[a, b)`: a shortest path over block
 //! boundaries, where a hop costs its round trip, its compute, a fixed penalty (fewer hops
-//! win), and its current load (equivalent servers share the work).
+//! win), its current load (equivalent servers share the work) and its price.
+//!
+//! Price is weighed against the other servers of the same blocks, because a price means
+//! nothing on its own: a server asking far more than the median of its span
+//! ([`RoutePolicy::max_price_ratio`]) is not used at all, so one greedy server cannot take
+//! a share of the sessions just by announcing a price nobody would agree to.
 
 use std::collections::{BinaryHeap, HashSet};
 use std::time::Duration;
@@ -56,6 +61,9 @@ impl Candidate {
 pub struct Hop {
     pub peer: PeerId,
     pub span: BlockRange,
+    /// The price `peer` announced (DHT record or heartbeat) when the hop was planned: the
+    /// most the client agrees to pay it, whatever terms it offers at open.
+    pub price_per_token: u64,
 }
 
 /// How routes are weighed.
@@ -63,6 +71,12 @@ pub struct Hop {
 pub struct RoutePolicy {
     /// Servers above this price (micro-units per token) are never used.
     pub max_price: Option<u64>,
+    /// Servers asking more than this many times the (lower) median price of the servers
+    /// of their blocks are never used; `None` turns the relative ceiling off.
+    pub max_price_ratio: Option<f64>,
+    /// What a block run at its span's median price adds to a hop's cost, in ms: cheaper
+    /// servers win among otherwise equal ones, dearer ones lose.
+    pub price_weight_ms: f64,
     /// Cost of one extra hop beyond its round trip, in ms.
     pub hop_penalty_ms: f64,
     /// Round trip assumed for a server not measured yet, in ms.
@@ -77,6 +91,8 @@ impl Default for RoutePolicy {
     fn default() -> Self {
         Self {
             max_price: None,
+            max_price_ratio: Some(DEFAULT_MAX_PRICE_RATIO),
+            price_weight_ms: 5.0,
             hop_penalty_ms: 20.0,
             default_rtt_ms: 20.0,
             default_block_ms: 5.0,
@@ -85,8 +101,82 @@ impl Default for RoutePolicy {
     }
 }
 
+/// Default [`RoutePolicy::max_price_ratio`]: four times the median of a span's servers.
+pub const DEFAULT_MAX_PRICE_RATIO: f64 = 4.0;
+
+/// A server left out of routing for its price, and the ceiling it was over.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PricedOut {
+    pub peer: PeerId,
+    pub price_per_token: u64,
+    pub ceiling: u64,
+}
+
+/// A candidate with the median price of the servers of its blocks.
+struct Priced<'a> {
+    candidate: &'a Candidate,
+    span_median: u64,
+}
+
+/// The lower median of the prices of the candidates overlapping `c` (itself included):
+/// with two servers, the cheaper one sets the bar, so a greedy newcomer cannot raise it.
+fn span_median(candidates: &[Candidate], c: &Candidate) -> u64 {
+    let mut prices: Vec<u64> = candidates
+        .iter()
+        .filter(|o| !o.span.is_empty() && o.span.start < c.span.end && c.span.start < o.span.end)
+        .map(|o| o.price_per_token)
+        .collect();
+    prices.sort_unstable();
+    prices
+        .get(prices.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or(c.price_per_token)
+}
+
 impl RoutePolicy {
-    fn hop_cost(&self, c: &Candidate, blocks: u32) -> f64 {
+    /// The ceiling for a server whose span's median price is `median`.
+    fn ceiling(&self, median: u64) -> u64 {
+        let relative = self.max_price_ratio.map_or(u64::MAX, |r| {
+            (median as f64 * r.max(1.0)).min(u64::MAX as f64) as u64
+        });
+        self.max_price.map_or(relative, |max| max.min(relative))
+    }
+
+    /// Split `candidates` into those whose price is acceptable (with their span's median)
+    /// and those over the ceiling. The medians count every candidate, so servers excluded
+    /// for other reasons still speak for what a span's blocks cost.
+    fn by_price<'a>(&self, candidates: &'a [Candidate]) -> (Vec<Priced<'a>>, Vec<PricedOut>) {
+        let mut kept = Vec::new();
+        let mut out = Vec::new();
+        for c in candidates.iter().filter(|c| !c.span.is_empty()) {
+            let median = span_median(candidates, c);
+            let ceiling = self.ceiling(median);
+            if c.price_per_token > ceiling {
+                out.push(PricedOut {
+                    peer: c.peer,
+                    price_per_token: c.price_per_token,
+                    ceiling,
+                });
+            } else {
+                kept.push(Priced {
+                    candidate: c,
+                    span_median: median,
+                });
+            }
+        }
+        (kept, out)
+    }
+
+    /// The servers among `candidates` that routing leaves out for their price.
+    pub fn priced_out(&self, candidates: &[Candidate]) -> Vec<PricedOut> {
+        self.by_price(candidates).1
+    }
+
+    fn hop_cost(&self, p: &Priced, blocks: u32) -> f64 {
+        let c = p.candidate;
+        // Free spans cost nothing; otherwise a hop at its span's median adds
+        // `price_weight_ms` per block, twice the median twice as much.
+        let relative_price = c.price_per_token as f64 / p.span_median.max(1) as f64;
         let rtt = c.rtt.map_or(self.default_rtt_ms, |d| d.as_secs_f64() * 1e3);
         let per_block = if c.throughput_tps > 0.0 {
             1e3 / f64::from(c.throughput_tps)
@@ -97,6 +187,7 @@ impl RoutePolicy {
             + self.hop_penalty_ms
             + self.per_session_ms * f64::from(c.active_sessions)
             + c.penalty_ms
+            + self.price_weight_ms * relative_price * f64::from(blocks)
     }
 }
 
@@ -137,11 +228,10 @@ pub fn plan(
     if range.is_empty() {
         return None;
     }
-    let usable: Vec<&Candidate> = candidates
-        .iter()
-        .filter(|c| !exclude.contains(&c.peer))
-        .filter(|c| policy.max_price.is_none_or(|max| c.price_per_token <= max))
-        .filter(|c| !c.span.is_empty())
+    let (priced, _) = policy.by_price(candidates);
+    let usable: Vec<Priced> = priced
+        .into_iter()
+        .filter(|p| !exclude.contains(&p.candidate.peer))
         .collect();
     let n = (range.end - range.start) as usize;
     let mut best = vec![f64::INFINITY; n + 1];
@@ -157,14 +247,15 @@ pub fn plan(
         if cost > best[at] || block == range.end {
             continue;
         }
-        for c in &usable {
+        for p in &usable {
+            let c = p.candidate;
             if !c.span.contains(block) {
                 continue;
             }
             let last = c.span.end.min(range.end);
             for end in block + 1..=last {
                 let jitter = tie_jitter(&c.peer, tie_break);
-                let next = cost + policy.hop_cost(c, end - block) + jitter;
+                let next = cost + policy.hop_cost(p, end - block) + jitter;
                 let to = (end - range.start) as usize;
                 if next < best[to] {
                     best[to] = next;
@@ -173,6 +264,7 @@ pub fn plan(
                         Hop {
                             peer: c.peer,
                             span: BlockRange::new(block, end),
+                            price_per_token: c.price_per_token,
                         },
                     ));
                     heap.push(Frontier {
@@ -282,6 +374,38 @@ mod tests {
             0
         )
         .is_none());
+    }
+
+    #[test]
+    fn price_weighs_in_and_a_server_far_above_its_spans_median_is_never_used() {
+        let priced = |price| Candidate {
+            price_per_token: price,
+            ..cand((0, 8))
+        };
+        let (fair, dear, greedy) = (priced(10), priced(20), priced(1_000_000));
+        let cs = [fair.clone(), greedy.clone()];
+        for session in 0..64 {
+            let route = plan_default(&cs, BlockRange::new(0, 8), session).unwrap();
+            assert_eq!(route[0].peer, fair.peer);
+            assert_eq!(
+                route[0].price_per_token, 10,
+                "the hop carries the announced price"
+            );
+        }
+        let out = RoutePolicy::default().priced_out(&cs);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].peer, out[0].ceiling), (greedy.peer, 40));
+        // Within the ceiling, the cheaper of two equal servers wins.
+        let route = plan_default(&[dear, fair.clone()], BlockRange::new(0, 8), 3).unwrap();
+        assert_eq!(route[0].peer, fair.peer);
+        // Alone on its blocks, a server sets its span's median: only max_price limits it.
+        assert!(plan_default(std::slice::from_ref(&greedy), BlockRange::new(0, 8), 0).is_some());
+        // The ratio can be lifted.
+        let lifted = RoutePolicy {
+            max_price_ratio: None,
+            ..RoutePolicy::default()
+        };
+        assert!(lifted.priced_out(&cs).is_empty());
     }
 
     #[test]

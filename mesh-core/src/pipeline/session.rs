@@ -415,9 +415,11 @@ impl RemoteSession {
         loop {
             let mut new_hops = match self.open_route(range).await {
                 Ok(h) => h,
-                Err(e @ (PipelineError::NoRoute { .. } | PipelineError::ContextTooLong { .. })) => {
-                    return Err(e)
-                }
+                Err(
+                    e @ (PipelineError::NoRoute { .. }
+                    | PipelineError::ContextTooLong { .. }
+                    | PipelineError::OverPrice { .. }),
+                ) => return Err(e),
                 Err(PipelineError::Refused {
                     peer,
                     reason: Refusal::MaxLenTooLarge { limit, .. },
@@ -525,7 +527,7 @@ impl RemoteSession {
                 return Ok(hops);
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(self.no_route(range));
+                return Err(self.no_route_explained(range).await);
             }
             tokio::time::sleep(REDISCOVER_POLL).await;
         }

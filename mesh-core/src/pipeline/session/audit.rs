@@ -266,18 +266,26 @@ impl RemoteSession {
         history: &Tensor,
         exclude: &[PeerId],
     ) -> Result<Option<(Opinion, Witness)>, PipelineError> {
-        let mut witnesses: Vec<PeerId> = self
-            .candidates()
-            .await?
+        let candidates = self.candidates().await?;
+        // A witness is paid like any hop: one priced out of routing is not asked either.
+        let priced_out = self.cfg.policy.priced_out(&candidates);
+        let mut witnesses: Vec<(PeerId, u64)> = candidates
             .into_iter()
             .filter(|c| c.span.start <= hop.span.start && hop.span.end <= c.span.end)
-            .map(|c| c.peer)
-            .filter(|p| *p != hop.peer && !self.banned.contains(p) && !exclude.contains(p))
+            .filter(|c| !priced_out.iter().any(|o| o.peer == c.peer))
+            .map(|c| (c.peer, c.price_per_token))
+            .filter(|(p, _)| *p != hop.peer && !self.banned.contains(p) && !exclude.contains(p))
             .collect();
         while !witnesses.is_empty() {
-            let peer = witnesses.swap_remove(self.sampler.random_range(0..witnesses.len()));
+            let (peer, price_per_token) =
+                witnesses.swap_remove(self.sampler.random_range(0..witnesses.len()));
             let span = hop.span;
-            let mut w = match self.open_hop(Hop { peer, span }).await {
+            let witness_hop = Hop {
+                peer,
+                span,
+                price_per_token,
+            };
+            let mut w = match self.open_hop(witness_hop).await {
                 Ok(state) => Witness::new(state),
                 Err(e) => {
                     self.witness_failed(peer, &e);

@@ -1,14 +1,14 @@
-//! The client's side of billing: agreeing a hop's terms at open, countersigning the
-//! receipts that match what was sent, holding them back while checking, and taking the
-//! final one at close.
+//! The client's side of billing: agreeing a hop's terms at open (never above the price
+//! the server announced), countersigning the receipts that match what was sent, holding
+//! them back while checking, and taking the final one at close.
 
 use libp2p::PeerId;
 
 use super::RemoteSession;
 use crate::ledger::{ClientTally, ConfigHash, Outcome, SignedReceipt, Store, Terms};
-use crate::pipeline::route::Hop;
+use crate::pipeline::route::{plan, Hop, RoutePolicy};
 use crate::pipeline::{PipelineError, SessionRequest, SessionResponse};
-use crate::types::SessionId;
+use crate::types::{BlockRange, SessionId};
 
 /// A client's ledger: it checks what servers bill against what it sent, countersigns,
 /// and keeps both signatures.
@@ -41,15 +41,19 @@ impl RemoteSession {
             span: hop.span,
             price_per_token: terms.price_per_token,
         };
-        let over_price = self
-            .cfg
-            .policy
-            .max_price
-            .is_some_and(|max| terms.price_per_token > max);
-        if terms != expected || over_price {
+        if terms != expected {
             return Err(PipelineError::Protocol {
                 peer: hop.peer,
                 detail: format!("unacceptable terms {terms:?}"),
+            });
+        }
+        // The route was chosen at the announced price (which is also within the client's
+        // ceiling): any price above it is a server changing its terms after being chosen.
+        if terms.price_per_token > hop.price_per_token {
+            return Err(PipelineError::AboveAnnouncedPrice {
+                peer: hop.peer,
+                offered: terms.price_per_token,
+                announced: hop.price_per_token,
             });
         }
         ledger
@@ -57,6 +61,28 @@ impl RemoteSession {
             .record_opened(&terms)
             .map_err(|e| PipelineError::Ledger(e.to_string()))?;
         Ok(Some(ClientTally::new(terms)))
+    }
+
+    /// Why no route covers `range`: [`PipelineError::OverPrice`] when servers priced out
+    /// would have made one, so the user learns to raise the ceiling rather than wait.
+    pub(super) async fn no_route_explained(&self, range: BlockRange) -> PipelineError {
+        let Ok(candidates) = self.candidates().await else {
+            return self.no_route(range);
+        };
+        let servers = self.cfg.policy.priced_out(&candidates);
+        let unlimited = RoutePolicy {
+            max_price: None,
+            max_price_ratio: None,
+            ..self.cfg.policy.clone()
+        };
+        if servers.is_empty() || plan(&candidates, range, &self.banned, &unlimited, 0).is_none() {
+            return self.no_route(range);
+        }
+        PipelineError::OverPrice {
+            model: self.model.clone(),
+            range,
+            servers,
+        }
     }
 
     /// Close an honest server's session and countersign its last receipt (the close

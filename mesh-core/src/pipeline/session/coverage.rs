@@ -29,7 +29,11 @@ pub async fn wait_for_coverage(
             .filter(|s| s.num_blocks == num_blocks)
             .map(Candidate::from_heartbeat)
             .collect();
-        let policy = RoutePolicy::default();
+        // Coverage is about blocks; prices are judged when a session opens.
+        let policy = RoutePolicy {
+            max_price_ratio: None,
+            ..RoutePolicy::default()
+        };
         if plan(&candidates, full, &HashSet::new(), &policy, 0).is_some() {
             return Ok(live);
         }
