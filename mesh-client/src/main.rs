@@ -227,8 +227,8 @@ async fn main() -> anyhow::Result<()> {
                 println!("no receipts yet ({} does not exist)", dir.display());
                 return Ok(());
             }
-            let store = mesh_core::ledger::Store::open(&dir)
-                .with_context(|| format!("opening {}", dir.display()))?;
+            // Listing never writes the ledger (nor waits on a client holding it).
+            let store = mesh_core::ledger::Store::open_read_only(&dir)?;
             let mut shown = 0;
             for entry in store.newest(limit)? {
                 let signed = entry.countersigned.as_ref().unwrap_or(&entry.latest);

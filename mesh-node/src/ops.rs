@@ -202,10 +202,20 @@ pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How a command uses the ledger it opens.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LedgerUse {
+    /// Only reads: the ledger on disk is never written (`Store::open_read_only`).
+    Read,
+    /// Records something (settling marks receipts paid).
+    Write,
+}
+
 /// The node's identity and its ledger, or `None` when it has no ledger yet.
 fn open_ledger(
     config: &ConfigArg,
     ledger_dir: Option<PathBuf>,
+    usage: LedgerUse,
 ) -> anyhow::Result<Option<(Identity, ledger::Store)>> {
     let (file, base) = load_config(config)?;
     let resolved = file
@@ -217,12 +227,11 @@ fn open_ledger(
     }
     let identity = Identity::load(&resolved.key)
         .with_context(|| format!("identity key {}", resolved.key.display()))?;
-    let store = ledger::Store::open(&path).with_context(|| {
-        format!(
-            "ledger {} (a running node holds it open: `mesh-node stop` first)",
-            path.display()
-        )
-    })?;
+    // The typed errors name the path and tell a running node's lock from a damaged store.
+    let store = match usage {
+        LedgerUse::Read => ledger::Store::open_read_only(&path)?,
+        LedgerUse::Write => ledger::Store::open(&path)?,
+    };
     Ok(Some((identity, store)))
 }
 
@@ -259,7 +268,12 @@ pub fn settle(a: SettleArgs) -> anyhow::Result<()> {
             (answer.batch, Some((pid, answer.path)))
         }
         None => {
-            let Some((identity, store)) = open_ledger(&a.config, a.ledger_dir)? else {
+            let usage = if req.dry_run {
+                LedgerUse::Read
+            } else {
+                LedgerUse::Write
+            };
+            let Some((identity, store)) = open_ledger(&a.config, a.ledger_dir, usage)? else {
                 println!("no receipts yet: nothing to settle");
                 return Ok(());
             };
@@ -361,7 +375,8 @@ pub fn earnings(a: EarningsArgs) -> anyhow::Result<()> {
     let rows = match from_node {
         Some((pid, addr)) => earnings_from_node(pid, addr, since_ms)?,
         None => {
-            let Some((identity, store)) = open_ledger(&a.config, a.ledger_dir)? else {
+            let Some((identity, store)) = open_ledger(&a.config, a.ledger_dir, LedgerUse::Read)?
+            else {
                 if a.json {
                     println!("[]");
                 } else {

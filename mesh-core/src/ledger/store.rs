@@ -20,6 +20,7 @@
 //! [`MAX_RECORD_BYTES`] before decoding. Reputation and evidence live in trees of their
 //! own (`store/peers.rs`).
 
+mod check;
 mod peers;
 
 use std::path::{Path, PathBuf};
@@ -51,6 +52,18 @@ pub enum StoreError {
     /// sled itself failed (I/O, corruption it detected).
     #[error("ledger database: {0}")]
     Sled(#[from] sled::Error),
+    /// Another live process (a running node) holds the store open: sled allows one.
+    #[error("ledger {path} is held open by a running process (a node using it: `mesh-node stop` first, or leave out --ledger-dir to ask the running node)")]
+    Locked { path: PathBuf },
+    /// The store fails its check: sled cannot open it, or its records disagree.
+    #[error("ledger {path} fails its check: {detail}. Move it aside (`mv {path} {path}.damaged`) and restore it from a backup; a node started without it begins an empty ledger")]
+    Damaged { path: PathBuf, detail: String },
+    /// Copying the store for reading failed.
+    #[error("ledger {path}: cannot copy it for reading: {source}")]
+    Copy {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A stored value does not decode.
     #[error("ledger record {key} is corrupt: {detail}")]
     Corrupt { key: String, detail: String },
@@ -119,6 +132,9 @@ pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
     path: PathBuf,
+    /// For [`Store::open_read_only`]: the private copy opened, removed when the last
+    /// clone of the store is dropped.
+    _copy: Option<std::sync::Arc<check::ScratchCopy>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -300,7 +316,12 @@ impl Store {
             .map_err(StoreError::from)?;
         let tree = db.open_tree("ledger-v1").map_err(StoreError::from)?;
         let path = path.to_owned();
-        Ok(Self { db, tree, path })
+        Ok(Self {
+            db,
+            tree,
+            path,
+            _copy: None,
+        })
     }
 
     /// The directory the store was opened at (a running node keeps its batches beside it).
@@ -615,79 +636,6 @@ impl Store {
             })
             .map_err(from_tx)?;
         self.flush()
-    }
-
-    /// Reads every record back and checks it: each value decodes, each receipt verifies
-    /// (countersigned slots with both signatures), the slots and indexes agree, and the
-    /// stored per-peer totals equal the totals recomputed from the receipts.
-    pub fn audit(&self) -> Result<Audit, LedgerError> {
-        use std::collections::{BTreeMap, BTreeSet};
-        let bad = |s: String| LedgerError::Store(StoreError::Inconsistent(s));
-        let mut audit = Audit::default();
-        let mut totals: BTreeMap<Vec<u8>, PeerTotals> = BTreeMap::new();
-        let mut expected_index: BTreeSet<Vec<u8>> = BTreeSet::new();
-        for entry in self.entries() {
-            let e = entry?;
-            let r = &e.latest.receipt;
-            let id = pk(&r.terms.session, &r.terms.server);
-            e.latest.verify()?;
-            audit.hops += 1;
-            if let Some(c) = &e.countersigned {
-                c.verify_countersigned()?;
-                if c.receipt.terms != r.terms || c.receipt.seq > r.seq {
-                    return Err(bad(format!(
-                        "session {}: countersigned slot ahead of newest",
-                        r.terms.session
-                    )));
-                }
-                audit.countersigned += 1;
-            }
-            let mut add = contribution(Some(&e.latest), e.countersigned.as_ref());
-            if let Some(s) = e.settled {
-                audit.settled += 1;
-                add.settled_amount = s.amount;
-            }
-            for peer in [&r.terms.client, &r.terms.server] {
-                let t = totals.entry(peer.to_bytes()).or_default();
-                t.apply(&PeerTotals::default(), &add);
-                let mut k = peer_key(peer);
-                k.extend_from_slice(&id);
-                expected_index.insert(k);
-            }
-            let mut k = vec![BY_TIME];
-            k.extend_from_slice(&r.start_ms.to_be_bytes());
-            k.extend_from_slice(&id);
-            expected_index.insert(k);
-        }
-        let mut found_index = BTreeSet::new();
-        for prefix in [BY_PEER, BY_TIME] {
-            for kv in self.tree.scan_prefix([prefix]) {
-                let (k, _) = kv.map_err(StoreError::from)?;
-                found_index.insert(k.to_vec());
-            }
-        }
-        if found_index != expected_index {
-            return Err(bad(format!(
-                "{} index entries, {} expected from the receipts",
-                found_index.len(),
-                expected_index.len()
-            )));
-        }
-        for kv in self.tree.scan_prefix([TOTALS]) {
-            let (k, v) = kv.map_err(StoreError::from)?;
-            let stored: PeerTotals = decode(&k, &v)?;
-            let computed = totals.remove(&k[1..]).unwrap_or_default();
-            if stored != computed {
-                return Err(bad(format!(
-                    "totals of {} are {stored:?}, receipts add up to {computed:?}",
-                    hex::encode(&k[1..])
-                )));
-            }
-        }
-        if let Some((peer, _)) = totals.into_iter().next() {
-            return Err(bad(format!("no stored totals for {}", hex::encode(&peer))));
-        }
-        Ok(audit)
     }
 
     /// Size of the database on disk, in bytes.
