@@ -22,6 +22,7 @@
 //! | `event_loop/session.rs` | `/mesh/session/1` request-response events |
 //! | `event_loop/dialback.rs` | asking a peer to dial our public address, and doing it for others |
 //! | `event_loop/timers.rs` | the tick: rejoin, expiry, re-publishing, discovery, deadlines |
+//! | `listen.rs` | one port, one process: "port in use" before libp2p shares it |
 //! | `reachability.rs` | address scopes, the unreachable-node warning, the dial-back probe |
 //! | `run.rs` | [`run_bootstrap`] and [`serve`]: whole peers for the binaries |
 //!
@@ -45,6 +46,7 @@ pub mod dht;
 mod event_loop;
 pub mod heartbeat;
 mod ip_limit;
+mod listen;
 pub mod reachability;
 mod run;
 
@@ -168,6 +170,12 @@ pub enum P2pError {
     /// Listening on an address failed.
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: Multiaddr, reason: String },
+    /// Another socket (another mesh-node or mesh-bootstrap, most likely) holds the port.
+    #[error(
+        "cannot listen on {addr}: port in use (another mesh-node or mesh-bootstrap? stop it, \
+         or give this one another port)"
+    )]
+    PortInUse { addr: Multiaddr },
     /// Dialing a peer failed.
     #[error("dial failed: {0}")]
     Dial(String),
@@ -227,13 +235,18 @@ pub struct Peer {
 
 /// Builds the swarm and starts listening. Nothing runs until [`EventLoop::run`] is polled.
 pub fn new(cfg: P2pConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), P2pError> {
+    // Every port is checked before any is bound, so one listener never blocks the check
+    // of its own process's next one.
+    for addr in &cfg.listen {
+        listen::ensure_port_free(addr)?;
+    }
     let mut swarm = behaviour::build_swarm(&cfg)?;
     for addr in &cfg.listen {
         swarm
             .listen_on(addr.clone())
             .map_err(|e| P2pError::Listen {
                 addr: addr.clone(),
-                reason: e.to_string(),
+                reason: listen::cause_chain(&e),
             })?;
     }
     for addr in &cfg.public_addrs {
