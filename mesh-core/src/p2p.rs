@@ -230,6 +230,10 @@ pub struct Peer {
     pub events: mpsc::Receiver<Event>,
     /// Listen addresses with the `/p2p/<peer id>` suffix.
     pub listen_addrs: Vec<Multiaddr>,
+    /// The bootstrap addresses that could not be dialed at start (each logged with its
+    /// reason). All of them: the peer is alone, which a client should say at once rather
+    /// than wait for servers that cannot be found.
+    pub unreachable_bootstraps: Vec<Multiaddr>,
     pub task: tokio::task::JoinHandle<()>,
 }
 
@@ -280,16 +284,23 @@ pub async fn spawn(cfg: P2pConfig) -> Result<Peer, P2pError> {
     let dials = bootstrap.into_iter().map(|addr| {
         let client = client.clone();
         async move {
-            if let Err(e) = client.dial(addr.clone()).await {
+            let result = client.dial(addr.clone()).await;
+            if let Err(e) = &result {
                 tracing::warn!(%addr, "bootstrap peer unreachable: {e}");
             }
+            result.is_err().then_some(addr)
         }
     });
-    futures::future::join_all(dials).await;
+    let unreachable_bootstraps = futures::future::join_all(dials)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     Ok(Peer {
         client,
         events,
         listen_addrs,
+        unreachable_bootstraps,
         task,
     })
 }
