@@ -29,9 +29,14 @@ pub async fn serve(
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .with_state(client);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    // Header and body timeouts, connection caps: slow clients cannot hold the gateway.
+    mesh_core::http::bounded::serve(
+        listener,
+        app,
+        mesh_core::http::HttpLimits::default(),
+        shutdown,
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize)]
