@@ -58,7 +58,7 @@ pub use behaviour::{KAD_PROTOCOL, MAX_GOSSIP_BYTES};
 pub use client::{Announcement, Client, P2pStats, ResponseChannel};
 pub use codec::{MAX_FRAME_BYTES, SESSION_PROTOCOL};
 pub use event_loop::EventLoop;
-pub use ip_limit::IpLimitExceeded;
+pub use ip_limit::{IpLimitExceeded, PendingLimitExceeded};
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use run::{run_bootstrap, serve};
@@ -76,6 +76,8 @@ pub const DEFAULT_BOOTSTRAP_PORT: u16 = 31337;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 256;
 /// Default of [`P2pConfig::max_connections_per_ip`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 32;
+/// Default of [`P2pConfig::max_pending_connections_per_ip`].
+pub const DEFAULT_MAX_PENDING_CONNECTIONS_PER_IP: u32 = 8;
 
 /// What a peer is for; decides the Kademlia mode and whether it serves sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +124,11 @@ pub struct P2pConfig {
     /// all of `max_connections`. Default 32: room for a household or a small lab behind
     /// one NAT.
     pub max_connections_per_ip: u32,
+    /// Most inbound connections from one IP address (IPv6 /64) in their handshake at once.
+    /// All hosts share 64 such slots, so without this one host holding half-open TCP
+    /// connections would keep every new peer out. Default 8: a handshake takes
+    /// milliseconds, so an honest host rarely has more than one or two at a time.
+    pub max_pending_connections_per_ip: u32,
     /// Connections idle this long are closed. Default 60 s.
     pub idle_timeout: Duration,
     /// How often each connection is pinged. Default 1 s.
@@ -154,6 +161,7 @@ impl P2pConfig {
             max_frame_bytes: MAX_FRAME_BYTES,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_pending_connections_per_ip: DEFAULT_MAX_PENDING_CONNECTIONS_PER_IP,
             idle_timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(1),
             ping_timeout: Duration::from_secs(3),
