@@ -67,6 +67,13 @@ pub enum ClientError {
     /// A server or the discovery did not answer in time.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// None of the bootstrap peers answered (or none was given): the client is alone and
+    /// would only wait for servers it cannot find.
+    #[error(
+        "no bootstrap reachable: {0} (is mesh-bootstrap running there, with this peer id, \
+         and the port open?)"
+    )]
+    NoBootstrap(String),
     /// The model is not known locally (no directory) or not served on the mesh.
     #[error("model unknown: {0}")]
     ModelUnknown(String),
@@ -259,9 +266,19 @@ impl MeshClientBuilder {
                 .verify_locally
                 .then(|| Arc::new(std::sync::Mutex::new(LocalReference::new(dir.clone())))),
         };
+        if self.bootstrap.is_empty() {
+            return Err(ClientError::NoBootstrap("none given (--bootstrap)".into()));
+        }
         let mut cfg = P2pConfig::new(identity, Role::Client);
         cfg.bootstrap = self.bootstrap;
+        let all_bootstraps = cfg.bootstrap.len();
         let peer = p2p::spawn(cfg).await?;
+        if peer.unreachable_bootstraps.len() == all_bootstraps {
+            let addrs = peer.unreachable_bootstraps.iter().map(ToString::to_string);
+            let addrs = addrs.collect::<Vec<_>>().join(", ");
+            let _ = peer.client.shutdown().await;
+            return Err(ClientError::NoBootstrap(addrs));
+        }
         let client = MeshClient {
             inner: Arc::new(Inner {
                 p2p: peer.client,

@@ -76,9 +76,14 @@ pub async fn serve(
         .layer(middleware::from_fn_with_state(limits, refuse_large_bodies))
         .layer(DefaultBodyLimit::max(limits.body_bytes))
         .with_state(Gateway { client, limits });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    // Header and body timeouts, connection caps: slow clients cannot hold the gateway.
+    mesh_core::http::bounded::serve(
+        listener,
+        app,
+        mesh_core::http::HttpLimits::default(),
+        shutdown,
+    )
+    .await
 }
 
 /// Refuse a body that says it is over the limit before reading any of it (a client that

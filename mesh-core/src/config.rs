@@ -503,6 +503,12 @@ listen = {http}
         }
         let heartbeat_interval = secs(self.network.heartbeat_secs, "network.heartbeat_secs")?;
         let announce_interval = secs(self.network.announce_secs, "network.announce_secs")?;
+        if l.cache_budget_mib == 0 {
+            return Err(invalid(
+                "limits.cache_budget_mib (--cache-budget-mib)",
+                "must be at least 1 (MiB): every session keeps its KV cache in it",
+            ));
+        }
         let listen = addrs(&self.network.listen, "network.listen")?;
         if listen.is_empty() {
             return Err(invalid("network.listen", "needs at least one address"));

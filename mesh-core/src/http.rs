@@ -3,7 +3,8 @@
 //! [`earnings`]), `POST /api/settle` (`mesh-node settle` on the running node, this machine
 //! only, [`settle`]) and `/` (a dashboard page with inline SVG charts and no external
 //! assets, built in `http/dashboard.rs`). [`get`] and [`post`] are the blocking client the
-//! commands use.
+//! commands use. [`bounded::serve`] serves it (and the OpenAI gateway) with header and
+//! body timeouts and connection caps, so slow clients cannot hold the port.
 //!
 //! ```no_run
 //! # async fn demo(node: &mesh_core::node::Node) -> std::io::Result<()> {
@@ -27,6 +28,7 @@
 //! figures and has no authentication; the one route that changes state, `/api/settle`,
 //! answers only requests from this machine.
 
+pub mod bounded;
 mod client;
 mod dashboard;
 pub mod earnings;
@@ -35,7 +37,6 @@ pub mod settle;
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -47,6 +48,7 @@ use axum::routing;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+pub use bounded::HttpLimits;
 pub use client::{get, post, MAX_GET_BYTES};
 pub use earnings::EarningsView;
 pub use settle::{SettleAnswer, SettleError, SettleRequest};
@@ -407,10 +409,8 @@ pub async fn serve(
     state: HttpState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    // Bounded: slow clients are cut off and capped per host (http/bounded.rs).
+    bounded::serve(listener, router(state), HttpLimits::default(), shutdown).await
 }
 
 #[cfg(test)]

@@ -36,6 +36,10 @@ pub enum IdentityError {
     /// The key file does not hold exactly [`KEY_FILE_LEN`] bytes.
     #[error("key file {path} holds {len} bytes, expected {KEY_FILE_LEN}")]
     BadLength { path: PathBuf, len: usize },
+    /// The key path names a directory (or another non-file): `--key` or `key` points at
+    /// the wrong place.
+    #[error("key file {path} is a directory, not a key file: point --key (or `key` in node.toml) at a file, e.g. {path}/node.key")]
+    NotAFile { path: PathBuf },
     /// The key file is readable or writable by group or others.
     #[error("key file {path} has mode {mode:o}; run `chmod 600 {path}`")]
     Permissions { path: PathBuf, mode: u32 },
@@ -102,6 +106,11 @@ impl Identity {
     /// Loads an existing key file, refusing one that others can read.
     pub fn load(path: &Path) -> Result<Self, IdentityError> {
         let meta = std::fs::metadata(path).map_err(io_err(path))?;
+        if !meta.is_file() {
+            return Err(IdentityError::NotAFile {
+                path: path.to_owned(),
+            });
+        }
         check_permissions(path, &meta)?;
         if meta.len() != KEY_FILE_LEN as u64 {
             return Err(IdentityError::BadLength {

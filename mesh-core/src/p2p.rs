@@ -22,6 +22,7 @@
 //! | `event_loop/session.rs` | `/mesh/session/1` request-response events |
 //! | `event_loop/dialback.rs` | asking a peer to dial our public address, and doing it for others |
 //! | `event_loop/timers.rs` | the tick: rejoin, expiry, re-publishing, discovery, deadlines |
+//! | `listen.rs` | one port, one process: "port in use" before libp2p shares it |
 //! | `reachability.rs` | address scopes, the unreachable-node warning, the dial-back probe |
 //! | `run.rs` | [`run_bootstrap`] and [`serve`]: whole peers for the binaries |
 //!
@@ -45,6 +46,7 @@ pub mod dht;
 mod event_loop;
 pub mod heartbeat;
 mod ip_limit;
+mod listen;
 pub mod reachability;
 mod run;
 
@@ -56,7 +58,7 @@ pub use behaviour::{KAD_PROTOCOL, MAX_GOSSIP_BYTES};
 pub use client::{Announcement, Client, P2pStats, ResponseChannel};
 pub use codec::{MAX_FRAME_BYTES, SESSION_PROTOCOL};
 pub use event_loop::EventLoop;
-pub use ip_limit::IpLimitExceeded;
+pub use ip_limit::{IpLimitExceeded, PendingLimitExceeded};
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use run::{run_bootstrap, serve};
@@ -74,6 +76,8 @@ pub const DEFAULT_BOOTSTRAP_PORT: u16 = 31337;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 256;
 /// Default of [`P2pConfig::max_connections_per_ip`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 32;
+/// Default of [`P2pConfig::max_pending_connections_per_ip`].
+pub const DEFAULT_MAX_PENDING_CONNECTIONS_PER_IP: u32 = 8;
 
 /// What a peer is for; decides the Kademlia mode and whether it serves sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +124,11 @@ pub struct P2pConfig {
     /// all of `max_connections`. Default 32: room for a household or a small lab behind
     /// one NAT.
     pub max_connections_per_ip: u32,
+    /// Most inbound connections from one IP address (IPv6 /64) in their handshake at once.
+    /// All hosts share 64 such slots, so without this one host holding half-open TCP
+    /// connections would keep every new peer out. Default 8: a handshake takes
+    /// milliseconds, so an honest host rarely has more than one or two at a time.
+    pub max_pending_connections_per_ip: u32,
     /// Connections idle this long are closed. Default 60 s.
     pub idle_timeout: Duration,
     /// How often each connection is pinged. Default 1 s.
@@ -152,6 +161,7 @@ impl P2pConfig {
             max_frame_bytes: MAX_FRAME_BYTES,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_pending_connections_per_ip: DEFAULT_MAX_PENDING_CONNECTIONS_PER_IP,
             idle_timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(1),
             ping_timeout: Duration::from_secs(3),
@@ -168,6 +178,12 @@ pub enum P2pError {
     /// Listening on an address failed.
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: Multiaddr, reason: String },
+    /// Another socket (another mesh-node or mesh-bootstrap, most likely) holds the port.
+    #[error(
+        "cannot listen on {addr}: port in use (another mesh-node or mesh-bootstrap? stop it, \
+         or give this one another port)"
+    )]
+    PortInUse { addr: Multiaddr },
     /// Dialing a peer failed.
     #[error("dial failed: {0}")]
     Dial(String),
@@ -222,18 +238,27 @@ pub struct Peer {
     pub events: mpsc::Receiver<Event>,
     /// Listen addresses with the `/p2p/<peer id>` suffix.
     pub listen_addrs: Vec<Multiaddr>,
+    /// The bootstrap addresses that could not be dialed at start (each logged with its
+    /// reason). All of them: the peer is alone, which a client should say at once rather
+    /// than wait for servers that cannot be found.
+    pub unreachable_bootstraps: Vec<Multiaddr>,
     pub task: tokio::task::JoinHandle<()>,
 }
 
 /// Builds the swarm and starts listening. Nothing runs until [`EventLoop::run`] is polled.
 pub fn new(cfg: P2pConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), P2pError> {
+    // Every port is checked before any is bound, so one listener never blocks the check
+    // of its own process's next one.
+    for addr in &cfg.listen {
+        listen::ensure_port_free(addr)?;
+    }
     let mut swarm = behaviour::build_swarm(&cfg)?;
     for addr in &cfg.listen {
         swarm
             .listen_on(addr.clone())
             .map_err(|e| P2pError::Listen {
                 addr: addr.clone(),
-                reason: e.to_string(),
+                reason: listen::cause_chain(&e),
             })?;
     }
     for addr in &cfg.public_addrs {
@@ -267,16 +292,23 @@ pub async fn spawn(cfg: P2pConfig) -> Result<Peer, P2pError> {
     let dials = bootstrap.into_iter().map(|addr| {
         let client = client.clone();
         async move {
-            if let Err(e) = client.dial(addr.clone()).await {
+            let result = client.dial(addr.clone()).await;
+            if let Err(e) = &result {
                 tracing::warn!(%addr, "bootstrap peer unreachable: {e}");
             }
+            result.is_err().then_some(addr)
         }
     });
-    futures::future::join_all(dials).await;
+    let unreachable_bootstraps = futures::future::join_all(dials)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     Ok(Peer {
         client,
         events,
         listen_addrs,
+        unreachable_bootstraps,
         task,
     })
 }

@@ -138,7 +138,9 @@ pub async fn register(cfg: RegisterConfig, probe: Probe) -> Result<Registration,
         dir: cfg.model_dir.clone(),
         source,
     };
-    let files = ModelFiles::open(&cfg.model_dir).map_err(model_err)?;
+    let files = ModelFiles::open(&cfg.model_dir)
+        .and_then(|files| files.check_weights().map(|()| files))
+        .map_err(model_err)?;
     // The headers of every weight file, and the dtype against the device.
     let device = crate::model::device::select(cfg.device);
     if device.fell_back {

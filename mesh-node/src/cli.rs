@@ -169,6 +169,10 @@ pub struct StartArgs {
     /// Run in the background: returns once the node serves; output goes to the log file.
     #[arg(long, short = 'd')]
     pub daemon: bool,
+    /// Serve without joining a mesh (no bootstrap peer): a local test node that nobody
+    /// else can find. Without it, a node with no bootstrap refuses to start.
+    #[arg(long)]
+    pub standalone: bool,
     #[command(flatten)]
     pub node: NodeFlags,
     /// Local status port, HOST:PORT; port 0 picks a free one [default: 127.0.0.1:9090].

@@ -163,6 +163,7 @@ fn preflight(r: &Resolved, num_blocks_flag: Option<u32>) -> anyhow::Result<Check
     let model = ModelId::new(r.model.clone());
     let model_dir = model_dir(r)?;
     let files = ModelFiles::open(&model_dir)
+        .and_then(|files| files.check_weights().map(|()| files))
         .with_context(|| format!("model directory {}", model_dir.display()))?;
     let num_blocks = files.config.num_blocks();
     if let Some(n) = num_blocks_flag.filter(|&n| n != num_blocks) {
@@ -245,11 +246,26 @@ fn preflight(r: &Resolved, num_blocks_flag: Option<u32>) -> anyhow::Result<Check
     })
 }
 
+/// A node with no bootstrap serves alone: nobody can find it and it earns nothing, which
+/// is a mistake unless asked for (`--standalone`).
+fn check_joins_a_mesh(r: &Resolved, standalone: bool) -> anyhow::Result<()> {
+    if r.bootstrap.is_empty() && !standalone {
+        bail!(
+            "no bootstrap peer configured: this node would serve alone and nobody could reach \
+             it. Join a mesh: `mesh-node init --bootstrap <address>` (or `start --bootstrap \
+             <address>`, or `bootstrap = [...]` under [network] in node.toml); to serve alone \
+             on purpose, pass --standalone"
+        );
+    }
+    Ok(())
+}
+
 pub fn start(args: StartArgs) -> anyhow::Result<()> {
     let resolved = resolve(&args)?;
     if args.daemon {
         // Check what can be checked here, so the common mistakes fail in the foreground.
         preflight(&resolved, args.node.num_blocks)?;
+        check_joins_a_mesh(&resolved, args.standalone)?;
         if let Some(pid) = daemon::running_pid(&resolved.pid_file)? {
             return Err(daemon::DaemonError::AlreadyRunning {
                 pid,
@@ -261,6 +277,7 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
     }
     logging::init(resolved.json_logs, "info,libp2p=warn");
     let checked = preflight(&resolved, args.node.num_blocks)?;
+    check_joins_a_mesh(&resolved, args.standalone)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -418,14 +418,15 @@ fn bad_configs_fail_clearly_and_overwrite_nothing() {
     let home = dir.path().join("port");
     let text = config_text("", None).replace("127.0.0.1:0\"", &format!("{port}\""));
     write_config(&home, &text);
-    let o = mesh_node(&home, &["start", "--daemon"]);
+    // (--standalone: this config names no bootstrap, which is refused before the port.)
+    let o = mesh_node(&home, &["start", "--daemon", "--standalone"]);
     assert_fails_with(&o, &["HTTP port", &port.to_string(), "exited during start"]);
     assert!(
         !home.join("mesh-node.pid").exists(),
         "no PID file for a node that never ran"
     );
     // In the foreground, the same message directly.
-    let o = mesh_node(&home, &["start"]);
+    let o = mesh_node(&home, &["start", "--standalone"]);
     assert_fails_with(&o, &["HTTP port", &port.to_string()]);
     drop(taken);
 

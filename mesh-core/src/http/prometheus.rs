@@ -57,6 +57,13 @@ impl HttpState {
             "Inbound connections refused because their IP held max_connections_per_ip already.",
             &one(p2p.ip_limited.to_string()),
         );
+        m(
+            "mesh_pending_connections_refused_per_ip_total",
+            "counter",
+            "Inbound connections refused before their handshake because their IP had \
+             max_pending_connections_per_ip in handshakes already.",
+            &one(p2p.pending_ip_limited.to_string()),
+        );
         if let Some(rss) = probe::process_rss_bytes() {
             m(
                 "mesh_process_resident_memory_bytes",

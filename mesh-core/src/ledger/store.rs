@@ -64,6 +64,9 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The store at `path` could not be opened (I/O, permissions, corruption): named.
+    #[error("ledger {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
     /// A stored value does not decode.
     #[error("ledger record {key} is corrupt: {detail}")]
     Corrupt { key: String, detail: String },
@@ -310,11 +313,12 @@ fn newer(old: &SignedReceipt, new: &SignedReceipt) -> Result<bool, LedgerError> 
 impl Store {
     /// Opens (or creates) the ledger at `path`, a directory.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(StoreError::from)?;
-        let tree = db.open_tree("ledger-v1").map_err(StoreError::from)?;
+        let opening = |source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let db = sled::Config::new().path(path).open().map_err(opening)?;
+        let tree = db.open_tree("ledger-v1").map_err(opening)?;
         let path = path.to_owned();
         Ok(Self {
             db,

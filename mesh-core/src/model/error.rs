@@ -14,6 +14,26 @@ pub enum ModelError {
         #[source]
         source: std::io::Error,
     },
+    /// A file could not be written (the built-in tiny model): a read-only or missing
+    /// directory, a full disk. Told apart from [`ModelError::Io`] so the operator looks at
+    /// the right thing.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `config.json` claims more (or fewer) blocks than the weight files hold.
+    #[error(
+        "{path} says num_hidden_layers = {claimed}, but the weights hold {found} blocks \
+         (model.layers.0 to model.layers.{last}): fix config.json or the weight files",
+        last = found.saturating_sub(1)
+    )]
+    BlockCount {
+        path: PathBuf,
+        claimed: usize,
+        found: u32,
+    },
     /// `config.json` (the safetensors index, `tokenizer_config.json`) is missing fields, is
     /// not valid JSON, or is too large.
     #[error("malformed {path}: {reason}")]

@@ -68,7 +68,7 @@ pub fn ensure(dir: &Path) -> Result<PathBuf, ModelError> {
 pub fn write(dir: &Path) -> Result<(), ModelError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| ModelError::Io { path, source }
+        move |source| ModelError::Write { path, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let cfg = config();
@@ -80,14 +80,17 @@ pub fn write(dir: &Path) -> Result<(), ModelError> {
     let tensors = weights(&cfg)?;
     let tmp = dir.join(format!(".model.safetensors.{}", std::process::id()));
     let tensors: HashMap<String, Tensor> = tensors.into_iter().collect();
-    candle_core::safetensors::save(&tensors, &tmp)?;
+    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| ModelError::Write {
+        path: tmp.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
     let dest = dir.join("model.safetensors");
     std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
     write_atomic(&dir.join("mesh-tiny.version"), TINY_VERSION.as_bytes())
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
-    let io = |source| ModelError::Io {
+    let io = |source| ModelError::Write {
         path: path.to_path_buf(),
         source,
     };

@@ -36,6 +36,47 @@ impl ModelFiles {
     pub fn tokenizer_path(&self) -> PathBuf {
         self.dir.join("tokenizer.json")
     }
+
+    /// Reads the header of every weight file and checks it against the file's length and
+    /// against `config.json`: a file cut short, or a config claiming blocks the weights do
+    /// not hold, is found here, before a node binds its ports or joins, instead of when a
+    /// span loads (or, for a config claiming 100,000 blocks, never: the node would offer
+    /// blocks it cannot load). Maps the files; reads only their headers.
+    pub fn check_weights(&self) -> Result<(), ModelError> {
+        let mut blocks = BTreeSet::new();
+        for path in &self.weight_files {
+            // SAFETY: mapped read-only and dropped before returning; see `Weights::open`.
+            let file = unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
+                ModelError::BadSafetensors {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            for (name, _) in file.tensors() {
+                if let Some(i) = block_index(&name) {
+                    blocks.insert(i);
+                }
+            }
+        }
+        // Blocks 0..n, each with at least one tensor (a missing tensor inside a block is
+        // named when the span loads).
+        let found = (0u32..).take_while(|i| blocks.contains(i)).count();
+        let found = u32::try_from(found).unwrap_or(u32::MAX);
+        if usize::try_from(found).ok() != Some(self.config.num_hidden_layers) {
+            return Err(ModelError::BlockCount {
+                path: self.dir.join("config.json"),
+                claimed: self.config.num_hidden_layers,
+                found,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `i` of a tensor named `model.layers.{i}.…`.
+fn block_index(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("model.layers.")?;
+    rest.split('.').next()?.parse().ok()
 }
 
 #[derive(serde::Deserialize)]

@@ -117,7 +117,10 @@ fn behaviour(key: &Keypair, cfg: &P2pConfig) -> Result<Behaviour, P2pError> {
 
     Ok(Behaviour {
         limits: connection_limits::Behaviour::new(limits),
-        ip_limit: ip_limit::Behaviour::new(cfg.max_connections_per_ip),
+        ip_limit: ip_limit::Behaviour::new(
+            cfg.max_connections_per_ip,
+            cfg.max_pending_connections_per_ip,
+        ),
         identify,
         ping: ping::Behaviour::new(
             ping::Config::new()

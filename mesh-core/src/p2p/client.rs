@@ -66,6 +66,9 @@ pub struct P2pStats {
     /// Inbound connections refused because their IP address already held
     /// [`crate::p2p::P2pConfig::max_connections_per_ip`] of them.
     pub ip_limited: u64,
+    /// Inbound connections refused before their handshake because their IP address had
+    /// [`crate::p2p::P2pConfig::max_pending_connections_per_ip`] in handshakes already.
+    pub pending_ip_limited: u64,
     pub connected_peers: usize,
 }
 

@@ -33,7 +33,7 @@ use super::behaviour::{Behaviour, BehaviourEvent};
 use super::client::{Announcement, Command, P2pStats, Reply};
 use super::dht::ServerRecord;
 use super::heartbeat::LiveTable;
-use super::ip_limit::IpLimitExceeded;
+use super::ip_limit::{IpLimitExceeded, PendingLimitExceeded};
 use super::reachability::Reachability;
 use super::{Event, P2pConfig, P2pError, Role};
 use crate::types::{GpuLive, ModelId, RemoteSpan};
@@ -300,6 +300,8 @@ impl EventLoop {
             } => {
                 if cause.downcast_ref::<IpLimitExceeded>().is_some() {
                     self.stats.ip_limited += 1;
+                } else if cause.downcast_ref::<PendingLimitExceeded>().is_some() {
+                    self.stats.pending_ip_limited += 1;
                 }
                 tracing::debug!(%send_back_addr, "inbound connection refused: {cause}");
             }

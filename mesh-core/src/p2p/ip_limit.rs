@@ -6,6 +6,12 @@
 //! `max_per_ip` of them; the rest of the total stays free for other hosts. A host is an
 //! IPv4 address or an IPv6 /64: one host (or home) is handed a whole /64 and can dial
 //! from any address in it, so counting IPv6 addresses one by one would cap nothing.
+//!
+//! Pending connections (accepted, handshake not done) are capped per host too: they share
+//! one small global limit (64), and a host that opens ~100 plain TCP connections and sends
+//! nothing (reconnecting whenever one times out) would otherwise hold all of it, and no new
+//! peer could join. With `max_pending_per_ip` a host holds at most that many; the next
+//! is refused before its handshake ([`PendingLimitExceeded`], counted in `/metrics`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -15,7 +21,7 @@ use std::task::{Context, Poll};
 use libp2p::core::transport::PortUse;
 use libp2p::core::{ConnectedPoint, Endpoint};
 use libp2p::multiaddr::Protocol;
-use libp2p::swarm::behaviour::{ConnectionClosed, ConnectionEstablished};
+use libp2p::swarm::behaviour::{ConnectionClosed, ConnectionEstablished, ListenFailure};
 use libp2p::swarm::{
     dummy, ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
     THandlerOutEvent, ToSwarm,
@@ -31,20 +37,67 @@ pub struct IpLimitExceeded {
     pub limit: u32,
 }
 
-/// Counts established inbound connections by remote host and refuses the one over the cap.
+/// Why an inbound connection was refused before its handshake: its host already has
+/// `limit` connections in their handshakes.
+#[derive(Debug, thiserror::Error)]
+#[error("{host} already has {limit} inbound connections in their handshake")]
+pub struct PendingLimitExceeded {
+    /// The IPv4 address, or the IPv6 /64 (its lower 64 bits zero).
+    pub host: IpAddr,
+    pub limit: u32,
+}
+
+/// Counts inbound connections by remote host, pending and established, and refuses the
+/// one over either cap.
 pub(crate) struct Behaviour {
     max_per_ip: u32,
-    /// The host of each inbound connection counted.
+    max_pending_per_ip: u32,
+    /// The host of each established inbound connection counted.
     inbound: HashMap<ConnectionId, IpAddr>,
     per_ip: HashMap<IpAddr, u32>,
+    /// The host of each inbound connection in its handshake.
+    pending: HashMap<ConnectionId, IpAddr>,
+    pending_per_ip: HashMap<IpAddr, u32>,
 }
 
 impl Behaviour {
-    pub fn new(max_per_ip: u32) -> Self {
+    pub fn new(max_per_ip: u32, max_pending_per_ip: u32) -> Self {
         Self {
             max_per_ip,
+            max_pending_per_ip,
             inbound: HashMap::new(),
             per_ip: HashMap::new(),
+            pending: HashMap::new(),
+            pending_per_ip: HashMap::new(),
+        }
+    }
+
+    /// Counts a connection entering its handshake, or refuses it when its host has
+    /// `max_pending_per_ip` there already.
+    fn admit_pending(
+        &mut self,
+        id: ConnectionId,
+        remote: &Multiaddr,
+    ) -> Result<(), ConnectionDenied> {
+        let Some(host) = host_of(remote) else {
+            return Ok(());
+        };
+        let n = self.pending_per_ip.entry(host).or_insert(0);
+        if *n >= self.max_pending_per_ip {
+            return Err(ConnectionDenied::new(PendingLimitExceeded {
+                host,
+                limit: self.max_pending_per_ip,
+            }));
+        }
+        *n += 1;
+        self.pending.insert(id, host);
+        Ok(())
+    }
+
+    /// A pending connection is done with its handshake (established, failed or refused).
+    fn end_pending(&mut self, id: ConnectionId) {
+        if let Some(host) = self.pending.remove(&id) {
+            decrement(&mut self.pending_per_ip, host);
         }
     }
 
@@ -59,6 +112,16 @@ impl Behaviour {
             }));
         }
         Ok(())
+    }
+}
+
+/// One fewer for `host`; a host at zero is forgotten, so the maps hold only live hosts.
+fn decrement(counts: &mut HashMap<IpAddr, u32>, host: IpAddr) {
+    if let Some(n) = counts.get_mut(&host) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(&host);
+        }
     }
 }
 
@@ -82,11 +145,12 @@ impl NetworkBehaviour for Behaviour {
     /// Refused before the handshake, so a flooder does not even cost us a noise session.
     fn handle_pending_inbound_connection(
         &mut self,
-        _: ConnectionId,
+        id: ConnectionId,
         _: &Multiaddr,
         remote: &Multiaddr,
     ) -> Result<(), ConnectionDenied> {
-        self.check(remote)
+        self.check(remote)?;
+        self.admit_pending(id, remote)
     }
 
     /// Checked again at establishment: many handshakes from one address may run at once.
@@ -119,20 +183,20 @@ impl NetworkBehaviour for Behaviour {
                 endpoint: ConnectedPoint::Listener { send_back_addr, .. },
                 ..
             }) => {
+                self.end_pending(connection_id);
                 if let Some(host) = host_of(send_back_addr) {
                     self.inbound.insert(connection_id, host);
                     *self.per_ip.entry(host).or_insert(0) += 1;
                 }
             }
+            // The handshake failed or timed out, or a behaviour refused the connection
+            // (this one included: then it was never counted, and nothing changes).
+            FromSwarm::ListenFailure(ListenFailure { connection_id, .. }) => {
+                self.end_pending(connection_id);
+            }
             FromSwarm::ConnectionClosed(ConnectionClosed { connection_id, .. }) => {
-                let Some(host) = self.inbound.remove(&connection_id) else {
-                    return;
-                };
-                if let Some(n) = self.per_ip.get_mut(&host) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        self.per_ip.remove(&host);
-                    }
+                if let Some(host) = self.inbound.remove(&connection_id) {
+                    decrement(&mut self.per_ip, host);
                 }
             }
             _ => {}
@@ -199,7 +263,7 @@ mod tests {
 
     #[test]
     fn each_host_gets_its_own_share() {
-        let mut b = Behaviour::new(2);
+        let mut b = Behaviour::new(2, 8);
         let (crowd, other, v6) = ("/ip4/192.0.2.7", "/ip4/198.51.100.9", "/ip6/2001:db8::1");
         // Addresses of one /64 are one host; the next /64 is another.
         let (same_64, next_64) = ("/ip6/2001:db8::ffff:2", "/ip6/2001:db8:0:1::1");
@@ -222,5 +286,40 @@ mod tests {
         connect(&mut b, 8, crowd).unwrap();
         assert!(connect(&mut b, 9, crowd).is_err());
         assert_eq!(b.per_ip.values().sum::<u32>(), 6);
+    }
+
+    #[test]
+    fn a_host_holds_at_most_its_share_of_handshakes() {
+        let mut b = Behaviour::new(32, 2);
+        let (local, crowd): (Multiaddr, Multiaddr) = (
+            "/ip4/10.0.0.1/tcp/31337".parse().unwrap(),
+            "/ip4/192.0.2.7/tcp/40000".parse().unwrap(),
+        );
+        let other: Multiaddr = "/ip4/198.51.100.9/tcp/40000".parse().unwrap();
+        let pending = |b: &mut Behaviour, id: usize, from: &Multiaddr| {
+            b.handle_pending_inbound_connection(ConnectionId::new_unchecked(id), &local, from)
+        };
+        pending(&mut b, 1, &crowd).unwrap();
+        pending(&mut b, 2, &crowd).unwrap();
+        let refused = pending(&mut b, 3, &crowd).unwrap_err();
+        assert!(refused.downcast_ref::<PendingLimitExceeded>().is_some());
+        pending(&mut b, 4, &other).unwrap();
+        // The refused one's failure (never counted) frees nothing; a timed-out
+        // handshake frees its slot.
+        for id in [3, 1] {
+            b.on_swarm_event(FromSwarm::ListenFailure(ListenFailure {
+                local_addr: &local,
+                send_back_addr: &crowd,
+                error: &libp2p::swarm::ListenError::Aborted,
+                connection_id: ConnectionId::new_unchecked(id),
+                peer_id: None,
+            }));
+        }
+        pending(&mut b, 5, &crowd).unwrap();
+        assert!(pending(&mut b, 6, &crowd).is_err());
+        assert_eq!(b.pending_per_ip.values().sum::<u32>(), 3);
+        // Established connections leave the pending count (the freed slot holds the next).
+        connect(&mut b, 7, "/ip4/203.0.113.5").unwrap();
+        assert_eq!(b.pending.len(), 3);
     }
 }

@@ -120,13 +120,24 @@ pub enum Scope {
     Unknown,
 }
 
-/// Classifies the IP address at the start of `addr`.
+/// Classifies the IP address (or `localhost` name) at the start of `addr`.
 pub fn scope(addr: &Multiaddr) -> Scope {
     match addr.iter().next() {
         Some(Protocol::Ip4(ip)) => ip_scope(IpAddr::V4(ip)),
         Some(Protocol::Ip6(ip)) => ip_scope(IpAddr::V6(ip)),
+        Some(Protocol::Dns(h) | Protocol::Dns4(h) | Protocol::Dns6(h)) if is_localhost(&h) => {
+            Scope::Loopback
+        }
         _ => Scope::Unknown,
     }
+}
+
+/// `localhost` and names under it always resolve to loopback (RFC 6761 section 6.3), so a
+/// node announcing one is as unreachable as one announcing 127.0.0.1. Other names are
+/// not resolved here: what they point at depends on who asks.
+fn is_localhost(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    host == "localhost" || host.ends_with(".localhost")
 }
 
 fn ip_scope(ip: IpAddr) -> Scope {
@@ -254,6 +265,15 @@ mod tests {
         assert_eq!(scope(&a("/ip6/fd00::1/tcp/1")), Scope::Private);
         assert_eq!(scope(&a("/ip6/2001:db8::1/tcp/1")), Scope::Public);
         assert_eq!(scope(&a("/dns4/example.org/tcp/1")), Scope::Unknown);
+        // localhost is this machine whatever the resolver says (RFC 6761).
+        for name in ["localhost", "LocalHost.", "node.localhost"] {
+            for proto in ["dns", "dns4", "dns6"] {
+                let addr = a(&format!("/{proto}/{name}/tcp/1"));
+                assert_eq!(scope(&addr), Scope::Loopback, "{addr}");
+                assert!(unreachable_warning(&[addr]).is_some());
+            }
+        }
+        assert_eq!(scope(&a("/dns4/notlocalhost.org/tcp/1")), Scope::Unknown);
     }
 
     #[test]
