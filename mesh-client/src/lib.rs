@@ -18,11 +18,17 @@
 //! while let Some(token) = tokens.next().await {
 //!     print!("{}", token?.text);
 //! }
+//! // The stream ended, so every hop closed with its final receipt: the cost is the sum of
+//! // what this client countersigned.
+//! if let Some(report) = tokens.report() {
+//!     println!("\ncost: {}", report.countersigned);
+//! }
 //! # Ok(()) }
 //! ```
 
 pub mod demo;
 pub mod openai;
+mod stream;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,13 +43,14 @@ use mesh_core::model::{
 use mesh_core::p2p::{self, Multiaddr, P2pConfig, Role};
 use mesh_core::pipeline::session::SessionContext;
 use mesh_core::pipeline::{
-    self, ClientLedger, Hop, LocalReference, PipelineError, RemoteSession, SessionConfig,
-    VerifyConfig,
+    self, ClientLedger, LocalReference, PipelineError, RemoteSession, SessionConfig, VerifyConfig,
 };
 use mesh_core::{ModelId, ServerInfo};
 use tokio::sync::mpsc;
 
 pub use mesh_core::model::{ChatMessage, FinishReason, SamplingParams};
+pub use mesh_core::pipeline::SessionReport;
+pub use stream::{Token, TokenStream};
 
 /// Attempts to open a route before giving up (the first try plus retries).
 const OPEN_ATTEMPTS: u32 = 3;
@@ -101,23 +108,6 @@ impl From<PipelineError> for ClientError {
             other => ClientError::Pipeline(other),
         }
     }
-}
-
-/// Tokens as they are generated; dropping it cancels the generation.
-pub type TokenStream = futures::stream::BoxStream<'static, Result<Token, ClientError>>;
-
-/// One streamed token with how it was made.
-#[derive(Clone, Debug)]
-pub struct Token {
-    pub id: u32,
-    /// Text this token completes (empty while a multi-byte character is unfinished).
-    pub text: String,
-    pub latency: Duration,
-    /// Servers and blocks of the step that made it.
-    pub route: Vec<Hop>,
-    /// Price so far, in micro-units: positions run × blocks × each server's announced
-    /// price, the way servers bill it.
-    pub cost_so_far: u64,
 }
 
 /// Builds a [`MeshClient`].
@@ -300,42 +290,6 @@ impl MeshClientBuilder {
     }
 }
 
-/// What the token stream holds between items.
-struct StreamState {
-    tokens: mpsc::Receiver<pipeline::TokenEvent>,
-    outcome: Option<tokio::sync::oneshot::Receiver<Result<(), PipelineError>>>,
-    text: TextStream,
-    prices: std::collections::HashMap<p2p::PeerId, u64>,
-    cost: u64,
-    /// Positions the first step carried (the prompt); later steps carry one.
-    prompt_len: u64,
-}
-
-impl StreamState {
-    fn token(&mut self, event: pipeline::TokenEvent) -> Token {
-        // Servers bill every position they run: the whole prompt, then one per step.
-        let positions = if event.index == 0 { self.prompt_len } else { 1 };
-        self.cost += positions
-            * event
-                .route
-                .iter()
-                .map(|h| self.prices.get(&h.peer).copied().unwrap_or(0) * u64::from(h.span.len()))
-                .sum::<u64>();
-        Token {
-            id: event.token,
-            text: self
-                .text
-                .push(event.token)
-                .ok()
-                .flatten()
-                .unwrap_or_default(),
-            latency: event.latency,
-            route: event.route,
-            cost_so_far: self.cost,
-        }
-    }
-}
-
 struct Inner {
     p2p: p2p::Client,
     model: ModelId,
@@ -457,7 +411,6 @@ impl MeshClient {
     ) -> Result<TokenStream, ClientError> {
         let i = self.inner.clone();
         params.stop_tokens.extend(i.eos.iter().copied());
-        let prompt_len = ids.len() as u64;
         // The text stream decodes each token after the prompt, as a whole decode does.
         let text = TextStream::new(i.tokenizer.clone(), &ids);
         // Reserve what this request can use on each server: the prompt and every token
@@ -467,46 +420,18 @@ impl MeshClient {
         let max_len = u32::try_from(positions).unwrap_or(u32::MAX);
         let mut generation = Generation::new(ids, params, i.max_context)?;
         let mut session = self.open_session(max_len).await?;
-        let prices: std::collections::HashMap<_, _> = self
-            .nodes()
-            .await?
-            .into_iter()
-            .map(|s| (s.peer_id, s.price_per_token))
-            .collect();
         let (tx, rx) = mpsc::channel(TOKEN_QUEUE);
-        let (err_tx, err_rx) = tokio::sync::oneshot::channel();
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel();
         let task_inner = i.clone();
         tokio::spawn(async move {
             let i = task_inner;
             let result = pipeline::generate_into(&i.head, &mut session, &mut generation, &tx).await;
             drop(tx);
-            session.close().await;
-            let _ = err_tx.send(result);
+            // The cost is what the receipts say, known once every hop closed.
+            let report = session.close().await;
+            let _ = end_tx.send((result, report));
         });
-        let state = StreamState {
-            tokens: rx,
-            outcome: Some(err_rx),
-            text,
-            prices,
-            cost: 0,
-            prompt_len,
-        };
-        Ok(Box::pin(futures::stream::unfold(
-            state,
-            |mut st| async move {
-                match st.tokens.recv().await {
-                    Some(event) => {
-                        let token = st.token(event);
-                        Some((Ok(token), st))
-                    }
-                    // The generation ended: report its error, if any, once.
-                    None => match st.outcome.take()?.await {
-                        Ok(Err(e)) => Some((Err(e.into()), st)),
-                        _ => None,
-                    },
-                }
-            },
-        )))
+        Ok(TokenStream::new(rx, end_rx, text))
     }
 
     /// The prompt a chat becomes: the model's chat template with the assistant's turn

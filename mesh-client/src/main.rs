@@ -344,13 +344,15 @@ async fn stream(client: &MeshClient, sampling: &Sampling) -> anyhow::Result<()> 
         .map(|t| t.latency.as_secs_f64() * 1e3)
         .collect();
     decode.sort_by(f64::total_cmp);
+    // The stream has ended, so every hop closed with its final receipt: the cost is the
+    // sum of the receipts countersigned, fail-overs' replays and witness checks included.
+    let cost = tokens.report().map_or(0, |r| r.countersigned);
     if let (Some(first), Some(median)) = (made.first(), decode.get(decode.len() / 2)) {
         println!(
-            "{} tokens; prefill {:.1} ms, per-token median {median:.2} ms, max {:.2} ms; cost {}",
+            "{} tokens; prefill {:.1} ms, per-token median {median:.2} ms, max {:.2} ms; cost {cost}",
             made.len(),
             first.latency.as_secs_f64() * 1e3,
             decode.last().copied().unwrap_or(0.0),
-            made.last().map_or(0, |t| t.cost_so_far)
         );
     }
     Ok(())

@@ -20,6 +20,11 @@ pub struct TokenEvent {
     pub latency: Duration,
     /// The servers the step went through.
     pub route: Vec<Hop>,
+    /// What the session had countersigned when the token was released, in micro-units
+    /// ([`RemoteSession::countersigned_amount`]): receipts are the one record of cost.
+    /// It lags the work (receipts come every few positions, and while checking only when
+    /// a hop ends); the whole cost is in [`RemoteSession::close`]'s report.
+    pub cost_so_far: u64,
 }
 
 /// Drive `generation` to the end through `session`; `on_token` sees each token as it is
@@ -83,6 +88,7 @@ async fn run<F: Future<Output = bool>>(
                                 index: generation.generated().len() - 1,
                                 latency: started.elapsed(),
                                 route: session.route(),
+                                cost_so_far: 0,
                             };
                             held.push_back((start + seq, event));
                         }
@@ -113,7 +119,8 @@ async fn run<F: Future<Output = bool>>(
             session.checked_positions()
         };
         while held.front().is_some_and(|(behind, _)| *behind <= checked) {
-            if let Some((_, event)) = held.pop_front() {
+            if let Some((_, mut event)) = held.pop_front() {
+                event.cost_so_far = session.countersigned_amount();
                 if !on_token(event).await {
                     return Ok(());
                 }

@@ -12,10 +12,12 @@
 mod audit;
 mod billing;
 mod coverage;
+mod report;
 
 use billing::hold_back;
 pub use billing::ClientLedger;
 pub use coverage::wait_for_coverage;
+pub use report::SessionReport;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -156,6 +158,8 @@ pub struct RemoteSession {
     /// Servers that take shorter sessions than `cfg.max_len`, with the length they take:
     /// left out of routes but not banned, since they did nothing wrong.
     too_short: HashMap<PeerId, u32>,
+    /// Amount of the newest receipt countersigned for each (hop session, server).
+    countersigned: HashMap<(SessionId, PeerId), u64>,
 }
 
 impl RemoteSession {
@@ -200,6 +204,7 @@ impl RemoteSession {
             sampler: rand_chacha::ChaCha8Rng::from_os_rng(),
             caught: Vec::new(),
             too_short: HashMap::new(),
+            countersigned: HashMap::new(),
             p2p,
             model,
             num_blocks,
@@ -337,11 +342,15 @@ impl RemoteSession {
         Ok(())
     }
 
-    /// Close every hop's session (best effort: servers also expire idle sessions).
-    pub async fn close(mut self) {
+    /// Close every hop's session (best effort: servers also expire idle sessions) and
+    /// report what the session countersigned in all, final receipts included.
+    pub async fn close(mut self) -> SessionReport {
         let hops = std::mem::take(&mut self.hops);
         for h in hops {
             self.end_hop(h).await;
+        }
+        SessionReport {
+            countersigned: self.countersigned_amount(),
         }
     }
 

@@ -85,6 +85,14 @@ impl RemoteSession {
         }
     }
 
+    /// What this session countersigned so far, in micro-units: the newest countersigned
+    /// receipt of every hop, replacement and witness it paid. While checking, receipts
+    /// wait until their hop ends, so they count only then; [`RemoteSession::close`]
+    /// reports the whole cost.
+    pub fn countersigned_amount(&self) -> u64 {
+        self.countersigned.values().sum()
+    }
+
     /// Close an honest server's session and countersign its last receipt (the close
     /// receipt, or the one held back if the server is gone).
     pub(super) async fn close_session(
@@ -118,7 +126,16 @@ impl RemoteSession {
             return;
         };
         let signed = match ledger.store.accept_as_client(*receipt, &tally, &ledger.key) {
-            Ok(signed) => signed,
+            Ok(signed) => {
+                // Receipts of a session are cumulative: the newest one is its amount.
+                let r = &signed.receipt;
+                let amount = self
+                    .countersigned
+                    .entry((r.terms.session, peer))
+                    .or_default();
+                *amount = (*amount).max(r.amount);
+                signed
+            }
             Err(e) => {
                 tracing::warn!(%peer, "receipt refused: {e}");
                 return;
