@@ -49,7 +49,7 @@ use mesh_core::{ModelId, ServerInfo};
 use tokio::sync::mpsc;
 
 pub use mesh_core::model::{ChatMessage, FinishReason, SamplingParams};
-pub use mesh_core::pipeline::SessionReport;
+pub use mesh_core::pipeline::{HopChecks, SessionReport};
 pub use stream::{Token, TokenStream};
 
 /// Attempts to open a route before giving up (the first try plus retries).

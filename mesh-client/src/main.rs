@@ -355,6 +355,22 @@ async fn stream(client: &MeshClient, sampling: &Sampling) -> anyhow::Result<()> 
             decode.last().copied().unwrap_or(0.0),
         );
     }
+    // A rate above 0 does not mean every hop was checked: say which were, and how often.
+    let checks = tokens.report().map_or(&[][..], |r| &r.checks[..]);
+    if !checks.is_empty() {
+        println!("checks (second opinions) per hop:");
+    }
+    for c in checks {
+        let why = if c.second_opinion {
+            ""
+        } else {
+            " (unchecked: no other server of these blocks, and no --verify-locally)"
+        };
+        println!(
+            "  blocks {} on {}: {} checks{why}",
+            c.hop.span, c.hop.peer, c.checks
+        );
+    }
     Ok(())
 }
 

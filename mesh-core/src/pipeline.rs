@@ -25,7 +25,9 @@ pub use generate::{generate, generate_into, TokenEvent};
 pub use protocol::{Refusal, SessionRequest, SessionResponse};
 pub use route::{Candidate, Hop, PricedOut, RoutePolicy, DEFAULT_MAX_PRICE_RATIO};
 pub use server::{Billing, ServerLimits, ServerStats, SessionUsage, SpanServer};
-pub use session::{wait_for_coverage, ClientLedger, RemoteSession, SessionConfig, SessionReport};
+pub use session::{
+    wait_for_coverage, ClientLedger, HopChecks, RemoteSession, SessionConfig, SessionReport,
+};
 pub use verify::{LocalReference, VerifyConfig};
 
 use crate::types::{BlockRange, ModelId};

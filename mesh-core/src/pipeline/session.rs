@@ -11,13 +11,15 @@
 
 mod audit;
 mod billing;
+mod checks;
 mod coverage;
+mod hop;
 mod report;
 
-use billing::hold_back;
 pub use billing::ClientLedger;
 pub use coverage::wait_for_coverage;
-pub use report::SessionReport;
+use hop::HopState;
+pub use report::{HopChecks, SessionReport};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -31,8 +33,7 @@ use super::protocol::{Refusal, SessionRequest, SessionResponse};
 use super::route::{plan, Candidate, Hop, RoutePolicy};
 use super::verify::{LocalReference, VerifyConfig};
 use super::PipelineError;
-use crate::ledger::{Attestation, ClientTally, Outcome, Reputation, SignedReceipt};
-use crate::model::SpanCache;
+use crate::ledger::{Attestation, Outcome, Reputation, SignedReceipt};
 use crate::p2p;
 use crate::types::{BlockRange, ModelId, SessionId};
 use crate::wire::{self, WireTensor};
@@ -86,57 +87,6 @@ pub struct SessionContext {
     pub reference: Option<Arc<Mutex<LocalReference>>>,
 }
 
-struct HopState {
-    hop: Hop,
-    session: SessionId,
-    /// What this client sent the hop, when the server bills.
-    tally: Option<ClientTally>,
-    /// Inputs sent so far, in order; replayed into a replacement server.
-    history: Vec<Tensor>,
-    /// The newest receipt, held back while checking until the hop ends honestly.
-    pending: Option<Box<SignedReceipt>>,
-    /// While checking: the server's answer to each input of `history`, with its signature.
-    claims: Vec<(Tensor, Option<Attestation>)>,
-    /// While checking: how many steps of `history` a second opinion confirmed.
-    checked: usize,
-    /// While checking against the client's own weights: the KV state of the confirmed
-    /// steps, so the next check runs only the steps after them.
-    shadow: Option<SpanCache>,
-    /// While checking against other servers: a witness that ran the confirmed steps, so
-    /// the next check sends it only the steps after them.
-    witness: Option<audit::Witness>,
-}
-
-impl HopState {
-    /// Positions in the first `steps` inputs.
-    fn positions(&self, steps: usize) -> usize {
-        self.history[..steps]
-            .iter()
-            .map(|t| t.dim(1).unwrap_or(0))
-            .sum()
-    }
-
-    /// Take a server's answer to the input last pushed: count its positions, keep it for
-    /// checking, and return the receipt to countersign now (`None` while checking holds it
-    /// back until the hop ends).
-    fn take_answer(
-        &mut self,
-        positions: usize,
-        out: &Tensor,
-        receipt: Option<Box<SignedReceipt>>,
-        attestation: Option<Attestation>,
-        verifying: bool,
-    ) -> Option<Box<SignedReceipt>> {
-        if let Some(tally) = self.tally.as_mut() {
-            tally.record_positions(positions as u64);
-        }
-        if verifying {
-            self.claims.push((out.clone(), attestation));
-        }
-        hold_back(verifying, &mut self.pending, receipt)
-    }
-}
-
 /// A client's inference session across a chain of servers.
 pub struct RemoteSession {
     p2p: p2p::Client,
@@ -160,6 +110,8 @@ pub struct RemoteSession {
     too_short: HashMap<PeerId, u32>,
     /// Amount of the newest receipt countersigned for each (hop session, server).
     countersigned: HashMap<(SessionId, PeerId), u64>,
+    /// While checking: every hop the session routed through, with its checks.
+    checks: Vec<HopChecks>,
 }
 
 impl RemoteSession {
@@ -205,6 +157,7 @@ impl RemoteSession {
             caught: Vec::new(),
             too_short: HashMap::new(),
             countersigned: HashMap::new(),
+            checks: Vec::new(),
             p2p,
             model,
             num_blocks,
@@ -351,6 +304,7 @@ impl RemoteSession {
         }
         SessionReport {
             countersigned: self.countersigned_amount(),
+            checks: std::mem::take(&mut self.checks),
         }
     }
 
@@ -442,6 +396,7 @@ impl RemoteSession {
                 }
             };
             let Some(mut x) = replay.clone() else {
+                self.enlist(&mut new_hops).await;
                 return Ok((new_hops, None));
             };
             let mut failed = None;
@@ -461,7 +416,10 @@ impl RemoteSession {
             }
             match failed {
                 Some(e) => self.note_failure(e)?,
-                None => return Ok((new_hops, Some(x))),
+                None => {
+                    self.enlist(&mut new_hops).await;
+                    return Ok((new_hops, Some(x)));
+                }
             }
         }
     }
@@ -552,17 +510,10 @@ impl RemoteSession {
             max_len: self.cfg.max_len,
         };
         match self.request(hop.peer, &req).await? {
-            SessionResponse::Opened { terms, .. } => Ok(HopState {
-                hop,
-                session,
-                tally: self.agree(hop, session, terms.map(|t| *t))?,
-                history: Vec::new(),
-                pending: None,
-                claims: Vec::new(),
-                checked: 0,
-                shadow: None,
-                witness: None,
-            }),
+            SessionResponse::Opened { terms, .. } => {
+                let tally = self.agree(hop, session, terms.map(|t| *t))?;
+                Ok(HopState::new(hop, session, tally))
+            }
             other => Err(unexpected(hop.peer, other)),
         }
     }

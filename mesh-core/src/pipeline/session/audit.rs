@@ -52,7 +52,7 @@ impl Witness {
         if let Some(tally) = self.tally.as_mut() {
             tally.record_positions(positions as u64);
         }
-        super::hold_back(true, &mut self.pending, receipt);
+        super::billing::hold_back(true, &mut self.pending, receipt);
         self.positions += positions;
     }
 }
@@ -80,6 +80,7 @@ impl RemoteSession {
             tracing::debug!(peer = %hop.peer, "no second opinion available for this step");
             return Ok(());
         };
+        self.count_check(i);
         let Some((step, difference)) = self.first_wrong(i, &first)? else {
             let h = &mut self.hops[i];
             h.checked = h.claims.len();
@@ -267,15 +268,7 @@ impl RemoteSession {
         exclude: &[PeerId],
     ) -> Result<Option<(Opinion, Witness)>, PipelineError> {
         let candidates = self.candidates().await?;
-        // A witness is paid like any hop: one priced out of routing is not asked either.
-        let priced_out = self.cfg.policy.priced_out(&candidates);
-        let mut witnesses: Vec<(PeerId, u64)> = candidates
-            .into_iter()
-            .filter(|c| c.span.start <= hop.span.start && hop.span.end <= c.span.end)
-            .filter(|c| !priced_out.iter().any(|o| o.peer == c.peer))
-            .map(|c| (c.peer, c.price_per_token))
-            .filter(|(p, _)| *p != hop.peer && !self.banned.contains(p) && !exclude.contains(p))
-            .collect();
+        let mut witnesses = self.witnesses(hop, &candidates, exclude);
         while !witnesses.is_empty() {
             let (peer, price_per_token) =
                 witnesses.swap_remove(self.sampler.random_range(0..witnesses.len()));
