@@ -12,6 +12,7 @@
 //! | `codec.rs` | [`SESSION_PROTOCOL`]: length-prefixed opaque frames, bounded before allocating |
 //! | `dht.rs` | DHT keys, signed server records, validation of everything stored |
 //! | `heartbeat.rs` | heartbeat messages, their validation, the live-server table |
+//! | `known.rs` | servers named by verified DHT records, routable before their first heartbeat |
 //! | `client.rs` | [`Client`]: the handle every other part of mesh talks to |
 //! | `event_loop.rs` | [`EventLoop`]: its state, the `select!`, routing of swarm events |
 //! | `event_loop/commands.rs` | answering client commands: dials, addresses, stats |
@@ -46,6 +47,7 @@ pub mod dht;
 mod event_loop;
 pub mod heartbeat;
 mod ip_limit;
+mod known;
 mod listen;
 pub mod reachability;
 mod run;

@@ -86,6 +86,7 @@ pub(crate) enum Command {
     Subscribe(ModelId, Reply<()>),
     Lookup(ModelId, u32, Reply<Vec<RemoteSpan>>),
     LiveServers(ModelId, oneshot::Sender<Vec<ServerInfo>>),
+    KnownServers(ModelId, oneshot::Sender<Vec<RemoteSpan>>),
     Request(PeerId, Vec<u8>, Reply<Vec<u8>>),
     Respond(ResponseChannel, Vec<u8>, Reply<()>),
     Stats(oneshot::Sender<P2pStats>),
@@ -230,6 +231,14 @@ impl Client {
     pub async fn live_servers(&self, model: &ModelId) -> Result<Vec<ServerInfo>, P2pError> {
         let model = model.clone();
         self.ask(|r| Command::LiveServers(model, r)).await
+    }
+
+    /// The servers of `model` named by the signed, unexpired DHT records this peer's
+    /// lookups found ([`Client::lookup`], [`Client::discover`]): usable for routing before
+    /// their first heartbeat. A server that left or fell silent since is not among them.
+    pub async fn known_servers(&self, model: &ModelId) -> Result<Vec<RemoteSpan>, P2pError> {
+        let model = model.clone();
+        self.ask(|r| Command::KnownServers(model, r)).await
     }
 
     /// Sends a `/mesh/session/1` request to `peer` and waits for its response.

@@ -34,6 +34,7 @@ use super::client::{Announcement, Command, P2pStats, Reply};
 use super::dht::ServerRecord;
 use super::heartbeat::LiveTable;
 use super::ip_limit::{IpLimitExceeded, PendingLimitExceeded};
+use super::known::KnownTable;
 use super::reachability::Reachability;
 use super::{Event, P2pConfig, P2pError, Role};
 use crate::types::{GpuLive, ModelId, RemoteSpan};
@@ -126,6 +127,8 @@ pub struct EventLoop {
     /// This peer's GPU readings, sent in its heartbeats ([`crate::p2p::Client::set_gpu_live`]).
     gpu_live: Vec<GpuLive>,
     table: LiveTable,
+    /// Servers named by verified DHT records, for routing before their first heartbeat.
+    known: KnownTable,
     subscribed: HashSet<ModelId>,
     relayed: HashSet<ModelId>,
     stats: P2pStats,
@@ -175,6 +178,7 @@ impl EventLoop {
             announced: None,
             gpu_live: Vec::new(),
             table: LiveTable::default(),
+            known: KnownTable::default(),
             subscribed: HashSet::new(),
             relayed: HashSet::new(),
             stats: P2pStats::default(),

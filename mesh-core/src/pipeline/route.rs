@@ -43,6 +43,11 @@ impl Candidate {
         }
     }
 
+    /// A server named by its signed DHT record but not heard in a heartbeat yet: its
+    /// span and price are its own word, its load unknown. It gets conservative figures
+    /// (no throughput, so [`RoutePolicy::default_block_ms`] per block, and
+    /// [`UNHEARD_PENALTY_MS`]), so a server already heard of the same span wins; the
+    /// first heartbeat replaces them with measured ones.
     pub fn from_dht(span: &RemoteSpan) -> Self {
         Self {
             peer: span.peer_id,
@@ -51,10 +56,14 @@ impl Candidate {
             throughput_tps: 0.0,
             active_sessions: 0,
             price_per_token: span.price_per_token,
-            penalty_ms: 0.0,
+            penalty_ms: UNHEARD_PENALTY_MS,
         }
     }
 }
+
+/// What a server known only from its DHT record adds to a hop's cost, in ms, until its
+/// first heartbeat says how loaded it is.
+pub const UNHEARD_PENALTY_MS: f64 = 10.0;
 
 /// One hop of a route: run blocks `span` on `peer`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

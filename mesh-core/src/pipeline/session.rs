@@ -425,19 +425,14 @@ impl RemoteSession {
     }
 
     async fn candidates(&self) -> Result<Vec<Candidate>, PipelineError> {
-        let mut by_peer: HashMap<PeerId, Candidate> = HashMap::new();
-        for info in self.p2p.live_servers(&self.model).await? {
-            if info.num_blocks == self.num_blocks {
-                by_peer.insert(info.peer_id, Candidate::from_heartbeat(&info));
-            }
-        }
-        let mut usable = Vec::with_capacity(by_peer.len());
-        for mut c in by_peer.into_values() {
+        let known = coverage::known_candidates(&self.p2p, &self.model, self.num_blocks).await?;
+        let mut usable = Vec::with_capacity(known.len());
+        for mut c in known {
             // A server caught lying (by this or an earlier session) is not used.
             let Some(penalty) = self.reputation.route_penalty_ms(&c.peer) else {
                 continue;
             };
-            c.penalty_ms = penalty;
+            c.penalty_ms += penalty;
             c.rtt = self.rtt.get(&c.peer).copied();
             usable.push(c);
         }

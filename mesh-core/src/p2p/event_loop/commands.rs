@@ -8,7 +8,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{Multiaddr, PeerId};
 
-use super::{EventLoop, LookupOwner, DIAL_TIMEOUT};
+use super::{now_ms, EventLoop, LookupOwner, DIAL_TIMEOUT};
 use crate::p2p::client::{Command, Reply};
 use crate::p2p::dht;
 use crate::p2p::reachability::{self, Scope};
@@ -43,6 +43,9 @@ impl EventLoop {
             }
             Command::LiveServers(model, reply) => {
                 let _ = reply.send(self.table.servers(&model));
+            }
+            Command::KnownServers(model, reply) => {
+                let _ = reply.send(self.known.servers(&model, now_ms()));
             }
             Command::Request(peer, data, reply) => {
                 let id = self.swarm.behaviour_mut().session.send_request(&peer, data);

@@ -158,6 +158,7 @@ impl EventLoop {
             }
             Change::Down(peer, model) => {
                 tracing::info!(%peer, %model, "server left");
+                self.known.forget(peer, &model, now_ms());
                 self.emit(Event::ServerDown { peer, model });
             }
             Change::Refreshed | Change::None => {}

@@ -153,6 +153,15 @@ impl EventLoop {
                 query.finish();
             }
         }
+        // Verified records name servers a client can route to before their first
+        // heartbeat; their addresses are their signer's own word, as a heartbeat's.
+        let now = now_ms();
+        for (peer, rec) in &lookup.found {
+            if *peer == self.local {
+                continue;
+            }
+            self.known.insert(rec, now);
+        }
         let mut spans: Vec<RemoteSpan> = lookup
             .found
             .values()
@@ -161,6 +170,13 @@ impl EventLoop {
             .filter(|s| s.span.contains(lookup.block))
             .collect();
         spans.sort_by_key(|a| (a.span, a.peer_id));
+        for s in &spans {
+            if s.peer_id != self.local {
+                for addr in &s.addrs {
+                    self.remember_address(s.peer_id, addr);
+                }
+            }
+        }
         match lookup.owner {
             LookupOwner::Client(reply) => {
                 let _ = reply.send(Ok(spans));

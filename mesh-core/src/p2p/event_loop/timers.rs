@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use libp2p::{Multiaddr, PeerId};
 
-use super::{jitter, EventLoop, LookupOwner};
+use super::{jitter, now_ms, EventLoop, LookupOwner};
 use crate::p2p::client::Reply;
 use crate::p2p::{Event, P2pError};
 
@@ -17,8 +17,10 @@ impl EventLoop {
             self.next_rejoin = now + jitter(self.settings.announce_interval);
             self.rejoin();
         }
+        self.known.expire(now_ms());
         for (peer, model) in self.table.expire(now) {
             tracing::info!(%peer, %model, "server unheard for 3 intervals: dropped");
+            self.known.forget(peer, &model, now_ms());
             self.emit(Event::ServerDown { peer, model });
         }
         if let Some(a) = &self.announced {
