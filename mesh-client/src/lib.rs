@@ -330,7 +330,18 @@ impl MeshClient {
         match pipeline::wait_for_coverage(&i.p2p, &i.model, i.num_blocks, timeout).await {
             Ok(_) => Ok(()),
             Err(PipelineError::NoRoute { .. }) => {
-                let live = i.p2p.live_servers(&i.model).await?;
+                // Servers heard in heartbeats or named by DHT records, each once.
+                let mut live: std::collections::HashSet<_> = (i.p2p.live_servers(&i.model).await?)
+                    .into_iter()
+                    .map(|s| s.peer_id)
+                    .collect();
+                live.extend(
+                    i.p2p
+                        .known_servers(&i.model)
+                        .await?
+                        .into_iter()
+                        .map(|s| s.peer_id),
+                );
                 if live.is_empty() {
                     return Err(ClientError::ModelUnknown(format!(
                         "no server of {} answered within {timeout:?}",

@@ -24,7 +24,15 @@ async fn streamed_text_equals_local_generation_and_drop_cancels() {
         .unwrap()
         .generate("Hello mesh", &params(), |_| {})
         .unwrap();
-    assert_eq!(client.nodes().await.unwrap().len(), 3);
+    // The client routes from the DHT records at once; the heartbeats follow.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while client.nodes().await.unwrap().len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "heartbeats of 3 nodes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let stream = client.generate("Hello mesh", params()).await.unwrap();
     let tokens: Vec<_> = stream.map(|t| t.unwrap()).collect().await;
