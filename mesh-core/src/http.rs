@@ -79,8 +79,12 @@ pub enum EarningsError {
 /// What `/healthz` answers.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Health {
-    /// `starting` (loading the span) or `serving`.
+    /// `starting` (loading the span), `serving`, or `degraded` (serving, but its ledger
+    /// failed, so it opens no billed sessions: see `degraded`).
     pub status: String,
+    /// Why the node is degraded; `None` when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
     pub running: bool,
     pub version: String,
     pub pid: u32,
@@ -255,6 +259,10 @@ impl HttpState {
             let snap = node.snapshot();
             let ann = node.announcement();
             h.status = "serving".into();
+            if let Some(why) = &snap.ledger_failure {
+                h.status = "degraded".into();
+                h.degraded = Some(format!("ledger failed: {why}"));
+            }
             h.peer_id = Some(node.peer_id().to_string());
             h.model = Some(ann.model.to_string());
             h.span = Some(format!("{}..{}", ann.span.start, ann.span.end));

@@ -92,7 +92,7 @@ pub use settle::{
     earnings, plan, settle, unpaid_by_client, unpaid_of, verify_batch, Batch, BatchLine,
     BatchSummary, EarningsRow, PayerTotal, SettleOptions, Unpaid,
 };
-pub use store::{Audit, Entry, PeerTotals, Put, Settled, Store, StoreError};
+pub use store::{Audit, Entry, PeerTotals, Put, Settled, Store, StoreError, MARK_FILE};
 
 /// Why a receipt, the ledger or a settlement batch was refused.
 #[derive(Debug, thiserror::Error)]

@@ -112,6 +112,7 @@ pub fn refusal_kind(r: &Refusal) -> &'static str {
         Refusal::RateLimited { .. } => "rate_limited",
         Refusal::ShuttingDown => "shutting_down",
         Refusal::BadRequest(_) => "bad_request",
+        Refusal::LedgerFailed => "ledger_failed",
     }
 }
 

@@ -93,6 +93,8 @@ pub struct NodeSnapshot {
     /// Requests waiting for the worker when this was taken.
     pub queued: usize,
     pub metrics: NodeMetrics,
+    /// Why the ledger failed, once it did: the node is degraded (no billed sessions).
+    pub ledger_failure: Option<String>,
 }
 
 /// A cheap, cloneable view of a started node for status pages: its identity, what it
@@ -455,6 +457,7 @@ fn work(
         throughput_tps: server.throughput(),
         queued,
         metrics: metrics.clone(),
+        ledger_failure: server.ledger_failure().map(str::to_owned),
     };
     let mut fair = FairQueue::new(REQUEST_QUEUE);
     loop {

@@ -109,6 +109,9 @@ pub fn status(a: StatusArgs) -> anyhow::Result<i32> {
     let h: Health = serde_json::from_str(&body).context("parsing /healthz")?;
     let or_dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
     println!("running (pid {pid}), {} for {}s", h.status, h.uptime_secs);
+    if let Some(why) = &h.degraded {
+        println!("degraded: {why}");
+    }
     println!("peer id {}", or_dash(&h.peer_id));
     for addr in &h.listen_addrs {
         println!("listening on {addr}");

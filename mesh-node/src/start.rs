@@ -260,6 +260,21 @@ fn check_joins_a_mesh(r: &Resolved, standalone: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The node bills into its ledger, so a ledger that fails its check (sled cannot read it,
+/// it holds fewer receipts than its high-water mark, its records disagree) stops `start`
+/// before any port is bound, with the path and the recovery step. Serving on it would sign
+/// receipts that are never kept: work done for nothing, and nobody told.
+fn check_ledger(dir: &Path) -> anyhow::Result<()> {
+    let store = mesh_core::ledger::Store::open(dir)?;
+    store
+        .audit()
+        .map_err(|e| mesh_core::ledger::StoreError::Damaged {
+            path: dir.to_owned(),
+            detail: e.to_string(),
+        })?;
+    Ok(())
+}
+
 pub fn start(args: StartArgs) -> anyhow::Result<()> {
     let resolved = resolve(&args)?;
     if args.daemon {
@@ -273,6 +288,7 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
             }
             .into());
         }
+        check_ledger(&resolved.ledger_dir)?;
         return spawn_daemon(&resolved.log_file);
     }
     logging::init(resolved.json_logs, "info,libp2p=warn");
@@ -404,6 +420,9 @@ async fn serve(checked: Checked) -> anyhow::Result<()> {
             path: pid_file,
         }
         .into());
+    }
+    if let Some(dir) = &cfg.ledger_dir {
+        check_ledger(dir)?;
     }
     let listener = tokio::net::TcpListener::bind(http_addr)
         .await

@@ -91,8 +91,10 @@ fn earnings_on_a_damaged_ledger_writes_nothing_and_tells_a_lock_from_damage() {
         "earnings changed {changed} bytes of the ledger and said: {said}"
     );
 
-    // Held open by a live process (this one): said so, and still nothing written.
-    let held = Store::open(&ledger).unwrap();
+    // Held open by a live process (this one, with sled's lock: opening the damaged store
+    // itself is refused now): said so, and still nothing written.
+    let held = std::fs::File::open(&db).unwrap();
+    held.lock().unwrap();
     let before = snapshot(&ledger);
     let o = mesh_node(home, &["earnings", "--ledger-dir", &ledger_arg]);
     assert_fails_with(&o, &["held open by a running process", &ledger_arg]);

@@ -27,6 +27,17 @@ impl HttpState {
             "1 once the span is loaded and announced, 0 while starting.",
             &one(u8::from(self.0.node.get().is_some()).to_string()),
         );
+        let ledger_failed = self
+            .0
+            .node
+            .get()
+            .is_some_and(|n| n.snapshot().ledger_failure.is_some());
+        m(
+            "mesh_ledger_failed",
+            "gauge",
+            "1 once the ledger failed to keep a receipt: the node is degraded and opens no billed sessions.",
+            &one(u8::from(ledger_failed).to_string()),
+        );
         m(
             "mesh_uptime_seconds",
             "gauge",

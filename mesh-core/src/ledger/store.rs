@@ -21,7 +21,10 @@
 //! own (`store/peers.rs`).
 
 mod check;
+mod mark;
 mod peers;
+
+pub use mark::MARK_FILE;
 
 use std::path::{Path, PathBuf};
 
@@ -58,6 +61,13 @@ pub enum StoreError {
     /// The store fails its check: sled cannot open it, or its records disagree.
     #[error("ledger {path} fails its check: {detail}. Move it aside (`mv {path} {path}.damaged`) and restore it from a backup; a node started without it begins an empty ledger")]
     Damaged { path: PathBuf, detail: String },
+    /// The high-water mark ([`MARK_FILE`]) could not be written: the receipts are stored,
+    /// but the directory no longer takes writes.
+    #[error("ledger high-water mark {path}: cannot write it: {source}")]
+    Mark {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// Copying the store for reading failed.
     #[error("ledger {path}: cannot copy it for reading: {source}")]
     Copy {
@@ -135,6 +145,8 @@ pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
     path: PathBuf,
+    /// How many receipts the store has held ([`mark`]).
+    mark: std::sync::Arc<mark::Mark>,
     /// For [`Store::open_read_only`]: the private copy opened, removed when the last
     /// clone of the store is dropped.
     _copy: Option<std::sync::Arc<check::ScratchCopy>>,
@@ -311,23 +323,6 @@ fn newer(old: &SignedReceipt, new: &SignedReceipt) -> Result<bool, LedgerError> 
 }
 
 impl Store {
-    /// Opens (or creates) the ledger at `path`, a directory.
-    pub fn open(path: &Path) -> Result<Self, LedgerError> {
-        let opening = |source| StoreError::Open {
-            path: path.to_owned(),
-            source,
-        };
-        let db = sled::Config::new().path(path).open().map_err(opening)?;
-        let tree = db.open_tree("ledger-v1").map_err(opening)?;
-        let path = path.to_owned();
-        Ok(Self {
-            db,
-            tree,
-            path,
-            _copy: None,
-        })
-    }
-
     /// The directory the store was opened at (a running node keeps its batches beside it).
     pub fn path(&self) -> &Path {
         &self.path
@@ -446,13 +441,16 @@ impl Store {
                     totals.apply(&before, &after);
                     tx_put(tx, k, &totals)?;
                 }
-                Ok(Put {
+                let put = Put {
                     latest: take_latest,
                     countersigned: take_cs,
-                })
+                };
+                Ok((put, old.is_none(), take_cs && old_cs.is_none()))
             })
             .map_err(from_tx)?;
         self.flush()?;
+        let (put, new_hop, new_countersigned) = put;
+        self.mark.raise(new_hop, new_countersigned)?;
         Ok(put)
     }
 

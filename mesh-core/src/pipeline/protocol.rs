@@ -100,6 +100,10 @@ pub enum Refusal {
     ShuttingDown,
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The server's ledger failed: it cannot keep receipts, so it opens no billed sessions
+    /// (it would work unpaid). Last, so older peers' variant numbers stay as they were.
+    #[error("this server's ledger failed: it cannot keep receipts and opens no billed sessions; try another server")]
+    LedgerFailed,
 }
 
 impl Refusal {

@@ -115,6 +115,8 @@ pub struct SpanServer {
     billing: Option<(Billing, ConfigHash)>,
     /// Signs every step's output ([`Attestation`]).
     signer: Option<ed25519_dalek::SigningKey>,
+    /// Why the ledger failed, once it did: from then on no billed session is opened.
+    ledger_failure: std::cell::OnceCell<String>,
 }
 
 impl SpanServer {
@@ -130,6 +132,7 @@ impl SpanServer {
             accepting: true,
             billing: None,
             signer: None,
+            ledger_failure: std::cell::OnceCell::new(),
         }
     }
 
@@ -156,9 +159,27 @@ impl SpanServer {
             Ok(s) => Some(Box::new(s)),
             Err(e) => {
                 tracing::warn!("receipt not recorded: {e}");
+                self.note_ledger_error(&e);
                 None
             }
         }
+    }
+
+    /// A storage failure (not a refused receipt) means the ledger cannot keep receipts:
+    /// remembered, so no new billed session is opened and the node reports itself degraded.
+    fn note_ledger_error(&self, e: &LedgerError) {
+        if matches!(e, LedgerError::Store(_)) && self.ledger_failure.set(e.to_string()).is_ok() {
+            tracing::error!(
+                "the ledger failed ({e}): no new billed sessions until the node restarts on a \
+                 sound ledger"
+            );
+        }
+    }
+
+    /// Why the ledger failed, if it did (the node is then degraded: it opens no billed
+    /// sessions).
+    pub fn ledger_failure(&self) -> Option<&str> {
+        self.ledger_failure.get().map(String::as_str)
     }
 
     /// A client that left too much work uncountersigned is refused new sessions.
@@ -270,6 +291,9 @@ impl SpanServer {
         let refuse = SessionResponse::Refused;
         if !self.accepting {
             return refuse(Refusal::ShuttingDown);
+        }
+        if self.billing.is_some() && self.ledger_failure.get().is_some() {
+            return refuse(Refusal::LedgerFailed);
         }
         if model != self.model_id {
             return refuse(Refusal::UnknownModel(model));
@@ -467,7 +491,10 @@ impl SpanServer {
         }
         match billing.store.put(receipt) {
             Ok(_) => SessionResponse::Acknowledged,
-            Err(e) => SessionResponse::Refused(Refusal::BadRequest(e.to_string())),
+            Err(e) => {
+                self.note_ledger_error(&e);
+                SessionResponse::Refused(Refusal::BadRequest(e.to_string()))
+            }
         }
     }
 

@@ -90,12 +90,11 @@ impl Store {
             path: path.to_owned(),
             detail,
         };
-        // sled panics on some damaged files instead of answering an error.
-        let opened = std::panic::catch_unwind(|| Store::open(&scratch))
-            .map_err(|panic| damaged(panic_text(&panic)))?;
-        let mut store = opened.map_err(|e| damaged(e.to_string()))?;
+        let mut store = Store::open_as(&scratch, path).map_err(|e| match e {
+            LedgerError::Store(StoreError::Damaged { .. }) => e,
+            e => damaged(e.to_string()).into(),
+        })?;
         store.audit().map_err(|e| damaged(e.to_string()))?;
-        store.path = path.to_owned();
         store._copy = Some(copy);
         Ok(store)
     }
@@ -178,13 +177,4 @@ fn now_nanos() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
-}
-
-fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
-    let text = panic
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| panic.downcast_ref::<&str>().copied())
-        .unwrap_or("no message");
-    format!("the database library gave up reading it ({text})")
 }
