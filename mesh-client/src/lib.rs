@@ -325,6 +325,21 @@ impl MeshClient {
         Ok(self.inner.p2p.live_servers(&self.inner.model).await?)
     }
 
+    /// The servers heard in heartbeats once they cover every block, or after `timeout`
+    /// with those heard by then: a list of who is serving now, for people (`mesh-client
+    /// nodes`). Joining routes from DHT records at once and does not wait for this.
+    pub async fn nodes_when_heard(
+        &self,
+        timeout: Duration,
+    ) -> Result<Vec<ServerInfo>, ClientError> {
+        let i = &self.inner;
+        match pipeline::wait_for_heard_coverage(&i.p2p, &i.model, i.num_blocks, timeout).await {
+            Ok(heard) => Ok(heard),
+            Err(PipelineError::NoRoute { .. }) => self.nodes().await,
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn wait_for_servers(&self, timeout: Duration) -> Result<(), ClientError> {
         let i = &self.inner;
         match pipeline::wait_for_coverage(&i.p2p, &i.model, i.num_blocks, timeout).await {

@@ -103,6 +103,10 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+/// How long `nodes` waits to hear servers that cover every block (a heartbeat interval is
+/// 15 s by default) before listing those heard.
+const NODES_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn default_ledger_dir() -> PathBuf {
     mesh_core::paths::mesh_home().join("client")
 }
@@ -263,7 +267,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Nodes { mesh } => {
             let client = connect(mesh).await?;
-            for s in client.nodes().await? {
+            // A fresh client has heard no heartbeat yet: list the servers once they are heard.
+            for s in client.nodes_when_heard(NODES_WAIT).await? {
                 // Live VRAM and utilisation, for servers that send them.
                 let gpus: String = s
                     .gpu_live

@@ -26,7 +26,8 @@ pub use protocol::{Refusal, SessionRequest, SessionResponse};
 pub use route::{Candidate, Hop, PricedOut, RoutePolicy, DEFAULT_MAX_PRICE_RATIO};
 pub use server::{Billing, ServerLimits, ServerStats, SessionUsage, SpanServer};
 pub use session::{
-    wait_for_coverage, ClientLedger, HopChecks, RemoteSession, SessionConfig, SessionReport,
+    wait_for_coverage, wait_for_heard_coverage, ClientLedger, HopChecks, RemoteSession,
+    SessionConfig, SessionReport,
 };
 pub use verify::{LocalReference, VerifyConfig};
 

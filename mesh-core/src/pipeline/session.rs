@@ -17,7 +17,7 @@ mod hop;
 mod report;
 
 pub use billing::ClientLedger;
-pub use coverage::wait_for_coverage;
+pub use coverage::{wait_for_coverage, wait_for_heard_coverage};
 use hop::HopState;
 pub use report::{HopChecks, SessionReport};
 

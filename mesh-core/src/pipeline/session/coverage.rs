@@ -52,6 +52,28 @@ pub async fn wait_for_coverage(
     num_blocks: u32,
     timeout: Duration,
 ) -> Result<Vec<crate::types::ServerInfo>, PipelineError> {
+    wait_until_covered(p2p, model, num_blocks, timeout, false).await
+}
+
+/// [`wait_for_coverage`] counting only servers heard in heartbeats: what a list of live
+/// servers (`mesh-client nodes`) waits for, since a DHT record says a server was there,
+/// not that it is.
+pub async fn wait_for_heard_coverage(
+    p2p: &p2p::Client,
+    model: &ModelId,
+    num_blocks: u32,
+    timeout: Duration,
+) -> Result<Vec<crate::types::ServerInfo>, PipelineError> {
+    wait_until_covered(p2p, model, num_blocks, timeout, true).await
+}
+
+async fn wait_until_covered(
+    p2p: &p2p::Client,
+    model: &ModelId,
+    num_blocks: u32,
+    timeout: Duration,
+    heard_only: bool,
+) -> Result<Vec<crate::types::ServerInfo>, PipelineError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let full = BlockRange::new(0, num_blocks);
     loop {
@@ -59,7 +81,15 @@ pub async fn wait_for_coverage(
         if let Err(e) = p2p.discover(model, num_blocks).await {
             tracing::debug!("discovery: {e}");
         }
-        let candidates = known_candidates(p2p, model, num_blocks).await?;
+        let candidates = if heard_only {
+            (p2p.live_servers(model).await?)
+                .iter()
+                .filter(|s| s.num_blocks == num_blocks)
+                .map(Candidate::from_heartbeat)
+                .collect()
+        } else {
+            known_candidates(p2p, model, num_blocks).await?
+        };
         // Coverage is about blocks; prices are judged when a session opens.
         let policy = RoutePolicy {
             max_price_ratio: None,
