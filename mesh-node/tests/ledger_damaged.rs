@@ -64,10 +64,9 @@ async fn try_billed_generation(
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_refuses_to_start_on_a_ledger_cut_short() {
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path();
+/// A bootstrap in `home`, the tiny model written there, and the arguments of a node that
+/// serves all of it at price 2 through that bootstrap (not started).
+async fn billing_mesh(home: &Path) -> (Proc, Multiaddr, std::path::PathBuf, Vec<String>) {
     let model_dir = home.join("model");
     tiny::write(&model_dir).unwrap();
     let boot = Proc::spawn(
@@ -80,6 +79,14 @@ async fn a_node_refuses_to_start_on_a_ledger_cut_short() {
     let mut args = node_args(home, "node", BlockRange::new(0, NUM_BLOCKS), &[&boot_addr]);
     args.extend(["--model-dir".into(), model_dir.display().to_string()]);
     args.extend(["--price-per-token".into(), "2".into()]);
+    (boot, boot_addr, model_dir, args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_to_start_on_a_ledger_cut_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let (_boot, boot_addr, model_dir, args) = billing_mesh(home).await;
     let mut node = Proc::spawn("node", "mesh-node", &args, home);
     node.listen_addr().await;
     for i in 0..3 {
@@ -135,18 +142,7 @@ fn http_addr(node: &Proc) -> std::net::SocketAddr {
 async fn a_node_whose_ledger_fails_while_serving_refuses_billed_sessions_and_says_degraded() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path();
-    let model_dir = home.join("model");
-    tiny::write(&model_dir).unwrap();
-    let boot = Proc::spawn(
-        "bootstrap",
-        "mesh-bootstrap",
-        &bootstrap_args(home, 0),
-        home,
-    );
-    let boot_addr = boot.listen_addr().await;
-    let mut args = node_args(home, "node", BlockRange::new(0, NUM_BLOCKS), &[&boot_addr]);
-    args.extend(["--model-dir".into(), model_dir.display().to_string()]);
-    args.extend(["--price-per-token".into(), "2".into()]);
+    let (_boot, boot_addr, model_dir, args) = billing_mesh(home).await;
     let node = Proc::spawn("node", "mesh-node", &args, home);
     node.listen_addr().await;
     billed_generation(&boot_addr, &model_dir, &home.join("client0")).await;
