@@ -96,7 +96,7 @@ pub fn relative_error(got: &Tensor, want: &Tensor) -> candle_core::Result<f32> {
 }
 
 /// Seeded uniform values in `[-1, 1)`, made on the CPU in `dtype`.
-fn seeded(shape: &[usize], seed: u64, dtype: DType) -> candle_core::Result<Tensor> {
+pub(super) fn seeded(shape: &[usize], seed: u64, dtype: DType) -> candle_core::Result<Tensor> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let n = shape.iter().product();

@@ -6,21 +6,11 @@ use candle_core::{DType, Device, Tensor, D};
 use super::*;
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n = shape.iter().product();
-    let data: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    agreement::seeded(shape, seed, DType::F32).unwrap()
 }
 
-/// Largest absolute difference over the largest magnitude of `want`.
 fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
-    let got = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let want = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    assert_eq!(got.dims(), want.dims());
-    let diff = (&got - &want).unwrap().abs().unwrap().max(0).unwrap();
-    let scale = want.abs().unwrap().max(0).unwrap();
-    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(f32::MIN_POSITIVE)
+    agreement::relative_error(got, want).unwrap()
 }
 
 #[test]
