@@ -10,7 +10,6 @@
 //!    achieved bandwidth and the ratio to the floor (bytes per token over the device's
 //!    measured copy bandwidth), with the fused kernels and with candle's generic ops.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
@@ -20,10 +19,11 @@ use candle_core::{DType, Device, Tensor};
 use futures::StreamExt;
 use mesh_core::model::kernels::agreement::{self, KernelShape};
 use mesh_core::model::{
-    tiny, ClientHead, DeviceSpec, LlamaConfig, LocalModel, ModelFiles, SamplingParams, SpanModel,
-    Weights,
+    tiny, ClientHead, DeviceSpec, LocalModel, ModelFiles, SamplingParams, SpanModel,
 };
 use mesh_core::BlockRange;
+
+use crate::decode_timing::{copy_bandwidth, time_decode, ModelShape};
 
 /// One line of the table.
 #[derive(Clone, Debug)]
@@ -169,7 +169,7 @@ pub fn fixtures(device: &Device, fixtures_dir: &Path) -> anyhow::Result<Vec<Row>
         let files = ModelFiles::open(&dir)?;
         let want = expected(&dir)?;
         let cpu = prompt_logits(&files, &want.input_ids, DType::F32, &Device::Cpu)?;
-        // bf16 only where it computes (candle's CPU has no bf16 matmul).
+        // bf16 on the GPU; on the CPU the check stays f32 (mesh-core's tests cover bf16 there).
         let dtypes: &[DType] = if device.is_cuda() {
             &[DType::F32, DType::BF16]
         } else {
@@ -276,175 +276,6 @@ pub async fn mesh(spec: DeviceSpec, work_dir: &Path) -> anyhow::Result<Vec<Row>>
             format!("{per_token:.2}"),
         ),
     ])
-}
-
-/// A Llama shape for the decode timings.
-#[derive(Clone, Copy, Debug)]
-pub struct ModelShape {
-    pub name: &'static str,
-    pub hidden: usize,
-    pub intermediate: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub vocab: usize,
-}
-
-impl ModelShape {
-    pub const TINYLLAMA_1_1B: Self = Self {
-        name: "TinyLlama-1.1B",
-        hidden: 2048,
-        intermediate: 5632,
-        layers: 22,
-        heads: 32,
-        kv_heads: 4,
-        vocab: 32000,
-    };
-    pub const LLAMA3_8B: Self = Self {
-        name: "Llama-3-8B",
-        hidden: 4096,
-        intermediate: 14336,
-        layers: 32,
-        heads: 32,
-        kv_heads: 8,
-        vocab: 128256,
-    };
-
-    pub fn config(&self, max_positions: usize) -> anyhow::Result<LlamaConfig> {
-        let json = format!(
-            r#"{{"model_type":"llama","vocab_size":{},"hidden_size":{},"intermediate_size":{},
-            "num_hidden_layers":{},"num_attention_heads":{},"num_key_value_heads":{},
-            "max_position_embeddings":{max_positions},"rms_norm_eps":1e-5,"rope_theta":500000.0,
-            "hidden_act":"silu","tie_word_embeddings":false}}"#,
-            self.vocab, self.hidden, self.intermediate, self.layers, self.heads, self.kv_heads
-        );
-        Ok(LlamaConfig::from_json(&json)?)
-    }
-}
-
-/// Random weights of `cfg`, made directly on `device` (nothing is written to disk).
-pub fn random_weights(cfg: &LlamaConfig, device: &Device, dtype: DType) -> anyhow::Result<Weights> {
-    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let hd = cfg.head_dim();
-    let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_kv_heads() * hd);
-    let mut map = HashMap::new();
-    let mut put = |name: String, shape: &[usize], ones: bool| -> anyhow::Result<()> {
-        let t = if ones {
-            Tensor::ones(shape, dtype, device)?
-        } else {
-            (Tensor::randn(0f32, 0.02, shape, device)?).to_dtype(dtype)?
-        };
-        map.insert(name, t);
-        Ok(())
-    };
-    put("model.embed_tokens.weight".into(), &[v, h], false)?;
-    put("lm_head.weight".into(), &[v, h], false)?;
-    put("model.norm.weight".into(), &[h], true)?;
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        put(format!("{p}.input_layernorm.weight"), &[h], true)?;
-        put(format!("{p}.post_attention_layernorm.weight"), &[h], true)?;
-        put(format!("{p}.self_attn.q_proj.weight"), &[q, h], false)?;
-        put(format!("{p}.self_attn.k_proj.weight"), &[kv, h], false)?;
-        put(format!("{p}.self_attn.v_proj.weight"), &[kv, h], false)?;
-        put(format!("{p}.self_attn.o_proj.weight"), &[h, q], false)?;
-        put(format!("{p}.mlp.gate_proj.weight"), &[i, h], false)?;
-        put(format!("{p}.mlp.up_proj.weight"), &[i, h], false)?;
-        put(format!("{p}.mlp.down_proj.weight"), &[h, i], false)?;
-    }
-    Ok(Weights::from_tensors(map, dtype, device))
-}
-
-/// Bytes per second the device copies (read + write), from 1 GiB copied in place.
-pub fn copy_bandwidth(device: &Device) -> anyhow::Result<f64> {
-    let elems = 1usize << 28; // 1 GiB of f32
-    let src = Tensor::zeros(elems, DType::F32, device)?;
-    let _warm = src.copy()?;
-    device.synchronize()?;
-    let rounds = 10;
-    let started = Instant::now();
-    for _ in 0..rounds {
-        let _ = src.copy()?;
-    }
-    device.synchronize()?;
-    Ok(2.0 * (elems * 4 * rounds) as f64 / started.elapsed().as_secs_f64())
-}
-
-/// One timed decode run.
-#[derive(Clone, Copy, Debug)]
-pub struct DecodeTiming {
-    pub ms_per_token: f64,
-    /// Weights (blocks, final norm, LM head, one embedding row) and KV cache read per token.
-    pub bytes_per_token: f64,
-}
-
-/// Batch-1 decode of the whole model on `device`: a `context`-token prefill, then
-/// `tokens` steps, each embed → every block → LM head → argmax on the host.
-pub fn time_decode(
-    shape: ModelShape,
-    device: &Device,
-    dtype: DType,
-    context: usize,
-    tokens: usize,
-    fused: bool,
-) -> anyhow::Result<DecodeTiming> {
-    let max_len = context + tokens + 1;
-    let cfg = shape.config(max_len.max(4096))?;
-    let weights = random_weights(&cfg, device, dtype)?;
-    let head = ClientHead::from_weights(&cfg, &weights)?;
-    let mut span = SpanModel::from_weights(&cfg, &weights, BlockRange::new(0, cfg.num_blocks()))?;
-    drop(weights);
-    span.set_fused_decode(fused)?;
-    let mut cache = span.new_cache(max_len)?;
-    let prompt: Vec<u32> = (0..context as u32).map(|i| 1 + i % 1000).collect();
-    let mut next = step(&span, &head, &mut cache, &prompt)?;
-    // Two warm-up steps load every kernel module before the clock starts.
-    for _ in 0..2 {
-        next = step(&span, &head, &mut cache, &[next])?;
-    }
-    let started = Instant::now();
-    for _ in 0..tokens {
-        next = step(&span, &head, &mut cache, &[next])?;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let (h, v) = (cfg.hidden_size as f64, cfg.vocab_size as f64);
-    let kv_bytes = (2 * cfg.num_blocks() as usize * cfg.num_kv_heads() * cfg.head_dim()) as f64
-        * (context + 2 + tokens / 2) as f64
-        * dtype.size_in_bytes() as f64;
-    // The head is in the model's dtype here: one embedding row, the final norm and the
-    // whole LM head per token.
-    let head_bytes = (v * h + h + h) * dtype.size_in_bytes() as f64;
-    Ok(DecodeTiming {
-        ms_per_token: seconds * 1e3 / tokens as f64,
-        bytes_per_token: span.weight_bytes() as f64 + head_bytes + kv_bytes,
-    })
-}
-
-/// Tokens `ids` through the model; the greedy next token (its logits copied to the host,
-/// as every generation does, so each step waits for the device).
-fn step(
-    span: &SpanModel,
-    head: &ClientHead,
-    cache: &mut mesh_core::model::SpanCache,
-    ids: &[u32],
-) -> anyhow::Result<u32> {
-    let start = cache.len();
-    let hidden = span.forward(cache, &head.embed(ids)?, start)?;
-    Ok(argmax(&head.last_logits(&hidden)?))
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    logits
-        .iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
-            if x > best.1 {
-                (i, x)
-            } else {
-                best
-            }
-        })
-        .0 as u32
 }
 
 /// Section 4: decode timings of both shapes, fused and generic, against the floor.

@@ -1,3 +1,4 @@
 //! Umbrella package for examples/ and benches/.
 
+pub mod decode_timing;
 pub mod gpu_check;

@@ -76,7 +76,7 @@ pub struct NodeFile {
     pub blocks: Option<String>,
     /// Blocks to take when `blocks` is absent; absent = as many as fit (at most all).
     pub span_len: Option<u32>,
-    /// `f32`, `f16` (`bf16` needs a GPU).
+    /// `f32`, `f16` or `bf16`.
     pub dtype: String,
     /// `cpu`, `cuda` or `cuda:N`; a GPU that cannot be used falls back to the CPU.
     pub device: String,
@@ -341,7 +341,7 @@ model = {model}
 # mesh serves worst: span_len of them, or as many as fit in memory.
 {blocks}
 {span_len}
-# Weights and compute dtype: f32 or f16 (bf16 needs a GPU).
+# Weights and compute dtype: f32, f16 or bf16.
 dtype = {dtype}
 # Where the span computes: "cpu", "cuda" or "cuda:N" (a build with --features cuda).
 # A GPU that cannot be used is reported at start and the CPU serves instead.

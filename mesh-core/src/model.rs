@@ -24,6 +24,7 @@ mod head;
 pub mod kernels;
 mod layers;
 mod local;
+pub mod matvec;
 pub mod rope;
 mod sampling;
 mod span;

@@ -112,7 +112,7 @@ pub struct NodeFlags {
     /// Number of blocks of the whole model; checked against the model's config.
     #[arg(long)]
     pub num_blocks: Option<u32>,
-    /// Weights and compute dtype: f32, f16 (bf16 needs a GPU) [default: f32].
+    /// Weights and compute dtype: f32, f16 or bf16 [default: f32].
     #[arg(long)]
     pub dtype: Option<String>,
     /// Where the span computes: cpu, cuda or cuda:N (needs a build with --features cuda)

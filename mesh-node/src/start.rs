@@ -194,12 +194,6 @@ fn preflight(r: &Resolved, num_blocks_flag: Option<u32>) -> anyhow::Result<Check
     } else {
         tracing::info!(device = %selected.description, "serving from");
     }
-    if selected.device.is_cpu() && r.dtype == candle_core::DType::BF16 {
-        bail!(
-            "dtype bf16 needs a GPU, and this node computes on {}",
-            selected.description
-        );
-    }
 
     // Sizing: the weights of the span plus the KV-cache budget must fit in free memory
     // of the device: VRAM on a GPU, RAM on the CPU.

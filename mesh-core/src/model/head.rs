@@ -1,9 +1,10 @@
 //! The client's end of the model: token embeddings in, final norm and LM head out.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Embedding, Linear, Module};
+use candle_nn::{Embedding, Module};
 
 use super::layers::RmsNorm;
+use super::matvec::Dense;
 use super::{LlamaConfig, ModelError, ModelFiles, Weights};
 
 /// Embeddings, final RMSNorm and LM head: everything but the blocks.
@@ -15,7 +16,7 @@ pub struct ClientHead {
     config: LlamaConfig,
     embed: Embedding,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: Dense,
     device: Device,
     weight_bytes: usize,
 }
@@ -40,7 +41,7 @@ impl ClientHead {
         };
         Ok(Self {
             embed: Embedding::new(embed_weight, h),
-            lm_head: Linear::new(lm_weight, None),
+            lm_head: Dense::new(lm_weight, None),
             norm,
             device: w.device().clone(),
             weight_bytes: w.loaded_bytes() - before,

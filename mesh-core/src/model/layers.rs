@@ -1,18 +1,22 @@
 //! One Llama decoder block: RMSNorm, grouped-query attention with rotary embeddings,
 //! SwiGLU MLP, residuals.
 //!
-//! On the CPU every step runs candle's generic ops. On a GPU the q/k/v and gate/up
+//! On the CPU a one-token step multiplies through [`super::matvec`] (the products that
+//! share an input as one job), the rest through candle's ops. On a GPU the q/k/v and gate/up
 //! projections are fused into one matrix each (one launch instead of three or two, the
 //! input read once), and a decode step of one token runs our own kernels
 //! ([`super::kernels`]); prefill keeps the generic ops.
 
 use candle_core::{DType, Tensor, D};
-use candle_nn::{Linear, Module};
 
 use super::cache::LayerKv;
 use super::kernels;
+use super::matvec::{self, Dense};
 use super::rope::RopeTables;
 use super::{LlamaConfig, ModelError, Weights};
+
+mod cpu_step;
+pub(crate) use cpu_step::Rotation;
 
 /// RMSNorm with a learned scale.
 #[derive(Clone, Debug)]
@@ -50,26 +54,26 @@ fn linear(
     out_dim: usize,
     in_dim: usize,
     bias: bool,
-) -> Result<Linear, ModelError> {
+) -> Result<Dense, ModelError> {
     let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
     let bias = if bias {
         Some(w.get(&format!("{prefix}.bias"), &[out_dim])?)
     } else {
         None
     };
-    Ok(Linear::new(weight, bias))
+    Ok(Dense::new(weight, bias))
 }
 
 /// Several projections of one input: separate matrices (CPU, where the tests pin
 /// agreement with transformers op for op), or one matrix stacked along the outputs (GPU).
 #[derive(Clone, Debug)]
 enum Projections {
-    Separate(Vec<Linear>),
-    Fused { linear: Linear, widths: Vec<usize> },
+    Separate(Vec<Dense>),
+    Fused { linear: Dense, widths: Vec<usize> },
 }
 
 impl Projections {
-    fn new(parts: Vec<Linear>, fuse: bool) -> Result<Self, ModelError> {
+    fn new(parts: Vec<Dense>, fuse: bool) -> Result<Self, ModelError> {
         if !fuse {
             return Ok(Self::Separate(parts));
         }
@@ -77,11 +81,11 @@ impl Projections {
             .iter()
             .map(|p| p.weight().dim(0))
             .collect::<Result<Vec<_>, _>>()?;
-        let weights: Vec<&Tensor> = parts.iter().map(Linear::weight).collect();
-        let biases: Option<Vec<&Tensor>> = parts.iter().map(Linear::bias).collect();
+        let weights: Vec<&Tensor> = parts.iter().map(Dense::weight).collect();
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(Dense::bias).collect();
         let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
         Ok(Self::Fused {
-            linear: Linear::new(Tensor::cat(&weights, 0)?, bias),
+            linear: Dense::new(Tensor::cat(&weights, 0)?, bias),
             widths,
         })
     }
@@ -97,10 +101,13 @@ impl Projections {
     /// Every projection's output, in the order they were given.
     fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>, ModelError> {
         match self {
-            Self::Separate(parts) => Ok(parts
-                .iter()
-                .map(|p| p.forward(x))
-                .collect::<Result<_, _>>()?),
+            Self::Separate(parts) => {
+                let refs: Vec<&Dense> = parts.iter().collect();
+                match matvec::forward_many(&refs, x)? {
+                    Some(ys) => Ok(ys),
+                    None => parts.iter().map(|p| p.forward(x)).collect(),
+                }
+            }
             Self::Fused { linear, widths } => {
                 let all = linear.forward(x)?;
                 let mut at = 0;
@@ -126,7 +133,7 @@ impl Projections {
 #[derive(Clone, Debug)]
 struct Attention {
     qkv: Projections,
-    o_proj: Linear,
+    o_proj: Dense,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -196,7 +203,7 @@ impl Attention {
             .to_dtype(in_dtype)?
             .transpose(1, 2)?
             .reshape((b, t, self.num_heads * self.head_dim))?;
-        Ok(self.o_proj.forward(&out)?)
+        self.o_proj.forward(&out)
     }
 
     /// One token of one session (`x`: `[1, 1, hidden]`) through the fused kernels:
@@ -264,7 +271,7 @@ fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor, ModelError> {
 #[derive(Clone, Debug)]
 struct Mlp {
     gate_up: Projections,
-    down_proj: Linear,
+    down_proj: Dense,
 }
 
 impl Mlp {
@@ -287,7 +294,7 @@ impl Mlp {
             .try_into()
             .map_err(|_| ModelError::Unsupported("the MLP needs gate and up".into()))?;
         let gate = candle_nn::ops::silu(&gate)?;
-        Ok(self.down_proj.forward(&(gate * up)?)?)
+        self.down_proj.forward(&(gate * up)?)
     }
 
     /// The fused gate|up projection through the SwiGLU kernel; generic when not fused.

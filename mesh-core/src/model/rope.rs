@@ -107,6 +107,14 @@ impl RopeTables {
         Ok(Tensor::stack(&[&cos, &sin], 1)?.contiguous()?)
     }
 
+    /// Cosines and sines of position `pos`, in f32 (the CPU decode step).
+    pub fn row_f32(&self, pos: usize) -> Result<(Vec<f32>, Vec<f32>), ModelError> {
+        let row = |t: &Tensor| -> Result<Vec<f32>, ModelError> {
+            Ok(t.get(pos)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        };
+        Ok((row(&self.cos)?, row(&self.sin)?))
+    }
+
     /// Rotate `x` of shape `[batch, heads, seq, head_dim]` for positions `start..start+seq`.
     pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor, ModelError> {
         let seq = x.dim(2)?;

@@ -2,7 +2,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::layers::Block;
+use super::layers::{Block, Rotation};
+use super::matvec;
 use super::rope::RopeTables;
 use super::{LlamaConfig, ModelError, ModelFiles, SpanCache, Weights};
 use crate::types::BlockRange;
@@ -123,6 +124,12 @@ impl SpanModel {
         Ok(SpanCache::new(range, max_len))
     }
 
+    /// Whether a one-token step runs [`Block::cpu_step`]: on the CPU, with the
+    /// matrix-vector path on, and not while the fused kernels' references are under test.
+    fn takes_cpu_step(&self, blocks: &[Block]) -> bool {
+        self.device.is_cpu() && matvec::enabled() && blocks.iter().all(Block::takes_cpu_step)
+    }
+
     /// Run hidden states `[batch, seq, hidden]` for positions `start_pos..start_pos+seq`
     /// through the blocks of the cache's range, extending the session's cache.
     ///
@@ -162,6 +169,18 @@ impl SpanModel {
                 span: cache.range,
                 num_blocks: self.config.num_blocks(),
             })?;
+        if seq == 1 && dims[0] == 1 && self.takes_cpu_step(blocks) {
+            let mut x = hidden
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let rotation = Rotation::at(&self.rope, start_pos)?;
+            for (block, kv) in blocks.iter().zip(cache.layers.iter_mut()) {
+                block.cpu_step(&mut x, start_pos, &rotation, kv, self.dtype)?;
+            }
+            cache.advance(1);
+            return Ok(Tensor::from_vec(x, dims, &self.device)?.to_dtype(self.dtype)?);
+        }
         let mut x = hidden.to_device(&self.device)?.to_dtype(self.dtype)?;
         for (block, kv) in blocks.iter().zip(cache.layers.iter_mut()) {
             x = block.forward(&x, start_pos, &self.rope, kv)?;

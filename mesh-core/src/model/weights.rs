@@ -160,12 +160,6 @@ pub struct Weights {
 
 impl Weights {
     pub fn open(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self, ModelError> {
-        if dtype == DType::BF16 && device.is_cpu() {
-            // candle's CPU backend has no bf16 matmul; bf16 files still load as f32 or f16.
-            return Err(ModelError::Unsupported(
-                "bf16 compute needs a GPU; on CPU load bf16 weights as f32".into(),
-            ));
-        }
         for path in &files.weight_files {
             if !path.exists() {
                 return Err(ModelError::Io {

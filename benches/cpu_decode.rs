@@ -1,0 +1,186 @@
+//! CPU batch-1 decode against the memory-bandwidth floor, side by side in one run.
+//!
+//! For the tiny model's shape and for the 512-wide shape (`ModelShape::WIDE_512`: 8
+//! blocks, vocab 32000, 167 MB of f32 weights per token), in f32, f16 and bf16, each path
+//! a decode step can take: candle's generic matmul, and mesh's matrix-vector products
+//! with each instruction set this CPU has. Each row: ms/token, the bandwidth achieved
+//! (weights + KV read per token over the time) and the ratio to the floor (those bytes
+//! over this machine's copy bandwidth, measured first with one thread per core).
+//!
+//! Then the 512-wide f32 model through a 3-node mesh on loopback against one process,
+//! and, where `MESH_BENCH_PYTHON` names a Python with torch and transformers,
+//! transformers on the same weights (`scripts/time_transformers.py`).
+//!
+//! Run: `cargo bench --bench cpu_decode` (`TOKENS=n` steps per row, default 64).
+
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use mesh::decode_timing::{
+    argmax, copy_bandwidth, time_decode, write_model_dir, DecodeTiming, ModelShape,
+};
+use mesh_core::local_mesh::LocalMesh;
+use mesh_core::model::matvec::{self, Isa};
+use mesh_core::model::{ClientHead, ModelFiles};
+use mesh_core::pipeline::RemoteSession;
+use mesh_core::BlockRange;
+
+const CONTEXT: usize = 16;
+
+const TINY: ModelShape = ModelShape {
+    name: "tiny",
+    hidden: 128,
+    intermediate: 344,
+    layers: 8,
+    heads: 8,
+    kv_heads: 2,
+    vocab: 259,
+};
+
+fn main() -> anyhow::Result<()> {
+    let tokens: usize = std::env::var("TOKENS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(64);
+    let threads = matvec::pool().threads();
+    let bandwidth = copy_bandwidth(&Device::Cpu)?;
+    println!(
+        "copy bandwidth: {:.1} GB/s ({threads} threads, read + write); best ISA: {}\n",
+        bandwidth / 1e9,
+        Isa::detect().name()
+    );
+    println!("| shape | dtype | path | ms/token | GB/s | × floor | floor ms |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut one_process_ms = None;
+    for shape in [TINY, ModelShape::WIDE_512] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let mut paths: Vec<Option<Isa>> = vec![None];
+            paths.extend(Isa::available().into_iter().rev().map(Some));
+            for path in paths {
+                matvec::set_enabled(path.is_some());
+                if let Some(isa) = path {
+                    matvec::set_isa(isa);
+                }
+                let name = path.map_or("candle matmul", Isa::name);
+                match time_decode(shape, &Device::Cpu, dtype, CONTEXT, tokens, false) {
+                    Ok(t) => {
+                        row(shape.name, dtype, name, &t, bandwidth);
+                        let best = path == Some(Isa::detect());
+                        if best && dtype == DType::F32 && shape.name == ModelShape::WIDE_512.name {
+                            one_process_ms = Some(t.ms_per_token);
+                        }
+                    }
+                    Err(e) => println!(
+                        "| {} | {dtype:?} | {name} | failed: {e} | | | |",
+                        shape.name
+                    ),
+                }
+            }
+        }
+    }
+    matvec::set_enabled(true);
+    matvec::set_isa(Isa::detect());
+
+    let dir = tempfile::tempdir()?;
+    write_model_dir(ModelShape::WIDE_512, DType::F32, 4096, dir.path())?;
+    let mesh_ms = mesh_decode(dir.path(), tokens)?;
+    println!("\n| 512-wide f32 | ms/token | vs one process |\n|---|---|---|");
+    if let Some(one) = one_process_ms {
+        println!(
+            "| one process ({}) | {one:.2} | 1.00x |",
+            Isa::detect().name()
+        );
+        println!(
+            "| 3 nodes, loopback | {mesh_ms:.2} | {:.2}x |",
+            mesh_ms / one
+        );
+    }
+    if let Ok(python) = std::env::var("MESH_BENCH_PYTHON") {
+        for (dtype, torch) in [(DType::F32, "float32"), (DType::BF16, "bfloat16")] {
+            let dir = tempfile::tempdir()?;
+            write_model_dir(ModelShape::WIDE_512, dtype, 4096, dir.path())?;
+            let out = Command::new(&python)
+                .arg("scripts/time_transformers.py")
+                .arg(dir.path())
+                .args([
+                    "--tokens",
+                    &tokens.to_string(),
+                    "--context",
+                    &CONTEXT.to_string(),
+                ])
+                .args(["--threads", &threads.to_string(), "--dtype", torch])
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            match text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+            {
+                Some(ms) => println!(
+                    "| transformers {torch} ({}) | {ms:.2} | {} |",
+                    text.split_whitespace()
+                        .skip(2)
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    one_process_ms.map_or(String::new(), |one| format!("{:.2}x", ms / one)),
+                ),
+                None => println!(
+                    "| transformers {torch} | failed: {} | |",
+                    String::from_utf8_lossy(&out.stderr)
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn row(shape: &str, dtype: DType, path: &str, t: &DecodeTiming, bandwidth: f64) {
+    let floor_ms = t.bytes_per_token / bandwidth * 1e3;
+    println!(
+        "| {shape} | {dtype:?} | {path} | {:.3} | {:.1} | {:.2} | {floor_ms:.3} |",
+        t.ms_per_token,
+        t.bytes_per_token / (t.ms_per_token / 1e3) / 1e9,
+        t.ms_per_token / floor_ms,
+    );
+}
+
+/// ms per token of greedy decode through a 3-node loopback mesh (real swarms, TCP, noise,
+/// yamux), the head in this process, as `time_decode` times one process.
+fn mesh_decode(dir: &std::path::Path, tokens: usize) -> anyhow::Result<f64> {
+    let files = ModelFiles::open(dir)?;
+    let head = ClientHead::load(&files, DType::F32, &Device::Cpu)?;
+    let blocks = files.config.num_blocks();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mesh = LocalMesh::start(dir, &BlockRange::even_split(blocks, 3)).await?;
+        let client = mesh.client().await?;
+        let mut session = RemoteSession::open_with(
+            client.client.clone(),
+            mesh.model().clone(),
+            blocks,
+            Default::default(),
+            Default::default(),
+        )
+        .await?;
+        let prompt: Vec<u32> = (0..CONTEXT as u32).map(|i| 1 + i % 250).collect();
+        let hidden = session.step(head.embed(&prompt)?, 0).await?;
+        let mut next = argmax(&head.last_logits(&hidden)?);
+        // Two warm-up steps, as `time_decode` takes, then the timed ones.
+        let mut started = Instant::now();
+        for (i, pos) in (CONTEXT as u32..).take(tokens + 2).enumerate() {
+            if i == 2 {
+                started = Instant::now();
+            }
+            let hidden = session.step(head.embed(&[next])?, pos).await?;
+            next = argmax(&head.last_logits(&hidden)?);
+        }
+        let ms = started.elapsed().as_secs_f64() * 1e3 / tokens as f64;
+        session.close().await;
+        mesh.stop().await?;
+        Ok(ms)
+    })
+}

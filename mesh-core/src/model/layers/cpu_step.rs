@@ -1,0 +1,278 @@
+//! One token through a block on the CPU, in f32 vectors.
+//!
+//! A decode step's arithmetic is the matrix-vector products ([`super::matvec`]); what is
+//! left (norms, rotary, attention over the cache, SwiGLU, residuals) is a few thousand
+//! numbers per block. Through candle each of those ~25 ops allocates a tensor and
+//! dispatches on dtype and layout, which costs as much as the products on a small model;
+//! here they are loops over slices, the hidden state stays in f32 from the first block of
+//! a span to its last, and only the keys and values go through candle, written into the
+//! session's cache in the span's dtype where prefill reads them.
+//!
+//! Sums run in f32 whatever the weights are, as HF's eager attention does for scores.
+
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use half::{bf16, f16};
+
+use super::super::cache::LayerKv;
+use super::super::matvec::{self, Dense};
+use super::super::rope::RopeTables;
+use super::{Block, ModelError, Projections, RmsNorm};
+
+/// The rotary angles of one position: `cos` and `sin` of each frequency.
+pub(crate) struct Rotation {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rotation {
+    pub fn at(rope: &RopeTables, pos: usize) -> Result<Self, ModelError> {
+        let (cos, sin) = rope.row_f32(pos)?;
+        Ok(Self { cos, sin })
+    }
+
+    /// Rotate each `head_dim` head of `x` in place, HF's rotate-half layout: the first
+    /// half of a head pairs with its second half.
+    fn apply(&self, x: &mut [f32], head_dim: usize) {
+        let half = head_dim / 2;
+        for head in x.chunks_exact_mut(head_dim) {
+            let (a, b) = head.split_at_mut(half);
+            for i in 0..half {
+                let (x1, x2) = (a[i], b[i]);
+                a[i] = x1 * self.cos[i] - x2 * self.sin[i];
+                b[i] = x2 * self.cos[i] + x1 * self.sin[i];
+            }
+        }
+    }
+}
+
+impl Block {
+    /// Whether decode steps take this path (not while the fused kernels are on).
+    pub(crate) fn takes_cpu_step(&self) -> bool {
+        !self.fused_decode
+    }
+
+    /// The block's output for one token, `x` (the hidden state) updated in place, its
+    /// keys and values written at `pos` of `kv` in `dtype`.
+    pub(crate) fn cpu_step(
+        &self,
+        x: &mut [f32],
+        pos: usize,
+        rotation: &Rotation,
+        kv: &mut LayerKv,
+        dtype: DType,
+    ) -> Result<(), ModelError> {
+        let _enter = self.span.enter();
+        let attn = &self.attn;
+        let (nh, nkv, hd) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
+        let normed = self.input_layernorm.apply_f32(x)?;
+        let [mut q, mut k, v]: [Vec<f32>; 3] = attn
+            .qkv
+            .forward_f32(&normed)?
+            .try_into()
+            .map_err(|_| ModelError::Unsupported("attention needs q, k and v".into()))?;
+        rotation.apply(&mut q, hd);
+        rotation.apply(&mut k, hd);
+        let cache = kv.storage(1, nkv, hd, dtype, &Device::Cpu)?;
+        for (which, values) in [(0, k), (1, v)] {
+            let t = Tensor::from_vec(values, (1, nkv, 1, hd), &Device::Cpu)?.to_dtype(dtype)?;
+            cache.get(which)?.slice_set(&t, 2, pos)?;
+        }
+        let heads = attend(&q, cache, nh, nkv, hd, pos + 1)?;
+        add(x, &project(&attn.o_proj, &heads)?);
+
+        let normed = self.post_attention_layernorm.apply_f32(x)?;
+        let [gate, up]: [Vec<f32>; 2] = self
+            .mlp
+            .gate_up
+            .forward_f32(&normed)?
+            .try_into()
+            .map_err(|_| ModelError::Unsupported("the MLP needs gate and up".into()))?;
+        let act: Vec<f32> = gate
+            .iter()
+            .zip(&up)
+            .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        add(x, &project(&self.mlp.down_proj, &act)?);
+        Ok(())
+    }
+}
+
+fn add(x: &mut [f32], delta: &[f32]) {
+    for (x, d) in x.iter_mut().zip(delta) {
+        *x += d;
+    }
+}
+
+impl RmsNorm {
+    /// `x / rms(x) · weight`, in f32 as HF computes it.
+    fn apply_f32(&self, x: &[f32]) -> Result<Vec<f32>, ModelError> {
+        let weight = self.weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let mean_square = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+        let scale = 1.0 / (mean_square + self.eps).sqrt();
+        Ok(x.iter().zip(weight).map(|(v, w)| v * scale * w).collect())
+    }
+}
+
+impl Projections {
+    /// Every projection of `x`, through the pool where the weights allow.
+    fn forward_f32(&self, x: &[f32]) -> Result<Vec<Vec<f32>>, ModelError> {
+        match self {
+            Self::Separate(parts) => {
+                let refs: Vec<&Dense> = parts.iter().collect();
+                match matvec::multiply_f32(&refs, x)? {
+                    Some(outs) => Ok(outs),
+                    None => parts.iter().map(|p| via_tensor(p, x)).collect(),
+                }
+            }
+            Self::Fused { linear, widths } => {
+                let all = project(linear, x)?;
+                let mut at = 0;
+                Ok(widths
+                    .iter()
+                    .map(|&w| {
+                        at += w;
+                        all[at - w..at].to_vec()
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+fn project(dense: &Dense, x: &[f32]) -> Result<Vec<f32>, ModelError> {
+    match matvec::multiply_f32(&[dense], x)? {
+        Some(mut outs) if outs.len() == 1 => Ok(outs.remove(0)),
+        _ => via_tensor(dense, x),
+    }
+}
+
+/// The product through candle, for weights the pool cannot read in place.
+fn via_tensor(dense: &Dense, x: &[f32]) -> Result<Vec<f32>, ModelError> {
+    let input =
+        Tensor::from_slice(x, (1, 1, x.len()), &Device::Cpu)?.to_dtype(dense.weight().dtype())?;
+    Ok(dense
+        .forward(&input)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
+/// The cache's element types, read as f32.
+trait Elem: Copy + Send + Sync {
+    fn f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for f16 {
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Elem for bf16 {
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// Grouped-query attention of one query position over cache positions `0..len`, every
+/// query head against its kv head, the heads spread over the pool. `cache` is
+/// `[2, 1, kv_heads, max_len, head_dim]`.
+fn attend(
+    q: &[f32],
+    cache: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    len: usize,
+) -> Result<Vec<f32>, ModelError> {
+    let max_len = cache.dim(3)?;
+    let (guard, layout) = cache.storage_and_layout();
+    let Storage::Cpu(storage) = &*guard else {
+        return Err(ModelError::Unsupported(
+            "the CPU step needs a CPU cache".into(),
+        ));
+    };
+    let Some((from, to)) = layout.contiguous_offsets() else {
+        return Err(ModelError::Unsupported(
+            "the cache is not contiguous".into(),
+        ));
+    };
+    let shape = AttendShape {
+        heads,
+        kv_heads,
+        head_dim,
+        max_len,
+        len,
+    };
+    match storage {
+        CpuStorage::F32(c) => shape.run(q, &c[from..to]),
+        CpuStorage::F16(c) => shape.run(q, &c[from..to]),
+        CpuStorage::BF16(c) => shape.run(q, &c[from..to]),
+        _ => Err(ModelError::Unsupported(
+            "a cache of f32, f16 or bf16".into(),
+        )),
+    }
+}
+
+struct AttendShape {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    max_len: usize,
+    len: usize,
+}
+
+impl AttendShape {
+    fn run<T: Elem>(&self, q: &[f32], cache: &[T]) -> Result<Vec<f32>, ModelError> {
+        let hd = self.head_dim;
+        let group = self.heads / self.kv_heads.max(1);
+        let needed = 2 * self.kv_heads * self.max_len * hd;
+        if cache.len() < needed || q.len() != self.heads * hd || self.len > self.max_len {
+            return Err(ModelError::Unsupported(
+                "cache and query shapes disagree".into(),
+            ));
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![0f32; self.heads * hd];
+        let slots: Vec<std::sync::Mutex<&mut [f32]>> =
+            out.chunks_mut(hd).map(std::sync::Mutex::new).collect();
+        let ok = matvec::pool().run(self.heads, &|h| {
+            let g = h / group.max(1);
+            let keys = &cache[g * self.max_len * hd..];
+            let values = &cache[(self.kv_heads + g) * self.max_len * hd..];
+            let qh = &q[h * hd..(h + 1) * hd];
+            let mut scores: Vec<f32> = (0..self.len)
+                .map(|p| {
+                    let k = &keys[p * hd..(p + 1) * hd];
+                    qh.iter().zip(k).map(|(a, b)| a * b.f32()).sum::<f32>() * scale
+                })
+                .collect();
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let mut total = 0f32;
+            for s in &mut scores {
+                *s = (*s - max).exp();
+                total += *s;
+            }
+            if let Ok(mut o) = slots[h].lock() {
+                for (p, s) in scores.iter().enumerate() {
+                    let w = s / total;
+                    for (o, v) in o.iter_mut().zip(&values[p * hd..(p + 1) * hd]) {
+                        *o += w * v.f32();
+                    }
+                }
+            }
+        });
+        drop(slots);
+        if ok {
+            Ok(out)
+        } else {
+            Err(ModelError::Unsupported("an attention task panicked".into()))
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Matrix-vector products for batch-1 decode on the CPU, at the memory's bandwidth.
+//!
+//! One decode step multiplies one row by every weight matrix once: its speed is the bytes
+//! of the weights over the bandwidth of the memory. candle's gemm reaches about a third of
+//! it there (a fork-join per product, AVX2 where the CPU has AVX-512), so a one-row input
+//! on the CPU takes this path instead: the process-wide [`pool`] of workers that stay hot
+//! between products, rows split across them, each row read once with the widest vector
+//! unit the CPU has ([`Isa`]). Products that share an input (q/k/v, gate/up) go to the
+//! pool as one job. Several rows (a prefill) stay on candle's matrix-matrix path.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use mesh_core::model::matvec::Dense;
+//! # fn main() -> Result<(), mesh_core::model::ModelError> {
+//! let w = Tensor::arange(0f32, 6.0, &Device::Cpu)?.reshape((2, 3))?;
+//! let y = Dense::new(w, None).forward(&Tensor::new(&[[1f32, 0.0, 1.0]], &Device::Cpu)?)?;
+//! assert_eq!(y.to_vec2::<f32>()?, vec![vec![2.0, 8.0]]);
+//! # Ok(()) }
+//! ```
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor, D};
+use candle_nn::{Linear, Module};
+use half::slice::HalfFloatSliceExt;
+
+use super::ModelError;
+
+mod pool;
+mod simd;
+#[cfg(test)]
+mod tests;
+
+pub use pool::{global as pool, WorkerPool};
+pub use simd::Isa;
+
+/// Tasks per thread of one job: enough that a worker the OS delays leaves its share to
+/// the others, few enough that claiming a task stays a small part of it.
+const TASKS_PER_THREAD: usize = 4;
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+/// 0: not chosen yet (detect on first use); else `Isa as u8 + 1`.
+static CHOSEN_ISA: AtomicU8 = AtomicU8::new(0);
+
+/// Turn the path on or off for the whole process (benches compare it with candle's).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// The instruction set products run with: [`Isa::detect`] unless [`set_isa`] chose one.
+pub fn isa() -> Isa {
+    match CHOSEN_ISA.load(Ordering::Relaxed) {
+        0 => Isa::detect(),
+        n => ALL_ISAS[usize::from(n - 1)],
+    }
+}
+
+const ALL_ISAS: [Isa; 4] = [Isa::Portable, Isa::Neon, Isa::Avx2, Isa::Avx512];
+
+/// Run products with `isa` from now on; refused (false) when this CPU cannot.
+pub fn set_isa(isa: Isa) -> bool {
+    if !Isa::available().contains(&isa) {
+        return false;
+    }
+    let index = ALL_ISAS.iter().position(|&i| i == isa).unwrap_or(0);
+    CHOSEN_ISA.store(index as u8 + 1, Ordering::Relaxed);
+    true
+}
+
+/// A projection `y = x Wᵀ + b`, `W` of `[out, in]`: candle's [`Linear`] for many rows and
+/// on GPUs, the pool's product for one row on the CPU.
+#[derive(Clone, Debug)]
+pub struct Dense {
+    linear: Linear,
+}
+
+impl Dense {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            linear: Linear::new(weight, bias),
+        }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.linear.weight()
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.linear.bias()
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        match forward_many(&[self], x)? {
+            Some(mut ys) if ys.len() == 1 => Ok(ys.remove(0)),
+            _ => Ok(self.linear.forward(x)?),
+        }
+    }
+}
+
+/// Every part's product with the one row `x`, computed as one job of the pool. `None`
+/// when the fast path does not apply: a GPU, more than one row, a weight it cannot read
+/// in place (not contiguous, not f32/f16/bf16), or the path turned off.
+pub fn forward_many(parts: &[&Dense], x: &Tensor) -> Result<Option<Vec<Tensor>>, ModelError> {
+    let cols = x.dim(D::Minus1)?;
+    if !enabled() || !matches!(x.device(), Device::Cpu) || x.elem_count() != cols {
+        return Ok(None);
+    }
+    let input = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let Some(outs) = multiply_f32(parts, &input)? else {
+        return Ok(None);
+    };
+    let mut ys = Vec::with_capacity(parts.len());
+    for (part, out) in parts.iter().zip(outs) {
+        let mut shape = x.dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = out.len();
+        }
+        ys.push(Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(part.weight().dtype())?);
+    }
+    Ok(Some(ys))
+}
+
+/// `parts[p] · x (+ bias)` for every part, in f32, as one job of the pool. `None` when a
+/// weight cannot be read in place: not on the CPU, not contiguous, not f32/f16/bf16, or
+/// not `x.len()` wide.
+pub fn multiply_f32(parts: &[&Dense], x: &[f32]) -> Result<Option<Vec<Vec<f32>>>, ModelError> {
+    let cols = x.len();
+    let guards: Vec<_> = parts
+        .iter()
+        .map(|p| p.weight().storage_and_layout())
+        .collect();
+    let mut weights = Vec::with_capacity(parts.len());
+    for (guard, layout) in &guards {
+        let Storage::Cpu(storage) = &**guard else {
+            return Ok(None);
+        };
+        let (Some((from, to)), [_, w_cols]) = (layout.contiguous_offsets(), layout.dims()) else {
+            return Ok(None);
+        };
+        if *w_cols != cols {
+            return Ok(None);
+        }
+        let elems = match storage {
+            CpuStorage::F32(v) => simd::Elems::F32(&v[from..to]),
+            CpuStorage::F16(v) => simd::Elems::F16(v[from..to].reinterpret_cast()),
+            CpuStorage::BF16(v) => simd::Elems::Bf16(v[from..to].reinterpret_cast()),
+            _ => return Ok(None),
+        };
+        weights.push(elems);
+    }
+    let mut outs: Vec<Vec<f32>> = weights.iter().map(|w| vec![0f32; w.len() / cols]).collect();
+    multiply(&weights, x, &mut outs)?;
+    drop(guards);
+    for (part, out) in parts.iter().zip(outs.iter_mut()) {
+        if let Some(b) = part.bias() {
+            let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            for (o, b) in out.iter_mut().zip(b) {
+                *o += b;
+            }
+        }
+    }
+    Ok(Some(outs))
+}
+
+/// `outs[p] = weights[p] · x` for every part, the rows of all parts split across the pool.
+fn multiply(
+    weights: &[simd::Elems<'_>],
+    x: &[f32],
+    outs: &mut [Vec<f32>],
+) -> Result<(), ModelError> {
+    let pool = pool();
+    let total: usize = outs.iter().map(Vec::len).sum();
+    let chunk = total
+        .div_ceil(pool.threads() * TASKS_PER_THREAD)
+        .next_multiple_of(4)
+        .max(4);
+    let tasks: Vec<(usize, usize, Mutex<&mut [f32]>)> = outs
+        .iter_mut()
+        .enumerate()
+        .flat_map(|(p, out)| {
+            out.chunks_mut(chunk)
+                .enumerate()
+                .map(move |(c, rows)| (p, c * chunk, Mutex::new(rows)))
+        })
+        .collect();
+    let isa = isa();
+    let ok = pool.run(tasks.len(), &|t| {
+        let (p, first, rows) = &tasks[t];
+        if let Ok(mut rows) = rows.lock() {
+            simd::dot_rows(isa, weights[*p], *first, x, &mut rows);
+        }
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(candle_core::Error::Msg("a matrix-vector task panicked".into()).into())
+    }
+}

@@ -1,0 +1,296 @@
+//! One persistent pool of worker threads for the decode path's matrix-vector products.
+//!
+//! A decode step runs dozens of small products back to back (q/k/v, o, gate/up, down per
+//! block, then the LM head). A fork-join per product (rayon, candle's gemm) pays a wake-up
+//! and a sleep each time; here the workers spin briefly between products, so a step's
+//! products reach them in a few hundred nanoseconds, and they park once the step is over.
+
+use std::cell::Cell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins for the next product before it parks: longer than the
+/// gap between two products of one step, far shorter than the gap between two tokens of
+/// a mesh that waits on the network.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// Threads of the process-wide pool: `MESH_CPU_THREADS`, else every core.
+pub fn threads_from_env() -> usize {
+    std::env::var("MESH_CPU_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+}
+
+/// The process-wide pool (created on first use). One pool per process, not per span: the
+/// spans and the head of one process take turns, and a pool per span would leave idle
+/// workers spinning on cores another span needs.
+pub fn global() -> &'static WorkerPool {
+    static POOL: OnceLock<WorkerPool> = OnceLock::new();
+    POOL.get_or_init(|| WorkerPool::new(threads_from_env()))
+}
+
+/// One product handed to the workers: tasks `0..tasks`, claimed one at a time.
+struct Job<'a> {
+    task: &'a (dyn Fn(usize) + Sync),
+    tasks: usize,
+    next: AtomicUsize,
+    done: AtomicUsize,
+    panicked: AtomicBool,
+}
+
+impl Job<'_> {
+    /// Claim and run tasks until none are left.
+    fn work(&self) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if i >= self.tasks {
+                return;
+            }
+            if catch_unwind(AssertUnwindSafe(|| (self.task)(i))).is_err() {
+                self.panicked.store(true, Ordering::Relaxed);
+            }
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+struct Shared {
+    /// The job being run, or null. Workers read it only between `entered` going up and
+    /// down, and the caller clears it and waits for `entered == 0` before its job (on the
+    /// caller's stack) goes away.
+    job: AtomicPtr<Job<'static>>,
+    /// Bumped once per job: how a spinning or parked worker learns there is work.
+    epoch: AtomicU64,
+    entered: AtomicUsize,
+    sleeping: AtomicUsize,
+    shutdown: AtomicBool,
+    park: Mutex<()>,
+    wake: Condvar,
+}
+
+/// Worker threads that run the tasks of one job at a time, with the caller's thread.
+pub struct WorkerPool {
+    shared: Arc<Shared>,
+    /// Held by the one caller whose job the workers run; others run theirs inline.
+    busy: Mutex<()>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+thread_local! {
+    /// Set on the pool's own threads, so a task that itself multiplies runs it inline.
+    static IN_WORKER: Cell<bool> = const { Cell::new(false) };
+}
+
+impl WorkerPool {
+    /// A pool of `threads` threads in all: the caller's and `threads - 1` workers.
+    pub fn new(threads: usize) -> Self {
+        let shared = Arc::new(Shared {
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            epoch: AtomicU64::new(0),
+            entered: AtomicUsize::new(0),
+            sleeping: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            park: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let workers = (1..threads.max(1))
+            .filter_map(|i| {
+                let shared = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name(format!("mesh-matvec-{i}"))
+                    .spawn(move || worker(&shared))
+                    .ok()
+            })
+            .collect();
+        Self {
+            shared,
+            busy: Mutex::new(()),
+            workers,
+        }
+    }
+
+    /// Threads that run a job: the workers and the caller.
+    pub fn threads(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Run `task(0) .. task(tasks - 1)` across the pool and return when all have run.
+    /// Returns `false` if a task panicked (its product is then incomplete).
+    pub fn run(&self, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> bool {
+        let job = Job {
+            task,
+            tasks,
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+        };
+        // One task, no workers, a nested call, or another thread's job in flight: inline.
+        let guard = match self.busy.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if tasks <= 1 || self.workers.is_empty() || guard.is_none() || IN_WORKER.get() {
+            job.work();
+            return !job.panicked.load(Ordering::Relaxed);
+        }
+        let shared = &*self.shared;
+        // SAFETY: the pointer is published only until this function clears it and has
+        // seen every worker that could have read it leave (`entered == 0`), so no worker
+        // touches `job` after it goes out of scope; the lifetime is erased for the store.
+        let ptr = std::ptr::from_ref(&job).cast::<Job<'static>>().cast_mut();
+        shared.job.store(ptr, Ordering::SeqCst);
+        shared.epoch.fetch_add(1, Ordering::SeqCst);
+        if shared.sleeping.load(Ordering::SeqCst) > 0 {
+            let _lock = shared.park.lock();
+            shared.wake.notify_all();
+        }
+        job.work();
+        // A worker the OS took off its core mid-task holds the job up: after a short
+        // spin, give the core away so it can finish.
+        wait_until(|| job.done.load(Ordering::Acquire) >= tasks);
+        shared.job.store(std::ptr::null_mut(), Ordering::SeqCst);
+        wait_until(|| shared.entered.load(Ordering::SeqCst) == 0);
+        drop(guard);
+        !job.panicked.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        {
+            let _lock = self.shared.park.lock();
+            self.shared.wake.notify_all();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn worker(shared: &Shared) {
+    IN_WORKER.set(true);
+    let mut seen = shared.epoch.load(Ordering::SeqCst);
+    loop {
+        // Spin for the next job, then park until one is published.
+        let spin_until = Instant::now() + SPIN;
+        let mut spins = 0u32;
+        while shared.epoch.load(Ordering::SeqCst) == seen {
+            if shared.shutdown.load(Ordering::Relaxed) {
+                return;
+            }
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(256) && Instant::now() >= spin_until {
+                park(shared, seen);
+            }
+        }
+        if shared.shutdown.load(Ordering::Relaxed) {
+            return;
+        }
+        seen = shared.epoch.load(Ordering::SeqCst);
+        shared.entered.fetch_add(1, Ordering::SeqCst);
+        let ptr = shared.job.load(Ordering::SeqCst);
+        // SAFETY: non-null means the caller has not yet cleared it, and it will not return
+        // (freeing the job) until `entered` drops back, below.
+        if let Some(job) = unsafe { ptr.as_ref() } {
+            job.work();
+        }
+        shared.entered.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn wait_until(done: impl Fn() -> bool) {
+    let mut spins = 0u32;
+    while !done() {
+        if spins < 2048 {
+            spins += 1;
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Sleep until the epoch moves past `seen` (or the pool shuts down).
+fn park(shared: &Shared, seen: u64) {
+    let Ok(mut lock) = shared.park.lock() else {
+        return;
+    };
+    shared.sleeping.fetch_add(1, Ordering::SeqCst);
+    while shared.epoch.load(Ordering::SeqCst) == seen && !shared.shutdown.load(Ordering::SeqCst) {
+        lock = match shared.wake.wait(lock) {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+    }
+    shared.sleeping.fetch_sub(1, Ordering::SeqCst);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_runs_once_across_many_jobs() {
+        let pool = WorkerPool::new(3);
+        for tasks in [0usize, 1, 2, 7, 64] {
+            for _ in 0..200 {
+                let hits: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+                assert!(pool.run(tasks, &|i| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                }));
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+            }
+        }
+    }
+
+    #[test]
+    fn parked_workers_wake_for_the_next_job() {
+        let pool = WorkerPool::new(2);
+        let count = AtomicUsize::new(0);
+        std::thread::sleep(SPIN * 5);
+        assert!(pool.run(16, &|_| {
+            count.fetch_add(1, Ordering::Relaxed);
+        }));
+        assert_eq!(count.load(Ordering::Relaxed), 16);
+    }
+
+    #[test]
+    fn concurrent_callers_and_panics_are_reported_not_hung() {
+        let pool = Arc::new(WorkerPool::new(2));
+        let callers: Vec<_> = (0..4)
+            .map(|_| {
+                let pool = Arc::clone(&pool);
+                std::thread::spawn(move || {
+                    let sum = AtomicUsize::new(0);
+                    for _ in 0..100 {
+                        pool.run(8, &|i| {
+                            sum.fetch_add(i, Ordering::Relaxed);
+                        });
+                    }
+                    sum.load(Ordering::Relaxed)
+                })
+            })
+            .collect();
+        for c in callers {
+            assert_eq!(c.join().ok(), Some(100 * 28));
+        }
+        let ok = pool.run(4, &|i| {
+            if i == 2 {
+                panic!("task 2 fails");
+            }
+        });
+        assert!(!ok);
+    }
+}

@@ -1,0 +1,166 @@
+//! Row dot products against one input vector, with the widest vector unit the CPU has,
+//! chosen at run time. The portable loop is the reference the others are tested against.
+
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "aarch64")]
+#[path = "neon.rs"]
+mod neon;
+#[cfg(target_arch = "x86_64")]
+#[path = "x86.rs"]
+mod x86;
+
+/// The instruction set a product runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain Rust: the reference, and what runs where nothing better is known.
+    Portable,
+    /// aarch64 Advanced SIMD (4 f32 lanes).
+    Neon,
+    /// x86-64 AVX2 with FMA and F16C (8 f32 lanes).
+    Avx2,
+    /// x86-64 AVX-512F (16 f32 lanes).
+    Avx512,
+}
+
+impl Isa {
+    /// What this CPU supports, at most `MESH_CPU_ISA` (`portable`, `avx2`, `neon`) when set:
+    /// benches compare the paths side by side, and a user can step down from a path that
+    /// misbehaves on their CPU.
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let best = Self::best();
+            match std::env::var("MESH_CPU_ISA").ok().as_deref().map(str::trim) {
+                Some(v) => Self::parse(v).map_or(best, |cap| cap.min(best)),
+                None => best,
+            }
+        })
+    }
+
+    /// Every path this CPU can run, the portable one first.
+    pub fn available() -> Vec<Isa> {
+        let best = Self::best();
+        [Isa::Portable, Isa::Neon, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|isa| match isa {
+                Isa::Portable => true,
+                Isa::Neon => best == Isa::Neon,
+                Isa::Avx2 | Isa::Avx512 => best >= *isa && best != Isa::Neon,
+            })
+            .collect()
+    }
+
+    pub fn parse(name: &str) -> Option<Isa> {
+        match name.to_ascii_lowercase().as_str() {
+            "portable" => Some(Isa::Portable),
+            "neon" => Some(Isa::Neon),
+            "avx2" => Some(Isa::Avx2),
+            "avx512" => Some(Isa::Avx512),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Neon => "neon",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn best() -> Isa {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            Isa::Avx512
+        } else if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            Isa::Avx2
+        } else {
+            Isa::Portable
+        }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    fn best() -> Isa {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            Isa::Neon
+        } else {
+            Isa::Portable
+        }
+    }
+
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    fn best() -> Isa {
+        Isa::Portable
+    }
+}
+
+/// A row-major weight matrix's elements; half types as their bits.
+#[derive(Clone, Copy, Debug)]
+pub enum Elems<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+    Bf16(&'a [u16]),
+}
+
+impl Elems<'_> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Elems::F32(w) => w.len(),
+            Elems::F16(w) | Elems::Bf16(w) => w.len(),
+        }
+    }
+}
+
+/// `out[i] = Σ_j w[first + i][j] · x[j]` for every `i < out.len()`, rows of `x.len()`
+/// elements. The caller has checked that those rows lie within `w`.
+pub fn dot_rows(isa: Isa, w: Elems<'_>, first: usize, x: &[f32], out: &mut [f32]) {
+    let cols = x.len();
+    let end = (first + out.len()) * cols;
+    debug_assert!(end <= w.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx2 => x86::dot_rows(isa, w, first, x, out),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => neon::dot_rows(w, first, x, out),
+        _ => portable_rows(w, first, x, out),
+    }
+}
+
+/// The reference: a dot product per row, eight partial sums each.
+pub fn portable_rows(w: Elems<'_>, first: usize, x: &[f32], out: &mut [f32]) {
+    let cols = x.len();
+    for (i, o) in out.iter_mut().enumerate() {
+        let at = (first + i) * cols;
+        *o = match w {
+            Elems::F32(w) => portable_dot(&w[at..at + cols], x, |v| v),
+            Elems::F16(w) => portable_dot(&w[at..at + cols], x, f16_to_f32),
+            Elems::Bf16(w) => portable_dot(&w[at..at + cols], x, bf16_to_f32),
+        };
+    }
+}
+
+fn portable_dot<T: Copy>(w: &[T], x: &[f32], to_f32: impl Fn(T) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let (wc, xc) = (w.chunks_exact(8), x.chunks_exact(8));
+    let (wr, xr) = (wc.remainder(), xc.remainder());
+    for (wc, xc) in wc.zip(xc) {
+        for k in 0..8 {
+            acc[k] += to_f32(wc[k]) * xc[k];
+        }
+    }
+    let tail: f32 = wr.iter().zip(xr).map(|(&w, &x)| to_f32(w) * x).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+pub fn f16_to_f32(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}

@@ -1,0 +1,122 @@
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Linear, Module};
+use rand::{Rng, SeedableRng};
+
+use super::simd::{self, Elems, Isa};
+use super::*;
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter()
+        .zip(b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
+}
+
+/// Every vector path against the portable reference, for every weight type, with row
+/// counts and widths that leave remainders (rows not a multiple of 4, widths not of 16).
+#[test]
+fn every_isa_matches_the_portable_reference() {
+    for (rows, cols) in [(1, 1), (3, 7), (4, 16), (13, 40), (64, 128), (37, 517)] {
+        let w = random(rows * cols, 1);
+        let x = random(cols, 2);
+        let f16: Vec<u16> = w
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_bits())
+            .collect();
+        let bf16: Vec<u16> = w
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        for elems in [Elems::F32(&w), Elems::F16(&f16), Elems::Bf16(&bf16)] {
+            let mut want = vec![0f32; rows];
+            simd::portable_rows(elems, 0, &x, &mut want);
+            for isa in Isa::available() {
+                // All rows at once, and the rows from 1 on (an offset first row).
+                let mut got = vec![0f32; rows];
+                simd::dot_rows(isa, elems, 0, &x, &mut got);
+                let err = max_rel_err(&got, &want);
+                assert!(err < 1e-5, "{isa:?} {rows}x{cols} {elems:?}: {err}");
+                let mut tail = vec![0f32; rows - 1];
+                simd::dot_rows(isa, elems, 1, &x, &mut tail);
+                assert!(max_rel_err(&tail, &want[1..]) < 1e-5, "{isa:?} offset");
+            }
+        }
+    }
+}
+
+/// The reference itself against plain f64 sums.
+#[test]
+fn the_reference_is_a_dot_product() {
+    let (rows, cols) = (5, 33);
+    let (w, x) = (random(rows * cols, 3), random(cols, 4));
+    let mut got = vec![0f32; rows];
+    simd::portable_rows(Elems::F32(&w), 0, &x, &mut got);
+    for (r, g) in got.iter().enumerate() {
+        let want: f64 = (0..cols)
+            .map(|j| f64::from(w[r * cols + j]) * f64::from(x[j]))
+            .sum();
+        assert!((f64::from(*g) - want).abs() < 1e-5, "row {r}");
+    }
+}
+
+/// `Dense` on one row (the pool's path) against candle's `Linear`, with and without a
+/// bias, in each dtype; several rows go to candle unchanged.
+#[test]
+fn dense_agrees_with_candle_linear() -> Result<(), ModelError> {
+    let dev = Device::Cpu;
+    let (out, inp) = (300, 96);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let w = Tensor::new(random(out * inp, 5), &dev)?
+            .reshape((out, inp))?
+            .to_dtype(dtype)?;
+        let b = Tensor::new(random(out, 6), &dev)?.to_dtype(dtype)?;
+        for bias in [None, Some(b)] {
+            let dense = Dense::new(w.clone(), bias.clone());
+            let linear = Linear::new(w.clone(), bias);
+            for rows in [1, 3] {
+                let x = Tensor::new(random(rows * inp, 7), &dev)?
+                    .reshape((1, rows, inp))?
+                    .to_dtype(dtype)?;
+                let got = dense.forward(&x)?;
+                let want = linear.forward(&x)?;
+                assert_eq!(got.dims(), want.dims());
+                assert_eq!(got.dtype(), dtype);
+                let got = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let want = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let bound = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+                let err = max_rel_err(&got, &want);
+                assert!(err < bound, "{dtype:?} rows {rows}: {err}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parts that share an input come back in order, each with its own width.
+#[test]
+fn forward_many_keeps_each_part() -> Result<(), ModelError> {
+    let dev = Device::Cpu;
+    let inp = 64;
+    let parts: Vec<Dense> = [48usize, 16, 16]
+        .iter()
+        .enumerate()
+        .map(|(i, &rows)| {
+            let w = Tensor::new(random(rows * inp, 10 + i as u64), &dev)?.reshape((rows, inp))?;
+            Ok(Dense::new(w, None))
+        })
+        .collect::<Result<_, ModelError>>()?;
+    let x = Tensor::new(random(inp, 20), &dev)?.reshape((1, 1, inp))?;
+    let refs: Vec<&Dense> = parts.iter().collect();
+    let ys = forward_many(&refs, &x)?.ok_or(ModelError::EmptyPrompt)?;
+    for (y, part) in ys.iter().zip(&parts) {
+        let want = x.broadcast_matmul(&part.weight().t()?)?;
+        let err = (y - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-5);
+    }
+    Ok(())
+}

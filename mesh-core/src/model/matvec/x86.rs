@@ -1,0 +1,147 @@
+//! AVX-512 and AVX2 row products. Four rows at a time share each load of `x`, so the
+//! weights stream through once as four sequential reads; half types widen to f32 in
+//! registers (F16C conversion, or a 16-bit shift for bf16) and sums stay in f32.
+
+use std::arch::x86_64::*;
+
+use super::{bf16_to_f32, f16_to_f32, Elems, Isa};
+
+pub fn dot_rows(isa: Isa, w: Elems<'_>, first: usize, x: &[f32], out: &mut [f32]) {
+    // SAFETY: `isa` came from `Isa::detect`/`available`, which checked the CPU for these
+    // features; every read is within rows `first..first + out.len()` of `w` (checked by
+    // the caller) and within `x`.
+    unsafe {
+        match (isa, w) {
+            (Isa::Avx512, Elems::F32(w)) => avx512::rows_f32(w, first, x, out),
+            (Isa::Avx512, Elems::F16(w)) => avx512::rows_f16(w, first, x, out),
+            (Isa::Avx512, Elems::Bf16(w)) => avx512::rows_bf16(w, first, x, out),
+            (_, Elems::F32(w)) => avx2::rows_f32(w, first, x, out),
+            (_, Elems::F16(w)) => avx2::rows_f16(w, first, x, out),
+            (_, Elems::Bf16(w)) => avx2::rows_bf16(w, first, x, out),
+        }
+    }
+}
+
+/// One ISA's row kernels: `$lanes` f32 lanes per vector, `$load` widening `$lanes`
+/// elements of `$t` at a pointer to one vector, `$scalar` one element to f32.
+macro_rules! row_kernels {
+    ($feat:literal, $vec:ty, $lanes:expr, $zero:ident, $fmadd:ident, $loadx:ident, $sum:ident,
+     $( $name:ident: $t:ty => $load:ident, $scalar:expr; )+) => {
+        $(
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $name(w: &[$t], first: usize, x: &[f32], out: &mut [f32]) {
+                let cols = x.len();
+                let main = cols - cols % $lanes;
+                let (wp, xp) = (w.as_ptr(), x.as_ptr());
+                let tail = |row: usize| -> f32 {
+                    (main..cols).map(|j| $scalar(w[row * cols + j]) * x[j]).sum()
+                };
+                let mut i = 0;
+                while i + 4 <= out.len() {
+                    let r = first + i;
+                    let rows = [wp.add(r * cols), wp.add((r + 1) * cols),
+                                wp.add((r + 2) * cols), wp.add((r + 3) * cols)];
+                    let mut acc: [$vec; 4] = [$zero(), $zero(), $zero(), $zero()];
+                    let mut j = 0;
+                    while j < main {
+                        let xv = $loadx(xp.add(j));
+                        for k in 0..4 {
+                            acc[k] = $fmadd($load(rows[k].add(j)), xv, acc[k]);
+                        }
+                        j += $lanes;
+                    }
+                    for k in 0..4 {
+                        out[i + k] = $sum(acc[k]) + tail(r + k);
+                    }
+                    i += 4;
+                }
+                while i < out.len() {
+                    let row = wp.add((first + i) * cols);
+                    let mut acc = $zero();
+                    let mut j = 0;
+                    while j < main {
+                        acc = $fmadd($load(row.add(j)), $loadx(xp.add(j)), acc);
+                        j += $lanes;
+                    }
+                    out[i] = $sum(acc) + tail(first + i);
+                    i += 1;
+                }
+            }
+        )+
+    };
+}
+
+mod avx512 {
+    use super::*;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_f32(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_f16(p: *const u16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_bf16(p: *const u16) -> __m512 {
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(p.cast()),
+        )))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sum(v: __m512) -> f32 {
+        _mm512_reduce_add_ps(v)
+    }
+
+    row_kernels!("avx512f", __m512, 16, _mm512_setzero_ps, _mm512_fmadd_ps, load_f32, sum,
+        rows_f32: f32 => load_f32, |v: f32| v;
+        rows_f16: u16 => load_f16, f16_to_f32;
+        rows_bf16: u16 => load_bf16, bf16_to_f32;
+    );
+}
+
+mod avx2 {
+    use super::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f32(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f16(p: *const u16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_bf16(p: *const u16) -> __m256 {
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+            _mm_loadu_si128(p.cast()),
+        )))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn sum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    row_kernels!("avx2,fma,f16c", __m256, 8, _mm256_setzero_ps, _mm256_fmadd_ps, load_f32, sum,
+        rows_f32: f32 => load_f32, |v: f32| v;
+        rows_f16: u16 => load_f16, f16_to_f32;
+        rows_bf16: u16 => load_bf16, bf16_to_f32;
+    );
+}
