@@ -96,6 +96,40 @@ struct MeshArgs {
     device: DeviceSpec,
 }
 
+/// Who may use a shared gateway, and how often.
+#[derive(Args)]
+struct Access {
+    /// API keys accepted, one per line with an optional name after it (`# ` comments);
+    /// requests without one of them get 401. Without this flag the gateway is open.
+    #[arg(long)]
+    api_keys: Option<PathBuf>,
+    /// Requests per minute each key may make, on average (0: no limit).
+    #[arg(long, default_value_t = 60.0)]
+    rate_limit: f64,
+    /// Requests a key may make at once before the rate applies.
+    #[arg(long, default_value_t = 10)]
+    burst: u32,
+}
+
+impl Access {
+    fn config(&self) -> anyhow::Result<mesh_client::openai::GatewayConfig> {
+        let keys = match &self.api_keys {
+            Some(path) => Some(mesh_client::openai::ApiKeys::load(path)?),
+            None => None,
+        };
+        anyhow::ensure!(
+            self.rate_limit >= 0.0 && self.rate_limit.is_finite(),
+            "--rate-limit must be a number of requests per minute, 0 or more"
+        );
+        anyhow::ensure!(self.burst >= 1, "--burst must be at least 1");
+        let rate_limit = (self.rate_limit > 0.0).then_some(mesh_client::openai::RateLimit {
+            per_minute: self.rate_limit,
+            burst: self.burst,
+        });
+        Ok(mesh_client::openai::GatewayConfig { keys, rate_limit })
+    }
+}
+
 fn parse_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
@@ -144,9 +178,11 @@ enum Command {
         /// Local port.
         #[arg(long, default_value_t = 8000)]
         port: u16,
-        /// Address to bind (keep it local unless you mean to share it).
+        /// Address to bind (keep it local unless you mean to share it, with --api-keys).
         #[arg(long, default_value = "127.0.0.1")]
         host: std::net::IpAddr,
+        #[command(flatten)]
+        access: Access,
     },
     /// Chat interactively: each line you type is a user turn; the reply streams back.
     Chat {
@@ -207,7 +243,13 @@ async fn main() -> anyhow::Result<()> {
             let client = connect(mesh).await?;
             stream(&client, &sampling).await
         }
-        Command::ServeOpenai { mesh, port, host } => {
+        Command::ServeOpenai {
+            mesh,
+            port,
+            host,
+            access,
+        } => {
+            let config = access.config()?;
             let client = connect(mesh).await?;
             let listener = tokio::net::TcpListener::bind((host, port))
                 .await
@@ -216,7 +258,20 @@ async fn main() -> anyhow::Result<()> {
                 "OpenAI-compatible API on http://{}/v1",
                 listener.local_addr()?
             );
-            mesh_client::openai::serve(client, listener, async {
+            match &config.keys {
+                Some(keys) => println!(
+                    "{} API keys; {}",
+                    keys.names().count(),
+                    config
+                        .rate_limit
+                        .map_or("no rate limit".into(), |r| format!(
+                            "{} requests per minute per key, bursts of {}",
+                            r.per_minute, r.burst
+                        ))
+                ),
+                None => println!("no API keys: open to anyone who can reach it"),
+            }
+            mesh_client::openai::serve_with(client, listener, config, async {
                 let _ = tokio::signal::ctrl_c().await;
             })
             .await?;
