@@ -94,6 +94,18 @@ struct MeshArgs {
     /// Where the client's embeddings and LM head compute: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// When no server covers some blocks within the discovery window: `local` runs them
+    /// here from the model directory's weights (until servers of them appear), `none`
+    /// stops with an error naming them.
+    #[arg(long, value_enum, default_value_t = Fallback::None)]
+    fallback: Fallback,
+}
+
+/// What to do about blocks no server covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Fallback {
+    None,
+    Local,
 }
 
 /// Who may use a shared gateway, and how often.
@@ -162,6 +174,9 @@ enum Command {
         /// Where the nodes and the client compute: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
+        /// Blocks no node covers (a node that died): `local` runs them in the client.
+        #[arg(long, value_enum, default_value_t = Fallback::Local)]
+        fallback: Fallback,
     },
     /// Generate text through the mesh.
     Generate {
@@ -238,7 +253,8 @@ async fn main() -> anyhow::Result<()> {
             nodes,
             verify,
             device,
-        } => demo(sampling, nodes, verify, device).await,
+            fallback,
+        } => demo(sampling, nodes, verify, device, fallback).await,
         Command::Generate { mesh, sampling } => {
             let client = connect(mesh).await?;
             stream(&client, &sampling).await
@@ -370,6 +386,7 @@ async fn connect(args: MeshArgs) -> anyhow::Result<MeshClient> {
             ..VerifyConfig::default()
         })
         .verify_locally(args.verify_locally)
+        .fallback_local(args.fallback == Fallback::Local)
         .device(args.device);
     // Finding servers that cover every block can take seconds: show that it is working.
     let spinner = indicatif::ProgressBar::new_spinner()
@@ -394,9 +411,16 @@ async fn stream(client: &MeshClient, sampling: &Sampling) -> anyhow::Result<()> 
     println!();
     if let Some(first) = made.first() {
         println!("\nroute:");
-        for hop in &first.route {
-            println!("  blocks {} on {}", hop.span, hop.peer);
-        }
+        print_route(&first.route);
+    }
+    // The route changes when a server fails, or when servers take back blocks this client
+    // ran itself.
+    if let Some(last) = made
+        .last()
+        .filter(|l| made.first().is_some_and(|f| f.route != l.route))
+    {
+        println!("route at the end:");
+        print_route(&last.route);
     }
     let mut decode: Vec<f64> = made
         .iter()
@@ -434,11 +458,25 @@ async fn stream(client: &MeshClient, sampling: &Sampling) -> anyhow::Result<()> 
     Ok(())
 }
 
+fn print_route(route: &[mesh_core::pipeline::Hop]) {
+    for hop in route {
+        if hop.local {
+            println!(
+                "  blocks {} on this client (--fallback local: no server covers them)",
+                hop.span
+            );
+        } else {
+            println!("  blocks {} on {}", hop.span, hop.peer);
+        }
+    }
+}
+
 async fn demo(
     sampling: Sampling,
     nodes: u32,
     verify: f64,
     device: DeviceSpec,
+    fallback: Fallback,
 ) -> anyhow::Result<()> {
     let home = tempdir_for_demo()?;
     let model_dir = tiny::ensure(&tiny::default_dir())?;
@@ -471,6 +509,7 @@ async fn demo(
             ..VerifyConfig::default()
         })
         .verify_locally(true)
+        .fallback_local(fallback == Fallback::Local)
         .device(device)
         .build()
         .await
