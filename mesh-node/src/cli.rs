@@ -227,6 +227,9 @@ pub struct StatusArgs {
     /// Print the node's /healthz JSON instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// Print only the one-line summary (tokens, earned, sessions, VRAM, CPU, uptime).
+    #[arg(long)]
+    pub short: bool,
 }
 
 #[derive(clap::Args, Debug)]

@@ -107,6 +107,15 @@ pub fn status(a: StatusArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let h: Health = serde_json::from_str(&body).context("parsing /healthz")?;
+    // Earnings come from the node's ledger; a node without one (or still starting) has none.
+    let earned = match http::get(addr, "/api/earnings", Duration::from_secs(10)) {
+        Ok((200, body)) => serde_json::from_str::<EarningsView>(&body).ok(),
+        _ => None,
+    };
+    println!("{}", crate::summary::line(&h, earned.as_ref()));
+    if a.short {
+        return Ok(0);
+    }
     let or_dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
     println!("running (pid {pid}), {} for {}s", h.status, h.uptime_secs);
     if let Some(why) = &h.degraded {

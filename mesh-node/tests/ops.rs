@@ -131,6 +131,30 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
     assert!(out.contains(&format!("peer id {peer_id}")), "{out}");
     assert!(out.contains("blocks 0..8 of 8"), "{out}");
     assert!(out.contains("tokens served 0"), "{out}");
+    // The first line sums the node up, as a provider's console does.
+    let summary = out.lines().next().unwrap_or_default();
+    for needle in [
+        "serving tiny-llama-mesh blocks 0..8",
+        "| tokens 0 |",
+        "| earned 0 (0 settled) |",
+        "| sessions 0 open |",
+        "| CPU load ",
+        "| up ",
+    ] {
+        assert!(
+            summary.contains(needle),
+            "summary lacks {needle:?}: {summary}"
+        );
+    }
+    let no_gpu = mesh_core::probe::gpu_live().is_empty();
+    assert_eq!(summary.contains("VRAM none"), no_gpu, "{summary}");
+    let o = mesh_node(&home, &["status", "--short"]);
+    assert!(o.status.success(), "status --short: {}", stderr(&o));
+    assert_eq!(
+        stdout(&o).trim_end(),
+        summary,
+        "--short is the summary alone"
+    );
     // Live GPU lines when the machine has GPUs, none (and no error) when it has none.
     let has_gpu = !mesh_core::probe::gpu_live().is_empty();
     assert_eq!(out.lines().any(|l| l.starts_with("gpu ")), has_gpu, "{out}");
@@ -145,6 +169,9 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
     assert_eq!(health.peer_id.as_deref(), Some(peer_id.as_str()));
     assert_eq!(health.span.as_deref(), Some("0..8"));
     assert!(health.memory.total_bytes.is_some());
+    // Live CPU beside the memory: the load averages on Linux, the cores always.
+    assert!(health.cpu.cores >= 1, "{body}");
+    assert!(health.cpu.load_1m.is_some(), "{body}");
     assert_eq!(!health.gpu_live.is_empty(), has_gpu, "{body}");
 
     let (code, metrics) = get(http_addr, "/metrics");
@@ -160,6 +187,9 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
         "# TYPE mesh_errors_total counter",
         "mesh_peers_connected",
         "# TYPE mesh_connections_closed_unresponsive_total counter",
+        "# TYPE mesh_cpu_load1 gauge",
+        "mesh_cpu_cores",
+        "# TYPE mesh_memory_available_bytes gauge",
     ] {
         assert!(
             metrics.contains(needle),
@@ -177,6 +207,10 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
     assert_eq!(code, 200);
     assert!(page.contains(&format!("<code id=\"peer-id\">{peer_id}</code>")));
     assert!(page.contains("<svg id=\"tokens-chart\""));
+    assert!(
+        page.contains("<td id=\"cpu-live\">load "),
+        "live CPU on the dashboard"
+    );
     assert!(page.contains("<polyline"));
     assert!(
         !page.contains("http://") || !page.contains("src=\"http"),

@@ -83,6 +83,56 @@ impl HttpState {
                 &one(rss.to_string()),
             );
         }
+        let cpu = self.cpu();
+        for (name, help, value) in [
+            (
+                "mesh_cpu_load1",
+                "The machine's load average over 1 minute.",
+                cpu.load_1m,
+            ),
+            (
+                "mesh_cpu_load5",
+                "The machine's load average over 5 minutes.",
+                cpu.load_5m,
+            ),
+            (
+                "mesh_cpu_load15",
+                "The machine's load average over 15 minutes.",
+                cpu.load_15m,
+            ),
+            (
+                "mesh_process_cpu_percent",
+                "Percent of one core the node process used over the last sample interval.",
+                cpu.process_percent,
+            ),
+        ] {
+            if let Some(v) = value {
+                m(name, "gauge", help, &one(v.to_string()));
+            }
+        }
+        m(
+            "mesh_cpu_cores",
+            "gauge",
+            "Logical cores the node process may use.",
+            &one(cpu.cores.to_string()),
+        );
+        let memory = probe::probe_memory();
+        for (name, help, value) in [
+            (
+                "mesh_memory_available_bytes",
+                "Memory the machine has available now.",
+                memory.available_bytes,
+            ),
+            (
+                "mesh_memory_total_bytes",
+                "The machine's memory.",
+                memory.total_bytes,
+            ),
+        ] {
+            if let Some(v) = value {
+                m(name, "gauge", help, &one(v.to_string()));
+            }
+        }
         // Live per GPU (the latest reading); none at all on a machine without GPUs.
         let gpus = self.gpu_live();
         let per_gpu = |value: &dyn Fn(&GpuLive) -> Option<u64>| -> Vec<(String, String)> {
