@@ -33,6 +33,7 @@ mod client;
 mod dashboard;
 pub mod earnings;
 mod prometheus;
+pub mod schedule;
 pub mod settle;
 
 use std::collections::VecDeque;
@@ -115,6 +116,9 @@ pub struct Health {
     /// The CPU now (absent from a node that predates the field).
     #[serde(default)]
     pub cpu: HealthCpu,
+    /// Settlement on a schedule (`[settle] every`); absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settle: Option<schedule::ScheduleStatus>,
 }
 
 /// The CPU now: the machine's load averages (runnable tasks: compare them with `cores`)
@@ -162,6 +166,8 @@ struct Inner {
     settling: Arc<tokio::sync::Mutex<()>>,
     /// Settlements so far: an earnings scan that overlapped one is not cached.
     settlements: AtomicU64,
+    /// The settlement schedule's status, once it runs.
+    schedule: Mutex<Option<schedule::ScheduleStatus>>,
 }
 
 /// Shared by the handlers: the machine probe, the node once it is up, sampled figures.
@@ -192,6 +198,7 @@ impl HttpState {
             earnings: Mutex::new(None),
             settling: Arc::new(tokio::sync::Mutex::new(())),
             settlements: AtomicU64::new(0),
+            schedule: Mutex::new(None),
         }))
     }
 
@@ -297,6 +304,7 @@ impl HttpState {
             vram: self.0.probe.gpus.clone(),
             gpu_live: self.gpu_live(),
             cpu: self.cpu(),
+            settle: self.schedule_status(),
             peers: self.sampled().p2p.connected_peers,
             ..Health::default()
         };

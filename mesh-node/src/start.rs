@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use mesh_core::config::{self, NodeFile, Resolved};
 use mesh_core::daemon::{self, PidFile};
+use mesh_core::http::schedule::SettleSchedule;
 use mesh_core::http::{self, HttpState};
 use mesh_core::identity::Identity;
 use mesh_core::model::{device, tiny, ModelFiles};
@@ -157,6 +158,7 @@ struct Checked {
     node: NodeConfig,
     pid_file: PathBuf,
     http: std::net::SocketAddr,
+    settle: Option<SettleSchedule>,
 }
 
 fn preflight(r: &Resolved, num_blocks_flag: Option<u32>) -> anyhow::Result<Checked> {
@@ -243,6 +245,7 @@ fn preflight(r: &Resolved, num_blocks_flag: Option<u32>) -> anyhow::Result<Check
         },
         pid_file: r.pid_file.clone(),
         http: r.http,
+        settle: r.settle,
     })
 }
 
@@ -412,6 +415,7 @@ async fn serve(checked: Checked) -> anyhow::Result<()> {
         node: mut cfg,
         pid_file,
         http: http_addr,
+        settle,
     } = checked;
     let shutdown = shutdown_listener()?;
     if let Some(pid) = daemon::running_pid(&pid_file)? {
@@ -447,16 +451,24 @@ async fn serve(checked: Checked) -> anyhow::Result<()> {
     println!("http on {http_addr}");
     // Started before the span loads, so /healthz shows VRAM filling while it does.
     let sampler = tokio::spawn(state.clone().sample(SAMPLE_EVERY));
+    // Settles once the node is up, each period, while it runs.
+    let scheduler = settle.map(|s| tokio::spawn(state.clone().settle_on_schedule(s)));
+    let stop_tasks = move || {
+        sampler.abort();
+        if let Some(s) = &scheduler {
+            s.abort();
+        }
+    };
 
     let node = tokio::select! {
         node = Node::start(cfg) => node,
         () = stopped(shutdown.clone()) => {
-            sampler.abort();
+            stop_tasks();
             println!("stopped before serving");
             return Ok(());
         }
     };
-    let node = node.inspect_err(|_| sampler.abort())?;
+    let node = node.inspect_err(|_| stop_tasks())?;
     let peer_id = node.peer_id();
     state.set_node(node.handle());
     println!("peer id {peer_id}");
@@ -481,7 +493,7 @@ async fn serve(checked: Checked) -> anyhow::Result<()> {
         span,
     )
     .await;
-    sampler.abort();
+    stop_tasks();
     let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
     drop(claim);
     result?;

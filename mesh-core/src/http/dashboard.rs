@@ -258,6 +258,29 @@ fn cpu_live(c: &super::HealthCpu) -> String {
     }
 }
 
+/// The settlement schedule: its period and minimum, what it did last, when it runs next.
+fn settle_html(s: Option<&super::schedule::ScheduleStatus>) -> String {
+    let Some(s) = s else {
+        return "by hand (<code>mesh-node settle</code>; <code>[settle] every</code> in node.toml \
+                schedules it)"
+            .into();
+    };
+    let last = s
+        .last
+        .as_ref()
+        .map_or("not yet".into(), |r| match r.outcome.as_str() {
+            "settled" => format!("settled {} due in {} lines", r.due, r.lines),
+            "waiting" => format!("waited: {} due, below the minimum", r.due),
+            _ => format!("failed: {}", esc(r.error.as_deref().unwrap_or("?"))),
+        });
+    format!(
+        "every {}, minimum {}; last {last}; next in {}",
+        human_duration(s.every_secs),
+        s.minimum,
+        human_duration(s.next_ms.saturating_sub(crate::ledger::now_ms()) / 1000)
+    )
+}
+
 /// The whole page.
 pub(super) fn render(p: &Page<'_>) -> String {
     let h = p.health;
@@ -293,6 +316,7 @@ svg{{border:1px solid #ddd;background:#fafafa}}
 <tr><td>peers</td><td>{peers}</td></tr>
 <tr><td>price</td><td>{price} per token per block</td></tr>
 <tr><td>earned</td><td>{earned}</td></tr>
+<tr><td>settles</td><td id="settle">{settle}</td></tr>
 </table>
 <h2>Earnings over time</h2>
 {earnings}
@@ -334,6 +358,7 @@ svg{{border:1px solid #ddd;background:#fafafa}}
         cpu = esc(cpu),
         cores = p.probe.cpu.cores,
         cpu_live = cpu_live(&h.cpu),
+        settle = settle_html(h.settle.as_ref()),
         mem_avail = gib(h.memory.available_bytes),
         mem_total = gib(h.memory.total_bytes),
         rss = gib(h.memory.process_rss_bytes),

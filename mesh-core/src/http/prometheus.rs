@@ -83,6 +83,23 @@ impl HttpState {
                 &one(rss.to_string()),
             );
         }
+        if let Some(s) = self.schedule_status() {
+            m(
+                "mesh_settlements_scheduled_total",
+                "counter",
+                "Scheduled settlements, by outcome: settled, or waiting below the minimum.",
+                &[
+                    ("{outcome=\"settled\"}".into(), s.settled.to_string()),
+                    ("{outcome=\"waiting\"}".into(), s.waited.to_string()),
+                ],
+            );
+            m(
+                "mesh_settlement_next_timestamp_seconds",
+                "gauge",
+                "When the schedule settles next.",
+                &one((s.next_ms / 1000).to_string()),
+            );
+        }
         let cpu = self.cpu();
         for (name, help, value) in [
             (
