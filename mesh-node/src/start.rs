@@ -21,6 +21,14 @@ use tokio::sync::watch;
 use crate::cli::{ConfigArg, LogFormat, NodeFlags, StartArgs};
 use crate::logging;
 
+/// Set by `start --daemon` on the node it starts: its output is the log file, which it
+/// then rotates itself (`[daemon] log_max_size`, `log_keep`).
+const DAEMON_LOG_ENV: &str = "MESH_NODE_DAEMON_LOG";
+
+/// The daemon's rotating log, held (not rotating) until the node serves, so that
+/// `start --daemon` finds the start-up lines in one file.
+static DAEMON_LOG: std::sync::OnceLock<daemon::RotatingLog> = std::sync::OnceLock::new();
+
 /// How long `start --daemon` waits for the node to say it serves.
 const DAEMON_START_LIMIT: Duration = Duration::from_secs(300);
 /// How often the dashboard's chart gets a point and peer figures refresh.
@@ -292,9 +300,17 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
             .into());
         }
         check_ledger(&resolved.ledger_dir)?;
-        return spawn_daemon(&resolved.log_file);
+        return spawn_daemon(&resolved.log_file, &resolved.pid_file);
     }
-    logging::init(resolved.json_logs, "info,libp2p=warn");
+    match resolved.log_rotation {
+        Some(rotation) if std::env::var_os(DAEMON_LOG_ENV).is_some() => {
+            let log = daemon::RotatingLog::open(&resolved.log_file, rotation, true)?;
+            log.pause(true);
+            let _ = DAEMON_LOG.set(log.clone());
+            logging::init_rotating(resolved.json_logs, "info,libp2p=warn", log);
+        }
+        _ => logging::init(resolved.json_logs, "info,libp2p=warn"),
+    }
     let checked = preflight(&resolved, args.node.num_blocks)?;
     check_joins_a_mesh(&resolved, args.standalone)?;
     tokio::runtime::Builder::new_multi_thread()
@@ -306,7 +322,7 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
 
 /// Re-runs this command without `--daemon`, detached, output to `log_file`; returns once
 /// the node prints `serving`, or fails with the log's tail if it exits first.
-fn spawn_daemon(log_file: &Path) -> anyhow::Result<()> {
+fn spawn_daemon(log_file: &Path, pid_file: &Path) -> anyhow::Result<()> {
     if let Some(dir) = log_file.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("log directory {}", dir.display()))?;
     }
@@ -326,6 +342,7 @@ fn spawn_daemon(log_file: &Path) -> anyhow::Result<()> {
         .collect();
     let mut cmd = std::process::Command::new(exe);
     cmd.args(&args)
+        .env(DAEMON_LOG_ENV, "1")
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("log file")?)
         .stderr(log);
@@ -346,12 +363,23 @@ fn spawn_daemon(log_file: &Path) -> anyhow::Result<()> {
                 tail(&text, 20)
             );
         }
-        if text.lines().any(|l| l.starts_with("serving ")) {
-            for line in text.lines().filter(|l| {
-                ["peer id ", "http on ", "listening on ", "serving "]
-                    .iter()
-                    .any(|p| l.starts_with(p))
-            }) {
+        let serving = if text.lines().any(|l| l.starts_with("serving ")) {
+            Some(
+                text.lines()
+                    .filter(|l| {
+                        ["peer id ", "http on ", "listening on ", "serving "]
+                            .iter()
+                            .any(|p| l.starts_with(p))
+                    })
+                    .map(str::to_owned)
+                    .collect(),
+            )
+        } else {
+            // Its log rotated past the start-up lines already: ask the node.
+            serving_from_health(pid_file)
+        };
+        if let Some(lines) = serving {
+            for line in lines {
                 println!("{line}");
             }
             println!(
@@ -369,6 +397,27 @@ fn spawn_daemon(log_file: &Path) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// What the log holds after `offset` (the node does not rotate it until it serves).
+/// The start-up lines, from `/healthz`, once the node says it serves.
+fn serving_from_health(pid_file: &Path) -> Option<Vec<String>> {
+    let addr = daemon::read_http_addr(pid_file)?;
+    let (code, body) = http::get(addr, "/healthz", Duration::from_secs(2)).ok()?;
+    let h: http::Health = serde_json::from_str(&body).ok()?;
+    if code != 200 || h.status == "starting" {
+        return None;
+    }
+    let mut lines = vec![format!("http on {addr}")];
+    lines.extend(h.peer_id.map(|p| format!("peer id {p}")));
+    lines.extend(h.listen_addrs.iter().map(|a| format!("listening on {a}")));
+    lines.push(format!(
+        "serving {} blocks {} of {}",
+        h.model.unwrap_or_default(),
+        h.span.unwrap_or_default(),
+        h.num_blocks.unwrap_or(0)
+    ));
+    Some(lines)
 }
 
 fn read_from(path: &Path, offset: u64) -> String {
@@ -480,6 +529,9 @@ async fn serve(checked: Checked) -> anyhow::Result<()> {
         "serving {} blocks {} of {}",
         ann.model, ann.span, ann.num_blocks
     );
+    if let Some(log) = DAEMON_LOG.get() {
+        log.pause(false);
+    }
     let span = tracing::info_span!("node", peer_id = %peer_id);
     let result = tracing::Instrument::instrument(
         node.run(stopped(shutdown), |event| match event {

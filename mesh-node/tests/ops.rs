@@ -515,3 +515,59 @@ fn probe_json_describes_the_machine() {
     let o = mesh_node(dir.path(), &["probe"]);
     assert!(stdout(&o).contains("memory"), "{}", stdout(&o));
 }
+
+/// `start --daemon` keeps its log to `[daemon] log_max_size`, rotating into `.1` … `.N`
+/// (`log_keep`), every line whole, and still writes what it prints after a rotation
+/// (`stopped`) into the current file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemons_log_rotates_by_size_and_keeps_log_keep_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let text = config_text("", None) + "\n[daemon]\nlog_max_size = \"4KiB\"\nlog_keep = 2\n";
+    write_config(&home, &text);
+    let pid_file = home.join("mesh-node.pid");
+    let _guard = StopOnDrop(pid_file.clone());
+    // Debug logs, so the node writes several KiB soon.
+    let o = run_bin(
+        "mesh-node",
+        &home,
+        &["start", "--daemon", "--standalone"],
+        "debug",
+    );
+    assert!(o.status.success(), "start --daemon: {}", stderr(&o));
+    assert!(
+        stdout(&o).contains("started in the background"),
+        "{}",
+        stdout(&o)
+    );
+    let log = home.join("mesh-node.log");
+    let rotated = |n: u32| home.join(format!("mesh-node.log.{n}"));
+    wait_for(DROP_LIMIT, "the log to rotate twice", || {
+        let done = rotated(2).exists();
+        async move { done.then_some(()) }
+    })
+    .await;
+    let o = mesh_node(&home, &["stop"]);
+    assert!(o.status.success(), "stop: {}", stderr(&o));
+    assert!(
+        !rotated(3).exists(),
+        "only log_keep = 2 rotated files are kept"
+    );
+    for path in [&log, &rotated(1), &rotated(2)] {
+        let text = std::fs::read_to_string(path).unwrap();
+        // Rotation happens between log lines; a line printed outside the log writer may
+        // land after it, so allow one more line's worth.
+        assert!(
+            text.len() <= 4096 + 1024,
+            "{}: {} bytes",
+            path.display(),
+            text.len()
+        );
+        assert!(text.ends_with('\n'), "{} ends mid-line", path.display());
+    }
+    let current = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        current.lines().any(|l| l == "stopped"),
+        "what the node prints after a rotation goes to the current file:\n{current}"
+    );
+}

@@ -26,6 +26,8 @@ struct State {
     written: u64,
     rotation: LogRotation,
     redirect_stdio: bool,
+    /// Not rotating for now (see [`RotatingLog::pause`]).
+    paused: bool,
 }
 
 /// A log file rotated by size; cheap to clone (clones write to the same file).
@@ -47,6 +49,7 @@ impl RotatingLog {
             written,
             rotation,
             redirect_stdio,
+            paused: false,
         };
         if redirect_stdio {
             redirect(&state.file);
@@ -54,10 +57,17 @@ impl RotatingLog {
         Ok(Self(Arc::new(Mutex::new(state))))
     }
 
+    /// Stop rotating (the file grows) until called again with `false`: a daemon's start-up
+    /// output stays in one file for `start --daemon` to read back.
+    pub fn pause(&self, paused: bool) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).paused = paused;
+    }
+
     /// Write one whole line (or several), rotating first if it would pass the size.
     pub fn write_line(&self, line: &[u8]) -> std::io::Result<()> {
         let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if s.written > 0 && s.written.saturating_add(line.len() as u64) > s.rotation.max_bytes {
+        let over = s.written.saturating_add(line.len() as u64) > s.rotation.max_bytes;
+        if over && s.written > 0 && !s.paused {
             // A log that cannot rotate keeps going in the same file: losing lines is worse.
             if let Err(e) = s.rotate() {
                 let _ = writeln!(s.file, "log rotation failed: {e}");
@@ -211,5 +221,13 @@ mod tests {
         let log = RotatingLog::open(&path, rotation, false).unwrap();
         log.write_line(&[b'x'; 90]).unwrap();
         assert_eq!(read(&path).len(), 90, "rotated before the line, not after");
+        // Paused, the file grows past the size; resumed, the next line rotates it.
+        log.pause(true);
+        log.write_line(&[b'y'; 90]).unwrap();
+        assert_eq!(read(&path).len(), 180);
+        log.pause(false);
+        log.write_line(b"z\n").unwrap();
+        assert_eq!(read(&path), "z\n");
+        assert_eq!(read(&dir.path().join("node.log.1")).len(), 180);
     }
 }
