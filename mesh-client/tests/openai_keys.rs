@@ -9,7 +9,8 @@
 //! the npm half is skipped, saying why, only if it cannot be installed.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use mesh_client::openai::{ApiKeys, GatewayConfig, RateLimit};
 use mesh_client::MeshClient;
@@ -19,6 +20,8 @@ use mesh_core::BlockRange;
 use serde_json::Value;
 
 const PRICE: u64 = 3;
+/// The longest `npm install openai` may take before the npm half is skipped.
+const NPM_LIMIT: Duration = Duration::from_secs(180);
 /// Requests a key may make at once: each script's main key makes at most this many.
 const BURST: u32 = 4;
 const KEYS: &str = "\
@@ -56,17 +59,30 @@ fn npm_openai() -> Result<PathBuf, String> {
         return Ok(dir);
     }
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let out = Command::new("npm")
+    let mut npm = Command::new("npm")
         .args(["install", "--no-audit", "--no-fund", "--prefix"])
         .arg(&dir)
         .arg("openai")
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
         .map_err(|e| format!("running npm: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "npm install openai failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
+    // A registry that does not answer must not hold the test.
+    let deadline = Instant::now() + NPM_LIMIT;
+    let status = loop {
+        match npm.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Ok(None) => {
+                let _ = npm.kill();
+                let _ = npm.wait();
+                return Err(format!("npm install openai took over {NPM_LIMIT:?}"));
+            }
+            Err(e) => return Err(format!("waiting for npm: {e}")),
+        }
+    };
+    if !status.success() {
+        return Err(format!("npm install openai failed ({status})"));
     }
     Ok(dir)
 }
