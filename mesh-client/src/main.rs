@@ -99,6 +99,19 @@ struct MeshArgs {
     /// stops with an error naming them.
     #[arg(long, value_enum, default_value_t = Fallback::None)]
     fallback: Fallback,
+    /// Seconds to wait, on joining, for servers of every block: the discovery window
+    /// after which blocks none covers are an error, or run here with --fallback local.
+    #[arg(long, default_value_t = 30.0, value_parser = parse_secs)]
+    discovery_secs: f64,
+}
+
+fn parse_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds between 0 and 86400"
+        )),
+    }
 }
 
 /// What to do about blocks no server covers.
@@ -387,6 +400,7 @@ async fn connect(args: MeshArgs) -> anyhow::Result<MeshClient> {
         })
         .verify_locally(args.verify_locally)
         .fallback_local(args.fallback == Fallback::Local)
+        .discovery_timeout(std::time::Duration::from_secs_f64(args.discovery_secs))
         .device(args.device);
     // Finding servers that cover every block can take seconds: show that it is working.
     let spinner = indicatif::ProgressBar::new_spinner()
