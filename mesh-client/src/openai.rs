@@ -84,6 +84,10 @@ struct Gateway {
 #[derive(Clone)]
 struct Caller(String);
 
+/// The request's `X-Request-Id`, set by [`request_id`], for the log line of its answer.
+#[derive(Clone)]
+struct RequestId(String);
+
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Serve an open gateway (no keys, no limits) on `listener` until `shutdown` resolves.
@@ -141,7 +145,7 @@ pub async fn serve_with(
 
 /// Echo the caller's `X-Request-Id` (visible ASCII, at most 128 bytes), or make one, on
 /// every response, errors included, so a caller and the operator can name one request.
-async fn request_id(req: Request, next: Next) -> Response {
+async fn request_id(mut req: Request, next: Next) -> Response {
     let id = req
         .headers()
         .get(&REQUEST_ID)
@@ -151,6 +155,7 @@ async fn request_id(req: Request, next: Next) -> Response {
             || format!("req_{:032x}", rand::random::<u128>()),
             str::to_string,
         );
+    req.extensions_mut().insert(RequestId(id.clone()));
     let mut response = next.run(req).await;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID, value);
@@ -249,6 +254,7 @@ async fn models(State(gw): State<Gateway>) -> Json<Value> {
 async fn completions(
     State(gw): State<Gateway>,
     Extension(Caller(caller)): Extension<Caller>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
     OpenAiJson(req): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let (client, limits) = (&gw.client, gw.limits);
@@ -265,6 +271,7 @@ async fn completions(
     let account = Account {
         accounts: gw.accounts.clone(),
         caller,
+        request_id,
     };
     run(client, ids, req.sampling.params(16), reply, account).await
 }
@@ -272,6 +279,7 @@ async fn completions(
 async fn chat_completions(
     State(gw): State<Gateway>,
     Extension(Caller(caller)): Extension<Caller>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
     OpenAiJson(req): OpenAiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let (client, limits) = (&gw.client, gw.limits);
@@ -295,6 +303,7 @@ async fn chat_completions(
     let account = Account {
         accounts: gw.accounts.clone(),
         caller,
+        request_id,
     };
     run(client, ids, req.sampling.params(256), reply, account).await
 }
@@ -338,6 +347,7 @@ fn usage(answer: &Answer) -> Value {
 struct Account {
     accounts: Arc<Accounts>,
     caller: String,
+    request_id: String,
 }
 
 impl Account {
@@ -350,7 +360,14 @@ impl Account {
             cost: tokens.report().map_or(0, |r| r.countersigned),
         };
         self.accounts.record(&self.caller, answer);
-        tracing::info!(caller = %self.caller, prompt_tokens, completion_tokens = count, cost = answer.cost, "answered");
+        tracing::info!(
+            request_id = %self.request_id,
+            caller = %self.caller,
+            prompt_tokens,
+            completion_tokens = count,
+            cost = answer.cost,
+            "answered"
+        );
         answer
     }
 }
@@ -476,6 +493,7 @@ impl Drop for Streaming {
             return;
         };
         let (accounts, caller) = (self.account.accounts.clone(), self.account.caller.clone());
+        let request_id = self.account.request_id.clone();
         let (prompt_tokens, completion_tokens) = (self.prompt_tokens, self.count);
         runtime.spawn(async move {
             let report = tokens.finish().await;
@@ -485,6 +503,7 @@ impl Drop for Streaming {
                 cost: report.countersigned,
             };
             accounts.record(&caller, answer);
+            tracing::info!(request_id = %request_id, caller = %caller, completion_tokens, cost = answer.cost, "caller hung up mid-stream; billed what was countersigned");
         });
     }
 }

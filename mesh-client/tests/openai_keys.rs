@@ -2,7 +2,8 @@
 //! against a real billing mesh: keys accepted and refused (401 in OpenAI's shape), 429
 //! with `Retry-After` under a burst, `X-Request-Id` echoed, and every answer's cost (in
 //! its `usage`, and in a stream's final chunk) adding up, per key in `/v1/usage` and over
-//! all keys, to exactly what the gateway's client countersigned.
+//! all keys, to exactly what the gateway's client countersigned; a caller that hangs up
+//! mid-stream included.
 //!
 //! Needs `python3` with the `openai` package (`MESH_SKIP_OPENAI_SDK=1` skips the test),
 //! and `node` with `npm`: the npm package is installed under the target directory, and
@@ -30,7 +31,31 @@ sk-mesh-python-0000000001 alice
 sk-mesh-python-0000000002 bob
 sk-mesh-npm-000000000003 carol
 sk-mesh-npm-000000000004 dave
+sk-mesh-raw-000000000005 erin
 ";
+const ERIN: &str = "sk-mesh-raw-000000000005";
+
+/// One HTTP/1.1 request with erin's key on a fresh connection; the whole answer, or only
+/// up to its first SSE event when `hang_up` (then the connection is dropped).
+async fn raw(addr: &str, method: &str, path: &str, body: &str, hang_up: bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ERIN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = socket.read(&mut buf).await.unwrap();
+        seen.extend_from_slice(&buf[..n]);
+        if n == 0 || (hang_up && String::from_utf8_lossy(&seen).contains("data: {")) {
+            return String::from_utf8_lossy(&seen).into_owned();
+        }
+    }
+}
 
 /// Three billing servers, one per span, and a client with its own ledger.
 async fn billing_mesh(dir: &Path) -> (LocalMesh, MeshClient) {
@@ -237,8 +262,40 @@ async fn both_official_sdks_see_keys_limits_and_costs_equal_to_the_receipts() {
         Err(why) => eprintln!("npm half skipped: {why}"),
     }
 
+    // A caller that hangs up mid-stream is billed what was countersigned for its answer.
+    let addr = base
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_string();
+    let body = serde_json::json!({
+        "stream": true, "max_tokens": 200, "temperature": 0,
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+    })
+    .to_string();
+    let first = raw(&addr, "POST", "/v1/chat/completions", &body, true).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let erin = loop {
+        let answer = raw(&addr, "GET", "/v1/usage", "", false).await;
+        let json = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let usage: Value = serde_json::from_str(json).unwrap_or(Value::Null);
+        if usage["requests"] == 1 {
+            break usage;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hung-up answer was never billed: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(erin["key"], "erin");
+    let erin_cost = erin["cost"].as_u64().unwrap();
+    assert!(erin_cost > 0, "{erin}");
+    total += erin_cost;
+
     // Every answer's cost, over every key, is what the client countersigned. A receipt
-    // is final once its hop closed, which is before its answer's last chunk is sent.
+    // is final once its hop closed, which is before its answer's last chunk is sent (or,
+    // for a caller that hung up, before its usage is recorded).
     let countersigned: u64 = client
         .receipts(100_000)
         .unwrap()
