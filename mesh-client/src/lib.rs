@@ -43,9 +43,10 @@ use mesh_core::model::{
 use mesh_core::p2p::{self, Multiaddr, P2pConfig, Role};
 use mesh_core::pipeline::session::SessionContext;
 use mesh_core::pipeline::{
-    self, ClientLedger, LocalReference, PipelineError, RemoteSession, SessionConfig, VerifyConfig,
+    self, ClientLedger, LocalBlocks, LocalReference, PipelineError, RemoteSession, SessionConfig,
+    VerifyConfig,
 };
-use mesh_core::{ModelId, ServerInfo};
+use mesh_core::{BlockRange, ModelId, ServerInfo};
 use tokio::sync::mpsc;
 
 pub use mesh_core::model::{ChatMessage, FinishReason, SamplingParams};
@@ -121,6 +122,7 @@ pub struct MeshClientBuilder {
     session: SessionConfig,
     ledger_dir: Option<PathBuf>,
     verify_locally: bool,
+    fallback_local: bool,
     device: DeviceSpec,
 }
 
@@ -190,6 +192,15 @@ impl MeshClientBuilder {
         self
     }
 
+    /// When no server covers some blocks within the discovery window, run them on this
+    /// client from the model directory's weights (default: off; `--fallback local`), and
+    /// go back to servers of them as soon as they appear. Tokens made so show the local
+    /// hop in their route ([`mesh_core::pipeline::Hop::local`]).
+    pub fn fallback_local(mut self, yes: bool) -> Self {
+        self.fallback_local = yes;
+        self
+    }
+
     /// Where the embeddings and LM head compute (default: the CPU). A GPU that cannot be
     /// used falls back to the CPU with a warning.
     pub fn device(mut self, device: DeviceSpec) -> Self {
@@ -246,7 +257,20 @@ impl MeshClientBuilder {
             }
             None => (Identity::generate(), None),
         };
+        let fallback = if self.fallback_local {
+            let local = LocalBlocks::open(&dir)?;
+            if local.held().is_empty() {
+                tracing::warn!(
+                    "--fallback local: {} holds no block weights, so no blocks can run here",
+                    dir.display()
+                );
+            }
+            Some(Arc::new(local))
+        } else {
+            None
+        };
         let context = SessionContext {
+            fallback,
             reputation: match &ledger {
                 Some(l) => Reputation::persistent(l.store.clone()),
                 None => Reputation::in_memory(),
@@ -305,6 +329,32 @@ struct Inner {
     context: SessionContext,
 }
 
+/// Why the mesh cannot serve the model: the blocks no server covers, the servers seen, and
+/// what would fix it.
+fn gap_message(
+    model: &ModelId,
+    missing: &[BlockRange],
+    seen: &[(p2p::PeerId, BlockRange)],
+    fallback: bool,
+) -> String {
+    let blocks: Vec<String> = missing.iter().map(ToString::to_string).collect();
+    let servers: Vec<String> = seen
+        .iter()
+        .map(|(peer, span)| format!("{peer} (blocks {span})"))
+        .collect();
+    let fix = if fallback {
+        "the local model directory holds no weights for them either"
+    } else {
+        "hold their weights in the model directory and use --fallback local, or wait for servers of them"
+    };
+    format!(
+        "no server of {model} covers blocks {}; {} servers seen: {}; {fix}",
+        blocks.join(", "),
+        seen.len(),
+        servers.join(", ")
+    )
+}
+
 /// A handle to the mesh for one model; cheap to clone.
 #[derive(Clone)]
 pub struct MeshClient {
@@ -340,33 +390,37 @@ impl MeshClient {
         }
     }
 
+    /// Wait until the servers known cover every block (or, with the local fallback, every
+    /// block this client does not hold), for up to `timeout`; otherwise an error naming
+    /// the blocks no server covers and the servers seen.
     async fn wait_for_servers(&self, timeout: Duration) -> Result<(), ClientError> {
         let i = &self.inner;
         match pipeline::wait_for_coverage(&i.p2p, &i.model, i.num_blocks, timeout).await {
             Ok(_) => Ok(()),
-            Err(PipelineError::NoRoute { .. }) => {
-                // Servers heard in heartbeats or named by DHT records, each once.
-                let mut live: std::collections::HashSet<_> = (i.p2p.live_servers(&i.model).await?)
-                    .into_iter()
-                    .map(|s| s.peer_id)
-                    .collect();
-                live.extend(
-                    i.p2p
-                        .known_servers(&i.model)
-                        .await?
-                        .into_iter()
-                        .map(|s| s.peer_id),
-                );
-                if live.is_empty() {
+            Err(PipelineError::NoRoute { missing, seen, .. }) => {
+                let held = i.context.fallback.as_ref().map_or(&[][..], |f| f.held());
+                let held_all =
+                    |r: &BlockRange| held.iter().any(|h| h.start <= r.start && r.end <= h.end);
+                if i.context.fallback.is_some() && missing.iter().all(held_all) {
+                    let blocks: Vec<String> = missing.iter().map(ToString::to_string).collect();
+                    tracing::warn!(
+                        "no server of {} covers blocks {}: this client runs them (--fallback local)",
+                        i.model,
+                        blocks.join(", ")
+                    );
+                    return Ok(());
+                }
+                if seen.is_empty() {
                     return Err(ClientError::ModelUnknown(format!(
                         "no server of {} answered within {timeout:?}",
                         i.model
                     )));
                 }
-                Err(ClientError::NoRoute(format!(
-                    "{} servers of {} seen, but they leave blocks uncovered",
-                    live.len(),
-                    i.model
+                Err(ClientError::NoRoute(gap_message(
+                    &i.model,
+                    &missing,
+                    &seen,
+                    i.context.fallback.is_some(),
                 )))
             }
             Err(e) => Err(e.into()),

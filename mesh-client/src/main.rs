@@ -94,6 +94,65 @@ struct MeshArgs {
     /// Where the client's embeddings and LM head compute: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// When no server covers some blocks within the discovery window: `local` runs them
+    /// here from the model directory's weights (until servers of them appear), `none`
+    /// stops with an error naming them.
+    #[arg(long, value_enum, default_value_t = Fallback::None)]
+    fallback: Fallback,
+    /// Seconds to wait, on joining, for servers of every block: the discovery window
+    /// after which blocks none covers are an error, or run here with --fallback local.
+    #[arg(long, default_value_t = 30.0, value_parser = parse_secs)]
+    discovery_secs: f64,
+}
+
+fn parse_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds between 0 and 86400"
+        )),
+    }
+}
+
+/// What to do about blocks no server covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Fallback {
+    None,
+    Local,
+}
+
+/// Who may use a shared gateway, and how often.
+#[derive(Args)]
+struct Access {
+    /// API keys accepted, one per line with an optional name after it (`# ` comments);
+    /// requests without one of them get 401. Without this flag the gateway is open.
+    #[arg(long)]
+    api_keys: Option<PathBuf>,
+    /// Requests per minute each key may make, on average (0: no limit).
+    #[arg(long, default_value_t = 60.0)]
+    rate_limit: f64,
+    /// Requests a key may make at once before the rate applies.
+    #[arg(long, default_value_t = 10)]
+    burst: u32,
+}
+
+impl Access {
+    fn config(&self) -> anyhow::Result<mesh_client::openai::GatewayConfig> {
+        let keys = match &self.api_keys {
+            Some(path) => Some(mesh_client::openai::ApiKeys::load(path)?),
+            None => None,
+        };
+        anyhow::ensure!(
+            self.rate_limit >= 0.0 && self.rate_limit.is_finite(),
+            "--rate-limit must be a number of requests per minute, 0 or more"
+        );
+        anyhow::ensure!(self.burst >= 1, "--burst must be at least 1");
+        let rate_limit = (self.rate_limit > 0.0).then_some(mesh_client::openai::RateLimit {
+            per_minute: self.rate_limit,
+            burst: self.burst,
+        });
+        Ok(mesh_client::openai::GatewayConfig { keys, rate_limit })
+    }
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -128,6 +187,9 @@ enum Command {
         /// Where the nodes and the client compute: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
+        /// Blocks no node covers (a node that died): `local` runs them in the client.
+        #[arg(long, value_enum, default_value_t = Fallback::Local)]
+        fallback: Fallback,
     },
     /// Generate text through the mesh.
     Generate {
@@ -144,9 +206,11 @@ enum Command {
         /// Local port.
         #[arg(long, default_value_t = 8000)]
         port: u16,
-        /// Address to bind (keep it local unless you mean to share it).
+        /// Address to bind (keep it local unless you mean to share it, with --api-keys).
         #[arg(long, default_value = "127.0.0.1")]
         host: std::net::IpAddr,
+        #[command(flatten)]
+        access: Access,
     },
     /// Chat interactively: each line you type is a user turn; the reply streams back.
     Chat {
@@ -202,12 +266,19 @@ async fn main() -> anyhow::Result<()> {
             nodes,
             verify,
             device,
-        } => demo(sampling, nodes, verify, device).await,
+            fallback,
+        } => demo(sampling, nodes, verify, device, fallback).await,
         Command::Generate { mesh, sampling } => {
             let client = connect(mesh).await?;
             stream(&client, &sampling).await
         }
-        Command::ServeOpenai { mesh, port, host } => {
+        Command::ServeOpenai {
+            mesh,
+            port,
+            host,
+            access,
+        } => {
+            let config = access.config()?;
             let client = connect(mesh).await?;
             let listener = tokio::net::TcpListener::bind((host, port))
                 .await
@@ -216,7 +287,20 @@ async fn main() -> anyhow::Result<()> {
                 "OpenAI-compatible API on http://{}/v1",
                 listener.local_addr()?
             );
-            mesh_client::openai::serve(client, listener, async {
+            match &config.keys {
+                Some(keys) => println!(
+                    "{} API keys; {}",
+                    keys.names().count(),
+                    config
+                        .rate_limit
+                        .map_or("no rate limit".into(), |r| format!(
+                            "{} requests per minute per key, bursts of {}",
+                            r.per_minute, r.burst
+                        ))
+                ),
+                None => println!("no API keys: open to anyone who can reach it"),
+            }
+            mesh_client::openai::serve_with(client, listener, config, async {
                 let _ = tokio::signal::ctrl_c().await;
             })
             .await?;
@@ -315,6 +399,8 @@ async fn connect(args: MeshArgs) -> anyhow::Result<MeshClient> {
             ..VerifyConfig::default()
         })
         .verify_locally(args.verify_locally)
+        .fallback_local(args.fallback == Fallback::Local)
+        .discovery_timeout(std::time::Duration::from_secs_f64(args.discovery_secs))
         .device(args.device);
     // Finding servers that cover every block can take seconds: show that it is working.
     let spinner = indicatif::ProgressBar::new_spinner()
@@ -339,9 +425,16 @@ async fn stream(client: &MeshClient, sampling: &Sampling) -> anyhow::Result<()> 
     println!();
     if let Some(first) = made.first() {
         println!("\nroute:");
-        for hop in &first.route {
-            println!("  blocks {} on {}", hop.span, hop.peer);
-        }
+        print_route(&first.route);
+    }
+    // The route changes when a server fails, or when servers take back blocks this client
+    // ran itself.
+    if let Some(last) = made
+        .last()
+        .filter(|l| made.first().is_some_and(|f| f.route != l.route))
+    {
+        println!("route at the end:");
+        print_route(&last.route);
     }
     let mut decode: Vec<f64> = made
         .iter()
@@ -379,11 +472,25 @@ async fn stream(client: &MeshClient, sampling: &Sampling) -> anyhow::Result<()> 
     Ok(())
 }
 
+fn print_route(route: &[mesh_core::pipeline::Hop]) {
+    for hop in route {
+        if hop.local {
+            println!(
+                "  blocks {} on this client (--fallback local: no server covers them)",
+                hop.span
+            );
+        } else {
+            println!("  blocks {} on {}", hop.span, hop.peer);
+        }
+    }
+}
+
 async fn demo(
     sampling: Sampling,
     nodes: u32,
     verify: f64,
     device: DeviceSpec,
+    fallback: Fallback,
 ) -> anyhow::Result<()> {
     let home = tempdir_for_demo()?;
     let model_dir = tiny::ensure(&tiny::default_dir())?;
@@ -416,6 +523,7 @@ async fn demo(
             ..VerifyConfig::default()
         })
         .verify_locally(true)
+        .fallback_local(fallback == Fallback::Local)
         .device(device)
         .build()
         .await

@@ -105,3 +105,55 @@ fn receipts_are_listed_newest_first() {
         "newest first, the newest two:\n{stdout}"
     );
 }
+
+/// `generate` on a mesh missing its middle span: an error naming the blocks and the
+/// servers seen, or, with `--fallback local`, the text with the local hop in the route
+/// print.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_names_the_missing_blocks_or_runs_them_with_fallback_local() {
+    use mesh_core::local_mesh::LocalMesh;
+    use mesh_core::BlockRange;
+
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write(dir.path()).unwrap();
+    let spans = BlockRange::even_split(8, 3);
+    let mesh = LocalMesh::start(dir.path(), &[spans[0], spans[2]])
+        .await
+        .unwrap();
+    let generate = |fallback: &'static str| {
+        let mut cmd = Command::new(CLI);
+        cmd.args(["generate", "--temperature", "0", "--max-tokens", "8"])
+            .args(["--discovery-secs", "2", "--fallback", fallback])
+            .arg("--bootstrap")
+            .arg(mesh.bootstrap_addr().to_string())
+            .arg("--model-dir")
+            .arg(dir.path())
+            .arg("--ledger-dir")
+            .arg(dir.path().join(format!("client-{fallback}")))
+            .env("RUST_LOG", "error");
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+    };
+    let refused = generate("none").await.unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("no server of tiny-llama-mesh covers blocks [3, 6); 2 servers seen"),
+        "{stderr}"
+    );
+    for (peer, _) in mesh.servers() {
+        assert!(stderr.contains(&peer.to_string()), "{stderr}");
+    }
+    let ran = generate("local").await.unwrap();
+    let stdout = String::from_utf8_lossy(&ran.stdout);
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert!(
+        stdout.contains("  blocks [3, 6) on this client (--fallback local: no server covers them)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("8 tokens; prefill"), "{stdout}");
+    mesh.stop().await.unwrap();
+}

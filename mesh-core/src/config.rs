@@ -25,7 +25,9 @@ use crate::pipeline::ServerLimits;
 use crate::types::BlockRange;
 
 mod edit;
+mod operate;
 pub use edit::set_blocks;
+pub use operate::{Daemon, Settle};
 
 /// The file's name in the mesh home: `~/.mesh/node.toml`.
 pub const FILE_NAME: &str = "node.toml";
@@ -92,6 +94,7 @@ pub struct NodeFile {
     pub limits: Limits,
     pub http: Http,
     pub daemon: Daemon,
+    pub settle: Settle,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -123,15 +126,6 @@ pub struct Http {
     pub listen: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Daemon {
-    /// Default `mesh-node.pid` beside this file.
-    pub pid_file: Option<PathBuf>,
-    /// Where `start --daemon` writes its output; default `mesh-node.log` beside this file.
-    pub log_file: Option<PathBuf>,
-}
-
 impl Default for NodeFile {
     fn default() -> Self {
         Self {
@@ -149,6 +143,7 @@ impl Default for NodeFile {
             limits: Limits::default(),
             http: Http::default(),
             daemon: Daemon::default(),
+            settle: Settle::default(),
         }
     }
 }
@@ -212,6 +207,10 @@ pub struct Resolved {
     pub http: SocketAddr,
     pub pid_file: PathBuf,
     pub log_file: PathBuf,
+    /// `None`: the daemon's log grows without bound.
+    pub log_rotation: Option<crate::daemon::LogRotation>,
+    /// `None`: the node settles only by hand.
+    pub settle: Option<crate::http::schedule::SettleSchedule>,
 }
 
 /// The default config path: `<mesh home>/node.toml`.
@@ -389,12 +388,8 @@ max_len = {max_len}
 # 127.0.0.1 unless a firewall guards it; port 0 picks a free port.
 listen = {http}
 
-[daemon]
-# PID file written while the node runs (`mesh-node stop` signals it).
-{pid_file}
-# Output of `mesh-node start --daemon`.
-{log_file}
-"#,
+{daemon}
+{settle}"#,
             model = toml_str(&self.model),
             model_dir = opt_line(
                 "model_dir",
@@ -422,8 +417,8 @@ listen = {http}
             idle = self.limits.idle_timeout_secs,
             max_len = self.limits.max_len,
             http = toml_str(&self.http.listen),
-            pid_file = opt_line("pid_file", path(&self.daemon.pid_file), "\"mesh-node.pid\""),
-            log_file = opt_line("log_file", path(&self.daemon.log_file), "\"mesh-node.log\""),
+            daemon = self.daemon.toml(),
+            settle = self.settle.toml(),
         )
     }
 
@@ -550,6 +545,8 @@ listen = {http}
                 .log_file
                 .as_deref()
                 .unwrap_or(Path::new("mesh-node.log"))),
+            log_rotation: self.daemon.rotation()?,
+            settle: self.settle.schedule()?,
         })
     }
 }
@@ -579,6 +576,9 @@ mod tests {
         f.network.max_connections_per_ip = 64;
         f.http.listen = "127.0.0.1:0".into();
         f.daemon.pid_file = Some("run/x.pid".into());
+        f.daemon.log_keep = 2;
+        f.settle.every = Some("1h".into());
+        f.settle.minimum = 500;
         assert_eq!(NodeFile::parse(&f.commented_toml()).unwrap(), f);
         assert_eq!(NodeFile::parse("").unwrap(), NodeFile::default());
     }

@@ -16,6 +16,10 @@
 //! expects. The node's actual HTTP address (the configured port may be 0) is kept beside
 //! it, in the same path with the extension `http`, so `mesh-node status` can find it.
 //! A PID file whose process is gone (a crash, a reboot) is stale and is replaced.
+//! `daemon/rotate.rs` keeps the daemon's log file to a size ([`RotatingLog`]).
+
+mod rotate;
+pub use rotate::{parse_size, LogRotation, RotatingLog};
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -52,7 +56,7 @@ pub enum DaemonError {
     StillRunning { pid: u32, waited: Duration },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
     move |source| DaemonError::Io {
         path: path.to_owned(),
         source,

@@ -33,6 +33,7 @@ mod client;
 mod dashboard;
 pub mod earnings;
 mod prometheus;
+pub mod schedule;
 pub mod settle;
 
 use std::collections::VecDeque;
@@ -112,6 +113,24 @@ pub struct Health {
     /// without GPUs (or from a node that predates the field).
     #[serde(default)]
     pub gpu_live: Vec<GpuLive>,
+    /// The CPU now (absent from a node that predates the field).
+    #[serde(default)]
+    pub cpu: HealthCpu,
+    /// Settlement on a schedule (`[settle] every`); absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settle: Option<schedule::ScheduleStatus>,
+}
+
+/// The CPU now: the machine's load averages (runnable tasks: compare them with `cores`)
+/// and the share of a core this process used over the last sample interval.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthCpu {
+    pub cores: usize,
+    pub load_1m: Option<f64>,
+    pub load_5m: Option<f64>,
+    pub load_15m: Option<f64>,
+    /// Percent of one core (200 is two cores busy); `None` until two samples were taken.
+    pub process_percent: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -129,6 +148,10 @@ struct Sampled {
     p2p: P2pStats,
     /// `(unix seconds, tokens served)`.
     history: VecDeque<(u64, u64)>,
+    /// This process's CPU seconds at the last sample, and when.
+    cpu_at: Option<(Instant, f64)>,
+    /// Percent of a core this process used between the last two samples.
+    cpu_percent: Option<f64>,
 }
 
 struct Inner {
@@ -143,6 +166,8 @@ struct Inner {
     settling: Arc<tokio::sync::Mutex<()>>,
     /// Settlements so far: an earnings scan that overlapped one is not cached.
     settlements: AtomicU64,
+    /// The settlement schedule's status, once it runs.
+    schedule: Mutex<Option<schedule::ScheduleStatus>>,
 }
 
 /// Shared by the handlers: the machine probe, the node once it is up, sampled figures.
@@ -173,6 +198,7 @@ impl HttpState {
             earnings: Mutex::new(None),
             settling: Arc::new(tokio::sync::Mutex::new(())),
             settlements: AtomicU64::new(0),
+            schedule: Mutex::new(None),
         }))
     }
 
@@ -212,12 +238,14 @@ impl HttpState {
     /// at shutdown).
     pub async fn sample(self, every: Duration) {
         while self.0.node.get().is_none() {
+            self.sample_cpu();
             self.0.gpu.refresh().await;
             tokio::time::sleep(every.min(STARTING_SAMPLE)).await;
         }
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
+            self.sample_cpu();
             let Some(node) = self.0.node.get() else {
                 continue;
             };
@@ -226,6 +254,35 @@ impl HttpState {
                 self.sampled().p2p = stats;
             }
             self.push_point(tokens(node));
+        }
+    }
+
+    /// Reads this process's CPU time; with the last reading, the share of a core used.
+    fn sample_cpu(&self) {
+        let Some(secs) = probe::process_cpu_seconds() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut s = self.sampled();
+        if let Some((at, before)) = s.cpu_at {
+            let wall = now.duration_since(at).as_secs_f64();
+            if wall > 0.0 {
+                s.cpu_percent =
+                    Some(((secs - before).max(0.0) / wall * 100.0 * 10.0).round() / 10.0);
+            }
+        }
+        s.cpu_at = Some((now, secs));
+    }
+
+    /// The CPU now ([`HealthCpu`]).
+    pub fn cpu(&self) -> HealthCpu {
+        let load = probe::load_average();
+        HealthCpu {
+            cores: self.0.probe.cpu.cores,
+            load_1m: load.map(|l| l[0]),
+            load_5m: load.map(|l| l[1]),
+            load_15m: load.map(|l| l[2]),
+            process_percent: self.sampled().cpu_percent,
         }
     }
 
@@ -246,6 +303,8 @@ impl HttpState {
             },
             vram: self.0.probe.gpus.clone(),
             gpu_live: self.gpu_live(),
+            cpu: self.cpu(),
+            settle: self.schedule_status(),
             peers: self.sampled().p2p.connected_peers,
             ..Health::default()
         };

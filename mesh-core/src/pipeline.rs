@@ -26,8 +26,8 @@ pub use protocol::{Refusal, SessionRequest, SessionResponse};
 pub use route::{Candidate, Hop, PricedOut, RoutePolicy, DEFAULT_MAX_PRICE_RATIO};
 pub use server::{Billing, ServerLimits, ServerStats, SessionUsage, SpanServer};
 pub use session::{
-    wait_for_coverage, wait_for_heard_coverage, ClientLedger, HopChecks, RemoteSession,
-    SessionConfig, SessionReport,
+    wait_for_coverage, wait_for_heard_coverage, ClientLedger, HopChecks, LocalBlocks,
+    RemoteSession, SessionConfig, SessionReport,
 };
 pub use verify::{LocalReference, VerifyConfig};
 
@@ -36,12 +36,19 @@ use crate::types::{BlockRange, ModelId};
 /// Why a remote inference step or session failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    /// No live servers cover these blocks (after excluding the ones that failed).
-    #[error("no route for blocks {range} of {model} ({excluded} failed servers excluded)")]
+    /// No live servers cover these blocks (after excluding the ones that failed): `missing`
+    /// are the blocks none covers, `seen` the servers known, with their blocks.
+    #[error(
+        "no route for blocks {range} of {model}: no server covers blocks {}; servers seen: {} \
+         ({excluded} failed servers excluded)",
+        range_list(.missing), seen_list(.seen)
+    )]
     NoRoute {
         model: ModelId,
         range: BlockRange,
         excluded: usize,
+        missing: Vec<BlockRange>,
+        seen: Vec<(PeerId, BlockRange)>,
     },
     /// Every server that could serve these blocks takes shorter sessions than asked for.
     /// Not the servers' fault: none is banned or marked down for it.
@@ -131,6 +138,31 @@ impl PipelineError {
 }
 
 /// "peer asks P (ceiling C), ..." for [`PipelineError::OverPrice`].
+fn range_list(ranges: &[BlockRange]) -> String {
+    let list: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+    if list.is_empty() {
+        "(none: the servers that cover them failed)".into()
+    } else {
+        list.join(", ")
+    }
+}
+
+/// Servers seen, at most 8 named.
+fn seen_list(seen: &[(PeerId, BlockRange)]) -> String {
+    if seen.is_empty() {
+        return "none".into();
+    }
+    let mut list: Vec<String> = seen
+        .iter()
+        .take(8)
+        .map(|(peer, span)| format!("{peer} (blocks {span})"))
+        .collect();
+    if seen.len() > 8 {
+        list.push(format!("and {} more", seen.len() - 8));
+    }
+    list.join(", ")
+}
+
 fn priced_out_list(servers: &[PricedOut]) -> String {
     servers
         .iter()

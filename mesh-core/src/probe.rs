@@ -17,7 +17,9 @@
 
 mod live;
 
-pub use live::{gpu_live, GpuReadings, GPU_LIVE_TIMEOUT, MIN_GPU_SAMPLE};
+pub use live::{
+    gpu_live, load_average, process_cpu_seconds, GpuReadings, GPU_LIVE_TIMEOUT, MIN_GPU_SAMPLE,
+};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -215,6 +215,7 @@ async fn catch_the_liar(check_locally: bool, honest_middles: usize) -> ledger::E
         reputation: Reputation::persistent(store.clone()),
         reference: check_locally
             .then(|| Arc::new(Mutex::new(LocalReference::new(model_dir.clone())))),
+        fallback: None,
     };
     let cfg = checking(0.5);
     let mut session =

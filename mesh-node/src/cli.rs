@@ -227,6 +227,9 @@ pub struct StatusArgs {
     /// Print the node's /healthz JSON instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// Print only the one-line summary (tokens, earned, sessions, VRAM, CPU, uptime).
+    #[arg(long)]
+    pub short: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -252,6 +255,10 @@ pub struct SettleArgs {
     /// Write the batch but mark nothing settled.
     #[arg(long)]
     pub dry_run: bool,
+    /// Settle nothing (and write no batch) unless the total due reaches this (micro-units):
+    /// for a payout with a minimum run from a timer (deploy/mesh-settle.timer).
+    #[arg(long, default_value_t = 0)]
+    pub min_total: u64,
     /// Where to write the batch [default: settlement-<time>.json here].
     #[arg(long)]
     pub out: Option<PathBuf>,

@@ -46,6 +46,22 @@ pub fn init(json: bool, default_filter: &str) {
     }
 }
 
+/// Like [`init`], writing to the daemon's log file, which rotates by size (see
+/// `mesh_core::daemon::RotatingLog`).
+pub fn init_rotating(json: bool, default_filter: &str, log: mesh_core::daemon::RotatingLog) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_filter.into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(move || log.clone())
+        .with_ansi(false);
+    if json {
+        builder.event_format(JsonLines).init();
+    } else {
+        builder.init();
+    }
+}
+
 /// `2025-06-01T12:34:56.789Z` for ms since the Unix epoch.
 fn rfc3339(ms: u64) -> String {
     let secs = (ms / 1000) % 86_400;

@@ -18,6 +18,7 @@ mod logging;
 mod ops;
 mod register;
 mod start;
+mod summary;
 
 use std::process::ExitCode;
 

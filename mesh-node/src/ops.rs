@@ -107,6 +107,15 @@ pub fn status(a: StatusArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let h: Health = serde_json::from_str(&body).context("parsing /healthz")?;
+    // Earnings come from the node's ledger; a node without one (or still starting) has none.
+    let earned = match http::get(addr, "/api/earnings", Duration::from_secs(10)) {
+        Ok((200, body)) => serde_json::from_str::<EarningsView>(&body).ok(),
+        _ => None,
+    };
+    println!("{}", crate::summary::line(&h, earned.as_ref()));
+    if a.short {
+        return Ok(0);
+    }
     let or_dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
     println!("running (pid {pid}), {} for {}s", h.status, h.uptime_secs);
     if let Some(why) = &h.degraded {
@@ -251,6 +260,13 @@ pub fn settle(a: SettleArgs) -> anyhow::Result<()> {
         since_ms: a.since.unwrap_or(0),
         min_amount: a.min_amount,
         dry_run: a.dry_run,
+        min_total: a.min_total,
+    };
+    let waiting = |due: u64| {
+        println!(
+            "waiting: {due} due, below the minimum total of {}: nothing settled",
+            a.min_total
+        );
     };
     // A running node holds its ledger open (sled allows one opener): the node settles and
     // keeps a copy. An explicit --ledger-dir means that store, settled directly.
@@ -261,6 +277,10 @@ pub fn settle(a: SettleArgs) -> anyhow::Result<()> {
     let (batch, kept) = match from_node {
         Some((pid, addr)) => {
             let answer = settle_on_node(pid, addr, &req)?;
+            if answer.waited {
+                waiting(answer.batch.total_due);
+                return Ok(());
+            }
             answer.batch.write(&out).with_context(|| {
                 format!(
                     "the node settled, but writing {} failed: its copy is {}",
@@ -287,6 +307,10 @@ pub fn settle(a: SettleArgs) -> anyhow::Result<()> {
                 dry_run: req.dry_run,
                 now_ms: now,
             };
+            if let Some(planned) = http::settle::below_minimum(&store, &opts, a.min_total)? {
+                waiting(planned.total_due);
+                return Ok(());
+            }
             (ledger::settle(&store, &opts, &out)?, None)
         }
     };

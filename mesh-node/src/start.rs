@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use mesh_core::config::{self, NodeFile, Resolved};
 use mesh_core::daemon::{self, PidFile};
+use mesh_core::http::schedule::SettleSchedule;
 use mesh_core::http::{self, HttpState};
 use mesh_core::identity::Identity;
 use mesh_core::model::{device, tiny, ModelFiles};
@@ -19,6 +20,14 @@ use tokio::sync::watch;
 
 use crate::cli::{ConfigArg, LogFormat, NodeFlags, StartArgs};
 use crate::logging;
+
+/// Set by `start --daemon` on the node it starts: its output is the log file, which it
+/// then rotates itself (`[daemon] log_max_size`, `log_keep`).
+const DAEMON_LOG_ENV: &str = "MESH_NODE_DAEMON_LOG";
+
+/// The daemon's rotating log, held (not rotating) until the node serves, so that
+/// `start --daemon` finds the start-up lines in one file.
+static DAEMON_LOG: std::sync::OnceLock<daemon::RotatingLog> = std::sync::OnceLock::new();
 
 /// How long `start --daemon` waits for the node to say it serves.
 const DAEMON_START_LIMIT: Duration = Duration::from_secs(300);
@@ -157,6 +166,7 @@ struct Checked {
     node: NodeConfig,
     pid_file: PathBuf,
     http: std::net::SocketAddr,
+    settle: Option<SettleSchedule>,
 }
 
 fn preflight(r: &Resolved, num_blocks_flag: Option<u32>) -> anyhow::Result<Checked> {
@@ -237,6 +247,7 @@ fn preflight(r: &Resolved, num_blocks_flag: Option<u32>) -> anyhow::Result<Check
         },
         pid_file: r.pid_file.clone(),
         http: r.http,
+        settle: r.settle,
     })
 }
 
@@ -283,9 +294,17 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
             .into());
         }
         check_ledger(&resolved.ledger_dir)?;
-        return spawn_daemon(&resolved.log_file);
+        return spawn_daemon(&resolved.log_file, &resolved.pid_file);
     }
-    logging::init(resolved.json_logs, "info,libp2p=warn");
+    match resolved.log_rotation {
+        Some(rotation) if std::env::var_os(DAEMON_LOG_ENV).is_some() => {
+            let log = daemon::RotatingLog::open(&resolved.log_file, rotation, true)?;
+            log.pause(true);
+            let _ = DAEMON_LOG.set(log.clone());
+            logging::init_rotating(resolved.json_logs, "info,libp2p=warn", log);
+        }
+        _ => logging::init(resolved.json_logs, "info,libp2p=warn"),
+    }
     let checked = preflight(&resolved, args.node.num_blocks)?;
     check_joins_a_mesh(&resolved, args.standalone)?;
     tokio::runtime::Builder::new_multi_thread()
@@ -297,7 +316,7 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
 
 /// Re-runs this command without `--daemon`, detached, output to `log_file`; returns once
 /// the node prints `serving`, or fails with the log's tail if it exits first.
-fn spawn_daemon(log_file: &Path) -> anyhow::Result<()> {
+fn spawn_daemon(log_file: &Path, pid_file: &Path) -> anyhow::Result<()> {
     if let Some(dir) = log_file.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("log directory {}", dir.display()))?;
     }
@@ -317,6 +336,7 @@ fn spawn_daemon(log_file: &Path) -> anyhow::Result<()> {
         .collect();
     let mut cmd = std::process::Command::new(exe);
     cmd.args(&args)
+        .env(DAEMON_LOG_ENV, "1")
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("log file")?)
         .stderr(log);
@@ -337,12 +357,23 @@ fn spawn_daemon(log_file: &Path) -> anyhow::Result<()> {
                 tail(&text, 20)
             );
         }
-        if text.lines().any(|l| l.starts_with("serving ")) {
-            for line in text.lines().filter(|l| {
-                ["peer id ", "http on ", "listening on ", "serving "]
-                    .iter()
-                    .any(|p| l.starts_with(p))
-            }) {
+        let serving = if text.lines().any(|l| l.starts_with("serving ")) {
+            Some(
+                text.lines()
+                    .filter(|l| {
+                        ["peer id ", "http on ", "listening on ", "serving "]
+                            .iter()
+                            .any(|p| l.starts_with(p))
+                    })
+                    .map(str::to_owned)
+                    .collect(),
+            )
+        } else {
+            // Its log rotated past the start-up lines already: ask the node.
+            serving_from_health(pid_file)
+        };
+        if let Some(lines) = serving {
+            for line in lines {
                 println!("{line}");
             }
             println!(
@@ -360,6 +391,27 @@ fn spawn_daemon(log_file: &Path) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// What the log holds after `offset` (the node does not rotate it until it serves).
+/// The start-up lines, from `/healthz`, once the node says it serves.
+fn serving_from_health(pid_file: &Path) -> Option<Vec<String>> {
+    let addr = daemon::read_http_addr(pid_file)?;
+    let (code, body) = http::get(addr, "/healthz", Duration::from_secs(2)).ok()?;
+    let h: http::Health = serde_json::from_str(&body).ok()?;
+    if code != 200 || h.status == "starting" {
+        return None;
+    }
+    let mut lines = vec![format!("http on {addr}")];
+    lines.extend(h.peer_id.map(|p| format!("peer id {p}")));
+    lines.extend(h.listen_addrs.iter().map(|a| format!("listening on {a}")));
+    lines.push(format!(
+        "serving {} blocks {} of {}",
+        h.model.unwrap_or_default(),
+        h.span.unwrap_or_default(),
+        h.num_blocks.unwrap_or(0)
+    ));
+    Some(lines)
 }
 
 fn read_from(path: &Path, offset: u64) -> String {
@@ -406,6 +458,7 @@ async fn serve(checked: Checked) -> anyhow::Result<()> {
         node: mut cfg,
         pid_file,
         http: http_addr,
+        settle,
     } = checked;
     let shutdown = shutdown_listener()?;
     if let Some(pid) = daemon::running_pid(&pid_file)? {
@@ -441,16 +494,24 @@ async fn serve(checked: Checked) -> anyhow::Result<()> {
     println!("http on {http_addr}");
     // Started before the span loads, so /healthz shows VRAM filling while it does.
     let sampler = tokio::spawn(state.clone().sample(SAMPLE_EVERY));
+    // Settles once the node is up, each period, while it runs.
+    let scheduler = settle.map(|s| tokio::spawn(state.clone().settle_on_schedule(s)));
+    let stop_tasks = move || {
+        sampler.abort();
+        if let Some(s) = &scheduler {
+            s.abort();
+        }
+    };
 
     let node = tokio::select! {
         node = Node::start(cfg) => node,
         () = stopped(shutdown.clone()) => {
-            sampler.abort();
+            stop_tasks();
             println!("stopped before serving");
             return Ok(());
         }
     };
-    let node = node.inspect_err(|_| sampler.abort())?;
+    let node = node.inspect_err(|_| stop_tasks())?;
     let peer_id = node.peer_id();
     state.set_node(node.handle());
     println!("peer id {peer_id}");
@@ -462,6 +523,9 @@ async fn serve(checked: Checked) -> anyhow::Result<()> {
         "serving {} blocks {} of {}",
         ann.model, ann.span, ann.num_blocks
     );
+    if let Some(log) = DAEMON_LOG.get() {
+        log.pause(false);
+    }
     let span = tracing::info_span!("node", peer_id = %peer_id);
     let result = tracing::Instrument::instrument(
         node.run(stopped(shutdown), |event| match event {
@@ -475,7 +539,7 @@ async fn serve(checked: Checked) -> anyhow::Result<()> {
         span,
     )
     .await;
-    sampler.abort();
+    stop_tasks();
     let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
     drop(claim);
     result?;

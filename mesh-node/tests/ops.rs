@@ -131,6 +131,30 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
     assert!(out.contains(&format!("peer id {peer_id}")), "{out}");
     assert!(out.contains("blocks 0..8 of 8"), "{out}");
     assert!(out.contains("tokens served 0"), "{out}");
+    // The first line sums the node up, as a provider's console does.
+    let summary = out.lines().next().unwrap_or_default();
+    for needle in [
+        "serving tiny-llama-mesh blocks 0..8",
+        "| tokens 0 |",
+        "| earned 0 (0 settled) |",
+        "| sessions 0 open |",
+        "| CPU load ",
+        "| up ",
+    ] {
+        assert!(
+            summary.contains(needle),
+            "summary lacks {needle:?}: {summary}"
+        );
+    }
+    let no_gpu = mesh_core::probe::gpu_live().is_empty();
+    assert_eq!(summary.contains("VRAM none"), no_gpu, "{summary}");
+    let o = mesh_node(&home, &["status", "--short"]);
+    assert!(o.status.success(), "status --short: {}", stderr(&o));
+    assert_eq!(
+        stdout(&o).trim_end(),
+        summary,
+        "--short is the summary alone"
+    );
     // Live GPU lines when the machine has GPUs, none (and no error) when it has none.
     let has_gpu = !mesh_core::probe::gpu_live().is_empty();
     assert_eq!(out.lines().any(|l| l.starts_with("gpu ")), has_gpu, "{out}");
@@ -145,6 +169,9 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
     assert_eq!(health.peer_id.as_deref(), Some(peer_id.as_str()));
     assert_eq!(health.span.as_deref(), Some("0..8"));
     assert!(health.memory.total_bytes.is_some());
+    // Live CPU beside the memory: the load averages on Linux, the cores always.
+    assert!(health.cpu.cores >= 1, "{body}");
+    assert!(health.cpu.load_1m.is_some(), "{body}");
     assert_eq!(!health.gpu_live.is_empty(), has_gpu, "{body}");
 
     let (code, metrics) = get(http_addr, "/metrics");
@@ -160,6 +187,9 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
         "# TYPE mesh_errors_total counter",
         "mesh_peers_connected",
         "# TYPE mesh_connections_closed_unresponsive_total counter",
+        "# TYPE mesh_cpu_load1 gauge",
+        "mesh_cpu_cores",
+        "# TYPE mesh_memory_available_bytes gauge",
     ] {
         assert!(
             metrics.contains(needle),
@@ -177,6 +207,10 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
     assert_eq!(code, 200);
     assert!(page.contains(&format!("<code id=\"peer-id\">{peer_id}</code>")));
     assert!(page.contains("<svg id=\"tokens-chart\""));
+    assert!(
+        page.contains("<td id=\"cpu-live\">load "),
+        "live CPU on the dashboard"
+    );
     assert!(page.contains("<polyline"));
     assert!(
         !page.contains("http://") || !page.contains("src=\"http"),
@@ -480,4 +514,60 @@ fn probe_json_describes_the_machine() {
     assert!(!p.gpus.is_empty() || p.gpu_note.starts_with("no GPU"));
     let o = mesh_node(dir.path(), &["probe"]);
     assert!(stdout(&o).contains("memory"), "{}", stdout(&o));
+}
+
+/// `start --daemon` keeps its log to `[daemon] log_max_size`, rotating into `.1` … `.N`
+/// (`log_keep`), every line whole, and still writes what it prints after a rotation
+/// (`stopped`) into the current file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemons_log_rotates_by_size_and_keeps_log_keep_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let text = config_text("", None) + "\n[daemon]\nlog_max_size = \"4KiB\"\nlog_keep = 2\n";
+    write_config(&home, &text);
+    let pid_file = home.join("mesh-node.pid");
+    let _guard = StopOnDrop(pid_file.clone());
+    // Debug logs, so the node writes several KiB soon.
+    let o = run_bin(
+        "mesh-node",
+        &home,
+        &["start", "--daemon", "--standalone"],
+        "debug",
+    );
+    assert!(o.status.success(), "start --daemon: {}", stderr(&o));
+    assert!(
+        stdout(&o).contains("started in the background"),
+        "{}",
+        stdout(&o)
+    );
+    let log = home.join("mesh-node.log");
+    let rotated = |n: u32| home.join(format!("mesh-node.log.{n}"));
+    wait_for(DROP_LIMIT, "the log to rotate twice", || {
+        let done = rotated(2).exists();
+        async move { done.then_some(()) }
+    })
+    .await;
+    let o = mesh_node(&home, &["stop"]);
+    assert!(o.status.success(), "stop: {}", stderr(&o));
+    assert!(
+        !rotated(3).exists(),
+        "only log_keep = 2 rotated files are kept"
+    );
+    for path in [&log, &rotated(1), &rotated(2)] {
+        let text = std::fs::read_to_string(path).unwrap();
+        // Rotation happens between log lines; a line printed outside the log writer may
+        // land after it, so allow one more line's worth.
+        assert!(
+            text.len() <= 4096 + 1024,
+            "{}: {} bytes",
+            path.display(),
+            text.len()
+        );
+        assert!(text.ends_with('\n'), "{} ends mid-line", path.display());
+    }
+    let current = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        current.lines().any(|l| l == "stopped"),
+        "what the node prints after a rotation goes to the current file:\n{current}"
+    );
 }

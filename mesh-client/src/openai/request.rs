@@ -37,9 +37,11 @@ impl ApiError {
         }
     }
 
-    /// OpenAI's `type`: the caller's mistake, or ours.
+    /// OpenAI's `type`: a rate limit, the caller's mistake, or ours.
     fn kind(&self) -> &'static str {
-        if self.status.is_client_error() {
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            "requests"
+        } else if self.status.is_client_error() {
             "invalid_request_error"
         } else {
             "server_error"

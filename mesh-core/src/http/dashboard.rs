@@ -241,6 +241,46 @@ fn gpus_html(h: &Health, note: &str) -> String {
     lines.join("<br>")
 }
 
+/// `load 0.52 / 1.04 / 2.50 (1, 5, 15 min) on 16 cores; node 35.0% of a core`.
+fn cpu_live(c: &super::HealthCpu) -> String {
+    let load = match (c.load_1m, c.load_5m, c.load_15m) {
+        (Some(a), Some(b), Some(d)) => {
+            format!(
+                "load {a:.2} / {b:.2} / {d:.2} (1, 5, 15 min) on {} cores",
+                c.cores
+            )
+        }
+        _ => "load unknown".into(),
+    };
+    match c.process_percent {
+        Some(p) => format!("{load}; node {p:.1}% of a core"),
+        None => load,
+    }
+}
+
+/// The settlement schedule: its period and minimum, what it did last, when it runs next.
+fn settle_html(s: Option<&super::schedule::ScheduleStatus>) -> String {
+    let Some(s) = s else {
+        return "by hand (<code>mesh-node settle</code>; <code>[settle] every</code> in node.toml \
+                schedules it)"
+            .into();
+    };
+    let last = s
+        .last
+        .as_ref()
+        .map_or("not yet".into(), |r| match r.outcome.as_str() {
+            "settled" => format!("settled {} due in {} lines", r.due, r.lines),
+            "waiting" => format!("waited: {} due, below the minimum", r.due),
+            _ => format!("failed: {}", esc(r.error.as_deref().unwrap_or("?"))),
+        });
+    format!(
+        "every {}, minimum {}; last {last}; next in {}",
+        human_duration(s.every_secs),
+        s.minimum,
+        human_duration(s.next_ms.saturating_sub(crate::ledger::now_ms()) / 1000)
+    )
+}
+
 /// The whole page.
 pub(super) fn render(p: &Page<'_>) -> String {
     let h = p.health;
@@ -276,6 +316,7 @@ svg{{border:1px solid #ddd;background:#fafafa}}
 <tr><td>peers</td><td>{peers}</td></tr>
 <tr><td>price</td><td>{price} per token per block</td></tr>
 <tr><td>earned</td><td>{earned}</td></tr>
+<tr><td>settles</td><td id="settle">{settle}</td></tr>
 </table>
 <h2>Earnings over time</h2>
 {earnings}
@@ -283,6 +324,7 @@ svg{{border:1px solid #ddd;background:#fafafa}}
 <table>
 <tr><td>host</td><td>{host} ({os}/{arch})</td></tr>
 <tr><td>CPU</td><td>{cpu} &times; {cores}</td></tr>
+<tr><td>CPU now</td><td id="cpu-live">{cpu_live}</td></tr>
 <tr><td>memory</td><td>{mem_avail} available of {mem_total}; node uses {rss}</td></tr>
 <tr><td>disk</td><td>{disk}</td></tr>
 <tr><td>GPUs</td><td>{gpus}</td></tr>
@@ -315,6 +357,8 @@ svg{{border:1px solid #ddd;background:#fafafa}}
         arch = esc(&p.probe.arch),
         cpu = esc(cpu),
         cores = p.probe.cpu.cores,
+        cpu_live = cpu_live(&h.cpu),
+        settle = settle_html(h.settle.as_ref()),
         mem_avail = gib(h.memory.available_bytes),
         mem_total = gib(h.memory.total_bytes),
         rss = gib(h.memory.process_rss_bytes),
@@ -449,5 +493,24 @@ mod tests {
         assert!(body.contains("<td>13</td><td>208</td><td>1</td><td>countersigned</td>"));
         let (_, empty) = earnings_html(&Earnings::View(&EarningsView::default()));
         assert!(empty.contains("no receipts yet"));
+    }
+
+    #[test]
+    fn cpu_now_shows_the_load_and_the_nodes_share() {
+        let c = super::super::HealthCpu {
+            cores: 16,
+            load_1m: Some(0.52),
+            load_5m: Some(1.04),
+            load_15m: Some(2.5),
+            process_percent: Some(35.0),
+        };
+        assert_eq!(
+            cpu_live(&c),
+            "load 0.52 / 1.04 / 2.50 (1, 5, 15 min) on 16 cores; node 35.0% of a core"
+        );
+        assert_eq!(
+            cpu_live(&super::super::HealthCpu::default()),
+            "load unknown"
+        );
     }
 }

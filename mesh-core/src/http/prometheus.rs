@@ -83,6 +83,73 @@ impl HttpState {
                 &one(rss.to_string()),
             );
         }
+        if let Some(s) = self.schedule_status() {
+            m(
+                "mesh_settlements_scheduled_total",
+                "counter",
+                "Scheduled settlements, by outcome: settled, or waiting below the minimum.",
+                &[
+                    ("{outcome=\"settled\"}".into(), s.settled.to_string()),
+                    ("{outcome=\"waiting\"}".into(), s.waited.to_string()),
+                ],
+            );
+            m(
+                "mesh_settlement_next_timestamp_seconds",
+                "gauge",
+                "When the schedule settles next.",
+                &one((s.next_ms / 1000).to_string()),
+            );
+        }
+        let cpu = self.cpu();
+        for (name, help, value) in [
+            (
+                "mesh_cpu_load1",
+                "The machine's load average over 1 minute.",
+                cpu.load_1m,
+            ),
+            (
+                "mesh_cpu_load5",
+                "The machine's load average over 5 minutes.",
+                cpu.load_5m,
+            ),
+            (
+                "mesh_cpu_load15",
+                "The machine's load average over 15 minutes.",
+                cpu.load_15m,
+            ),
+            (
+                "mesh_process_cpu_percent",
+                "Percent of one core the node process used over the last sample interval.",
+                cpu.process_percent,
+            ),
+        ] {
+            if let Some(v) = value {
+                m(name, "gauge", help, &one(v.to_string()));
+            }
+        }
+        m(
+            "mesh_cpu_cores",
+            "gauge",
+            "Logical cores the node process may use.",
+            &one(cpu.cores.to_string()),
+        );
+        let memory = probe::probe_memory();
+        for (name, help, value) in [
+            (
+                "mesh_memory_available_bytes",
+                "Memory the machine has available now.",
+                memory.available_bytes,
+            ),
+            (
+                "mesh_memory_total_bytes",
+                "The machine's memory.",
+                memory.total_bytes,
+            ),
+        ] {
+            if let Some(v) = value {
+                m(name, "gauge", help, &one(v.to_string()));
+            }
+        }
         // Live per GPU (the latest reading); none at all on a machine without GPUs.
         let gpus = self.gpu_live();
         let per_gpu = |value: &dyn Fn(&GpuLive) -> Option<u64>| -> Vec<(String, String)> {

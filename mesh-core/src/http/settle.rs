@@ -47,15 +47,23 @@ pub struct SettleRequest {
     /// Write the batch but mark nothing settled.
     #[serde(default)]
     pub dry_run: bool,
+    /// Settle nothing, and write no batch, unless the total due reaches this (micro-units):
+    /// a payout with a minimum waits for the next one.
+    #[serde(default)]
+    pub min_total: u64,
 }
 
 /// What `/api/settle` answers: the batch and where the node keeps its copy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SettleAnswer {
     pub batch: Batch,
-    /// The node's own copy of the batch, on the node's machine.
+    /// The node's own copy of the batch, on the node's machine (empty when it waited).
     pub path: PathBuf,
     pub dry_run: bool,
+    /// The total due was below `min_total`: nothing was written or settled, and `batch` is
+    /// what would have been.
+    #[serde(default)]
+    pub waited: bool,
 }
 
 /// Why `/api/settle` settled nothing.
@@ -140,6 +148,20 @@ pub fn refusal(peer: Option<SocketAddr>, headers: &HeaderMap) -> Option<SettleEr
     }
 }
 
+/// What settling would do, and whether its total due is below `min_total`, so nothing is
+/// to be settled yet.
+pub fn below_minimum(
+    store: &Store,
+    opts: &SettleOptions,
+    min_total: u64,
+) -> Result<Option<Batch>, LedgerError> {
+    if min_total == 0 {
+        return Ok(None);
+    }
+    let planned = ledger::plan(store, opts)?;
+    Ok((planned.total_due < min_total).then_some(planned))
+}
+
 /// [`ledger::settle`] into a fresh file under `<store>/settlements/`: the batch and the
 /// file. Callers serialise settlements (two in one millisecond get distinct names).
 pub fn settle_in_place(
@@ -180,20 +202,25 @@ impl HttpState {
         // The guard and the bookkeeping go with the work: a caller that hangs up does not
         // stop it, and no second settlement starts until it is done.
         let state = self.clone();
+        let min_total = req.min_total;
         let (batch, path) = tokio::task::spawn_blocking(move || {
             let _running = running;
-            let done = settle_in_place(&store, &opts)?;
+            if let Some(planned) = below_minimum(&store, &opts, min_total)? {
+                return Ok((planned, None));
+            }
+            let (batch, path) = settle_in_place(&store, &opts)?;
             if !opts.dry_run {
                 state.0.settlements.fetch_add(1, Ordering::SeqCst);
                 *state.0.earnings.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
-            Ok::<_, LedgerError>(done)
+            Ok::<_, LedgerError>((batch, Some(path)))
         })
         .await
         .map_err(|e| SettleError::Task(e.to_string()))??;
         Ok(SettleAnswer {
             batch,
-            path,
+            waited: path.is_none(),
+            path: path.unwrap_or_default(),
             dry_run: req.dry_run,
         })
     }

@@ -43,6 +43,26 @@ impl ModelFiles {
     /// span loads (or, for a config claiming 100,000 blocks, never: the node would offer
     /// blocks it cannot load). Maps the files; reads only their headers.
     pub fn check_weights(&self) -> Result<(), ModelError> {
+        let blocks = self.blocks_held()?;
+        // Blocks 0..n, each with at least one tensor (a missing tensor inside a block is
+        // named when the span loads).
+        let found = (0u32..).take_while(|i| blocks.contains(i)).count();
+        let found = u32::try_from(found).unwrap_or(u32::MAX);
+        if usize::try_from(found).ok() != Some(self.config.num_hidden_layers) {
+            return Err(ModelError::BlockCount {
+                path: self.dir.join("config.json"),
+                claimed: self.config.num_hidden_layers,
+                found,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl ModelFiles {
+    /// The blocks the weight files hold at least one tensor of (a client's directory may
+    /// hold only the embeddings and LM head). Maps the files; reads only their headers.
+    pub fn blocks_held(&self) -> Result<BTreeSet<u32>, ModelError> {
         let mut blocks = BTreeSet::new();
         for path in &self.weight_files {
             // SAFETY: mapped read-only and dropped before returning; see `Weights::open`.
@@ -58,18 +78,7 @@ impl ModelFiles {
                 }
             }
         }
-        // Blocks 0..n, each with at least one tensor (a missing tensor inside a block is
-        // named when the span loads).
-        let found = (0u32..).take_while(|i| blocks.contains(i)).count();
-        let found = u32::try_from(found).unwrap_or(u32::MAX);
-        if usize::try_from(found).ok() != Some(self.config.num_hidden_layers) {
-            return Err(ModelError::BlockCount {
-                path: self.dir.join("config.json"),
-                claimed: self.config.num_hidden_layers,
-                found,
-            });
-        }
-        Ok(())
+        Ok(blocks)
     }
 }
 

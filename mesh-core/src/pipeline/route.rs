@@ -73,7 +73,15 @@ pub struct Hop {
     /// The price `peer` announced (DHT record or heartbeat) when the hop was planned: the
     /// most the client agrees to pay it, whatever terms it offers at open.
     pub price_per_token: u64,
+    /// Run by the client itself from its own weights, because no server covered these
+    /// blocks (`--fallback local`); `peer` is then the client's own id.
+    pub local: bool,
 }
+
+/// What a block run by the client itself costs a route, in ms (through a throughput of
+/// one token per [`LOCAL_BLOCK_MS`] ms): far more than any server, so the client runs
+/// only the blocks no server covers, and in as few hops as it can.
+const LOCAL_BLOCK_MS: f64 = 1e6;
 
 /// How routes are weighed.
 #[derive(Clone, Debug)]
@@ -234,14 +242,91 @@ pub fn plan(
     policy: &RoutePolicy,
     tie_break: u64,
 ) -> Option<Vec<Hop>> {
-    if range.is_empty() {
-        return None;
-    }
     let (priced, _) = policy.by_price(candidates);
     let usable: Vec<Priced> = priced
         .into_iter()
         .filter(|p| !exclude.contains(&p.candidate.peer))
         .collect();
+    shortest(usable, range, policy, tie_break)
+}
+
+/// Like [`plan`], with the client itself (as `me`) able to run the blocks of `local`
+/// from its own weights: the route uses servers wherever they cover blocks and the client
+/// only for the blocks none covers. Its hops are marked [`Hop::local`]. `None` when even
+/// with the local blocks a gap is left.
+pub fn plan_with_local(
+    candidates: &[Candidate],
+    range: BlockRange,
+    exclude: &HashSet<PeerId>,
+    policy: &RoutePolicy,
+    tie_break: u64,
+    me: PeerId,
+    local: &[BlockRange],
+) -> Option<Vec<Hop>> {
+    // Priced apart from the servers, so the client's own free blocks do not pull the
+    // median of a span's prices down and price its servers out.
+    let (priced, _) = policy.by_price(candidates);
+    let own: Vec<Candidate> = local
+        .iter()
+        .map(|span| Candidate {
+            peer: me,
+            span: *span,
+            rtt: Some(Duration::ZERO),
+            throughput_tps: (1e3 / LOCAL_BLOCK_MS) as f32,
+            active_sessions: 0,
+            price_per_token: 0,
+            penalty_ms: 0.0,
+        })
+        .collect();
+    let usable: Vec<Priced> = priced
+        .into_iter()
+        .filter(|p| !exclude.contains(&p.candidate.peer) && p.candidate.peer != me)
+        .chain(own.iter().map(|candidate| Priced {
+            candidate,
+            span_median: 0,
+        }))
+        .collect();
+    let mut hops = shortest(usable, range, policy, tie_break)?;
+    for h in &mut hops {
+        h.local = h.peer == me;
+    }
+    Some(hops)
+}
+
+/// The blocks of `range` no candidate outside `exclude` covers, as maximal ranges.
+pub fn uncovered(
+    candidates: &[Candidate],
+    range: BlockRange,
+    exclude: &HashSet<PeerId>,
+) -> Vec<BlockRange> {
+    let covered = |b: u32| {
+        candidates
+            .iter()
+            .any(|c| c.span.contains(b) && !exclude.contains(&c.peer))
+    };
+    let mut gaps: Vec<BlockRange> = Vec::new();
+    for b in range.start..range.end {
+        if covered(b) {
+            continue;
+        }
+        match gaps.last_mut() {
+            Some(g) if g.end == b => g.end = b + 1,
+            _ => gaps.push(BlockRange::new(b, b + 1)),
+        }
+    }
+    gaps
+}
+
+/// The cheapest chain over `range` through `usable`.
+fn shortest(
+    usable: Vec<Priced>,
+    range: BlockRange,
+    policy: &RoutePolicy,
+    tie_break: u64,
+) -> Option<Vec<Hop>> {
+    if range.is_empty() {
+        return None;
+    }
     let n = (range.end - range.start) as usize;
     let mut best = vec![f64::INFINITY; n + 1];
     let mut via: Vec<Option<(usize, Hop)>> = vec![None; n + 1];
@@ -274,6 +359,7 @@ pub fn plan(
                             peer: c.peer,
                             span: BlockRange::new(block, end),
                             price_per_token: c.price_per_token,
+                            local: false,
                         },
                     ));
                     heap.push(Frontier {
@@ -472,5 +558,42 @@ mod tests {
         )
         .unwrap();
         assert_eq!(route[0].peer, b.peer);
+    }
+
+    /// The client runs only the blocks no server covers, in one hop, and a gap its own
+    /// weights do not fill either leaves no route.
+    #[test]
+    fn local_blocks_fill_only_the_gap() {
+        let (head, tail) = (cand((0, 3)), cand((5, 8)));
+        let me = PeerId::random();
+        let all = [BlockRange::new(0, 8)];
+        let route = |cs: &[Candidate], local: &[BlockRange], exclude: &HashSet<PeerId>| {
+            let policy = RoutePolicy::default();
+            plan_with_local(cs, BlockRange::new(0, 8), exclude, &policy, 0, me, local)
+        };
+        let none = HashSet::new();
+        let hops = route(&[head.clone(), tail.clone()], &all, &none).unwrap();
+        let shape: Vec<(PeerId, BlockRange, bool)> =
+            hops.iter().map(|h| (h.peer, h.span, h.local)).collect();
+        assert_eq!(
+            shape,
+            [
+                (head.peer, BlockRange::new(0, 3), false),
+                (me, BlockRange::new(3, 5), true),
+                (tail.peer, BlockRange::new(5, 8), false),
+            ]
+        );
+        // Holding only blocks 0..4 leaves block 4 uncovered.
+        let partial = [BlockRange::new(0, 4)];
+        assert!(route(&[head.clone(), tail.clone()], &partial, &none).is_none());
+        // A banned server's blocks go local too.
+        let banned = HashSet::from([tail.peer]);
+        let hops = route(&[head.clone(), tail], &all, &banned).unwrap();
+        assert_eq!(hops.len(), 2);
+        assert!(hops[1].local && hops[1].span == BlockRange::new(3, 8));
+        // Whole coverage by servers never runs anything locally.
+        let whole = cand((0, 8));
+        let hops = route(&[whole], &all, &none).unwrap();
+        assert!(hops.iter().all(|h| !h.local));
     }
 }

@@ -8,16 +8,21 @@
 //! With checking on ([`VerifyConfig`]), a sampled fraction of steps get a second opinion
 //! (`session/audit.rs`); a server shown wrong is banned, the evidence kept, and its receipts for
 //! the session are never countersigned (they are held until the hop ends for that reason).
+//!
+//! With local blocks ([`LocalBlocks`]), blocks no server covers run on the client itself
+//! until servers of them appear (`session/fallback.rs`).
 
 mod audit;
 mod billing;
 mod checks;
 mod coverage;
+mod fallback;
 mod hop;
 mod report;
 
 pub use billing::ClientLedger;
 pub use coverage::{wait_for_coverage, wait_for_heard_coverage};
+pub use fallback::LocalBlocks;
 use hop::HopState;
 pub use report::{HopChecks, SessionReport};
 
@@ -85,6 +90,8 @@ pub struct SessionContext {
     pub reputation: Reputation,
     /// Spans re-run locally for checks instead of asking another server.
     pub reference: Option<Arc<Mutex<LocalReference>>>,
+    /// Blocks this client runs itself when no server covers them (`--fallback local`).
+    pub fallback: Option<Arc<LocalBlocks>>,
 }
 
 /// A client's inference session across a chain of servers.
@@ -101,6 +108,7 @@ pub struct RemoteSession {
     ledger: Option<ClientLedger>,
     reputation: Reputation,
     reference: Option<Arc<Mutex<LocalReference>>>,
+    fallback: Option<Arc<LocalBlocks>>,
     /// Picks the steps to check; seeded per session so nothing outside can predict it.
     sampler: rand_chacha::ChaCha8Rng,
     /// Servers this session caught returning wrong hidden states.
@@ -153,6 +161,7 @@ impl RemoteSession {
             ledger: ctx.ledger,
             reputation: ctx.reputation,
             reference: ctx.reference,
+            fallback: ctx.fallback,
             sampler: rand_chacha::ChaCha8Rng::from_os_rng(),
             caught: Vec::new(),
             too_short: HashMap::new(),
@@ -200,6 +209,19 @@ impl RemoteSession {
         let mut i = 0;
         while i < self.hops.len() {
             self.hops[i].history.push(x.clone());
+            if self.hops[i].hop.local {
+                // Back to the mesh as soon as servers cover these blocks again: the hop is
+                // replaced as a failed one is, its inputs replayed into the servers.
+                let (out, added) = if self.mesh_covers(i).await {
+                    tracing::info!(blocks = %self.hops[i].hop.span, "servers are back: leaving the local fallback");
+                    self.replace_hop(i).await?
+                } else {
+                    (self.run_local(i, &x)?, 1)
+                };
+                x = out.narrow(1, out.dim(1)? - seq, seq)?;
+                i += added;
+                continue;
+            }
             let hop = &self.hops[i];
             let stepped = match self.forward(hop.hop.peer, hop.session, &x, start_pos).await {
                 Ok((out, receipt, attestation)) => {
@@ -245,11 +267,13 @@ impl RemoteSession {
         if !self.verifying() {
             return usize::MAX;
         }
+        // The client's own blocks need no second opinion.
         self.hops
             .iter()
+            .filter(|h| !h.hop.local)
             .map(|h| h.positions(h.checked))
             .min()
-            .unwrap_or(0)
+            .unwrap_or(usize::MAX)
     }
 
     /// Check every hop's unchecked steps now (at the end of a generation, so nothing is
@@ -310,16 +334,24 @@ impl RemoteSession {
 
     /// Close an honest hop's session (and its witness's) and countersign its work.
     async fn end_hop(&mut self, mut h: HopState) {
+        if h.hop.local {
+            return;
+        }
         self.end_witness(&mut h).await;
         self.close_session(h.hop.peer, h.session, h.tally, h.pending)
             .await;
     }
 
-    fn no_route(&self, range: BlockRange) -> PipelineError {
+    /// No route over `range` through `candidates` (those known): which blocks none of
+    /// them covers, and who they are.
+    fn no_route(&self, range: BlockRange, candidates: &[Candidate]) -> PipelineError {
+        let (missing, seen) = Self::explain_gap(candidates, range, &self.banned);
         PipelineError::NoRoute {
             model: self.model.clone(),
             range,
             excluded: self.banned.len(),
+            missing,
+            seen,
         }
     }
 
@@ -348,7 +380,7 @@ impl RemoteSession {
         let range = self.hops[i].hop.span;
         let replay = Tensor::cat(&self.hops[i].history, 1)?;
         let (new_hops, out) = self.route_and_replay(range, Some(replay)).await?;
-        let out = out.ok_or_else(|| self.no_route(range))?;
+        let out = out.ok_or_else(|| self.no_route(range, &[]))?;
         tracing::info!(
             blocks = %range,
             replacement = ?new_hops.iter().map(|h| h.hop.peer.to_string()).collect::<Vec<_>>(),
@@ -402,6 +434,11 @@ impl RemoteSession {
             let mut failed = None;
             for h in new_hops.iter_mut() {
                 h.history.push(x.clone());
+                if h.hop.local {
+                    let local = self.fallback.as_deref();
+                    x = fallback::run_local(local, self.cfg.max_len, h, &x)?;
+                    continue;
+                }
                 match self.forward(h.hop.peer, h.session, &x, 0).await {
                     Ok((out, receipt, attestation)) => {
                         let now = h.take_answer(x.dim(1)?, &out, receipt, attestation, verifying);
@@ -451,11 +488,24 @@ impl RemoteSession {
                     longest: self.too_short.values().copied().max().unwrap_or(0),
                 })
             }
-            None => self.rediscover(range).await?,
+            None => match self.rediscover(range).await {
+                Ok(hops) => hops,
+                // Within the discovery window no server covered some blocks: run them
+                // here if this client holds their weights.
+                Err(e @ PipelineError::NoRoute { .. }) => match self.plan_fallback(range).await? {
+                    Some(hops) => hops,
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
+            },
         };
         let mut opened = Vec::with_capacity(hops.len());
         for hop in hops {
-            opened.push(self.open_hop(hop).await?);
+            opened.push(if hop.local {
+                Self::open_local(hop)
+            } else {
+                self.open_hop(hop).await?
+            });
         }
         Ok(opened)
     }

@@ -1,6 +1,8 @@
 //! Live GPU figures: memory used, free and total and utilisation, read from `nvidia-smi`
 //! under a hard time limit, and [`GpuReadings`], the latest reading that the heartbeat and
-//! the HTTP port share (handlers read it; only a sampler waits on the driver).
+//! the HTTP port share (handlers read it; only a sampler waits on the driver). Beside
+//! them, the CPU's: the load averages and the CPU time this process used, read from
+//! `/proc` (no driver to wait on, so read when asked).
 //!
 //! ```
 //! // No nvidia-smi (or no GPU) is an empty list, never an error.
@@ -61,6 +63,45 @@ fn parse_gpu_live(csv: &str) -> Vec<GpuLive> {
         })
         .take(Capability::MAX_GPUS)
         .collect()
+}
+
+/// The machine's load averages over 1, 5 and 15 minutes (runnable tasks, as `uptime`
+/// shows them); `None` where `/proc/loadavg` is not readable.
+pub fn load_average() -> Option<[f64; 3]> {
+    parse_loadavg(&std::fs::read_to_string("/proc/loadavg").ok()?)
+}
+
+fn parse_loadavg(text: &str) -> Option<[f64; 3]> {
+    let mut it = text.split_whitespace().map(|f| f.parse::<f64>().ok());
+    let (a, b, c) = (it.next()??, it.next()??, it.next()??);
+    [a, b, c]
+        .iter()
+        .all(|v| v.is_finite() && *v >= 0.0)
+        .then_some([a, b, c])
+}
+
+/// CPU seconds this process has used so far, user and system together; `None` where
+/// `/proc/self/stat` is not readable. Two readings over a wall interval give the share of
+/// a core it used.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let ticks = parse_stat_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
+    #[cfg(unix)]
+    // SAFETY: sysconf reads a constant of the running system.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    #[cfg(not(unix))]
+    let per_sec = 100;
+    (per_sec > 0).then(|| ticks as f64 / per_sec as f64)
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/PID/stat` line. The command name (field
+/// 2) may hold spaces and parentheses, so fields are counted after its last `)`.
+fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state), so field n is at index n - 3.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    utime.checked_add(stime)
 }
 
 type Reader = Arc<dyn Fn() -> Vec<GpuLive> + Send + Sync>;
@@ -260,5 +301,23 @@ garbage
 
         let none = GpuReadings::with_reader(Vec::new);
         assert!(none.refresh().await.is_empty());
+    }
+
+    #[test]
+    fn cpu_figures_parse_from_proc() {
+        assert_eq!(
+            parse_loadavg("0.52 1.04 2.50 3/812 12345\n"),
+            Some([0.52, 1.04, 2.5])
+        );
+        assert_eq!(parse_loadavg("0.52 nan"), None);
+        assert_eq!(parse_loadavg(""), None);
+        let stat = "4242 (mesh node (x)) S 1 4242 4242 0 -1 4194560 2000 0 0 0 150 25 0 0 20 0";
+        assert_eq!(parse_stat_ticks(stat), Some(175));
+        assert_eq!(parse_stat_ticks("4242 (short) S 1"), None);
+        // This machine's own: the load is there on Linux, and this process used some CPU.
+        if cfg!(target_os = "linux") {
+            assert!(load_average().is_some());
+            assert!(process_cpu_seconds().is_some_and(|s| s >= 0.0));
+        }
     }
 }

@@ -277,6 +277,7 @@ impl RemoteSession {
                 peer,
                 span,
                 price_per_token,
+                local: false,
             };
             let mut w = match self.open_hop(witness_hop).await {
                 Ok(state) => Witness::new(state),

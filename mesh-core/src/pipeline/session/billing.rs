@@ -67,7 +67,7 @@ impl RemoteSession {
     /// would have made one, so the user learns to raise the ceiling rather than wait.
     pub(super) async fn no_route_explained(&self, range: BlockRange) -> PipelineError {
         let Ok(candidates) = self.candidates().await else {
-            return self.no_route(range);
+            return self.no_route(range, &[]);
         };
         let servers = self.cfg.policy.priced_out(&candidates);
         let unlimited = RoutePolicy {
@@ -76,7 +76,7 @@ impl RemoteSession {
             ..self.cfg.policy.clone()
         };
         if servers.is_empty() || plan(&candidates, range, &self.banned, &unlimited, 0).is_none() {
-            return self.no_route(range);
+            return self.no_route(range, &candidates);
         }
         PipelineError::OverPrice {
             model: self.model.clone(),

@@ -14,7 +14,7 @@ use std::time::Duration;
 use libp2p::PeerId;
 
 use crate::p2p;
-use crate::pipeline::route::{plan, Candidate, RoutePolicy};
+use crate::pipeline::route::{plan, uncovered, Candidate, RoutePolicy};
 use crate::pipeline::PipelineError;
 use crate::types::{BlockRange, ModelId};
 
@@ -103,6 +103,8 @@ async fn wait_until_covered(
                 model: model.clone(),
                 range: full,
                 excluded: 0,
+                missing: uncovered(&candidates, full, &HashSet::new()),
+                seen: candidates.iter().map(|c| (c.peer, c.span)).collect(),
             });
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

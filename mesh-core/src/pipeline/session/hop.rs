@@ -31,6 +31,8 @@ pub(super) struct HopState {
     pub(super) witness: Option<Witness>,
     /// While checking: its entry in the session's account of checks, once on the route.
     pub(super) record: Option<usize>,
+    /// A local hop's KV state ([`super::fallback`]).
+    pub(super) own_cache: Option<SpanCache>,
 }
 
 impl HopState {
@@ -47,6 +49,7 @@ impl HopState {
             shadow: None,
             witness: None,
             record: None,
+            own_cache: None,
         }
     }
 
