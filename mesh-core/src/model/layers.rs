@@ -6,8 +6,8 @@
 //! input read once), and a decode step of one token runs our own kernels
 //! ([`super::kernels`]); prefill keeps the generic ops.
 
+use super::linear::Linear;
 use candle_core::{DType, Tensor, D};
-use candle_nn::{Linear, Module};
 
 use super::cache::LayerKv;
 use super::kernels;
@@ -51,17 +51,12 @@ fn linear(
     in_dim: usize,
     bias: bool,
 ) -> Result<Linear, ModelError> {
-    let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
-    let bias = if bias {
-        Some(w.get(&format!("{prefix}.bias"), &[out_dim])?)
-    } else {
-        None
-    };
-    Ok(Linear::new(weight, bias))
+    w.linear(prefix, out_dim, in_dim, bias)
 }
 
 /// Several projections of one input: separate matrices (CPU, where the tests pin
 /// agreement with transformers op for op), or one matrix stacked along the outputs (GPU).
+/// Quantized matrices always stay separate.
 #[derive(Clone, Debug)]
 enum Projections {
     Separate(Vec<Linear>),
@@ -70,18 +65,19 @@ enum Projections {
 
 impl Projections {
     fn new(parts: Vec<Linear>, fuse: bool) -> Result<Self, ModelError> {
-        if !fuse {
+        let dense: Option<Vec<_>> = parts.iter().map(Linear::dense_parts).collect();
+        let Some(dense) = dense.filter(|_| fuse) else {
             return Ok(Self::Separate(parts));
-        }
+        };
         let widths = parts
             .iter()
-            .map(|p| p.weight().dim(0))
+            .map(Linear::out_dim)
             .collect::<Result<Vec<_>, _>>()?;
-        let weights: Vec<&Tensor> = parts.iter().map(Linear::weight).collect();
-        let biases: Option<Vec<&Tensor>> = parts.iter().map(Linear::bias).collect();
+        let weights: Vec<&Tensor> = dense.iter().map(|(w, _)| *w).collect();
+        let biases: Option<Vec<&Tensor>> = dense.iter().map(|(_, b)| *b).collect();
         let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
         Ok(Self::Fused {
-            linear: Linear::new(Tensor::cat(&weights, 0)?, bias),
+            linear: Linear::dense(Tensor::cat(&weights, 0)?, bias),
             widths,
         })
     }
@@ -137,7 +133,7 @@ impl Attention {
         let h = cfg.hidden_size;
         let hd = cfg.head_dim();
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
-        let bias = cfg.attention_bias;
+        let bias = cfg.qkv_bias();
         let parts = vec![
             linear(w, &format!("{prefix}.q_proj"), nh * hd, h, bias)?,
             linear(w, &format!("{prefix}.k_proj"), nkv * hd, h, bias)?,
@@ -145,7 +141,7 @@ impl Attention {
         ];
         Ok(Self {
             qkv: Projections::new(parts, w.device().is_cuda())?,
-            o_proj: linear(w, &format!("{prefix}.o_proj"), h, nh * hd, bias)?,
+            o_proj: linear(w, &format!("{prefix}.o_proj"), h, nh * hd, cfg.o_bias())?,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,

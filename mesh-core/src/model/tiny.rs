@@ -44,6 +44,9 @@ pub fn config() -> LlamaConfig {
         bos_token_id: Some(1),
         eos_token_id: Some(super::config::EosTokens::One(2)),
         rope_parameters: None,
+        architectures: None,
+        sliding_window: None,
+        use_sliding_window: false,
     }
 }
 

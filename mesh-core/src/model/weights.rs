@@ -8,10 +8,12 @@ use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::QTensor;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
-use super::{LlamaConfig, ModelError};
+use super::linear::Linear;
+use super::{LlamaConfig, ModelError, Quantization};
 
 /// A model directory as Hugging Face writes it: `config.json`, one or more
 /// `*.safetensors` (sharded with `model.safetensors.index.json`), optional `tokenizer.json`.
@@ -155,6 +157,8 @@ pub struct Weights {
     tensors: Source,
     dtype: DType,
     device: Device,
+    /// Projection matrices are quantized to this as they are taken (`None`: dense).
+    quantize: Option<Quantization>,
     loaded_bytes: Cell<usize>,
 }
 
@@ -186,6 +190,7 @@ impl Weights {
             tensors: Source::Files(tensors),
             dtype,
             device: device.clone(),
+            quantize: None,
             loaded_bytes: Cell::new(0),
         })
     }
@@ -197,8 +202,20 @@ impl Weights {
             tensors: Source::Memory(tensors),
             dtype,
             device: device.clone(),
+            quantize: None,
             loaded_bytes: Cell::new(0),
         }
+    }
+
+    /// Quantize projection matrices to `q` as they are taken; norms, embeddings and
+    /// biases stay in the compute dtype.
+    pub fn with_quantization(mut self, q: Option<Quantization>) -> Self {
+        self.quantize = q;
+        self
+    }
+
+    pub fn quantization(&self) -> Option<Quantization> {
+        self.quantize
     }
 
     pub fn dtype(&self) -> DType {
@@ -223,6 +240,43 @@ impl Weights {
 
     /// Take one tensor, checking its dtype and shape before copying it.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let tensor = self.take(name, shape)?.to_dtype(self.dtype)?;
+        self.count(tensor.elem_count() * self.dtype.size_in_bytes());
+        Ok(tensor)
+    }
+
+    fn count(&self, bytes: usize) {
+        self.loaded_bytes.set(self.loaded_bytes.get() + bytes);
+    }
+
+    /// The projection `{prefix}.weight` `[out_dim, in_dim]` (and `{prefix}.bias`), dense
+    /// or quantized as these weights are set to.
+    pub(crate) fn linear(
+        &self,
+        prefix: &str,
+        out_dim: usize,
+        in_dim: usize,
+        bias: bool,
+    ) -> Result<Linear, ModelError> {
+        let name = format!("{prefix}.weight");
+        let bias = if bias {
+            Some(self.get(&format!("{prefix}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        match self.quantize.and_then(|q| q.ggml_for(in_dim)) {
+            Some(format) => {
+                let dense = self.take(&name, &[out_dim, in_dim])?;
+                let q = QTensor::quantize(&dense.to_dtype(DType::F32)?, format)?;
+                self.count(q.storage_size_in_bytes());
+                Linear::quantized(q, bias)
+            }
+            None => Ok(Linear::dense(self.get(&name, &[out_dim, in_dim])?, bias)),
+        }
+    }
+
+    /// One tensor on the device in its stored dtype, not counted.
+    fn take(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         let missing = || ModelError::MissingWeight {
             name: name.to_string(),
         };
@@ -245,9 +299,6 @@ impl Weights {
                 t.to_device(&self.device)?
             }
         };
-        let tensor = tensor.to_dtype(self.dtype)?;
-        self.loaded_bytes
-            .set(self.loaded_bytes.get() + tensor.elem_count() * self.dtype.size_in_bytes());
         Ok(tensor)
     }
 
