@@ -218,6 +218,12 @@ impl Weights {
         self.quantize
     }
 
+    /// The announced form of the weights this source hands out: see
+    /// [`super::SpanModel::quantization`].
+    pub fn format_label(&self) -> Option<String> {
+        self.quantize.map(|q| q.name().to_string())
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
