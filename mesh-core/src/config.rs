@@ -515,7 +515,10 @@ listen = {http}
         }
         Ok(Resolved {
             model: self.model.clone(),
-            model_dir: self.model_dir.as_deref().map(abs),
+            model_dir: self
+                .model_dir
+                .as_deref()
+                .map(|p| crate::model::hub::absolute_or_id(p, abs)),
             blocks,
             span_len: self.span_len,
             dtype,

@@ -21,6 +21,7 @@ pub mod device;
 mod error;
 mod generate;
 mod head;
+pub mod hub;
 pub mod kernels;
 mod layers;
 mod linear;

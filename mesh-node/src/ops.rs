@@ -26,7 +26,11 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
     if let Some(m) = a.model {
         file.model = m;
     }
-    file.model_dir = a.model_dir.map(|d| std::path::absolute(&d).unwrap_or(d));
+    file.model_dir = a.model_dir.map(|d| {
+        mesh_core::model::hub::absolute_or_id(&d, |p| {
+            std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+        })
+    });
     file.network.listen = if a.listen.is_empty() {
         vec![config::DEFAULT_LISTEN.into()]
     } else {

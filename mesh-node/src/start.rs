@@ -58,7 +58,7 @@ pub fn apply_node_flags(file: &mut NodeFile, a: &NodeFlags) {
         file.model = v.clone();
     }
     if let Some(v) = &a.model_dir {
-        file.model_dir = Some(abs(v));
+        file.model_dir = Some(mesh_core::model::hub::absolute_or_id(v, abs));
     }
     if let Some(v) = a.blocks {
         file.blocks = Some(format!("{}..{}", v.start, v.end));

@@ -25,7 +25,9 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
+    /// `dir` is a model directory or a hub id found in the local HF cache.
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let dir = &super::hub::resolve(dir)?;
         let config = LlamaConfig::from_dir(dir)?;
         let weight_files = locate_weights(dir)?;
         Ok(Self {
