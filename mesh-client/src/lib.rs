@@ -216,7 +216,7 @@ impl MeshClientBuilder {
         }
         let head = ClientHead::load(&files, candle_core::DType::F32, &device.device)?;
         let tokenizer = MeshTokenizer::from_file(&files.tokenizer_path())?;
-        let chat_template = ChatTemplate::from_model_dir(&files.dir)?;
+        let chat_template = files.chat_template()?;
         let mut eos = files.config.eos_tokens();
         // Instruct models end a turn with the tokenizer's EOS (Llama 3's <|eot_id|>), which
         // config.json does not always list.

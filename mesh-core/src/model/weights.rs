@@ -8,37 +8,72 @@ use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
+use super::gguf::{is_gguf, GgufFile};
 use super::linear::Linear;
-use super::{LlamaConfig, ModelError, Quantization};
+use super::{ChatTemplate, LlamaConfig, ModelError, Quantization};
+
+/// Where a model's weights are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Hugging Face safetensors beside a `config.json`.
+    Safetensors,
+    /// One llama.cpp GGUF file, its metadata standing in for `config.json`.
+    Gguf,
+}
 
 /// A model directory as Hugging Face writes it: `config.json`, one or more
-/// `*.safetensors` (sharded with `model.safetensors.index.json`), optional `tokenizer.json`.
+/// `*.safetensors` (sharded with `model.safetensors.index.json`), optional `tokenizer.json`;
+/// or one GGUF file (`weight_files` is that file, `dir` the directory holding it).
 #[derive(Clone, Debug)]
 pub struct ModelFiles {
     pub dir: PathBuf,
     pub config: LlamaConfig,
     pub weight_files: Vec<PathBuf>,
+    pub format: WeightFormat,
 }
 
 impl ModelFiles {
-    /// `dir` is a model directory or a hub id found in the local HF cache.
-    pub fn open(dir: &Path) -> Result<Self, ModelError> {
-        let dir = &super::hub::resolve(dir)?;
-        let config = LlamaConfig::from_dir(dir)?;
-        let weight_files = locate_weights(dir)?;
+    /// `path` is a model directory, a `.gguf` file, or a hub id found in the local HF
+    /// cache. A directory with no `config.json` and exactly one `.gguf` file is that file.
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let path = &super::hub::resolve(path)?;
+        if let Some(gguf) = gguf_in(path) {
+            let config = GgufFile::open(&gguf)?.config()?;
+            let dir = gguf.parent().map_or_else(PathBuf::new, Path::to_path_buf);
+            return Ok(Self {
+                dir,
+                config,
+                weight_files: vec![gguf],
+                format: WeightFormat::Gguf,
+            });
+        }
+        let config = LlamaConfig::from_dir(path)?;
+        let weight_files = locate_weights(path)?;
         Ok(Self {
-            dir: dir.to_path_buf(),
+            dir: path.to_path_buf(),
             config,
             weight_files,
+            format: WeightFormat::Safetensors,
         })
     }
 
     pub fn tokenizer_path(&self) -> PathBuf {
         self.dir.join("tokenizer.json")
+    }
+
+    /// The model's chat template: a GGUF's `tokenizer.chat_template`, else the one in the
+    /// directory (see [`ChatTemplate::from_model_dir`]).
+    pub fn chat_template(&self) -> Result<Option<ChatTemplate>, ModelError> {
+        if let (WeightFormat::Gguf, Some(path)) = (self.format, self.weight_files.first()) {
+            if let Some((source, bos, eos)) = GgufFile::open(path)?.chat_template() {
+                return ChatTemplate::new(source, bos, eos).map(Some);
+            }
+        }
+        ChatTemplate::from_model_dir(&self.dir)
     }
 
     /// Reads the header of every weight file and checks it against the file's length and
@@ -48,7 +83,16 @@ impl ModelFiles {
     /// blocks it cannot load). Maps the files; reads only their headers.
     pub fn check_weights(&self) -> Result<(), ModelError> {
         let mut blocks = BTreeSet::new();
-        for path in &self.weight_files {
+        if self.format == WeightFormat::Gguf {
+            for path in &self.weight_files {
+                blocks.extend(GgufFile::open(path)?.block_indices());
+            }
+        }
+        let safetensors = match self.format {
+            WeightFormat::Safetensors => self.weight_files.as_slice(),
+            WeightFormat::Gguf => &[],
+        };
+        for path in safetensors {
             // SAFETY: mapped read-only and dropped before returning; see `Weights::open`.
             let file = unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
                 ModelError::BadSafetensors {
@@ -74,6 +118,25 @@ impl ModelFiles {
             });
         }
         Ok(())
+    }
+}
+
+/// The GGUF file `path` names: the file itself, or the only one in a directory without
+/// `config.json`.
+fn gguf_in(path: &Path) -> Option<PathBuf> {
+    if is_gguf(path) && path.is_file() {
+        return Some(path.to_path_buf());
+    }
+    if !path.is_dir() || path.join("config.json").exists() {
+        return None;
+    }
+    let mut found = std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_gguf(p));
+    match (found.next(), found.next()) {
+        (Some(one), None) => Some(one),
+        _ => None,
     }
 }
 
@@ -152,6 +215,13 @@ enum Source {
     Files(MmapedSafetensors),
     /// Tensors already made (random-weight models that are never written to disk).
     Memory(HashMap<String, Tensor>),
+    /// A GGUF file, read a tensor at a time; quantized matrices stay quantized.
+    Gguf {
+        file: GgufFile,
+        config: Box<LlamaConfig>,
+        /// The quantized formats handed out so far, for [`Weights::format_label`].
+        formats: std::cell::RefCell<BTreeSet<String>>,
+    },
 }
 
 /// Lazily-read weights of one model, converted to `dtype` on `device` as they are taken.
@@ -171,6 +241,23 @@ impl Weights {
             return Err(ModelError::Unsupported(
                 "bf16 compute needs a GPU; on CPU load bf16 weights as f32".into(),
             ));
+        }
+        if files.format == WeightFormat::Gguf {
+            let path = files
+                .weight_files
+                .first()
+                .ok_or_else(|| ModelError::NoWeights(files.dir.clone()))?;
+            return Ok(Self {
+                tensors: Source::Gguf {
+                    file: GgufFile::open(path)?,
+                    config: Box::new(files.config.clone()),
+                    formats: Default::default(),
+                },
+                dtype,
+                device: device.clone(),
+                quantize: None,
+                loaded_bytes: Cell::new(0),
+            });
         }
         for path in &files.weight_files {
             if !path.exists() {
@@ -223,6 +310,16 @@ impl Weights {
     /// The announced form of the weights this source hands out: see
     /// [`super::SpanModel::quantization`].
     pub fn format_label(&self) -> Option<String> {
+        if let Source::Gguf { formats, .. } = &self.tensors {
+            let formats = formats.borrow();
+            if formats.is_empty() {
+                return None;
+            }
+            return Some(format!(
+                "gguf:{}",
+                formats.iter().cloned().collect::<Vec<_>>().join("+")
+            ));
+        }
         self.quantize.map(|q| q.name().to_string())
     }
 
@@ -243,6 +340,7 @@ impl Weights {
         match &self.tensors {
             Source::Files(files) => files.get(name).is_ok(),
             Source::Memory(map) => map.contains_key(name),
+            Source::Gguf { file, .. } => file.contains(name),
         }
     }
 
@@ -272,6 +370,24 @@ impl Weights {
         } else {
             None
         };
+        if let Source::Gguf {
+            file,
+            config,
+            formats,
+        } = &self.tensors
+        {
+            let q = file.tensor(&name, &[out_dim, in_dim], config, &self.device)?;
+            if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                self.count(q.storage_size_in_bytes());
+                formats
+                    .borrow_mut()
+                    .insert(format!("{:?}", q.dtype()).to_ascii_lowercase());
+                return Linear::quantized(q, bias);
+            }
+            let dense = q.dequantize(&self.device)?.to_dtype(self.dtype)?;
+            self.count(dense.elem_count() * self.dtype.size_in_bytes());
+            return Ok(Linear::dense(dense, bias));
+        }
         match self.quantize.and_then(|q| q.ggml_for(in_dim)) {
             Some(format) => {
                 let dense = self.take(&name, &[out_dim, in_dim])?;
@@ -306,6 +422,9 @@ impl Weights {
                 }
                 t.to_device(&self.device)?
             }
+            Source::Gguf { file, config, .. } => file
+                .tensor(name, shape, config, &self.device)?
+                .dequantize(&self.device)?,
         };
         Ok(tensor)
     }

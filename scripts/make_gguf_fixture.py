@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Write GGUF files from the transformers fixtures, as llama.cpp's converter lays them out.
+
+Generated with gguf 0.19.0 (PyPI), numpy 2.4.6, safetensors 0.8.0, python 3.11.7.
+Regenerate from the workspace root (after scripts/make_hf_fixture.py):
+
+    pip install gguf safetensors numpy
+    python scripts/make_gguf_fixture.py
+
+Written into mesh-core/tests/fixtures/gguf/:
+
+  llama_gqa-q8_0.gguf      hf_llama_gqa, block projections Q8_0, everything else F32
+  llama_gqa-q4_0-f16.gguf  hf_llama_gqa, block projections Q4_0, embeddings and LM head F16
+  qwen2_tied-q8_0.gguf     hf_qwen2_tied, block projections Q8_0, biases and the rest F32,
+                           with Qwen2.5's chat template as tokenizer.chat_template
+
+Names and layout follow llama.cpp's convert_hf_to_gguf.py: `token_embd`, `blk.N.attn_q`,
+..., `output_norm`, `output` (absent when tied); for the `llama` architecture the q and k
+rows are permuted (LlamaModel.permute) because llama.cpp's rope rotates adjacent pairs
+where transformers rotates halves. Qwen2 is written unpermuted, as the converter does.
+Quantization is gguf-py's own (gguf.quants.quantize), not candle's.
+"""
+
+import json
+import os
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "mesh-core", "tests", "fixtures")
+OUT = os.path.join(FIXTURES, "gguf")
+Q = gguf.GGMLQuantizationType
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute: halves-rotation rows -> adjacent-pair rows."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def gguf_name(hf: str) -> str:
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if hf in fixed:
+        return fixed[hf]
+    parts = hf.split(".")  # model.layers.N.<module...>.<weight|bias>
+    module = ".".join(parts[3:-1])
+    return f"blk.{parts[2]}.{NAMES[module]}.{parts[-1]}"
+
+
+def write(fixture: str, out_name: str, arch: str, proj: Q, head: Q, template: str | None = None) -> None:
+    src = os.path.join(FIXTURES, fixture)
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    theta = cfg.get("rope_parameters", {}).get("rope_theta", cfg.get("rope_theta"))
+    path = os.path.join(OUT, out_name)
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(fixture)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(nh)
+    w.add_head_count_kv(nkv)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(theta)
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    if template is not None:
+        w.add_chat_template(template)
+    for name in sorted(tensors):
+        data = tensors[name].astype(np.float32)
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            data = permute(data, nh)
+        if arch == "llama" and name.endswith("k_proj.weight"):
+            data = permute(data, nkv)
+        if data.ndim == 1:
+            qtype = Q.F32
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            qtype = head
+        else:
+            qtype = proj
+        if qtype == Q.F32:
+            w.add_tensor(gguf_name(name), data)
+        elif qtype == Q.F16:
+            w.add_tensor(gguf_name(name), data.astype(np.float16))
+        else:
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"{path}: {os.path.getsize(path)} bytes")
+
+
+def main() -> None:
+    os.makedirs(OUT, exist_ok=True)
+    qwen_template = open(os.path.join(FIXTURES, "chat", "qwen2.5-instruct.jinja")).read()
+    write("hf_llama_gqa", "llama_gqa-q8_0.gguf", "llama", Q.Q8_0, Q.F32)
+    write("hf_llama_gqa", "llama_gqa-q4_0-f16.gguf", "llama", Q.Q4_0, Q.F16)
+    write("hf_qwen2_tied", "qwen2_tied-q8_0.gguf", "qwen2", Q.Q8_0, Q.F32, qwen_template)
+
+
+if __name__ == "__main__":
+    main()
