@@ -157,6 +157,14 @@ impl MeshClientBuilder {
         self
     }
 
+    /// Whether servers with quantized weights (q8_0, q4k, GGUF) may serve this client's
+    /// routes, mixed with full-precision ones (default: yes). Off, only full-precision
+    /// servers are used, so results are those of the unquantized model.
+    pub fn allow_quantized(mut self, allow: bool) -> Self {
+        self.session.policy.allow_quantized = allow;
+        self
+    }
+
     /// How long to wait for servers covering every block (default 30 s).
     pub fn discovery_timeout(mut self, timeout: Duration) -> Self {
         self.discovery_timeout = Some(timeout);

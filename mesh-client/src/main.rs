@@ -70,9 +70,14 @@ struct MeshArgs {
     /// Model name on the mesh.
     #[arg(long, default_value = tiny::TINY_MODEL_ID)]
     model: String,
-    /// Local model directory (embeddings, LM head, tokenizer); default: the tiny model.
+    /// Local model directory (embeddings, LM head, tokenizer), a .gguf file, or a hub id
+    /// found in the local Hugging Face cache; default: the tiny model.
     #[arg(long)]
     model_dir: Option<PathBuf>,
+    /// Whether servers with quantized weights may serve (mixed with full-precision ones);
+    /// false uses only full-precision servers.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    allow_quantized: bool,
     /// Refuse servers above this price (micro-units per token per block).
     #[arg(long)]
     max_price: Option<u64>,
@@ -94,6 +99,15 @@ struct MeshArgs {
     /// Where the client's embeddings and LM head compute: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+}
+
+/// How a server's weights are stored, for people: its label, or full precision.
+fn weights_label(quantization: &str) -> &str {
+    if quantization.is_empty() {
+        "full precision"
+    } else {
+        quantization
+    }
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -179,12 +193,15 @@ enum Command {
         sampling: Sampling,
         #[arg(long, default_value_t = 3)]
         spans: u32,
-        /// Model directory; default: the embedded tiny model.
+        /// Model directory, .gguf file or cached hub id; default: the embedded tiny model.
         #[arg(long)]
         model_dir: Option<PathBuf>,
         /// Where the spans and the head compute: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
+        /// Quantize the spans on load: q8_0 or q4k [default: full precision].
+        #[arg(long)]
+        quantize: Option<mesh_core::model::Quantization>,
     },
 }
 
@@ -276,10 +293,11 @@ async fn main() -> anyhow::Result<()> {
                     .map(|g| format!("  {}", g.short()))
                     .collect();
                 println!(
-                    "{} blocks {} of {}  {:.1} tok/s/block  {} sessions  price {}{gpus}  [{}]",
+                    "{} blocks {} of {}  {}  {:.1} tok/s/block  {} sessions  price {}{gpus}  [{}]",
                     s.peer_id,
                     s.span,
                     s.num_blocks,
+                    weights_label(&s.quantization),
                     s.load.throughput_tps,
                     s.load.active_sessions,
                     s.price_per_token,
@@ -293,7 +311,8 @@ async fn main() -> anyhow::Result<()> {
             spans,
             model_dir,
             device,
-        } => local(sampling, spans, model_dir, device),
+            quantize,
+        } => local(sampling, spans, model_dir, device, quantize),
     }
 }
 
@@ -308,6 +327,7 @@ async fn connect(args: MeshArgs) -> anyhow::Result<MeshClient> {
         b = b.max_price(p);
     }
     b = b.max_price_ratio((args.max_price_ratio > 0.0).then_some(args.max_price_ratio));
+    b = b.allow_quantized(args.allow_quantized);
     b = b
         .ledger_dir(args.ledger_dir.unwrap_or_else(default_ledger_dir))
         .verify(VerifyConfig {
@@ -338,9 +358,15 @@ async fn stream(client: &MeshClient, sampling: &Sampling) -> anyhow::Result<()> 
     }
     println!();
     if let Some(first) = made.first() {
+        // The weights each hop announced (heartbeats heard so far).
+        let nodes = client.nodes().await.unwrap_or_default();
         println!("\nroute:");
         for hop in &first.route {
-            println!("  blocks {} on {}", hop.span, hop.peer);
+            let weights = nodes
+                .iter()
+                .find(|n| n.peer_id == hop.peer)
+                .map_or("weights not heard yet", |n| weights_label(&n.quantization));
+            println!("  blocks {} on {} ({weights})", hop.span, hop.peer);
         }
     }
     let mut decode: Vec<f64> = made
@@ -493,6 +519,7 @@ fn local(
     spans: u32,
     model_dir: Option<PathBuf>,
     device: DeviceSpec,
+    quantize: Option<mesh_core::model::Quantization>,
 ) -> anyhow::Result<()> {
     let dir = match model_dir {
         Some(dir) => dir,
@@ -500,13 +527,24 @@ fn local(
     };
     let selected = mesh_core::model::device::select(device);
     eprintln!("computing on {}", selected.description);
-    let model = LocalModel::load_split(&dir, spans, &selected.device)
-        .with_context(|| format!("loading {}", dir.display()))?;
+    let num_blocks = mesh_core::model::ModelFiles::open(&dir)?
+        .config
+        .num_blocks();
+    let ranges = mesh_core::BlockRange::even_split(num_blocks, spans);
+    let model = LocalModel::load_spans_quantized(
+        &dir,
+        &ranges,
+        candle_core::DType::F32,
+        quantize,
+        &selected.device,
+    )
+    .with_context(|| format!("loading {}", dir.display()))?;
     for span in model.spans() {
         println!(
-            "span {} ({:.1} MiB of weights)",
+            "span {} ({:.1} MiB of weights, {})",
             span.range(),
-            span.weight_bytes() as f64 / (1 << 20) as f64
+            span.weight_bytes() as f64 / (1 << 20) as f64,
+            span.quantization().unwrap_or("full precision")
         );
     }
     print!("{}", sampling.prompt);

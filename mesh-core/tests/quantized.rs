@@ -201,6 +201,14 @@ fn a_two_of_eight_block_span_in_each_format() {
     assert_eq!(f16_bytes, f32_bytes / 2);
     assert_eq!(q8, matrices * 34 / 32 + norms);
     assert_eq!(q4, matrices * 144 / 256 + norms);
+    // Sizing (probe, register, start) predicts exactly these bytes before loading.
+    let predicted = |q| {
+        let format = mesh_core::probe::SpanFormat::of(&files, DType::F32, q);
+        mesh_core::probe::span_weight_bytes(cfg, 2, format) as usize
+    };
+    assert_eq!(predicted(Some(Quantization::Q8_0)), q8);
+    assert_eq!(predicted(Some(Quantization::Q4K)), q4);
+    assert_eq!(predicted(None), f32_bytes);
     for (name, b) in [
         ("f32", f32_bytes),
         ("f16", f16_bytes),

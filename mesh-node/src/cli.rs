@@ -98,7 +98,8 @@ pub struct NodeFlags {
     /// Model name on the mesh.
     #[arg(long)]
     pub model: Option<String>,
-    /// Hugging Face model directory (config.json, *.safetensors). Defaults to the
+    /// Hugging Face model directory (config.json, *.safetensors), a .gguf file, or a hub
+    /// id (Org/Name) found offline in the local Hugging Face cache. Defaults to the
     /// embedded tiny model, written under $MESH_HOME when absent.
     #[arg(long)]
     pub model_dir: Option<PathBuf>,
@@ -115,6 +116,10 @@ pub struct NodeFlags {
     /// Weights and compute dtype: f32, f16 (bf16 needs a GPU) [default: f32].
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Quantize the span's weights on load: q8_0 or q4k (GGUF files keep their own)
+    /// [default: none, full precision].
+    #[arg(long)]
+    pub quantize: Option<String>,
     /// Where the span computes: cpu, cuda or cuda:N (needs a build with --features cuda)
     /// [default: cpu].
     #[arg(long)]

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::{QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::Device;
 
 use super::{LlamaConfig, ModelError};
@@ -170,6 +170,41 @@ impl GgufFile {
             .tensor_infos
             .keys()
             .filter_map(|name| name.strip_prefix("blk.")?.split('.').next()?.parse().ok())
+    }
+
+    /// Bytes of the `blk.*` tensors, per block: how much a span of this file takes.
+    pub fn block_bytes(&self) -> u64 {
+        let mut total = 0u64;
+        for (name, info) in &self.content.tensor_infos {
+            if name.starts_with("blk.") {
+                let d = info.ggml_dtype;
+                let bytes = info.shape.elem_count() / d.block_size() * d.type_size();
+                total = total.saturating_add(bytes as u64);
+            }
+        }
+        let blocks = self
+            .block_indices()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        total / (blocks.max(1) as u64)
+    }
+
+    /// `gguf:<types>` of the quantized matrices of the blocks, as a span announces it;
+    /// empty when every block tensor is f32/f16/bf16.
+    pub fn block_formats(&self) -> String {
+        let formats: std::collections::BTreeSet<String> = self
+            .content
+            .tensor_infos
+            .iter()
+            .filter(|(name, info)| name.starts_with("blk.") && info.shape.rank() == 2)
+            .map(|(_, info)| info.ggml_dtype)
+            .filter(|d| !matches!(d, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16))
+            .map(|d| format!("{d:?}").to_ascii_lowercase())
+            .collect();
+        if formats.is_empty() {
+            return String::new();
+        }
+        format!("gguf:{}", formats.into_iter().collect::<Vec<_>>().join("+"))
     }
 
     /// `tokenizer.chat_template` with the BOS/EOS token strings it may write.

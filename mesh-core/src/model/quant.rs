@@ -5,6 +5,9 @@
 //! compute dtype, as llama.cpp does, because they are small and error there compounds.
 
 use candle_core::quantized::GgmlDType;
+use candle_core::DType;
+
+use super::LlamaConfig;
 
 /// How a span's weights are stored, as announced to clients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -45,12 +48,24 @@ impl Quantization {
             .find(|d| in_dim.is_multiple_of(d.block_size()))
     }
 
-    /// Bytes per weight of a row of `in_dim` (for sizing spans before loading them).
-    pub fn bytes_per_weight(self, in_dim: usize) -> f64 {
-        match self.ggml_for(in_dim) {
-            Some(d) => d.type_size() as f64 / d.block_size() as f64,
-            None => 4.0,
-        }
+    /// Bytes of one block of `cfg` with its projections quantized to `self` and the rest
+    /// (norms, biases, matrices too narrow to quantize) at `dtype`: what
+    /// [`super::SpanModel::weight_bytes`] measures, known before loading.
+    pub fn block_bytes(self, cfg: &LlamaConfig, dtype: DType) -> u64 {
+        let dense = dtype.size_in_bytes();
+        let matrix = |rows: usize, cols: usize| -> usize {
+            match self.ggml_for(cols) {
+                Some(d) => rows * cols / d.block_size() * d.type_size(),
+                None => rows * cols * dense,
+            }
+        };
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let q = cfg.num_attention_heads * cfg.head_dim();
+        let kv = cfg.num_kv_heads() * cfg.head_dim();
+        let matrices =
+            matrix(q, h) + 2 * matrix(kv, h) + matrix(h, q) + 2 * matrix(i, h) + matrix(h, i);
+        let biases = usize::from(cfg.qkv_bias()) * (q + 2 * kv) + usize::from(cfg.o_bias()) * h;
+        (matrices + (biases + 2 * h) * dense) as u64
     }
 }
 
@@ -80,7 +95,5 @@ mod tests {
         assert_eq!(Quantization::Q4K.ggml_for(512), Some(GgmlDType::Q4K));
         assert_eq!(Quantization::Q4K.ggml_for(160), Some(GgmlDType::Q8_0));
         assert_eq!(Quantization::Q8_0.ggml_for(20), None);
-        assert!((Quantization::Q4K.bytes_per_weight(4096) - 0.5625).abs() < 1e-9);
-        assert!((Quantization::Q8_0.bytes_per_weight(4096) - 1.0625).abs() < 1e-9);
     }
 }

@@ -65,6 +65,26 @@ impl ModelFiles {
         self.dir.join("tokenizer.json")
     }
 
+    /// A GGUF file's bytes per block (its blocks are stored quantized); `None` for
+    /// safetensors, whose size follows from the config and the dtype.
+    pub fn gguf_block_bytes(&self) -> Option<u64> {
+        match (self.format, self.weight_files.first()) {
+            (WeightFormat::Gguf, Some(path)) => GgufFile::open(path).ok().map(|g| g.block_bytes()),
+            _ => None,
+        }
+    }
+
+    /// What a server of this model announces before loading a span: `gguf:<types>` of
+    /// the file's blocks, else the on-load quantization (empty for full precision).
+    pub fn announced_quantization(&self, quantize: Option<Quantization>) -> String {
+        match (self.format, self.weight_files.first()) {
+            (WeightFormat::Gguf, Some(path)) => GgufFile::open(path)
+                .map(|g| g.block_formats())
+                .unwrap_or_default(),
+            _ => quantize.map(|q| q.name().to_string()).unwrap_or_default(),
+        }
+    }
+
     /// The model's chat template: a GGUF's `tokenizer.chat_template`, else the one in the
     /// directory (see [`ChatTemplate::from_model_dir`]).
     pub fn chat_template(&self) -> Result<Option<ChatTemplate>, ModelError> {
