@@ -303,3 +303,22 @@ fn unsupported_gguf_architectures_are_refused_by_name() {
     let err = ModelFiles::open(&path).unwrap_err().to_string();
     assert!(err.contains("m.gguf"), "{err}");
 }
+
+#[test]
+fn an_exported_gguf_of_the_tiny_model_is_on_load_q8_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = ModelFiles::open(&tiny::ensure(&dir.path().join("tiny")).unwrap()).unwrap();
+    let path = dir.path().join("tiny-q8_0.gguf");
+    mesh_core::model::write_gguf(&st, Quantization::Q8_0, &path).unwrap();
+    let g = ModelFiles::open(&path).unwrap();
+    g.check_weights().unwrap();
+    assert_eq!(g.config.num_blocks(), st.config.num_blocks());
+    let (tokens, logits, label) = run(&g, &g, None, 16);
+    let (want, want_logits, _) = run(&st, &st, Some(Quantization::Q8_0), 16);
+    assert_eq!(label.as_deref(), Some("gguf:q8_0"));
+    assert_eq!(tokens, want);
+    assert!(relative_error(&logits, &want_logits) < 1e-5);
+    // Not a Llama safetensors model: refused, nothing written.
+    let err = mesh_core::model::write_gguf(&g, Quantization::Q8_0, &dir.path().join("x.gguf"));
+    assert!(err.is_err() && !dir.path().join("x.gguf").exists());
+}
