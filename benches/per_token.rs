@@ -100,7 +100,9 @@ fn span_formats(c: &mut Criterion) {
         .expect("span");
         let name = quant.map_or("f32", |q| q.name());
         eprintln!("span-format/{name}: {} weight bytes", span.weight_bytes());
-        group.bench_function(name, |b| b.iter_custom(|iters| decode_steps(&span, &x, iters)));
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| decode_steps(&span, &x, iters))
+        });
     }
     group.finish();
 }

@@ -13,6 +13,8 @@ Written into mesh-core/tests/fixtures/gguf/:
   llama_gqa-q4_0-f16.gguf  hf_llama_gqa, block projections Q4_0, embeddings and LM head F16
   qwen2_tied-q8_0.gguf     hf_qwen2_tied, block projections Q8_0, biases and the rest F32,
                            with Qwen2.5's chat template as tokenizer.chat_template
+  tokenizer-gpt2.{json,gguf}  a byte-level BPE tokenizer trained here (tokenizers, Qwen2's
+                           pre-tokenizer) and the same tokenizer as GGUF metadata
 
 Names and layout follow llama.cpp's convert_hf_to_gguf.py: `token_embd`, `blk.N.attn_q`,
 ..., `output_norm`, `output` (absent when tied); for the `llama` architecture the q and k
@@ -114,6 +116,69 @@ def main() -> None:
     write("hf_llama_gqa", "llama_gqa-q8_0.gguf", "llama", Q.Q8_0, Q.F32)
     write("hf_llama_gqa", "llama_gqa-q4_0-f16.gguf", "llama", Q.Q4_0, Q.F16)
     write("hf_qwen2_tied", "qwen2_tied-q8_0.gguf", "qwen2", Q.Q8_0, Q.F32, qwen_template)
+    write_tokenizer_fixture()
+
+
+
+# --- A byte-level BPE tokenizer in GGUF metadata (tokenizer.ggml.model = "gpt2") ---------
+
+QWEN2_PRE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+CORPUS = [
+    "The mesh runs models on everyone's GPUs, a span of blocks on each machine.",
+    "Hello, world! Hello again, world. It's 2026 and we'll see 12345 tokens.",
+    "Qwen2 and Llama 3 use byte-level BPE; SentencePiece is another story.",
+    "  indented   text\n\nwith newlines\r\n and tabs\tin it  ",
+    "café, naïve, Zürich, 東京, данные, 😀 emoji.",
+]
+
+
+def write_tokenizer_fixture() -> None:
+    """tokenizer-gpt2.json (trained here with `tokenizers`, Qwen2's pre-tokenizer) and
+    tokenizer-gpt2.gguf: a stub qwen2 model (one 8-wide embedding, no blocks) whose metadata
+    holds that tokenizer as llama.cpp's converter writes it (tokens, token_type, merges,
+    pre = "qwen2"). mesh must rebuild from the GGUF a tokenizer encoding like the JSON one."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRE), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    tok.save(os.path.join(OUT, "tokenizer-gpt2.json"))
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    types = [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens]
+
+    path = os.path.join(OUT, "tokenizer-gpt2.gguf")
+    w = gguf.GGUFWriter(path, "qwen2")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(8)
+    w.add_head_count(2)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(vocab["<|im_end|>"])
+    w.add_add_bos_token(False)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"{path}: {os.path.getsize(path)} bytes, {len(tokens)} tokens, {len(merges)} merges")
 
 
 if __name__ == "__main__":

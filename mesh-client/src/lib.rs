@@ -223,7 +223,11 @@ impl MeshClientBuilder {
             tracing::warn!("client head: {}", device.description);
         }
         let head = ClientHead::load(&files, candle_core::DType::F32, &device.device)?;
-        let tokenizer = MeshTokenizer::from_file(&files.tokenizer_path())?;
+        let tokenizer = match files.tokenizer()? {
+            Some(t) => t,
+            // No tokenizer at all: the error names the tokenizer.json that was looked for.
+            None => MeshTokenizer::from_file(&files.tokenizer_path())?,
+        };
         let chat_template = files.chat_template()?;
         let mut eos = files.config.eos_tokens();
         // Instruct models end a turn with the tokenizer's EOS (Llama 3's <|eot_id|>), which

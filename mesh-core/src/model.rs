@@ -22,6 +22,7 @@ mod error;
 mod generate;
 mod gguf;
 mod gguf_export;
+mod gguf_tokenizer;
 mod head;
 pub mod hub;
 pub mod kernels;

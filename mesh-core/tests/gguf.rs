@@ -322,3 +322,68 @@ fn an_exported_gguf_of_the_tiny_model_is_on_load_q8_0() {
     let err = mesh_core::model::write_gguf(&g, Quantization::Q8_0, &dir.path().join("x.gguf"));
     assert!(err.is_err() && !dir.path().join("x.gguf").exists());
 }
+
+/// A byte-level BPE tokenizer (trained by `tokenizers` with Qwen2's pre-tokenizer) stored
+/// as GGUF metadata the way llama.cpp's converter stores it: rebuilt, it encodes and
+/// decodes as its tokenizer.json does.
+#[test]
+fn a_gpt2_bpe_tokenizer_is_rebuilt_from_gguf_metadata() {
+    let dir = fixtures().join("gguf");
+    let g = ModelFiles::open(&dir.join("tokenizer-gpt2.gguf")).unwrap();
+    assert!(!g.tokenizer_path().exists(), "no tokenizer.json beside it");
+    let from_gguf = g.tokenizer().unwrap().expect("a tokenizer in the metadata");
+    let want =
+        mesh_core::model::MeshTokenizer::from_file(&dir.join("tokenizer-gpt2.json")).unwrap();
+    for text in [
+        "The mesh runs models on everyone's GPUs.",
+        "Hello, world! It'S 2026: 1234567 tokens, we'll see.",
+        "  indented   text\n\nwith newlines\r\n and\ttabs  ",
+        "café naïve 東京 данные 😀",
+        "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
+    ] {
+        let ids = want.encode(text).unwrap();
+        assert_eq!(from_gguf.encode(text).unwrap(), ids, "{text:?}");
+        assert_eq!(from_gguf.decode(&ids).unwrap(), want.decode(&ids).unwrap());
+    }
+    assert_eq!(
+        from_gguf.token_id("<|im_end|>"),
+        want.token_id("<|im_end|>")
+    );
+    // No tokenizer metadata: none.
+    let py = fixtures().join("gguf/llama_gqa-q8_0.gguf");
+    assert!(ModelFiles::open(&py)
+        .unwrap()
+        .tokenizer()
+        .unwrap()
+        .is_none());
+    // SentencePiece metadata is refused with what to do instead.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("spm.gguf");
+    let t = QTensor::quantize(
+        &Tensor::zeros((4, 8), DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
+    let s = |v: &str| Value::String(v.into());
+    let meta = [
+        ("general.architecture", s("llama")),
+        ("llama.block_count", Value::U32(1)),
+        ("llama.context_length", Value::U32(64)),
+        ("llama.embedding_length", Value::U32(8)),
+        ("llama.feed_forward_length", Value::U32(8)),
+        ("llama.attention.head_count", Value::U32(2)),
+        ("tokenizer.ggml.model", s("llama")),
+    ];
+    let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let mut f = std::fs::File::create(&path).unwrap();
+    gguf_file::write(&mut f, &meta, &[("token_embd.weight", &t)]).unwrap();
+    let err = ModelFiles::open(&path)
+        .unwrap()
+        .tokenizer()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("\"llama\"") && err.contains("tokenizer.json"),
+        "{err}"
+    );
+}

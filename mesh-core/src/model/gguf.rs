@@ -69,6 +69,52 @@ impl GgufFile {
         self.content.metadata.get(key)
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn meta_str(&self, key: &str) -> Option<&str> {
+        self.meta(key)?.to_string().ok().map(String::as_str)
+    }
+
+    pub fn meta_bool(&self, key: &str) -> Option<bool> {
+        self.meta(key)?.to_bool().ok()
+    }
+
+    /// An unsigned integer of any width.
+    pub fn meta_u64_lossy(&self, key: &str) -> Option<u64> {
+        self.meta(key)?.to_u64().ok()
+    }
+
+    /// An array of strings; `None` when absent or of another type.
+    pub fn meta_strings(&self, key: &str) -> Option<Vec<String>> {
+        self.meta(key)?
+            .to_vec()
+            .ok()?
+            .iter()
+            .map(|v| v.to_string().ok().cloned())
+            .collect()
+    }
+
+    /// An array of integers of any width; `None` when absent or of another type.
+    pub fn meta_ints(&self, key: &str) -> Option<Vec<i64>> {
+        self.meta(key)?
+            .to_vec()
+            .ok()?
+            .iter()
+            .map(|v| match v {
+                Value::I32(x) => Some(i64::from(*x)),
+                Value::I64(x) => Some(*x),
+                Value::U32(x) => Some(i64::from(*x)),
+                Value::I8(x) => Some(i64::from(*x)),
+                Value::U8(x) => Some(i64::from(*x)),
+                Value::I16(x) => Some(i64::from(*x)),
+                Value::U16(x) => Some(i64::from(*x)),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn meta_u64(&self, key: &str) -> Result<Option<u64>, ModelError> {
         self.meta(key)
             .map(|v| v.to_u64().map_err(|e| self.bad(format!("{key}: {e}"))))

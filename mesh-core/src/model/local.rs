@@ -71,12 +71,7 @@ impl LocalModel {
             .iter()
             .map(|r| SpanModel::load_quantized(&files, *r, dtype, quantize, device))
             .collect::<Result<Vec<_>, _>>()?;
-        let tok_path = files.tokenizer_path();
-        let tokenizer = if tok_path.exists() {
-            Some(MeshTokenizer::from_file(&tok_path)?)
-        } else {
-            None
-        };
+        let tokenizer = files.tokenizer()?;
         Ok(Self {
             files,
             head,

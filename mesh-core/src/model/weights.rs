@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::gguf::{is_gguf, GgufFile};
 use super::linear::Linear;
-use super::{ChatTemplate, LlamaConfig, ModelError, Quantization};
+use super::{ChatTemplate, LlamaConfig, MeshTokenizer, ModelError, Quantization};
 
 /// Where a model's weights are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +72,21 @@ impl ModelFiles {
             (WeightFormat::Gguf, Some(path)) => GgufFile::open(path).ok().map(|g| g.block_bytes()),
             _ => None,
         }
+    }
+
+    /// The model's tokenizer: `tokenizer.json` beside the weights, else the one a GGUF
+    /// carries in its metadata (byte-level BPE only); `None` when there is neither.
+    pub fn tokenizer(&self) -> Result<Option<MeshTokenizer>, ModelError> {
+        let path = self.tokenizer_path();
+        if path.exists() {
+            return MeshTokenizer::from_file(&path).map(Some);
+        }
+        if let (WeightFormat::Gguf, Some(gguf)) = (self.format, self.weight_files.first()) {
+            if let Some(json) = super::gguf_tokenizer::tokenizer_json(&GgufFile::open(gguf)?)? {
+                return MeshTokenizer::from_json(&json).map(Some);
+            }
+        }
+        Ok(None)
     }
 
     /// What a server of this model announces before loading a span: `gguf:<types>` of
