@@ -526,13 +526,8 @@ listen = {http}
         if listen.is_empty() {
             return Err(invalid("network.listen", "needs at least one address"));
         }
-        let quantize = self
-            .quantize
-            .as_deref()
-            .map(|q| {
-                crate::model::Quantization::parse(q)
-                    .ok_or_else(|| invalid("quantize", format!("{q:?}: expected q8_0 or q4k")))
-            })
+        let quantize = (self.quantize.as_deref())
+            .map(|q| q.parse().map_err(|m: String| invalid("quantize", m)))
             .transpose()?;
         Ok(Resolved {
             model: self.model.clone(),
