@@ -334,7 +334,7 @@ mod tests {
     fn quantized_servers_serve_unless_the_client_wants_full_precision() {
         let mut q = cand((0, 8));
         q.quantized = true;
-        q.throughput_tps = 100.0;
+        q.throughput_tps = 10_000.0;
         let (a, b) = (cand((0, 4)), cand((4, 8)));
         let cs = [q.clone(), a.clone(), b.clone()];
         // Allowed (the default): the faster, single-hop quantized server wins.
