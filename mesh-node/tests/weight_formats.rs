@@ -151,6 +151,40 @@ async fn gguf_f32_and_q8_0_nodes_serve_one_model_together() {
         refused.is_err(),
         "a full-precision-only session found a route"
     );
+
+    // A full-precision server of blocks 0..3 joins. Checking every step, a hop is only
+    // ever compared with a server of its own format: the GGUF hop and the f32 one differ
+    // honestly by far more than the tolerance, and neither may be taken for a liar.
+    let mut args = node_args(dir.path(), "node3", r(0, 3), &[&boot_addr]);
+    args.extend(["--model-dir".into(), model_dir.display().to_string()]);
+    let node = Proc::spawn("node3", "mesh-node", &args, dir.path());
+    nodes.push((Proc::peer_id(&node.listen_addr().await), node));
+    let c = client.client.clone();
+    wait_for(DISCOVERY_LIMIT, "heartbeats of all four", || {
+        let c = c.clone();
+        let model = model.clone();
+        async move { (c.live_servers(&model).await.ok()?.len() == 4).then_some(()) }
+    })
+    .await;
+    let mut checked = SessionConfig::default();
+    checked.verify.rate = 1.0;
+    for _ in 0..3 {
+        let mut session = RemoteSession::open(
+            client.client.clone(),
+            model.clone(),
+            NUM_BLOCKS,
+            checked.clone(),
+        )
+        .await
+        .unwrap();
+        let mut generation =
+            Generation::new(PROMPT.to_vec(), SamplingParams::greedy(4), 512).unwrap();
+        pipeline::generate(&head, &mut session, &mut generation, |_| {})
+            .await
+            .unwrap();
+        assert!(session.caught().is_empty(), "{:?}", session.caught());
+        session.close().await;
+    }
     for (_, node) in &mut nodes {
         node.kill();
     }

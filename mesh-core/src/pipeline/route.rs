@@ -25,8 +25,8 @@ pub struct Candidate {
     pub throughput_tps: f32,
     pub active_sessions: u32,
     pub price_per_token: u64,
-    /// Whether its weights are quantized (announced; empty label = full precision).
-    pub quantized: bool,
+    /// How its weights are stored, as announced; empty = full precision.
+    pub quantization: String,
     /// Extra cost from this client's memory of the server's failures, in ms
     /// ([`crate::ledger::Reputation`]).
     pub penalty_ms: f64,
@@ -41,7 +41,7 @@ impl Candidate {
             throughput_tps: info.load.throughput_tps,
             active_sessions: info.load.active_sessions,
             price_per_token: info.price_per_token,
-            quantized: !info.quantization.is_empty(),
+            quantization: info.quantization.clone(),
             penalty_ms: 0.0,
         }
     }
@@ -59,7 +59,7 @@ impl Candidate {
             throughput_tps: 0.0,
             active_sessions: 0,
             price_per_token: span.price_per_token,
-            quantized: !span.quantization.is_empty(),
+            quantization: span.quantization.clone(),
             penalty_ms: UNHEARD_PENALTY_MS,
         }
     }
@@ -249,7 +249,7 @@ pub fn plan(
     let usable: Vec<Priced> = priced
         .into_iter()
         .filter(|p| !exclude.contains(&p.candidate.peer))
-        .filter(|p| policy.allow_quantized || !p.candidate.quantized)
+        .filter(|p| policy.allow_quantized || p.candidate.quantization.is_empty())
         .collect();
     let n = (range.end - range.start) as usize;
     let mut best = vec![f64::INFINITY; n + 1];
@@ -325,7 +325,7 @@ mod tests {
             throughput_tps: 0.0,
             active_sessions: 0,
             price_per_token: 0,
-            quantized: false,
+            quantization: String::new(),
             penalty_ms: 0.0,
         }
     }
@@ -333,7 +333,7 @@ mod tests {
     #[test]
     fn quantized_servers_serve_unless_the_client_wants_full_precision() {
         let mut q = cand((0, 8));
-        q.quantized = true;
+        q.quantization = "q4k".into();
         q.throughput_tps = 10_000.0;
         let (a, b) = (cand((0, 4)), cand((4, 8)));
         let cs = [q.clone(), a.clone(), b.clone()];
