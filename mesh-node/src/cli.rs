@@ -239,6 +239,19 @@ pub struct ProbeArgs {
     /// Print JSON instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// Also say how many blocks of this model (directory, .gguf file or cached hub id)
+    /// fit in RAM and in each GPU's free VRAM.
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// With --model-dir: the weights' dtype, f32 or f16 [default: f32].
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// With --model-dir: size the blocks quantized on load, q8_0 or q4k.
+    #[arg(long)]
+    pub quantize: Option<mesh_core::model::Quantization>,
+    /// With --model-dir: the KV-cache budget kept beside the weights, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub cache_budget_mib: u64,
 }
 
 #[derive(clap::Args, Debug)]

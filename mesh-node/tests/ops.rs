@@ -527,6 +527,52 @@ async fn register_finds_hub_ids_in_the_hf_cache_and_sizes_quantized_spans() {
     let (full, quantized) = (weights(&f32_out), weights(&q_out));
     assert!(quantized < full * 0.5, "{quantized} vs {full}");
 
+    // `probe` sizes the same way, per block.
+    let probe = |args: &[&str]| {
+        let mut all = vec!["probe", "--model-dir", "mesh/tiny"];
+        all.extend_from_slice(args);
+        let o = std::process::Command::new(binary("mesh-node"))
+            .args(&all)
+            .env("MESH_HOME", &home)
+            .env("HF_HOME", &hf)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "probe: {}", stderr(&o));
+        let out = stdout(&o);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("model  "))
+            .unwrap()
+            .to_owned();
+        assert!(out.contains("RAM: room for "), "{out}");
+        let per_block: f64 = line
+            .split(", ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        (line, per_block)
+    };
+    let (line, f32_block) = probe(&[]);
+    assert!(
+        line.contains("8 blocks") && line.ends_with("(f32)"),
+        "{line}"
+    );
+    let (line, q8_block) = probe(&["--quantize", "q8_0"]);
+    assert!(line.ends_with("(q8_0)"), "{line}");
+    // Per-block figures are printed to 0.1 MiB.
+    assert!(
+        (q8_block * 8.0 - quantized).abs() < 0.45,
+        "{q8_block} x 8 vs {quantized}"
+    );
+    assert!(
+        (f32_block * 8.0 - full).abs() < 0.45,
+        "{f32_block} x 8 vs {full}"
+    );
+
     let (ok, _, err) = run(&["--model-dir", "mesh/absent"]);
     assert!(!ok);
     assert!(
