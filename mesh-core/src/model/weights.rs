@@ -381,7 +381,7 @@ impl Weights {
 
     /// Take one tensor, checking its dtype and shape before copying it.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        let tensor = self.take(name, shape)?.to_dtype(self.dtype)?;
+        let tensor = self.take(name, shape, &self.device)?.to_dtype(self.dtype)?;
         self.count(tensor.elem_count() * self.dtype.size_in_bytes());
         Ok(tensor)
     }
@@ -425,8 +425,10 @@ impl Weights {
         }
         match self.quantize.and_then(|q| q.ggml_for(in_dim)) {
             Some(format) => {
-                let dense = self.take(&name, &[out_dim, in_dim])?;
-                let q = QTensor::quantize(&dense.to_dtype(DType::F32)?, format)?;
+                // Quantized on the CPU (candle does so anyway) and only then moved to the
+                // device, so the f32 matrix never takes device memory.
+                let dense = self.take(&name, &[out_dim, in_dim], &Device::Cpu)?;
+                let q = QTensor::quantize_onto(&dense.to_dtype(DType::F32)?, format, &self.device)?;
                 self.count(q.storage_size_in_bytes());
                 Linear::quantized(q, bias)
             }
@@ -434,18 +436,15 @@ impl Weights {
         }
     }
 
-    /// One tensor on the device in its stored dtype, not counted.
-    fn take(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+    /// One tensor on `device` in its stored dtype, not counted.
+    fn take(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor, ModelError> {
         let missing = || ModelError::MissingWeight {
             name: name.to_string(),
         };
         let tensor = match &self.tensors {
-            Source::Files(files) => Self::read(
-                files.get(name).map_err(|_| missing())?,
-                name,
-                shape,
-                &self.device,
-            )?,
+            Source::Files(files) => {
+                Self::read(files.get(name).map_err(|_| missing())?, name, shape, device)?
+            }
             Source::Memory(map) => {
                 let t = map.get(name).ok_or_else(missing)?;
                 if t.dims() != shape {
@@ -455,11 +454,11 @@ impl Weights {
                         actual: t.dims().to_vec(),
                     });
                 }
-                t.to_device(&self.device)?
+                t.to_device(device)?
             }
             Source::Gguf { file, config, .. } => file
-                .tensor(name, shape, config, &self.device)?
-                .dequantize(&self.device)?,
+                .tensor(name, shape, config, device)?
+                .dequantize(device)?,
         };
         Ok(tensor)
     }
