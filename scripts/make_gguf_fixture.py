@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Write GGUF files from the transformers fixtures, as llama.cpp's converter lays them out.
 
-Generated with gguf 0.19.0 (PyPI), numpy 2.4.6, safetensors 0.8.0, python 3.11.7.
+Generated with gguf 0.19.0 (PyPI), numpy 2.4.6, safetensors 0.8.0, tokenizers 0.23.3,
+sentencepiece 0.2.3, python 3.11.7.
 Regenerate from the workspace root (after scripts/make_hf_fixture.py):
 
     pip install gguf safetensors numpy
@@ -15,6 +16,9 @@ Written into mesh-core/tests/fixtures/gguf/:
                            with Qwen2.5's chat template as tokenizer.chat_template
   tokenizer-gpt2.{json,gguf}  a byte-level BPE tokenizer trained here (tokenizers, Qwen2's
                            pre-tokenizer) and the same tokenizer as GGUF metadata
+  tokenizer-spm.gguf, tokenizer-spm.expected.json  a SentencePiece BPE vocabulary (byte
+                           fallback) trained here, as GGUF metadata, and sentencepiece's
+                           own encodings of a few texts
 
 Names and layout follow llama.cpp's convert_hf_to_gguf.py: `token_embd`, `blk.N.attn_q`,
 ..., `output_norm`, `output` (absent when tied); for the `llama` architecture the q and k
@@ -117,6 +121,7 @@ def main() -> None:
     write("hf_llama_gqa", "llama_gqa-q4_0-f16.gguf", "llama", Q.Q4_0, Q.F16)
     write("hf_qwen2_tied", "qwen2_tied-q8_0.gguf", "qwen2", Q.Q8_0, Q.F32, qwen_template)
     write_tokenizer_fixture()
+    write_spm_fixture()
 
 
 
@@ -179,6 +184,74 @@ def write_tokenizer_fixture() -> None:
     w.write_tensors_to_file()
     w.close()
     print(f"{path}: {os.path.getsize(path)} bytes, {len(tokens)} tokens, {len(merges)} merges")
+
+
+
+# --- A SentencePiece BPE tokenizer in GGUF metadata (tokenizer.ggml.model = "llama") -------
+
+SPM_TEXTS = [
+    "Hello, world!",
+    "The mesh runs models on everyone's GPUs.",
+    "  indented   text\n\nwith newlines\tand tabs  ",
+    "It's 2026: 1234567 tokens.",
+    "café naïve 東京 😀",
+]
+
+
+def write_spm_fixture() -> None:
+    """tokenizer-spm.gguf: a stub llama model whose metadata holds a SentencePiece BPE
+    vocabulary (byte fallback, as Llama 2's) the way llama.cpp's converter writes it
+    (tokens, scores, token types), and tokenizer-spm.expected.json: what sentencepiece
+    itself encodes for SPM_TEXTS, BOS first (add_bos_token), the reference mesh matches."""
+    import tempfile
+
+    import sentencepiece as spm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus.txt")
+        with open(corpus, "w") as f:
+            f.write("\n".join(CORPUS * 20))
+        spm.SentencePieceTrainer.train(
+            input=corpus, model_prefix=os.path.join(tmp, "m"), vocab_size=400, model_type="bpe",
+            byte_fallback=True, character_coverage=1.0, split_digits=True,
+            allow_whitespace_only_pieces=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            minloglevel=2)
+        sp = spm.SentencePieceProcessor(model_file=os.path.join(tmp, "m.model"))
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        types.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else
+                     gguf.TokenType.CONTROL if sp.is_control(i) else
+                     gguf.TokenType.BYTE if sp.is_byte(i) else
+                     gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.NORMAL)
+    path = os.path.join(OUT, "tokenizer-spm.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(8)
+    w.add_head_count(2)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    w.add_add_bos_token(True)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    expected = {t: [sp.bos_id()] + sp.encode(t) for t in SPM_TEXTS}
+    with open(os.path.join(OUT, "tokenizer-spm.expected.json"), "w") as f:
+        json.dump(expected, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    print(f"{path}: {os.path.getsize(path)} bytes, {len(tokens)} tokens")
 
 
 if __name__ == "__main__":

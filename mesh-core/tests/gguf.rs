@@ -356,9 +356,9 @@ fn a_gpt2_bpe_tokenizer_is_rebuilt_from_gguf_metadata() {
         .tokenizer()
         .unwrap()
         .is_none());
-    // SentencePiece metadata is refused with what to do instead.
+    // An unknown tokenizer model is refused with what to do instead.
     let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("spm.gguf");
+    let path = tmp.path().join("rwkv.gguf");
     let t = QTensor::quantize(
         &Tensor::zeros((4, 8), DType::F32, &Device::Cpu).unwrap(),
         GgmlDType::F32,
@@ -372,7 +372,7 @@ fn a_gpt2_bpe_tokenizer_is_rebuilt_from_gguf_metadata() {
         ("llama.embedding_length", Value::U32(8)),
         ("llama.feed_forward_length", Value::U32(8)),
         ("llama.attention.head_count", Value::U32(2)),
-        ("tokenizer.ggml.model", s("llama")),
+        ("tokenizer.ggml.model", s("rwkv")),
     ];
     let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
     let mut f = std::fs::File::create(&path).unwrap();
@@ -383,7 +383,26 @@ fn a_gpt2_bpe_tokenizer_is_rebuilt_from_gguf_metadata() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("\"llama\"") && err.contains("tokenizer.json"),
+        err.contains("\"rwkv\"") && err.contains("tokenizer.json"),
         "{err}"
     );
+}
+
+/// A SentencePiece BPE vocabulary with byte fallback (Llama 2's kind), trained by
+/// sentencepiece and stored as llama.cpp's converter stores it (tokens, scores, types):
+/// rebuilt, it encodes as sentencepiece itself does, BOS first.
+#[test]
+fn a_sentencepiece_tokenizer_is_rebuilt_from_gguf_metadata() {
+    let dir = fixtures().join("gguf");
+    let g = ModelFiles::open(&dir.join("tokenizer-spm.gguf")).unwrap();
+    let tok = g.tokenizer().unwrap().expect("a tokenizer in the metadata");
+    let expected: std::collections::BTreeMap<String, Vec<u32>> = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("tokenizer-spm.expected.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(expected.len() >= 5);
+    for (text, ids) in &expected {
+        assert_eq!(&tok.encode(text).unwrap(), ids, "{text:?}");
+        assert_eq!(&tok.decode(&ids[1..]).unwrap(), text, "{text:?}");
+    }
 }

@@ -96,6 +96,20 @@ impl GgufFile {
             .collect()
     }
 
+    /// An array of floats; `None` when absent or of another type.
+    pub fn meta_floats(&self, key: &str) -> Option<Vec<f32>> {
+        self.meta(key)?
+            .to_vec()
+            .ok()?
+            .iter()
+            .map(|v| match v {
+                Value::F32(x) => Some(*x),
+                Value::F64(x) => Some(*x as f32),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// An array of integers of any width; `None` when absent or of another type.
     pub fn meta_ints(&self, key: &str) -> Option<Vec<i64>> {
         self.meta(key)?

@@ -3,9 +3,10 @@
 //!
 //! Byte-level BPE (`tokenizer.ggml.model = "gpt2"`: Qwen2, Llama 3, GPT-2) is rebuilt from
 //! the token list, token types and merges, with the pre-tokenizer `tokenizer.ggml.pre`
-//! names. SentencePiece vocabularies (`"llama"`: Llama 2, Mistral) are not: their
-//! transformers form needs merges that the GGUF does not hold, so those models need their
-//! `tokenizer.json` beside the file.
+//! names. SentencePiece BPE (`"llama"`: Llama 2, Mistral) is rebuilt as transformers
+//! converts it (`LlamaConverter`, legacy layout): merges from the vocabulary, ranked by the
+//! score of the merged piece (how sentencepiece and llama.cpp merge), byte fallback, `▁`
+//! prepended and spaces replaced by `▁`.
 
 use serde_json::{json, Value as Json};
 
@@ -24,17 +25,133 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 const CONTROL: i64 = 3;
 const USER_DEFINED: i64 = 4;
 
+/// A post-processor putting BOS first when `tokenizer.ggml.add_bos_token` says so
+/// (`default` when the key is absent); null otherwise.
+fn bos_template(file: &GgufFile, tokens: &[String], default: bool) -> Json {
+    let add = file
+        .meta_bool("tokenizer.ggml.add_bos_token")
+        .unwrap_or(default);
+    let bos = file
+        .meta_u64_lossy("tokenizer.ggml.bos_token_id")
+        .and_then(|id| {
+            tokens
+                .get(usize::try_from(id).ok()?)
+                .map(|t| (id, t.clone()))
+        });
+    match (add, bos) {
+        (true, Some((id, token))) => json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {token.clone(): {"id": token, "ids": [id], "tokens": [token]}},
+        }),
+        _ => Json::Null,
+    }
+}
+
+/// ggml token types: normal vocabulary, and the unknown token.
+const NORMAL: i64 = 1;
+const UNKNOWN: i64 = 2;
+
+/// `tokenizer.json` for a SentencePiece BPE vocabulary (transformers' legacy Llama form).
+fn sentencepiece_json(file: &GgufFile) -> Result<String, ModelError> {
+    let bad = |what: &str| ModelError::Tokenizer(format!("{}: GGUF {what}", file.path().display()));
+    let tokens = file
+        .meta_strings("tokenizer.ggml.tokens")
+        .ok_or_else(|| bad("tokenizer.ggml.tokens missing or not strings"))?;
+    let scores = file
+        .meta_floats("tokenizer.ggml.scores")
+        .filter(|s| s.len() == tokens.len())
+        .ok_or_else(|| bad("tokenizer.ggml.scores missing or not one per token"))?;
+    let types = file
+        .meta_ints("tokenizer.ggml.token_type")
+        .unwrap_or_default();
+    let kind = |id: usize| types.get(id).copied().unwrap_or(NORMAL);
+    let ids: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    // Every split of a vocabulary piece into two pieces is a merge, ranked by the merged
+    // piece's score (higher first), then by the ids (transformers' extractor).
+    let mut merges: Vec<(f32, usize, usize, usize)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        if kind(id) != NORMAL {
+            continue;
+        }
+        for (at, _) in piece.char_indices().skip(1) {
+            if let (Some(&l), Some(&r)) = (ids.get(&piece[..at]), ids.get(&piece[at..])) {
+                merges.push((scores[id], id, l, r));
+            }
+        }
+    }
+    merges.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
+    });
+    let merges: Vec<Json> = merges
+        .iter()
+        .map(|&(_, _, l, r)| json!([tokens[l], tokens[r]]))
+        .collect();
+    let mut vocab = serde_json::Map::new();
+    let mut added = Vec::new();
+    for (id, token) in tokens.iter().enumerate() {
+        vocab.insert(token.clone(), json!(id));
+        let k = kind(id);
+        if k == CONTROL || k == UNKNOWN || k == USER_DEFINED {
+            added.push(json!({
+                "id": id, "content": token, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": k != USER_DEFINED,
+            }));
+        }
+    }
+    let unk = file
+        .meta_u64_lossy("tokenizer.ggml.unknown_token_id")
+        .and_then(|id| tokens.get(usize::try_from(id).ok()?).cloned());
+    let spec = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u{2581}"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+        ]},
+        "pre_tokenizer": null,
+        "post_processor": bos_template(file, &tokens, true),
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ]},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+            "ignore_merges": false, "vocab": vocab, "merges": merges,
+        },
+    });
+    Ok(spec.to_string())
+}
+
 /// `tokenizer.json` text for the GGUF's tokenizer; `None` when the file has none.
 pub(crate) fn tokenizer_json(file: &GgufFile) -> Result<Option<String>, ModelError> {
     let Some(model) = file.meta_str("tokenizer.ggml.model") else {
         return Ok(None);
     };
-    if model != "gpt2" {
-        return Err(ModelError::Tokenizer(format!(
-            "{}: GGUF tokenizer model {model:?} is not read (only byte-level BPE, \"gpt2\"); \
-             put the model's tokenizer.json beside the file",
-            file.path().display()
-        )));
+    match model {
+        "gpt2" => {}
+        "llama" => return sentencepiece_json(file).map(Some),
+        _ => {
+            return Err(ModelError::Tokenizer(format!(
+                "{}: GGUF tokenizer model {model:?} is not read (byte-level BPE \"gpt2\" and \
+                 SentencePiece \"llama\" are); put the model's tokenizer.json beside the file",
+                file.path().display()
+            )))
+        }
     }
     let pre = file.meta_str("tokenizer.ggml.pre").unwrap_or("default");
     let split = match pre {
@@ -80,23 +197,7 @@ pub(crate) fn tokenizer_json(file: &GgufFile) -> Result<Option<String>, ModelErr
                 .ok_or_else(|| bad(&format!("merge {m:?} is not two tokens")))
         })
         .collect::<Result<_, _>>()?;
-    let bos = file
-        .meta_u64_lossy("tokenizer.ggml.bos_token_id")
-        .and_then(|id| {
-            tokens
-                .get(usize::try_from(id).ok()?)
-                .map(|t| (id, t.clone()))
-        });
-    let post = match (file.meta_bool("tokenizer.ggml.add_bos_token"), bos) {
-        (Some(true), Some((id, token))) => json!({
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {token.clone(): {"id": token, "ids": [id], "tokens": [token]}},
-        }),
-        _ => Json::Null,
-    };
+    let post = bos_template(file, &tokens, false);
     let spec = json!({
         "version": "1.0",
         "truncation": null,
