@@ -12,6 +12,8 @@ Written into mesh-core/tests/fixtures/gguf/:
 
   llama_gqa-q8_0.gguf      hf_llama_gqa, block projections Q8_0, everything else F32
   llama_gqa-q4_0-f16.gguf  hf_llama_gqa, block projections Q4_0, embeddings and LM head F16
+  llama3_tied-q8_0.gguf    hf_llama3_tied (tied, Llama 3 rope scaling as a rope_freqs
+                           tensor, as the converter writes it), projections Q8_0
   qwen2_tied-q8_0.gguf     hf_qwen2_tied, block projections Q8_0, biases and the rest F32,
                            with Qwen2.5's chat template as tokenizer.chat_template
   tokenizer-gpt2.{json,gguf}  a byte-level BPE tokenizer trained here (tokenizers, Qwen2's
@@ -28,6 +30,7 @@ Quantization is gguf-py's own (gguf.quants.quantize), not candle's.
 """
 
 import json
+import math
 import os
 
 import gguf
@@ -89,6 +92,26 @@ def write(fixture: str, out_name: str, arch: str, proj: Q, head: Q, template: st
     w.add_eos_token_id(cfg["eos_token_id"])
     if template is not None:
         w.add_chat_template(template)
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type") == "llama3":
+        # llama.cpp's LlamaModel.generate_extra_tensors: Llama 3's scaling as one divisor
+        # per rotary frequency, in the `rope_freqs` tensor.
+        dim = cfg.get("head_dim") or cfg["hidden_size"] // nh
+        freqs = 1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+        factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+        old = rope.get("original_max_position_embeddings", 8192)
+        low_wavelen, high_wavelen = old / low, old / high
+        factors = []
+        for freq in freqs:
+            wavelen = 2 * math.pi / freq
+            if wavelen < high_wavelen:
+                factors.append(1.0)
+            elif wavelen > low_wavelen:
+                factors.append(factor)
+            else:
+                smooth = (old / wavelen - low) / (high - low)
+                factors.append(1 / ((1 - smooth) / factor + smooth))
+        w.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
     for name in sorted(tensors):
         data = tensors[name].astype(np.float32)
         if arch == "llama" and name.endswith("q_proj.weight"):
@@ -119,6 +142,7 @@ def main() -> None:
     qwen_template = open(os.path.join(FIXTURES, "chat", "qwen2.5-instruct.jinja")).read()
     write("hf_llama_gqa", "llama_gqa-q8_0.gguf", "llama", Q.Q8_0, Q.F32)
     write("hf_llama_gqa", "llama_gqa-q4_0-f16.gguf", "llama", Q.Q4_0, Q.F16)
+    write("hf_llama3_tied", "llama3_tied-q8_0.gguf", "llama", Q.Q8_0, Q.F32)
     write("hf_qwen2_tied", "qwen2_tied-q8_0.gguf", "qwen2", Q.Q8_0, Q.F32, qwen_template)
     write_tokenizer_fixture()
     write_spm_fixture()

@@ -69,6 +69,7 @@ fn run(
 fn python_written_q8_0_gguf_matches_on_load_q8_0() {
     for (gguf, dir) in [
         ("llama_gqa-q8_0.gguf", "hf_llama_gqa"),
+        ("llama3_tied-q8_0.gguf", "hf_llama3_tied"),
         ("qwen2_tied-q8_0.gguf", "hf_qwen2_tied"),
     ] {
         let g = ModelFiles::open(&fixtures().join("gguf").join(gguf)).unwrap();

@@ -21,6 +21,9 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
     },
+    /// Each rotary frequency divided by its own factor: how llama.cpp stores Llama 3's
+    /// scaling in a GGUF (the `rope_freqs` tensor), already evaluated. Not an HF layout.
+    Factors { factors: Vec<f64> },
 }
 
 /// The subset of a Llama/Mistral/TinyLlama `config.json` that the forward pass depends on.
@@ -259,6 +262,15 @@ impl LlamaConfig {
         if hd == 0 || !hd.is_multiple_of(2) {
             return unsupported(format!("head_dim {hd} must be even and non-zero"));
         }
+        if let Some(RopeScaling::Factors { factors }) = &self.rope_scaling {
+            if factors.len() != hd / 2 || factors.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+                return unsupported(format!(
+                    "rope factors: {} positive factors for head_dim {hd} (expected {})",
+                    factors.len(),
+                    hd / 2
+                ));
+            }
+        }
         if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
             return unsupported("rms_norm_eps and rope_theta must be positive".into());
         }
@@ -382,6 +394,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("gemma2") && err.contains("qwen2"), "{err}");
+    }
+
+    #[test]
+    fn rope_factors_need_one_positive_factor_per_frequency() {
+        let mut v = base();
+        v["rope_scaling"] = serde_json::json!({"rope_type": "factors", "factors": [1.0, 8.0]});
+        assert!(LlamaConfig::from_json(&v.to_string()).is_ok());
+        v["rope_scaling"] = serde_json::json!({"rope_type": "factors", "factors": [1.0]});
+        assert!(LlamaConfig::from_json(&v.to_string()).is_err());
+        v["rope_scaling"] = serde_json::json!({"rope_type": "factors", "factors": [1.0, 0.0]});
+        assert!(LlamaConfig::from_json(&v.to_string()).is_err());
     }
 
     #[test]

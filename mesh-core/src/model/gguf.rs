@@ -165,11 +165,6 @@ impl GgufFile {
                 )))
             }
         };
-        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-            return Err(ModelError::Unsupported(
-                "GGUF with rope_freqs (Llama 3.1+ rope scaling): use the safetensors model".into(),
-            ));
-        }
         let need = |key: &str| -> Result<u64, ModelError> {
             self.meta_u64(&format!("{arch}.{key}"))?
                 .ok_or_else(|| self.bad(format!("no {arch}.{key}")))
@@ -204,6 +199,10 @@ impl GgufFile {
         let scaling = self
             .meta(&format!("{arch}.rope.scaling.type"))
             .and_then(|v| v.to_string().ok());
+        if let Some(factors) = self.rope_factors()? {
+            // Llama 3's scaling, evaluated per frequency by the converter.
+            cfg["rope_scaling"] = serde_json::json!({"rope_type": "factors", "factors": factors});
+        }
         match scaling.map(String::as_str) {
             None | Some("none") => {}
             Some("linear") => {
@@ -222,6 +221,23 @@ impl GgufFile {
             ModelError::MalformedConfig { reason, .. } => self.bad(reason),
             other => other,
         })
+    }
+
+    /// The `rope_freqs` tensor (one divisor per rotary frequency), when present.
+    fn rope_factors(&self) -> Result<Option<Vec<f64>>, ModelError> {
+        let Some(info) = self.content.tensor_infos.get("rope_freqs.weight") else {
+            return Ok(None);
+        };
+        if info.shape.rank() != 1 || info.shape.elem_count() > 4096 {
+            return Err(self.bad(format!("rope_freqs has shape {:?}", info.shape.dims())));
+        }
+        let mut file = self.file.borrow_mut();
+        let t = info
+            .read(&mut *file, self.content.tensor_data_offset, &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| self.bad(format!("rope_freqs: {e}")))?;
+        Ok(Some(t.into_iter().map(f64::from).collect()))
     }
 
     /// Indices `N` of the `blk.N.*` tensors present.
