@@ -1,6 +1,9 @@
 //! Per-token decode latency of the embedded tiny model, side by side in one run:
 //!
 //! - `span/*`: one server's work, a span of 1, 3 and 8 blocks, one position per step;
+//! - `span-format/{f32,q8_0,q4k}`: a 2-block span of a wider random model (hidden 1024,
+//!   intermediate 2816, every matrix a whole number of Q4_K blocks) with its weights at
+//!   f32 and quantized on load to q8_0 and q4k, one position per step;
 //! - `whole/local`: embeddings, all 8 blocks and the LM head in one process;
 //! - `whole/mesh-3`: the same through a 3-server mesh on loopback (real swarms, TCP,
 //!   noise, yamux, wire frames), as a client sees it;
@@ -16,7 +19,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use mesh_core::local_mesh::LocalMesh;
-use mesh_core::model::{tiny, ClientHead, ModelFiles, SpanModel};
+use mesh_core::model::{tiny, ClientHead, LlamaConfig, ModelFiles, Quantization, SpanModel};
 use mesh_core::pipeline::session::SessionContext;
 use mesh_core::pipeline::{LocalReference, RemoteSession, SessionConfig, VerifyConfig};
 use mesh_core::BlockRange;
@@ -53,6 +56,52 @@ fn span_decode(c: &mut Criterion) {
                 }
                 total
             })
+        });
+    }
+    group.finish();
+}
+
+/// One decode step per iteration through `span`, restarting the session when full.
+fn decode_steps(span: &SpanModel, x: &Tensor, iters: u64) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut cache = span.new_cache(SESSION_LEN).expect("cache");
+    for _ in 0..iters {
+        if cache.len() == SESSION_LEN {
+            cache.reset();
+        }
+        let start = Instant::now();
+        let pos = cache.len();
+        span.forward(&mut cache, x, pos).expect("forward");
+        total += start.elapsed();
+    }
+    total
+}
+
+fn span_formats(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = LlamaConfig::from_json(
+        r#"{"vocab_size": 259, "hidden_size": 1024, "intermediate_size": 2816,
+            "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 4,
+            "max_position_embeddings": 512, "rms_norm_eps": 1e-5}"#,
+    )
+    .expect("config");
+    tiny::write_random(dir.path(), &cfg).expect("random model");
+    let files = ModelFiles::open(dir.path()).expect("model");
+    let x = Tensor::randn(0f32, 1.0, (1, 1, 1024), &Device::Cpu).expect("input");
+    let mut group = c.benchmark_group("span-format");
+    for quant in [None, Some(Quantization::Q8_0), Some(Quantization::Q4K)] {
+        let span = SpanModel::load_quantized(
+            &files,
+            BlockRange::new(0, 2),
+            DType::F32,
+            quant,
+            &Device::Cpu,
+        )
+        .expect("span");
+        let name = quant.map_or("f32", |q| q.name());
+        eprintln!("span-format/{name}: {} weight bytes", span.weight_bytes());
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| decode_steps(&span, &x, iters))
         });
     }
     group.finish();
@@ -157,6 +206,6 @@ fn whole_model(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).measurement_time(Duration::from_secs(4));
-    targets = span_decode, whole_model
+    targets = span_decode, span_formats, whole_model
 }
 criterion_main!(benches);

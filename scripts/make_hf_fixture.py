@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate Hugging Face Llama reference fixtures for mesh-core's Rust Llama tests.
+"""Generate Hugging Face reference fixtures (Llama, Qwen2, Mistral) for mesh-core's tests.
 
 Generated with:
     torch        2.15.0  (PyPI default wheel, run on CPU)
@@ -9,9 +9,13 @@ Generated with:
 
 Regenerate (from the workspace root):
     pip install torch transformers safetensors
-    python scripts/make_hf_fixture.py
+    python scripts/make_hf_fixture.py                 # every fixture
+    python scripts/make_hf_fixture.py hf_qwen2_tied   # only the named ones
 
-For each of two tiny configs this script:
+The Qwen2 and Mistral fixtures were added later with transformers 5.24.0, torch 2.15.0
+(the Llama ones were not regenerated, so their bytes are unchanged).
+
+For each tiny config this script:
 
   1. builds `transformers.LlamaForCausalLM` in float32 with the eager attention
      implementation and deterministic random weights (torch.manual_seed), using a
@@ -50,7 +54,7 @@ import safetensors
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaForCausalLM
 
 # Repository layout: this file lives in <root>/scripts/.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,6 +116,36 @@ FIXTURE_SPECS = [
             tie_word_embeddings=True,
         ),
     },
+    {
+        # Qwen2 / Qwen2.5: q/k/v carry biases (o_proj does not), tied embeddings as in
+        # Qwen2.5-0.5B, a large rope_theta, GQA; the sliding window present but off.
+        "name": "hf_qwen2_tied",
+        "arch": ("Qwen2Config", "Qwen2ForCausalLM"),
+        "seed": 1,
+        "config": dict(
+            COMMON,
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+            sliding_window=None,
+        ),
+    },
+    {
+        # Mistral v0.2+: no sliding window, separate lm_head, GQA, rope_theta 1e6.
+        "name": "hf_mistral",
+        "arch": ("MistralConfig", "MistralForCausalLM"),
+        "seed": 5,
+        "config": dict(
+            COMMON,
+            num_hidden_layers=3,
+            num_key_value_heads=1,
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+            sliding_window=None,
+        ),
+    },
 ]
 
 # Minimum accepted gap between the best and second-best logit at every greedy step.
@@ -161,9 +195,10 @@ def build_fixture(spec: dict) -> str:
         shutil.rmtree(out_dir)
 
     torch.manual_seed(spec["seed"])
-    config = LlamaConfig(**spec["config"])
+    config_cls, model_cls = (getattr(transformers, n) for n in spec.get("arch", ("LlamaConfig", "LlamaForCausalLM")))
+    config = config_cls(**spec["config"])
     # float32 on CPU with the eager (reference) attention implementation.
-    model = LlamaForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model = model_cls._from_config(config, attn_implementation="eager", dtype=torch.float32)
     assert model.config._attn_implementation == "eager"
     reinit_weights(model, spec["seed"])
     if config.tie_word_embeddings:
@@ -234,11 +269,11 @@ def build_fixture(spec: dict) -> str:
         shutil.copy(os.path.join(out_dir, "model.safetensors"), tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(legacy, f)
-        reloaded = LlamaForCausalLM.from_pretrained(tmp, attn_implementation="eager", dtype=torch.float32)
+        reloaded = model_cls.from_pretrained(tmp, attn_implementation="eager", dtype=torch.float32)
         reloaded.eval()
         assert torch.equal(full_logits(reloaded, PROMPT), logits), "legacy config changed the logits"
     # ...and so must the directory as written.
-    reloaded = LlamaForCausalLM.from_pretrained(out_dir, attn_implementation="eager", dtype=torch.float32)
+    reloaded = model_cls.from_pretrained(out_dir, attn_implementation="eager", dtype=torch.float32)
     reloaded.eval()
     assert torch.equal(full_logits(reloaded, PROMPT), logits), "reloaded model changed the logits"
 
@@ -271,7 +306,8 @@ def main() -> None:
           f"transformers {transformers.__version__}  safetensors {safetensors.__version__}")
     torch.set_num_threads(1)  # avoid any thread-count-dependent reduction order
     os.makedirs(FIXTURES, exist_ok=True)
-    dirs = [build_fixture(spec) for spec in FIXTURE_SPECS]
+    wanted = sys.argv[1:]
+    dirs = [build_fixture(spec) for spec in FIXTURE_SPECS if not wanted or spec["name"] in wanted]
     total = sum(dir_size(d) for d in dirs)
     print(f"total fixture size: {total} bytes")
     assert total < 2 * 1024 * 1024, "fixtures are larger than 2 MB"

@@ -159,6 +159,14 @@ impl MeshClientBuilder {
         self
     }
 
+    /// Whether servers with quantized weights (q8_0, q4k, GGUF) may serve this client's
+    /// routes, mixed with full-precision ones (default: yes). Off, only full-precision
+    /// servers are used, so results are those of the unquantized model.
+    pub fn allow_quantized(mut self, allow: bool) -> Self {
+        self.session.policy.allow_quantized = allow;
+        self
+    }
+
     /// How long to wait for servers covering every block (default 30 s).
     pub fn discovery_timeout(mut self, timeout: Duration) -> Self {
         self.discovery_timeout = Some(timeout);
@@ -226,8 +234,12 @@ impl MeshClientBuilder {
             tracing::warn!("client head: {}", device.description);
         }
         let head = ClientHead::load(&files, candle_core::DType::F32, &device.device)?;
-        let tokenizer = MeshTokenizer::from_file(&files.tokenizer_path())?;
-        let chat_template = ChatTemplate::from_model_dir(&dir)?;
+        let tokenizer = match files.tokenizer()? {
+            Some(t) => t,
+            // No tokenizer at all: the error names the tokenizer.json that was looked for.
+            None => MeshTokenizer::from_file(&files.tokenizer_path())?,
+        };
+        let chat_template = files.chat_template()?;
         let mut eos = files.config.eos_tokens();
         // Instruct models end a turn with the tokenizer's EOS (Llama 3's <|eot_id|>), which
         // config.json does not always list.

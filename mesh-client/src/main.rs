@@ -70,9 +70,14 @@ struct MeshArgs {
     /// Model name on the mesh.
     #[arg(long, default_value = tiny::TINY_MODEL_ID)]
     model: String,
-    /// Local model directory (embeddings, LM head, tokenizer); default: the tiny model.
+    /// Local model directory (embeddings, LM head, tokenizer), a .gguf file, or a hub id
+    /// found in the local Hugging Face cache; default: the tiny model.
     #[arg(long)]
     model_dir: Option<PathBuf>,
+    /// Whether servers with quantized weights may serve (mixed with full-precision ones);
+    /// false uses only full-precision servers.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    allow_quantized: bool,
     /// Refuse servers above this price (micro-units per token per block).
     #[arg(long)]
     max_price: Option<u64>,
@@ -152,6 +157,15 @@ impl Access {
             burst: self.burst,
         });
         Ok(mesh_client::openai::GatewayConfig { keys, rate_limit })
+    }
+}
+
+/// How a server's weights are stored, for people: its label, or full precision.
+fn weights_label(quantization: &str) -> &str {
+    if quantization.is_empty() {
+        "full precision"
+    } else {
+        quantization
     }
 }
 
@@ -243,12 +257,15 @@ enum Command {
         sampling: Sampling,
         #[arg(long, default_value_t = 3)]
         spans: u32,
-        /// Model directory; default: the embedded tiny model.
+        /// Model directory, .gguf file or cached hub id; default: the embedded tiny model.
         #[arg(long)]
         model_dir: Option<PathBuf>,
         /// Where the spans and the head compute: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
+        /// Quantize the spans on load: q8_0 or q4k [default: full precision].
+        #[arg(long)]
+        quantize: Option<mesh_core::model::Quantization>,
     },
 }
 
@@ -360,10 +377,11 @@ async fn main() -> anyhow::Result<()> {
                     .map(|g| format!("  {}", g.short()))
                     .collect();
                 println!(
-                    "{} blocks {} of {}  {:.1} tok/s/block  {} sessions  price {}{gpus}  [{}]",
+                    "{} blocks {} of {}  {}  {:.1} tok/s/block  {} sessions  price {}{gpus}  [{}]",
                     s.peer_id,
                     s.span,
                     s.num_blocks,
+                    weights_label(&s.quantization),
                     s.load.throughput_tps,
                     s.load.active_sessions,
                     s.price_per_token,
@@ -377,7 +395,8 @@ async fn main() -> anyhow::Result<()> {
             spans,
             model_dir,
             device,
-        } => local(sampling, spans, model_dir, device),
+            quantize,
+        } => local(sampling, spans, model_dir, device, quantize),
     }
 }
 
@@ -392,6 +411,7 @@ async fn connect(args: MeshArgs) -> anyhow::Result<MeshClient> {
         b = b.max_price(p);
     }
     b = b.max_price_ratio((args.max_price_ratio > 0.0).then_some(args.max_price_ratio));
+    b = b.allow_quantized(args.allow_quantized);
     b = b
         .ledger_dir(args.ledger_dir.unwrap_or_else(default_ledger_dir))
         .verify(VerifyConfig {
@@ -423,9 +443,11 @@ async fn stream(client: &MeshClient, sampling: &Sampling) -> anyhow::Result<()> 
         made.push(token);
     }
     println!();
+    // The weights each hop announced (heartbeats heard so far).
+    let nodes = client.nodes().await.unwrap_or_default();
     if let Some(first) = made.first() {
         println!("\nroute:");
-        print_route(&first.route);
+        print_route(&first.route, &nodes);
     }
     // The route changes when a server fails, or when servers take back blocks this client
     // ran itself.
@@ -434,7 +456,7 @@ async fn stream(client: &MeshClient, sampling: &Sampling) -> anyhow::Result<()> 
         .filter(|l| made.first().is_some_and(|f| f.route != l.route))
     {
         println!("route at the end:");
-        print_route(&last.route);
+        print_route(&last.route, &nodes);
     }
     let mut decode: Vec<f64> = made
         .iter()
@@ -472,7 +494,9 @@ async fn stream(client: &MeshClient, sampling: &Sampling) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn print_route(route: &[mesh_core::pipeline::Hop]) {
+/// Each hop of a route: the blocks, who runs them, and how that server's weights are
+/// stored (from the heartbeats in `nodes`).
+fn print_route(route: &[mesh_core::pipeline::Hop], nodes: &[mesh_core::ServerInfo]) {
     for hop in route {
         if hop.local {
             println!(
@@ -480,7 +504,11 @@ fn print_route(route: &[mesh_core::pipeline::Hop]) {
                 hop.span
             );
         } else {
-            println!("  blocks {} on {}", hop.span, hop.peer);
+            let weights = nodes
+                .iter()
+                .find(|n| n.peer_id == hop.peer)
+                .map_or("weights not heard yet", |n| weights_label(&n.quantization));
+            println!("  blocks {} on {} ({weights})", hop.span, hop.peer);
         }
     }
 }
@@ -601,6 +629,7 @@ fn local(
     spans: u32,
     model_dir: Option<PathBuf>,
     device: DeviceSpec,
+    quantize: Option<mesh_core::model::Quantization>,
 ) -> anyhow::Result<()> {
     let dir = match model_dir {
         Some(dir) => dir,
@@ -608,13 +637,24 @@ fn local(
     };
     let selected = mesh_core::model::device::select(device);
     eprintln!("computing on {}", selected.description);
-    let model = LocalModel::load_split(&dir, spans, &selected.device)
-        .with_context(|| format!("loading {}", dir.display()))?;
+    let num_blocks = mesh_core::model::ModelFiles::open(&dir)?
+        .config
+        .num_blocks();
+    let ranges = mesh_core::BlockRange::even_split(num_blocks, spans);
+    let model = LocalModel::load_spans_quantized(
+        &dir,
+        &ranges,
+        candle_core::DType::F32,
+        quantize,
+        &selected.device,
+    )
+    .with_context(|| format!("loading {}", dir.display()))?;
     for span in model.spans() {
         println!(
-            "span {} ({:.1} MiB of weights)",
+            "span {} ({:.1} MiB of weights, {})",
             span.range(),
-            span.weight_bytes() as f64 / (1 << 20) as f64
+            span.weight_bytes() as f64 / (1 << 20) as f64,
+            span.quantization().unwrap_or("full precision")
         );
     }
     print!("{}", sampling.prompt);

@@ -80,6 +80,8 @@ pub struct NodeFile {
     pub span_len: Option<u32>,
     /// `f32`, `f16` or `bf16`.
     pub dtype: String,
+    /// Quantize the span's projections on load: `q8_0` or `q4k`; absent = full precision.
+    pub quantize: Option<String>,
     /// `cpu`, `cuda` or `cuda:N`; a GPU that cannot be used falls back to the CPU.
     pub device: String,
     /// Price per token in micro-units.
@@ -134,6 +136,7 @@ impl Default for NodeFile {
             blocks: None,
             span_len: None,
             dtype: "f32".into(),
+            quantize: None,
             device: "cpu".into(),
             price_per_token: 0,
             key: None,
@@ -191,6 +194,7 @@ pub struct Resolved {
     pub blocks: Option<BlockRange>,
     pub span_len: Option<u32>,
     pub dtype: candle_core::DType,
+    pub quantize: Option<crate::model::Quantization>,
     pub device: crate::model::DeviceSpec,
     pub price_per_token: u64,
     pub key: PathBuf,
@@ -333,8 +337,9 @@ impl NodeFile {
 
 # Model name on the mesh.
 model = {model}
-# Hugging Face model directory (config.json, *.safetensors). Without it the node serves
-# the embedded tiny test model.
+# Hugging Face model directory (config.json, *.safetensors), a .gguf file, or a hub id
+# ("Qwen/Qwen2.5-0.5B-Instruct") found in the local Hugging Face cache. Without it the
+# node serves the embedded tiny test model.
 {model_dir}
 # Blocks served, "START..END" (end exclusive). Without it the node takes the blocks the
 # mesh serves worst: span_len of them, or as many as fit in memory.
@@ -342,6 +347,9 @@ model = {model}
 {span_len}
 # Weights and compute dtype: f32, f16 or bf16.
 dtype = {dtype}
+# Quantize the span's weights on load: "q8_0" (half of f16) or "q4k" (about 3.5 times
+# more blocks than f16). GGUF files keep their own quantization.
+{quantize}
 # Where the span computes: "cpu", "cuda" or "cuda:N" (a build with --features cuda).
 # A GPU that cannot be used is reported at start and the CPU serves instead.
 device = {device}
@@ -399,6 +407,11 @@ listen = {http}
             blocks = opt_line("blocks", self.blocks.as_deref().map(toml_str), "\"0..8\""),
             span_len = opt_line("span_len", self.span_len.map(|n| n.to_string()), "8"),
             dtype = toml_str(&self.dtype),
+            quantize = opt_line(
+                "quantize",
+                self.quantize.as_deref().map(toml_str),
+                "\"q8_0\""
+            ),
             device = toml_str(&self.device),
             price = self.price_per_token,
             key = opt_line("key", path(&self.key), "\"node.key\""),
@@ -508,9 +521,16 @@ listen = {http}
         if listen.is_empty() {
             return Err(invalid("network.listen", "needs at least one address"));
         }
+        let quantize = (self.quantize.as_deref())
+            .map(|q| q.parse().map_err(|m: String| invalid("quantize", m)))
+            .transpose()?;
         Ok(Resolved {
             model: self.model.clone(),
-            model_dir: self.model_dir.as_deref().map(abs),
+            quantize,
+            model_dir: self
+                .model_dir
+                .as_deref()
+                .map(|p| crate::model::hub::absolute_or_id(p, abs)),
             blocks,
             span_len: self.span_len,
             dtype,
@@ -569,6 +589,7 @@ mod tests {
             model_dir: Some("/models/x".into()),
             blocks: Some("2..4".into()),
             span_len: Some(3),
+            quantize: Some("q4k".into()),
             key: Some("k.key".into()),
             ..NodeFile::default()
         };
@@ -628,6 +649,24 @@ mod tests {
             },
             "model_dir",
         );
+        bad(
+            NodeFile {
+                quantize: Some("q3".into()),
+                ..NodeFile::default()
+            },
+            "quantize",
+        );
+        let r = NodeFile {
+            quantize: Some("q8_0".into()),
+            model: "qwen".into(),
+            model_dir: Some("Qwen/Qwen2.5-0.5B-Instruct".into()),
+            ..NodeFile::default()
+        }
+        .resolve(base)
+        .unwrap();
+        assert_eq!(r.quantize, Some(crate::model::Quantization::Q8_0));
+        // A hub id that names no local path stays a hub id.
+        assert_eq!(r.model_dir, Some("Qwen/Qwen2.5-0.5B-Instruct".into()));
         let mut f = NodeFile::default();
         f.network.bootstrap = vec!["not an addr".into()];
         bad(f, "network.bootstrap[0]");

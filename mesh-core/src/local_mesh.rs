@@ -146,6 +146,7 @@ impl LocalMesh {
             span: Some(span),
             span_len: None,
             dtype: self.dtype,
+            quantize: None,
             device: self.device.clone(),
             limits,
             price_per_token: self.billing.as_ref().map_or(0, |(_, price)| *price),

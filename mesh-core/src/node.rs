@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::NodeMetrics;
 
-use crate::model::{ModelError, ModelFiles, SpanModel};
+use crate::model::{ModelError, ModelFiles, Quantization, SpanModel};
 use crate::p2p::{self, Announcement, Event, P2pConfig, P2pError};
 use crate::pipeline::admission::{Admission, FairQueue};
 use crate::pipeline::balance::{block_coverage, choose_span};
@@ -56,6 +56,8 @@ pub struct NodeConfig {
     /// How many blocks to take when picking automatically; `None` = the whole model.
     pub span_len: Option<u32>,
     pub dtype: DType,
+    /// Quantize the span's projections on load (ignored for GGUF, which is stored so).
+    pub quantize: Option<Quantization>,
     pub device: Device,
     pub limits: ServerLimits,
     pub price_per_token: u64,
@@ -217,12 +219,14 @@ impl Node {
                 .await?
             }
         };
-        let (dtype, device) = (cfg.dtype, cfg.device.clone());
-        let model =
-            tokio::task::spawn_blocking(move || SpanModel::load(&files, span, dtype, &device))
-                .await
-                .map_err(|_| NodeError::WorkerGone)??;
-        tracing::info!(model = %cfg.model_id, %span, weight_bytes = model.weight_bytes(), "span loaded");
+        let (dtype, quantize, device) = (cfg.dtype, cfg.quantize, cfg.device.clone());
+        let model = tokio::task::spawn_blocking(move || {
+            SpanModel::load_quantized(&files, span, dtype, quantize, &device)
+        })
+        .await
+        .map_err(|_| NodeError::WorkerGone)??;
+        let quantization = model.quantization().unwrap_or_default().to_string();
+        tracing::info!(model = %cfg.model_id, %span, weight_bytes = model.weight_bytes(), quantization, "span loaded");
 
         let admission = Arc::new(Mutex::new(Admission::new(&cfg.limits)));
         let mut server = SpanServer::new(cfg.model_id.clone(), model, cfg.limits.clone())
@@ -257,6 +261,7 @@ impl Node {
                 ..ServerLoad::default()
             },
             capability: cfg.capability,
+            quantization,
         };
         ann.validate()?;
         // A first reading with the span loaded, so the first heartbeat carries it.

@@ -28,7 +28,7 @@ use std::time::Duration;
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{LlamaConfig, SpanCache};
+use crate::model::{LlamaConfig, ModelFiles, Quantization, SpanCache};
 use crate::types::{BlockRange, Capability, GpuSummary};
 
 /// The machine, as far as mesh cares.
@@ -389,11 +389,55 @@ pub struct DoesNotFit {
     pub where_: &'static str,
 }
 
-/// Bytes of weights `blocks` blocks of `cfg` take at `dtype`.
-pub fn span_weight_bytes(cfg: &LlamaConfig, blocks: u32, dtype: DType) -> u64 {
-    (cfg.block_params() as u64)
+/// How a span's weights are held, for sizing: a compute dtype, optionally quantized on
+/// load, or a file's own bytes per block (a GGUF file is already quantized).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SpanFormat {
+    pub dtype: DType,
+    pub quantize: Option<Quantization>,
+    /// Measured bytes per block, overriding the estimate from the config.
+    pub block_bytes: Option<u64>,
+}
+
+impl From<DType> for SpanFormat {
+    fn from(dtype: DType) -> Self {
+        Self {
+            dtype,
+            quantize: None,
+            block_bytes: None,
+        }
+    }
+}
+
+impl SpanFormat {
+    /// The format a node loads `files` in: GGUF blocks as stored, else `dtype` quantized
+    /// to `quantize`.
+    pub fn of(files: &ModelFiles, dtype: DType, quantize: Option<Quantization>) -> Self {
+        Self {
+            dtype,
+            quantize,
+            block_bytes: files.gguf_block_bytes(),
+        }
+    }
+
+    /// Bytes of one block of `cfg`.
+    pub fn block_bytes(&self, cfg: &LlamaConfig) -> u64 {
+        match (self.block_bytes, self.quantize) {
+            (Some(b), _) => b,
+            (None, Some(q)) => q.block_bytes(cfg, self.dtype),
+            (None, None) => {
+                (cfg.block_params() as u64).saturating_mul(self.dtype.size_in_bytes() as u64)
+            }
+        }
+    }
+}
+
+/// Bytes of weights `blocks` blocks of `cfg` take in `format` (a dtype, or quantized).
+pub fn span_weight_bytes(cfg: &LlamaConfig, blocks: u32, format: impl Into<SpanFormat>) -> u64 {
+    format
+        .into()
+        .block_bytes(cfg)
         .saturating_mul(u64::from(blocks))
-        .saturating_mul(dtype.size_in_bytes() as u64)
 }
 
 /// Bytes one session of `max_len` tokens takes in the KV cache of `blocks` blocks.
@@ -406,12 +450,12 @@ pub fn session_cache_bytes(cfg: &LlamaConfig, blocks: u32, max_len: u32, dtype: 
 pub fn check_fit(
     cfg: &LlamaConfig,
     blocks: u32,
-    dtype: DType,
+    format: impl Into<SpanFormat>,
     cache_budget_bytes: u64,
     available_bytes: u64,
     where_: &'static str,
 ) -> Result<(), DoesNotFit> {
-    let weights_bytes = span_weight_bytes(cfg, blocks, dtype);
+    let weights_bytes = span_weight_bytes(cfg, blocks, format);
     if weights_bytes.saturating_add(cache_budget_bytes) > available_bytes {
         return Err(DoesNotFit {
             blocks,
@@ -427,11 +471,11 @@ pub fn check_fit(
 /// The most blocks (at most `num_blocks`) that fit beside the cache budget; 0 if none.
 pub fn max_blocks_that_fit(
     cfg: &LlamaConfig,
-    dtype: DType,
+    format: impl Into<SpanFormat>,
     cache_budget_bytes: u64,
     available_bytes: u64,
 ) -> u32 {
-    let per_block = span_weight_bytes(cfg, 1, dtype).max(1);
+    let per_block = span_weight_bytes(cfg, 1, format).max(1);
     let room = available_bytes.saturating_sub(cache_budget_bytes);
     u32::try_from(room / per_block)
         .unwrap_or(u32::MAX)
@@ -462,14 +506,15 @@ pub fn size_span(
     cfg: &LlamaConfig,
     asked: Option<BlockRange>,
     span_len: Option<u32>,
-    dtype: DType,
+    format: impl Into<SpanFormat>,
     cache_budget_bytes: u64,
     available_bytes: Option<u64>,
     where_: &'static str,
 ) -> Result<Sizing, DoesNotFit> {
+    let format = format.into();
     let num_blocks = cfg.num_blocks();
     let max_blocks =
-        available_bytes.map(|a| max_blocks_that_fit(cfg, dtype, cache_budget_bytes, a));
+        available_bytes.map(|a| max_blocks_that_fit(cfg, format, cache_budget_bytes, a));
     let blocks = match (asked, span_len, max_blocks) {
         (Some(span), _, _) => span.len(),
         (None, Some(len), _) => len.clamp(1, num_blocks.max(1)),
@@ -477,11 +522,11 @@ pub fn size_span(
         (None, None, None) => num_blocks,
     };
     if let Some(available) = available_bytes {
-        check_fit(cfg, blocks, dtype, cache_budget_bytes, available, where_)?;
+        check_fit(cfg, blocks, format, cache_budget_bytes, available, where_)?;
     }
     Ok(Sizing {
         blocks,
-        weights_bytes: span_weight_bytes(cfg, blocks, dtype),
+        weights_bytes: span_weight_bytes(cfg, blocks, format),
         cache_bytes: cache_budget_bytes,
         available_bytes,
         max_blocks,

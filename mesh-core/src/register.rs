@@ -24,7 +24,7 @@ use candle_core::DType;
 use libp2p::{Multiaddr, PeerId};
 
 use crate::identity::Identity;
-use crate::model::{ModelError, ModelFiles, Weights};
+use crate::model::{ModelError, ModelFiles, Quantization, Weights};
 use crate::p2p::reachability::{self, Reachability};
 use crate::p2p::{self, Announcement, P2pConfig, P2pError, Role};
 use crate::probe::{self, DoesNotFit, Probe, Sizing};
@@ -45,6 +45,8 @@ pub struct RegisterConfig {
     /// How many blocks to pick when `span` is `None`; `None` = as many as fit.
     pub span_len: Option<u32>,
     pub dtype: DType,
+    /// Quantize the span's projections on load; sizing counts the quantized bytes.
+    pub quantize: Option<Quantization>,
     /// Where the span would compute; its free memory sizes the span.
     pub device: crate::model::DeviceSpec,
     /// The KV-cache budget: the margin kept beside the weights.
@@ -66,6 +68,8 @@ pub struct Registration {
     pub weight_files: usize,
     pub probe: Probe,
     pub sizing: Sizing,
+    /// How the span's weights will be stored (empty: full precision at the dtype).
+    pub quantization: String,
     /// The span to serve.
     pub span: BlockRange,
     /// True when the span was picked from the mesh's coverage, false when it was asked for.
@@ -166,7 +170,7 @@ pub async fn register(cfg: RegisterConfig, probe: Probe) -> Result<Registration,
         &files.config,
         cfg.span,
         cfg.span_len,
-        cfg.dtype,
+        probe::SpanFormat::of(&files, cfg.dtype, cfg.quantize),
         cfg.cache_budget_bytes,
         free,
         memory,
@@ -191,6 +195,7 @@ pub async fn register(cfg: RegisterConfig, probe: Probe) -> Result<Registration,
         blocks: sizing.blocks,
         heartbeat,
         capability: probe.capability(),
+        quantization: files.announced_quantization(cfg.quantize),
         announced: std::sync::atomic::AtomicBool::new(false),
     };
     let result = trial.run().await;
@@ -213,6 +218,7 @@ pub async fn register(cfg: RegisterConfig, probe: Probe) -> Result<Registration,
         weight_files: files.weight_files.len(),
         probe,
         sizing,
+        quantization: files.announced_quantization(cfg.quantize),
         span: checked.span,
         picked: cfg.span.is_none(),
         peers: checked.peers,
@@ -232,6 +238,7 @@ struct Trial<'a> {
     blocks: u32,
     heartbeat: Duration,
     capability: crate::types::Capability,
+    quantization: String,
     /// Set once the trial announcement is out, so it is withdrawn on every path.
     announced: std::sync::atomic::AtomicBool,
 }
@@ -294,6 +301,7 @@ impl Trial<'_> {
                     ..ServerLoad::default()
                 },
                 capability: self.capability.clone(),
+                quantization: self.quantization.clone(),
             })
             .await?;
         self.announced

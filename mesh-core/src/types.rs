@@ -281,6 +281,17 @@ pub struct ServerInfo {
     /// Its GPUs' memory and utilisation when it sent the heartbeat; empty without GPUs or
     /// from a server that predates the field.
     pub gpu_live: Vec<GpuLive>,
+    /// How its span's weights are stored: empty for full precision, else `q8_0`, `q4k`
+    /// or `gguf:<types>` ([`crate::model::SpanModel::quantization`]).
+    pub quantization: String,
+}
+
+/// Longest accepted quantization label in heartbeats and records.
+pub const MAX_QUANTIZATION_LEN: usize = 32;
+
+/// Whether a quantization label from the network is short and printable.
+pub fn quantization_is_valid(label: &str) -> bool {
+    label.len() <= MAX_QUANTIZATION_LEN && label.chars().all(|c| c.is_ascii_graphic())
 }
 
 /// A server found in the DHT for a block: who it is, where to dial it, and its whole span.
@@ -293,6 +304,8 @@ pub struct RemoteSpan {
     pub num_blocks: u32,
     /// Price per token in micro-units; 0 = free.
     pub price_per_token: u64,
+    /// How its weights are stored; empty = full precision ([`ServerInfo::quantization`]).
+    pub quantization: String,
 }
 
 #[cfg(test)]

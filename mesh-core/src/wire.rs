@@ -133,6 +133,41 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], max_len: usize) -> Result<T, Wi
     }
 }
 
+/// Encodes `value`, whose last field is a string that older peers do not know. When
+/// `tail_empty`, that field's one byte (the empty string) is left off, so the bytes are
+/// exactly what an older peer writes and strictly decodes.
+pub fn encode_trimmed<T: Serialize>(value: &T, tail_empty: bool) -> Result<Vec<u8>, WireError> {
+    let mut out = encode(value)?;
+    if tail_empty && out.last() == Some(&0) {
+        out.pop();
+    }
+    Ok(out)
+}
+
+/// Decodes what [`encode_trimmed`] wrote, and messages of newer peers that append fields
+/// after it: bytes ending right before the last field read as that field empty (checked
+/// by `tail_empty`), which is how an older peer's messages read.
+pub fn decode_trimmed<T: DeserializeOwned>(
+    bytes: &[u8],
+    max_len: usize,
+    tail_empty: impl Fn(&T) -> bool,
+) -> Result<T, WireError> {
+    let err = match decode_extensible(bytes, max_len) {
+        Ok((value, _)) => return Ok(value),
+        Err(e) => e,
+    };
+    if bytes.len() >= max_len.min(FRAME_LIMIT) {
+        return Err(err);
+    }
+    let mut padded = Vec::with_capacity(bytes.len() + 1);
+    padded.extend_from_slice(bytes);
+    padded.push(0);
+    match decode_extensible::<T>(&padded, max_len.saturating_add(1)) {
+        Ok((value, 0)) if tail_empty(&value) => Ok(value),
+        _ => Err(err),
+    }
+}
+
 /// Like [`decode`], but bytes after the message are allowed and skipped; returns how many
 /// there were. For messages that newer peers may extend by appending fields (heartbeats):
 /// bincode is positional, so an older peer still reads every field it knows.

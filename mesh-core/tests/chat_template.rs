@@ -17,6 +17,9 @@ const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_m
 /// Mistral-7B-Instruct-v0.2, verbatim from its tokenizer_config.json.
 const MISTRAL: &str = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
 
+/// Qwen2.5-Instruct's template (tools branch included), as its tokenizer_config.json holds it.
+const QWEN25: &str = include_str!("fixtures/chat/qwen2.5-instruct.jinja");
+
 fn msgs(pairs: &[(&str, &str)]) -> Vec<ChatMessage> {
     pairs
         .iter()
@@ -268,4 +271,26 @@ fn encoding_a_rendered_chat_has_one_bos() {
     assert_eq!(ids.iter().filter(|&&id| id == bos).count(), 1, "{ids:?}");
     assert_eq!(ids, plain[1..].to_vec());
     assert_eq!(tokenizer.decode(&ids).unwrap(), "[INST] Hi [/INST]");
+}
+
+/// Expected strings printed by transformers 5.24's `render_jinja_template` (the function
+/// behind `apply_chat_template`) with `add_generation_prompt=True`.
+#[test]
+fn qwen25_instruct_template_matches_transformers() {
+    let dir = model_dir(&json!({"eos_token": "<|im_end|>", "chat_template": QWEN25}));
+    let t = load(dir.path());
+    assert_eq!(
+        t.render(&msgs(&[("user", "Hi!")]), true).unwrap(),
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let chat = msgs(&[
+        ("system", "Be brief."),
+        ("user", "Hi!"),
+        ("assistant", "Hello."),
+        ("user", "2+2?"),
+    ]);
+    assert_eq!(
+        t.render(&chat, true).unwrap(),
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    );
 }

@@ -408,10 +408,16 @@ fn valid_encodings_round_trip_and_seed_the_fuzzers() {
 
 /// Every prefix of a valid encoding is refused (JSON may lose trailing whitespace). DHT keys
 /// are left out: a prefix of a peer's key can name another, shorter, peer id. A heartbeat
-/// cut exactly after `capability` is what a sender from before `gpu_live` sends: accepted.
+/// cut exactly after `capability` is what a sender from before `gpu_live` sends, and one
+/// cut exactly after `gpu_live` what a sender from before `quantization` sends: accepted.
 #[test]
 fn truncations_at_every_length_are_refused() {
-    let older = [s::older_heartbeat(false), s::older_heartbeat(true)];
+    let older = [
+        s::older_heartbeat(false),
+        s::older_heartbeat(true),
+        s::pre_quantization_heartbeat(false),
+        s::pre_quantization_heartbeat(true),
+    ];
     for target in s::TARGETS {
         for seed in s::seeds(target) {
             if target == "dht_record" && seed[0] == 1 {

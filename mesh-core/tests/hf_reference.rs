@@ -117,3 +117,13 @@ fn hub_legacy_config_layout_gives_the_same_logits() {
         assert!(relative_error(g, w) < 1e-4);
     }
 }
+
+#[test]
+fn qwen2_with_qkv_biases_and_tied_embeddings_matches_transformers() {
+    check_fixture("hf_qwen2_tied");
+}
+
+#[test]
+fn mistral_matches_transformers() {
+    check_fixture("hf_mistral");
+}

@@ -51,6 +51,7 @@ async fn announce_tiny(client: &p2p::Client) {
             price_per_token: 0,
             load: ServerLoad::default(),
             capability: Capability::default(),
+            quantization: String::new(),
         })
         .await
         .unwrap();
@@ -227,6 +228,7 @@ fn heartbeat_from(peer: PeerId) -> Heartbeat {
             memory_total_bytes: 24 << 30,
             utilization_percent: Some(55),
         }],
+        quantization: String::new(),
     }
 }
 
@@ -370,6 +372,7 @@ async fn malformed_dht_records_are_rejected_counted_and_harmless() {
         online: true,
         issued_ms: now,
         expires_ms: now + 60_000,
+        quantization: String::new(),
     };
     let good = dht::sign_server_record(&key, &record_of(2)).unwrap();
     let impossible = dht::sign_server_record(&key, &record_of(9)).unwrap();

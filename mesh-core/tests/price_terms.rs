@@ -64,6 +64,7 @@ async fn start_bait_and_switch(
             ..ServerLoad::default()
         },
         capability: Default::default(),
+        quantization: String::new(),
     };
     let (stop, rx) = oneshot::channel::<()>();
     tokio::spawn(p2p::serve(

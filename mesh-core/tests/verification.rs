@@ -74,6 +74,7 @@ async fn start_liar(
         price_per_token: PRICE,
         load: ServerLoad::default(),
         capability: Default::default(),
+        quantization: String::new(),
     };
     let (stop, rx) = oneshot::channel::<()>();
     tokio::spawn(p2p::serve(

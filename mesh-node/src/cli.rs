@@ -98,7 +98,8 @@ pub struct NodeFlags {
     /// Model name on the mesh.
     #[arg(long)]
     pub model: Option<String>,
-    /// Hugging Face model directory (config.json, *.safetensors). Defaults to the
+    /// Hugging Face model directory (config.json, *.safetensors), a .gguf file, or a hub
+    /// id (Org/Name) found offline in the local Hugging Face cache. Defaults to the
     /// embedded tiny model, written under $MESH_HOME when absent.
     #[arg(long)]
     pub model_dir: Option<PathBuf>,
@@ -115,6 +116,10 @@ pub struct NodeFlags {
     /// Weights and compute dtype: f32, f16 or bf16 [default: f32].
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Quantize the span's weights on load: q8_0 or q4k (GGUF files keep their own)
+    /// [default: none, full precision].
+    #[arg(long)]
+    pub quantize: Option<String>,
     /// Where the span computes: cpu, cuda or cuda:N (needs a build with --features cuda)
     /// [default: cpu].
     #[arg(long)]
@@ -237,6 +242,19 @@ pub struct ProbeArgs {
     /// Print JSON instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// Also say how many blocks of this model (directory, .gguf file or cached hub id)
+    /// fit in RAM and in each GPU's free VRAM.
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// With --model-dir: the weights' dtype, f32 or f16 [default: f32].
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// With --model-dir: size the blocks quantized on load, q8_0 or q4k.
+    #[arg(long)]
+    pub quantize: Option<mesh_core::model::Quantization>,
+    /// With --model-dir: the KV-cache budget kept beside the weights, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub cache_budget_mib: u64,
 }
 
 #[derive(clap::Args, Debug)]

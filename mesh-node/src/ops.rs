@@ -26,7 +26,11 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
     if let Some(m) = a.model {
         file.model = m;
     }
-    file.model_dir = a.model_dir.map(|d| std::path::absolute(&d).unwrap_or(d));
+    file.model_dir = a.model_dir.map(|d| {
+        mesh_core::model::hub::absolute_or_id(&d, |p| {
+            std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+        })
+    });
     file.network.listen = if a.listen.is_empty() {
         vec![config::DEFAULT_LISTEN.into()]
     } else {
@@ -210,6 +214,48 @@ pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
             g.driver_version.as_deref().unwrap_or("?"),
             g.cuda_version.as_deref().unwrap_or("?")
         );
+    }
+    if let Some(dir) = &a.model_dir {
+        probe_model(&a, dir, &p)?;
+    }
+    Ok(())
+}
+
+/// How many blocks of the model in `dir` fit in RAM and in each GPU's free VRAM, at the
+/// format asked for (the sizing `register` and `start` apply).
+fn probe_model(a: &ProbeArgs, dir: &std::path::Path, p: &probe::Probe) -> anyhow::Result<()> {
+    let files = mesh_core::model::ModelFiles::open(dir)
+        .with_context(|| format!("model {}", dir.display()))?;
+    let dtype = mesh_core::model::parse_dtype(&a.dtype)
+        .with_context(|| format!("dtype {:?}: expected f32, f16 or bf16", a.dtype))?;
+    let format = probe::SpanFormat::of(&files, dtype, a.quantize);
+    let cfg = &files.config;
+    let label = files.announced_quantization(a.quantize);
+    let label = if label.is_empty() {
+        a.dtype.clone()
+    } else {
+        label
+    };
+    println!(
+        "model  {}: {} blocks, {:.1} MiB per block ({label})",
+        dir.display(),
+        cfg.num_blocks(),
+        format.block_bytes(cfg) as f64 / f64::from(1u32 << 20)
+    );
+    let budget = a.cache_budget_mib << 20;
+    let room = |free: Option<u64>| {
+        free.map_or("unknown".into(), |f| {
+            let n = probe::max_blocks_that_fit(cfg, format, budget, f);
+            format!("room for {n} of {} blocks", cfg.num_blocks())
+        })
+    };
+    println!(
+        "       RAM: {} (beside a {} MiB KV-cache budget)",
+        room(p.memory.available_bytes),
+        a.cache_budget_mib
+    );
+    for g in &p.gpus {
+        println!("       gpu {}: {}", g.index, room(g.vram_free_bytes));
     }
     Ok(())
 }

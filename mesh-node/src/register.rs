@@ -52,6 +52,7 @@ pub fn register(a: RegisterArgs) -> anyhow::Result<()> {
         span: r.blocks,
         span_len: r.span_len,
         dtype: r.dtype,
+        quantize: r.quantize,
         device: r.device,
         cache_budget_bytes: r.limits.cache_budget_bytes as u64,
         price_per_token: r.price_per_token,
@@ -107,8 +108,13 @@ fn report(reg: &Registration) {
         ),
         _ => format!("{} available: unknown, not checked", s.where_),
     };
+    let weights = if reg.quantization.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", reg.quantization)
+    };
     println!(
-        "sizing: {} blocks need {} of weights + {} of KV cache; {room}",
+        "sizing: {} blocks{weights} need {} of weights + {} of KV cache; {room}",
         s.blocks,
         mib(s.weights_bytes),
         mib(s.cache_bytes)

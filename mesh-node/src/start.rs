@@ -67,7 +67,7 @@ pub fn apply_node_flags(file: &mut NodeFile, a: &NodeFlags) {
         file.model = v.clone();
     }
     if let Some(v) = &a.model_dir {
-        file.model_dir = Some(abs(v));
+        file.model_dir = Some(mesh_core::model::hub::absolute_or_id(v, abs));
     }
     if let Some(v) = a.blocks {
         file.blocks = Some(format!("{}..{}", v.start, v.end));
@@ -77,6 +77,9 @@ pub fn apply_node_flags(file: &mut NodeFile, a: &NodeFlags) {
     }
     if let Some(v) = &a.dtype {
         file.dtype = v.clone();
+    }
+    if let Some(v) = &a.quantize {
+        file.quantize = Some(v.clone());
     }
     if let Some(v) = &a.device {
         file.device = v.clone();
@@ -213,7 +216,7 @@ fn preflight(r: &Resolved, num_blocks_flag: Option<u32>) -> anyhow::Result<Check
         &files.config,
         r.blocks,
         r.span_len,
-        r.dtype,
+        probe::SpanFormat::of(&files, r.dtype, r.quantize),
         r.limits.cache_budget_bytes as u64,
         free,
         memory,
@@ -237,6 +240,7 @@ fn preflight(r: &Resolved, num_blocks_flag: Option<u32>) -> anyhow::Result<Check
             span: r.blocks,
             span_len,
             dtype: r.dtype,
+            quantize: r.quantize,
             device: selected.device,
             limits: r.limits.clone(),
             price_per_token: r.price_per_token,

@@ -571,3 +571,102 @@ async fn a_daemons_log_rotates_by_size_and_keeps_log_keep_files() {
         "what the node prints after a rotation goes to the current file:\n{current}"
     );
 }
+
+/// `register` with a hub id found in a local Hugging Face cache ($HF_HOME), sized at f32
+/// and quantized: the quantized span's weights are the fewer bytes, and a hub id not in
+/// the cache is refused with where it was looked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_finds_hub_ids_in_the_hf_cache_and_sizes_quantized_spans() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_bootstrap, boot_addr) = start_bootstrap(dir.path()).await;
+    let home = dir.path().join("home");
+    write_config(&home, &config_text("", Some(&boot_addr.to_string())));
+    let hf = dir.path().join("hf");
+    let repo = hf.join("hub/models--mesh--tiny");
+    mesh_core::model::tiny::write(&repo.join("snapshots/0123abcd")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+
+    let run = |args: &[&str]| {
+        let mut all = vec!["register", "--dry-run", "--blocks", "0..8"];
+        all.extend_from_slice(args);
+        let o = std::process::Command::new(binary("mesh-node"))
+            .args(&all)
+            .env("MESH_HOME", &home)
+            .env("HF_HOME", &hf)
+            .env("RUST_LOG", "error")
+            .env_remove("MESH_NODE_CONFIG")
+            .env_remove("HF_HUB_CACHE")
+            .output()
+            .unwrap();
+        (o.status.success(), stdout(&o), stderr(&o))
+    };
+    let weights = |out: &str| -> f64 {
+        let line = out.lines().find(|l| l.starts_with("sizing: ")).unwrap();
+        let need = line.split(" need ").nth(1).unwrap();
+        need.split(" MiB").next().unwrap().parse().unwrap()
+    };
+    let (ok, f32_out, err) = run(&["--model-dir", "mesh/tiny"]);
+    assert!(ok, "register: {err}");
+    assert!(f32_out.contains("sizing: 8 blocks need "), "{f32_out}");
+    let (ok, q_out, err) = run(&["--model-dir", "mesh/tiny", "--quantize", "q8_0"]);
+    assert!(ok, "register: {err}");
+    assert!(q_out.contains("sizing: 8 blocks (q8_0) need "), "{q_out}");
+    // The tiny model's down projection (344 wide) is not a whole number of Q8_0 blocks and
+    // stays f32; the rest takes 34 bytes per 32 weights instead of 128.
+    let (full, quantized) = (weights(&f32_out), weights(&q_out));
+    assert!(quantized < full * 0.5, "{quantized} vs {full}");
+
+    // `probe` sizes the same way, per block.
+    let probe = |args: &[&str]| {
+        let mut all = vec!["probe", "--model-dir", "mesh/tiny"];
+        all.extend_from_slice(args);
+        let o = std::process::Command::new(binary("mesh-node"))
+            .args(&all)
+            .env("MESH_HOME", &home)
+            .env("HF_HOME", &hf)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "probe: {}", stderr(&o));
+        let out = stdout(&o);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("model  "))
+            .unwrap()
+            .to_owned();
+        assert!(out.contains("RAM: room for "), "{out}");
+        let per_block: f64 = line
+            .split(", ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        (line, per_block)
+    };
+    let (line, f32_block) = probe(&[]);
+    assert!(
+        line.contains("8 blocks") && line.ends_with("(f32)"),
+        "{line}"
+    );
+    let (line, q8_block) = probe(&["--quantize", "q8_0"]);
+    assert!(line.ends_with("(q8_0)"), "{line}");
+    // Per-block figures are printed to 0.1 MiB.
+    assert!(
+        (q8_block * 8.0 - quantized).abs() < 0.45,
+        "{q8_block} x 8 vs {quantized}"
+    );
+    assert!(
+        (f32_block * 8.0 - full).abs() < 0.45,
+        "{f32_block} x 8 vs {full}"
+    );
+
+    let (ok, _, err) = run(&["--model-dir", "mesh/absent"]);
+    assert!(!ok);
+    assert!(
+        err.contains("mesh/absent") && err.contains(&hf.join("hub").display().to_string()),
+        "{err}"
+    );
+}

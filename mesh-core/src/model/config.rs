@@ -21,6 +21,9 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
     },
+    /// Each rotary frequency divided by its own factor: how llama.cpp stores Llama 3's
+    /// scaling in a GGUF (the `rope_freqs` tensor), already evaluated. Not an HF layout.
+    Factors { factors: Vec<f64> },
 }
 
 /// The subset of a Llama/Mistral/TinyLlama `config.json` that the forward pass depends on.
@@ -61,7 +64,25 @@ pub struct LlamaConfig {
     /// [`LlamaConfig::from_json`] folds it into `rope_theta` / `rope_scaling`.
     #[serde(default, skip_serializing)]
     pub rope_parameters: Option<serde_json::Value>,
+    /// HF's class names (`LlamaForCausalLM`, ...); checked with `model_type`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architectures: Option<Vec<String>>,
+    /// Mistral and Qwen2 may attend only to the last `sliding_window` tokens; mesh attends
+    /// to all, which is the same computation while the context is at most the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Qwen2 turns its window on with this flag (off in every released Qwen2/2.5 config).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub use_sliding_window: bool,
 }
+
+/// The architectures mesh runs: `(model_type, HF class)`. All are the Llama block with
+/// per-architecture details (Qwen2: q/k/v biases; Mistral: an optional sliding window).
+pub const SUPPORTED_ARCHITECTURES: [(&str, &str); 3] = [
+    ("llama", "LlamaForCausalLM"),
+    ("mistral", "MistralForCausalLM"),
+    ("qwen2", "Qwen2ForCausalLM"),
+];
 
 /// HF allows `eos_token_id` to be one id or a list (Llama 3 has several).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -148,17 +169,65 @@ impl LlamaConfig {
                 .map_err(|e| malformed(format!("rope_parameters: {e}")))?;
             cfg.rope_scaling = parsed.rope_scaling;
         }
+        cfg.apply_sliding_window();
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// A window at least the context is full attention; a shorter one (Mistral v0.1)
+    /// caps the context at the window, where full attention computes the same thing.
+    fn apply_sliding_window(&mut self) {
+        let active = match self.model_type.as_str() {
+            "qwen2" => self.use_sliding_window,
+            _ => true,
+        };
+        if let (true, Some(window)) = (active, self.sliding_window) {
+            if window > 0 && window < self.max_position_embeddings {
+                self.max_position_embeddings = window;
+            }
+        }
+    }
+
+    /// Whether q/k/v carry biases: Qwen2 always, others when `attention_bias` says so.
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.model_type == "qwen2"
+    }
+
+    /// Whether `o_proj` carries a bias (never in Qwen2, whose only biases are q/k/v).
+    pub fn o_bias(&self) -> bool {
+        self.attention_bias && self.model_type != "qwen2"
     }
 
     /// Reject configs that would make the forward pass panic or silently compute nonsense.
     pub fn validate(&self) -> Result<(), ModelError> {
         let unsupported = |msg: String| Err(ModelError::Unsupported(msg));
-        if !matches!(self.model_type.as_str(), "llama" | "mistral") {
+        let names = || {
+            SUPPORTED_ARCHITECTURES
+                .iter()
+                .map(|(t, c)| format!("{t} ({c})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let Some((_, class)) = SUPPORTED_ARCHITECTURES
+            .iter()
+            .find(|(t, _)| *t == self.model_type)
+        else {
             return unsupported(format!(
-                "model_type {:?} (supported: llama, mistral)",
-                self.model_type
+                "model_type {:?}; supported: {}",
+                self.model_type,
+                names()
+            ));
+        };
+        if let Some(other) = self
+            .architectures
+            .iter()
+            .flatten()
+            .find(|a| a.as_str() != *class)
+        {
+            return unsupported(format!(
+                "architecture {other:?} with model_type {:?}; supported: {}",
+                self.model_type,
+                names()
             ));
         }
         if self.hidden_act != "silu" {
@@ -193,6 +262,15 @@ impl LlamaConfig {
         if hd == 0 || !hd.is_multiple_of(2) {
             return unsupported(format!("head_dim {hd} must be even and non-zero"));
         }
+        if let Some(RopeScaling::Factors { factors }) = &self.rope_scaling {
+            if factors.len() != hd / 2 || factors.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+                return unsupported(format!(
+                    "rope factors: {} positive factors for head_dim {hd} (expected {})",
+                    factors.len(),
+                    hd / 2
+                ));
+            }
+        }
         if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
             return unsupported("rms_norm_eps and rope_theta must be positive".into());
         }
@@ -226,7 +304,7 @@ impl LlamaConfig {
         let h = self.hidden_size;
         let q = self.num_attention_heads * self.head_dim();
         let kv = self.num_kv_heads() * self.head_dim();
-        let attn = h * q + 2 * h * kv + q * h;
+        let attn = h * q + 2 * h * kv + q * h + usize::from(self.qkv_bias()) * (q + 2 * kv);
         let mlp = 3 * h * self.intermediate_size;
         attn + mlp + 2 * h
     }
@@ -292,6 +370,55 @@ mod tests {
         v["num_key_value_heads"] = serde_json::json!(3);
         let cfg: LlamaConfig = serde_json::from_value(v).unwrap();
         assert!(matches!(cfg.validate(), Err(ModelError::Unsupported(_))));
+    }
+
+    #[test]
+    fn qwen2_and_mistral_are_known_and_others_refused_by_name() {
+        let mut v = base();
+        v["model_type"] = serde_json::json!("qwen2");
+        v["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+        let cfg = LlamaConfig::from_json(&v.to_string()).unwrap();
+        assert!(cfg.qkv_bias() && !cfg.o_bias());
+        v["model_type"] = serde_json::json!("mistral");
+        v["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+        v["sliding_window"] = serde_json::json!(null);
+        assert!(LlamaConfig::from_json(&v.to_string()).is_ok());
+        v["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+        let err = LlamaConfig::from_json(&v.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("LlamaForCausalLM"), "{err}");
+        v["model_type"] = serde_json::json!("gemma2");
+        v["architectures"] = serde_json::json!(["Gemma2ForCausalLM"]);
+        let err = LlamaConfig::from_json(&v.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gemma2") && err.contains("qwen2"), "{err}");
+    }
+
+    #[test]
+    fn rope_factors_need_one_positive_factor_per_frequency() {
+        let mut v = base();
+        v["rope_scaling"] = serde_json::json!({"rope_type": "factors", "factors": [1.0, 8.0]});
+        assert!(LlamaConfig::from_json(&v.to_string()).is_ok());
+        v["rope_scaling"] = serde_json::json!({"rope_type": "factors", "factors": [1.0]});
+        assert!(LlamaConfig::from_json(&v.to_string()).is_err());
+        v["rope_scaling"] = serde_json::json!({"rope_type": "factors", "factors": [1.0, 0.0]});
+        assert!(LlamaConfig::from_json(&v.to_string()).is_err());
+    }
+
+    #[test]
+    fn a_short_sliding_window_caps_the_context() {
+        let mut v = base();
+        v["model_type"] = serde_json::json!("mistral");
+        v["max_position_embeddings"] = serde_json::json!(4096);
+        v["sliding_window"] = serde_json::json!(1024);
+        let cfg = LlamaConfig::from_json(&v.to_string()).unwrap();
+        assert_eq!(cfg.max_position_embeddings, 1024);
+        // Qwen2 writes a window but leaves it off.
+        v["model_type"] = serde_json::json!("qwen2");
+        let cfg = LlamaConfig::from_json(&v.to_string()).unwrap();
+        assert_eq!(cfg.max_position_embeddings, 4096);
     }
 
     #[test]

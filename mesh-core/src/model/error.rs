@@ -91,6 +91,20 @@ pub enum ModelError {
     /// not alternate as the model requires.
     #[error("the chat template rejected the messages: {0}")]
     ChatRejected(String),
+    /// A hub id was given for the model but the local Hugging Face cache lacks it.
+    #[error(
+        "model {id} is not in the Hugging Face cache at {cache} ({why}); mesh never \
+         downloads: fetch it first (`huggingface-cli download {id}`), set HF_HOME or \
+         HF_HUB_CACHE, or give the model's directory"
+    )]
+    NotInHubCache {
+        id: String,
+        cache: PathBuf,
+        why: String,
+    },
+    /// A GGUF file could not be read or describes something mesh does not run.
+    #[error("GGUF file {path}: {reason}")]
+    Gguf { path: PathBuf, reason: String },
     /// A tensor operation failed.
     #[error("tensor op: {0}")]
     Tensor(#[from] candle_core::Error),

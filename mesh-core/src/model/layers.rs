@@ -11,6 +11,7 @@ use candle_core::{DType, Tensor, D};
 
 use super::cache::LayerKv;
 use super::kernels;
+use super::linear::Linear;
 use super::matvec::{self, Dense};
 use super::rope::RopeTables;
 use super::{LlamaConfig, ModelError, Weights};
@@ -54,35 +55,31 @@ fn linear(
     out_dim: usize,
     in_dim: usize,
     bias: bool,
-) -> Result<Dense, ModelError> {
-    let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
-    let bias = if bias {
-        Some(w.get(&format!("{prefix}.bias"), &[out_dim])?)
-    } else {
-        None
-    };
-    Ok(Dense::new(weight, bias))
+) -> Result<Linear, ModelError> {
+    w.linear(prefix, out_dim, in_dim, bias)
 }
 
 /// Several projections of one input: separate matrices (CPU, where the tests pin
 /// agreement with transformers op for op), or one matrix stacked along the outputs (GPU).
+/// Quantized matrices always stay separate.
 #[derive(Clone, Debug)]
 enum Projections {
-    Separate(Vec<Dense>),
+    Separate(Vec<Linear>),
     Fused { linear: Dense, widths: Vec<usize> },
 }
 
 impl Projections {
-    fn new(parts: Vec<Dense>, fuse: bool) -> Result<Self, ModelError> {
-        if !fuse {
+    fn new(parts: Vec<Linear>, fuse: bool) -> Result<Self, ModelError> {
+        let dense: Option<Vec<_>> = parts.iter().map(Linear::dense_parts).collect();
+        let Some(dense) = dense.filter(|_| fuse) else {
             return Ok(Self::Separate(parts));
-        }
+        };
         let widths = parts
             .iter()
-            .map(|p| p.weight().dim(0))
+            .map(Linear::out_dim)
             .collect::<Result<Vec<_>, _>>()?;
-        let weights: Vec<&Tensor> = parts.iter().map(Dense::weight).collect();
-        let biases: Option<Vec<&Tensor>> = parts.iter().map(Dense::bias).collect();
+        let weights: Vec<&Tensor> = dense.iter().map(|(w, _)| *w).collect();
+        let biases: Option<Vec<&Tensor>> = dense.iter().map(|(_, b)| *b).collect();
         let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
         Ok(Self::Fused {
             linear: Dense::new(Tensor::cat(&weights, 0)?, bias),
@@ -102,11 +99,13 @@ impl Projections {
     fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>, ModelError> {
         match self {
             Self::Separate(parts) => {
-                let refs: Vec<&Dense> = parts.iter().collect();
-                match matvec::forward_many(&refs, x)? {
-                    Some(ys) => Ok(ys),
-                    None => parts.iter().map(|p| p.forward(x)).collect(),
+                let dense: Option<Vec<&Dense>> = parts.iter().map(Linear::as_dense).collect();
+                if let Some(dense) = dense {
+                    if let Some(ys) = matvec::forward_many(&dense, x)? {
+                        return Ok(ys);
+                    }
                 }
+                parts.iter().map(|p| p.forward(x)).collect()
             }
             Self::Fused { linear, widths } => {
                 let all = linear.forward(x)?;
@@ -133,7 +132,7 @@ impl Projections {
 #[derive(Clone, Debug)]
 struct Attention {
     qkv: Projections,
-    o_proj: Dense,
+    o_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -144,7 +143,7 @@ impl Attention {
         let h = cfg.hidden_size;
         let hd = cfg.head_dim();
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
-        let bias = cfg.attention_bias;
+        let bias = cfg.qkv_bias();
         let parts = vec![
             linear(w, &format!("{prefix}.q_proj"), nh * hd, h, bias)?,
             linear(w, &format!("{prefix}.k_proj"), nkv * hd, h, bias)?,
@@ -152,7 +151,7 @@ impl Attention {
         ];
         Ok(Self {
             qkv: Projections::new(parts, w.device().is_cuda())?,
-            o_proj: linear(w, &format!("{prefix}.o_proj"), h, nh * hd, bias)?,
+            o_proj: linear(w, &format!("{prefix}.o_proj"), h, nh * hd, cfg.o_bias())?,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
@@ -271,7 +270,7 @@ fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor, ModelError> {
 #[derive(Clone, Debug)]
 struct Mlp {
     gate_up: Projections,
-    down_proj: Dense,
+    down_proj: Linear,
 }
 
 impl Mlp {

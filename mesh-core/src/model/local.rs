@@ -5,8 +5,8 @@ use std::path::Path;
 use candle_core::{DType, Device};
 
 use super::{
-    ClientHead, FinishReason, Generation, MeshTokenizer, ModelError, ModelFiles, SamplingParams,
-    SpanModel, TextStream,
+    ClientHead, FinishReason, Generation, MeshTokenizer, ModelError, ModelFiles, Quantization,
+    SamplingParams, SpanModel, TextStream,
 };
 use crate::types::BlockRange;
 
@@ -36,6 +36,18 @@ impl LocalModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, ModelError> {
+        Self::load_spans_quantized(dir, ranges, dtype, None, device)
+    }
+
+    /// [`LocalModel::load_spans`] with the spans' projections quantized to `quantize` on
+    /// load (the head stays at `dtype`).
+    pub fn load_spans_quantized(
+        dir: &Path,
+        ranges: &[BlockRange],
+        dtype: DType,
+        quantize: Option<Quantization>,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
         let files = ModelFiles::open(dir)?;
         let num_blocks = files.config.num_blocks();
         let mut expected_start = 0;
@@ -57,14 +69,9 @@ impl LocalModel {
         let head = ClientHead::load(&files, dtype, device)?;
         let spans = ranges
             .iter()
-            .map(|r| SpanModel::load(&files, *r, dtype, device))
+            .map(|r| SpanModel::load_quantized(&files, *r, dtype, quantize, device))
             .collect::<Result<Vec<_>, _>>()?;
-        let tok_path = files.tokenizer_path();
-        let tokenizer = if tok_path.exists() {
-            Some(MeshTokenizer::from_file(&tok_path)?)
-        } else {
-            None
-        };
+        let tokenizer = files.tokenizer()?;
         Ok(Self {
             files,
             head,

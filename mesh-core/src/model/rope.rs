@@ -23,6 +23,9 @@ pub(crate) fn inverse_frequencies(cfg: &LlamaConfig) -> Vec<f64> {
         .collect();
     match &cfg.rope_scaling {
         None | Some(RopeScaling::Default) | Some(RopeScaling::Linear { .. }) => base,
+        Some(RopeScaling::Factors { factors }) => {
+            base.iter().zip(factors).map(|(f, d)| f / d).collect()
+        }
         Some(RopeScaling::Llama3 {
             factor,
             low_freq_factor,

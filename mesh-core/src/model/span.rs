@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use super::layers::{Block, Rotation};
 use super::matvec;
 use super::rope::RopeTables;
-use super::{LlamaConfig, ModelError, ModelFiles, SpanCache, Weights};
+use super::{LlamaConfig, ModelError, ModelFiles, Quantization, SpanCache, Weights};
 use crate::types::BlockRange;
 
 /// Blocks `[start, end)` of one model, holding only those blocks' weights.
@@ -18,6 +18,8 @@ pub struct SpanModel {
     dtype: DType,
     device: Device,
     weight_bytes: usize,
+    /// How the projection matrices are stored (`None`: dense at `dtype`).
+    quantization: Option<String>,
 }
 
 impl SpanModel {
@@ -28,7 +30,19 @@ impl SpanModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let weights = Weights::open(files, dtype, device)?;
+        Self::load_quantized(files, range, dtype, None, device)
+    }
+
+    /// Like [`SpanModel::load`], with the projection matrices quantized to `quantize` as
+    /// they are read (a GGUF source keeps its own quantization whatever `quantize` says).
+    pub fn load_quantized(
+        files: &ModelFiles,
+        range: BlockRange,
+        dtype: DType,
+        quantize: Option<Quantization>,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let weights = Weights::open(files, dtype, device)?.with_quantization(quantize);
         Self::from_weights(&files.config, &weights, range)
     }
 
@@ -53,6 +67,7 @@ impl SpanModel {
         let rope = RopeTables::new(config, dtype, &device)?;
         Ok(Self {
             weight_bytes: weights.loaded_bytes() - before,
+            quantization: weights.format_label(),
             config: config.clone(),
             range,
             blocks,
@@ -89,6 +104,12 @@ impl SpanModel {
             block.set_fused_decode(on, &self.config)?;
         }
         Ok(())
+    }
+
+    /// How the span's projection matrices are stored, as servers announce it: `None` for
+    /// dense weights at [`SpanModel::dtype`], else `q8_0`, `q4k` or `gguf:<types>`.
+    pub fn quantization(&self) -> Option<&str> {
+        self.quantization.as_deref()
     }
 
     /// Bytes of weights this span copied out of the model files.

@@ -44,6 +44,9 @@ pub fn config() -> LlamaConfig {
         bos_token_id: Some(1),
         eos_token_id: Some(super::config::EosTokens::One(2)),
         rope_parameters: None,
+        architectures: None,
+        sliding_window: None,
+        use_sliding_window: false,
     }
 }
 
@@ -66,12 +69,18 @@ pub fn ensure(dir: &Path) -> Result<PathBuf, ModelError> {
 
 /// Generate and write the tiny model into `dir` (created if needed).
 pub fn write(dir: &Path) -> Result<(), ModelError> {
+    write_random(dir, &config())
+}
+
+/// Write a random-weight model of shape `cfg` (same weight law and byte tokenizer as the
+/// tiny model) into `dir`: how tests make models larger than the tiny one.
+pub fn write_random(dir: &Path, cfg: &LlamaConfig) -> Result<(), ModelError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ModelError::Write { path, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let cfg = config();
+    let cfg = cfg.clone();
     let config_json = serde_json::to_string_pretty(&config_json(&cfg))
         .map_err(|e| ModelError::Unsupported(e.to_string()))?;
     write_atomic(&dir.join("config.json"), config_json.as_bytes())?;

@@ -23,6 +23,8 @@ pub struct Announcement {
     pub load: ServerLoad,
     /// This server's hardware, sent in every heartbeat.
     pub capability: Capability,
+    /// How the span's weights are stored; empty = full precision.
+    pub quantization: String,
 }
 
 impl Announcement {

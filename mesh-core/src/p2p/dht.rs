@@ -109,6 +109,11 @@ pub struct ServerRecord {
     pub issued_ms: u64,
     /// When it stops being valid, ms since the Unix epoch.
     pub expires_ms: u64,
+    /// How the span's weights are stored, empty for full precision. Appended: a record
+    /// with it empty is encoded without it, byte for byte an older server's record, so
+    /// older peers keep reading full-precision servers (and refuse quantized ones, which
+    /// they could not tell apart).
+    pub quantization: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -132,7 +137,7 @@ pub fn sign_server_record(
     keypair: &Keypair,
     record: &ServerRecord,
 ) -> Result<Vec<u8>, super::P2pError> {
-    let payload = wire::encode(record)?;
+    let payload = wire::encode_trimmed(record, record.quantization.is_empty())?;
     let signature = keypair
         .sign(&signed_message(&payload))
         .map_err(|e| super::P2pError::Signing(e.to_string()))?;
@@ -164,7 +169,13 @@ pub fn verify_server_record(
         return Err(RecordReject::BadSignature);
     }
     let rec: ServerRecord =
-        wire::decode(&env.payload, MAX_RECORD_BYTES).map_err(|_| RecordReject::Undecodable)?;
+        wire::decode_trimmed(&env.payload, MAX_RECORD_BYTES, |r: &ServerRecord| {
+            r.quantization.is_empty()
+        })
+        .map_err(|_| RecordReject::Undecodable)?;
+    if !crate::types::quantization_is_valid(&rec.quantization) {
+        return Err(RecordReject::Invalid("quantization"));
+    }
     if rec.peer_id != peer.to_bytes() {
         return Err(RecordReject::Invalid("peer id"));
     }
@@ -243,6 +254,7 @@ impl ServerRecord {
             span: BlockRange::new(self.span_start, self.span_end),
             num_blocks: self.num_blocks,
             price_per_token: self.price_per_token,
+            quantization: self.quantization.clone(),
         })
     }
 }
@@ -266,7 +278,64 @@ mod tests {
             online: true,
             issued_ms: now,
             expires_ms: now + 60_000,
+            quantization: String::new(),
         }
+    }
+
+    /// Today's record without the appended field, as servers before it sign it.
+    #[derive(Serialize)]
+    struct OlderRecord {
+        peer_id: Vec<u8>,
+        addrs: Vec<Vec<u8>>,
+        model: String,
+        span_start: u32,
+        span_end: u32,
+        num_blocks: u32,
+        price_per_token: u64,
+        online: bool,
+        issued_ms: u64,
+        expires_ms: u64,
+    }
+
+    #[test]
+    fn quantization_is_carried_and_older_records_still_verify() {
+        let kp = Keypair::generate_ed25519();
+        let now = 1_700_000_000_000;
+        let key = server_key(&kp.public().to_peer_id());
+        let mut rec = record(&kp, now);
+        rec.quantization = "q4k".into();
+        let value = sign_server_record(&kp, &rec).unwrap();
+        let back = verify_server_record(&key, &value, now).unwrap();
+        assert_eq!(back.to_remote_span().unwrap().quantization, "q4k");
+
+        // A full-precision record is byte for byte what an older server signs, and an
+        // older server's record reads as full precision.
+        let r = record(&kp, now);
+        let older = OlderRecord {
+            peer_id: r.peer_id.clone(),
+            addrs: r.addrs.clone(),
+            model: r.model.clone(),
+            span_start: r.span_start,
+            span_end: r.span_end,
+            num_blocks: r.num_blocks,
+            price_per_token: r.price_per_token,
+            online: r.online,
+            issued_ms: r.issued_ms,
+            expires_ms: r.expires_ms,
+        };
+        assert_eq!(
+            wire::encode(&older).unwrap(),
+            wire::encode_trimmed(&r, true).unwrap()
+        );
+        let value = sign_server_record(&kp, &r).unwrap();
+        assert_eq!(verify_server_record(&key, &value, now).unwrap(), r);
+
+        rec.quantization = "x".repeat(crate::types::MAX_QUANTIZATION_LEN + 1);
+        let value = sign_server_record(&kp, &rec).unwrap();
+        assert_eq!(
+            verify_server_record(&key, &value, now),
+            Err(RecordReject::Invalid("quantization"))
+        );
     }
 
     #[test]

@@ -78,6 +78,10 @@ pub struct Heartbeat {
     /// every heartbeat (bounded, [`GpuLive::list_is_valid`]). Appended after `capability`:
     /// heartbeats from senders before it end there and are read with an empty list.
     pub gpu_live: Vec<GpuLive>,
+    /// How the sender's span is stored: empty for full precision, else `q8_0`, `q4k`,
+    /// `gguf:<types>` (bounded, [`crate::types::quantization_is_valid`]). Appended after
+    /// `gpu_live`: older heartbeats read as full precision.
+    pub quantization: String,
 }
 
 /// Why a heartbeat was rejected; each has its own counter in [`GossipStats`].
@@ -188,6 +192,7 @@ pub fn validate(
         || !(MIN_INTERVAL..=MAX_INTERVAL).contains(&interval)
         || !hb.capability.is_valid()
         || !GpuLive::list_is_valid(&hb.gpu_live)
+        || !crate::types::quantization_is_valid(&hb.quantization)
     {
         return Err(Reject::Malformed);
     }
@@ -217,36 +222,43 @@ pub fn validate(
             interval,
             capability: hb.capability,
             gpu_live: hb.gpu_live,
+            quantization: hb.quantization,
         },
         leaving: hb.leaving,
     })
 }
 
 /// Decodes a heartbeat, skipping fields a newer sender appended (heartbeats grow without
-/// splitting the mesh), and reading one from a sender older than `gpu_live` too: those end
-/// right after `capability`, which is a heartbeat with no readings less the one byte that
-/// encodes the empty list. Only that exact end is accepted; anything else cut short is
-/// undecodable.
+/// splitting the mesh), and reading one from an older sender too: those end right before
+/// `quantization`, or right after `capability` (before `gpu_live`), which is a heartbeat
+/// with those fields empty less the one byte that encodes each. Only those exact ends are
+/// accepted; anything else cut short is undecodable.
 fn decode(data: &[u8]) -> Result<Heartbeat, Reject> {
     if let Ok((hb, _)) = wire::decode_extensible::<Heartbeat>(data, MAX_HEARTBEAT_BYTES) {
         return Ok(hb);
     }
-    let mut padded = Vec::with_capacity(data.len() + 1);
-    padded.extend_from_slice(data);
-    padded.push(0);
-    match wire::decode_extensible::<Heartbeat>(&padded, MAX_HEARTBEAT_BYTES + 1) {
-        // The added zero was read as the empty list, and it was the last byte: `data` ended
-        // exactly where an older sender's heartbeat does.
-        Ok((hb, 0)) if hb.gpu_live.is_empty() => Ok(hb),
-        _ => Err(Reject::Undecodable),
+    for missing in 1..=2 {
+        let mut padded = Vec::with_capacity(data.len() + missing);
+        padded.extend_from_slice(data);
+        padded.extend(std::iter::repeat_n(0, missing));
+        // The added zeros were read as the missing fields, empty, and were the last bytes:
+        // `data` ended exactly where an older sender's heartbeat does.
+        if let Ok((hb, 0)) =
+            wire::decode_extensible::<Heartbeat>(&padded, MAX_HEARTBEAT_BYTES + missing)
+        {
+            if hb.quantization.is_empty() && (missing == 1 || hb.gpu_live.is_empty()) {
+                return Ok(hb);
+            }
+        }
     }
+    Err(Reject::Undecodable)
 }
 
 /// What changed in the table after an update.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    /// A server not in the table before.
-    Up(ServerInfo),
+    /// A server not in the table before (boxed: the other variants are small).
+    Up(Box<ServerInfo>),
     /// A server known before (its entry was refreshed).
     Refreshed,
     /// A server was removed (leaving heartbeat).
@@ -298,7 +310,7 @@ impl LiveTable {
                         expires,
                     },
                 );
-                Change::Up(valid.info)
+                Change::Up(Box::new(valid.info))
             }
         }
     }
@@ -367,6 +379,7 @@ mod tests {
                 }],
             },
             gpu_live: vec![GPU],
+            quantization: String::new(),
         }
     }
 
@@ -418,6 +431,18 @@ mod tests {
     }
 
     #[test]
+    fn heartbeats_carry_the_quantization_bounded() {
+        let p = PeerId::random();
+        let mut h = hb(p);
+        h.quantization = "gguf:q4k+q6k".into();
+        assert_eq!(check(&h, p).unwrap().info.quantization, "gguf:q4k+q6k");
+        h.quantization = "q".repeat(crate::types::MAX_QUANTIZATION_LEN + 1);
+        assert_eq!(check(&h, p), Err(Reject::Malformed));
+        h.quantization = "q4 k".into();
+        assert_eq!(check(&h, p), Err(Reject::Malformed));
+    }
+
+    #[test]
     fn heartbeats_carry_live_gpu_figures() {
         let p = PeerId::random();
         let mut h = hb(p);
@@ -460,17 +485,21 @@ mod tests {
         let p = PeerId::random();
         let mut h = hb(p);
         h.gpu_live.clear();
-        // An older sender's bytes: everything up to `capability`, without the list.
+        // An older sender's bytes: everything up to `capability`, without the list (nor
+        // the quantization appended after it).
         let full = wire::encode(&h).unwrap();
-        assert_eq!(full.last(), Some(&0));
-        let older = &full[..full.len() - 1];
+        assert_eq!(full[full.len() - 2..], [0, 0]);
+        let older = &full[..full.len() - 2];
         let t = topic(&ModelId::new("tiny")).hash();
         let v = validate(older, &t, Some(p), NOW, SKEW).unwrap();
         assert_eq!(v.info, check(&h, p).unwrap().info);
         assert!(v.info.gpu_live.is_empty());
-        // Cut anywhere else, or inside the readings, it is undecodable.
+        // A sender with readings but from before `quantization` reads as full precision.
         let with = wire::encode(&hb(p)).unwrap();
-        for cut in [older.len() - 1, older.len() + 1, with.len() - 1] {
+        let v = validate(&with[..with.len() - 1], &t, Some(p), NOW, SKEW).unwrap();
+        assert_eq!(v.info, check(&hb(p), p).unwrap().info);
+        // Cut anywhere else, or inside the readings, it is undecodable.
+        for cut in [older.len() - 1, with.len() - 2] {
             assert_eq!(
                 validate(&with[..cut], &t, Some(p), NOW, SKEW),
                 Err(Reject::Undecodable),

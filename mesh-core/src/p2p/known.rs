@@ -141,6 +141,7 @@ mod tests {
             online,
             issued_ms: issued,
             expires_ms: issued + 60_000,
+            quantization: String::new(),
         }
     }
 

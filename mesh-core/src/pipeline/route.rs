@@ -25,6 +25,8 @@ pub struct Candidate {
     pub throughput_tps: f32,
     pub active_sessions: u32,
     pub price_per_token: u64,
+    /// How its weights are stored, as announced; empty = full precision.
+    pub quantization: String,
     /// Extra cost from this client's memory of the server's failures, in ms
     /// ([`crate::ledger::Reputation`]).
     pub penalty_ms: f64,
@@ -39,6 +41,7 @@ impl Candidate {
             throughput_tps: info.load.throughput_tps,
             active_sessions: info.load.active_sessions,
             price_per_token: info.price_per_token,
+            quantization: info.quantization.clone(),
             penalty_ms: 0.0,
         }
     }
@@ -56,6 +59,7 @@ impl Candidate {
             throughput_tps: 0.0,
             active_sessions: 0,
             price_per_token: span.price_per_token,
+            quantization: span.quantization.clone(),
             penalty_ms: UNHEARD_PENALTY_MS,
         }
     }
@@ -102,6 +106,9 @@ pub struct RoutePolicy {
     pub default_block_ms: f64,
     /// Cost of each session a server already has open, in ms.
     pub per_session_ms: f64,
+    /// Whether servers with quantized weights may serve (so a route may mix them with
+    /// full-precision ones); off, only full-precision servers are used.
+    pub allow_quantized: bool,
 }
 
 impl Default for RoutePolicy {
@@ -114,6 +121,7 @@ impl Default for RoutePolicy {
             default_rtt_ms: 20.0,
             default_block_ms: 5.0,
             per_session_ms: 2.0,
+            allow_quantized: true,
         }
     }
 }
@@ -246,6 +254,7 @@ pub fn plan(
     let usable: Vec<Priced> = priced
         .into_iter()
         .filter(|p| !exclude.contains(&p.candidate.peer))
+        .filter(|p| policy.allow_quantized || p.candidate.quantization.is_empty())
         .collect();
     shortest(usable, range, policy, tie_break)
 }
@@ -275,6 +284,8 @@ pub fn plan_with_local(
             throughput_tps: (1e3 / LOCAL_BLOCK_MS) as f32,
             active_sessions: 0,
             price_per_token: 0,
+            // The client runs its blocks from its own (full-precision) weights.
+            quantization: String::new(),
             penalty_ms: 0.0,
         })
         .collect();
@@ -402,8 +413,33 @@ mod tests {
             throughput_tps: 0.0,
             active_sessions: 0,
             price_per_token: 0,
+            quantization: String::new(),
             penalty_ms: 0.0,
         }
+    }
+
+    #[test]
+    fn quantized_servers_serve_unless_the_client_wants_full_precision() {
+        let mut q = cand((0, 8));
+        q.quantization = "q4k".into();
+        q.throughput_tps = 10_000.0;
+        let (a, b) = (cand((0, 4)), cand((4, 8)));
+        let cs = [q.clone(), a.clone(), b.clone()];
+        // Allowed (the default): the faster, single-hop quantized server wins.
+        let route = plan_default(&cs, BlockRange::new(0, 8), 1).unwrap();
+        assert_eq!(route.len(), 1);
+        assert_eq!(route[0].peer, q.peer);
+        let strict = RoutePolicy {
+            allow_quantized: false,
+            ..RoutePolicy::default()
+        };
+        let route = plan(&cs, BlockRange::new(0, 8), &HashSet::new(), &strict, 1).unwrap();
+        assert_eq!(
+            route.iter().map(|h| h.peer).collect::<Vec<_>>(),
+            vec![a.peer, b.peer]
+        );
+        // Only quantized servers of a block: no full-precision route.
+        assert!(plan(&[q], BlockRange::new(0, 8), &HashSet::new(), &strict, 1).is_none());
     }
 
     /// `plan` with no exclusions and the default policy.

@@ -157,6 +157,15 @@ impl RemoteSession {
         cfg: SessionConfig,
         ctx: SessionContext,
     ) -> Result<Self, PipelineError> {
+        let mut cfg = cfg;
+        if ctx.reference.is_some() && cfg.verify.rate > 0.0 && cfg.policy.allow_quantized {
+            // The local weights are full precision: a quantized server's honest answers
+            // would differ from them by more than the tolerance.
+            tracing::info!(
+                "checking against local weights: routing through full-precision servers only"
+            );
+            cfg.policy.allow_quantized = false;
+        }
         let mut this = Self {
             ledger: ctx.ledger,
             reputation: ctx.reputation,

@@ -199,16 +199,30 @@ pub fn heartbeat(leaving: bool) -> Heartbeat {
             memory_total_bytes: 24 << 30,
             utilization_percent: Some(87),
         }],
+        quantization: "q8_0".into(),
     }
 }
 
 /// [`heartbeat`] as a sender from before `gpu_live` wrote it: the bytes end after
-/// `capability` (a heartbeat with no readings, less the one byte of the empty list).
+/// `capability` (a heartbeat with no readings and full precision, less the one byte of
+/// the empty list and the one of the empty quantization).
 pub fn older_heartbeat(leaving: bool) -> Vec<u8> {
     let mut h = heartbeat(leaving);
     h.gpu_live.clear();
+    h.quantization.clear();
     let mut bytes = enc(&h);
+    assert_eq!(bytes.pop(), Some(0), "an empty string is one zero byte");
     assert_eq!(bytes.pop(), Some(0), "an empty list is one zero byte");
+    bytes
+}
+
+/// [`heartbeat`] as a sender from before `quantization` wrote it: everything up to
+/// `gpu_live`, readings included.
+pub fn pre_quantization_heartbeat(leaving: bool) -> Vec<u8> {
+    let mut h = heartbeat(leaving);
+    h.quantization.clear();
+    let mut bytes = enc(&h);
+    assert_eq!(bytes.pop(), Some(0), "an empty string is one zero byte");
     bytes
 }
 
@@ -224,6 +238,7 @@ pub fn server_record() -> ServerRecord {
         online: true,
         issued_ms: NOW_MS,
         expires_ms: NOW_MS + 60_000,
+        quantization: "q4k".into(),
     }
 }
 

@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::{bf16, f16};
 
 use super::super::cache::LayerKv;
+use super::super::linear::Linear;
 use super::super::matvec::{self, Dense};
 use super::super::rope::RopeTables;
 use super::{Block, ModelError, Projections, RmsNorm};
@@ -118,14 +119,16 @@ impl Projections {
     fn forward_f32(&self, x: &[f32]) -> Result<Vec<Vec<f32>>, ModelError> {
         match self {
             Self::Separate(parts) => {
-                let refs: Vec<&Dense> = parts.iter().collect();
-                match matvec::multiply_f32(&refs, x)? {
-                    Some(outs) => Ok(outs),
-                    None => parts.iter().map(|p| via_tensor(p, x)).collect(),
+                let dense: Option<Vec<&Dense>> = parts.iter().map(Linear::as_dense).collect();
+                if let Some(dense) = dense {
+                    if let Some(outs) = matvec::multiply_f32(&dense, x)? {
+                        return Ok(outs);
+                    }
                 }
+                parts.iter().map(|p| project(p, x)).collect()
             }
             Self::Fused { linear, widths } => {
-                let all = project(linear, x)?;
+                let all = project_dense(linear, x)?;
                 let mut at = 0;
                 Ok(widths
                     .iter()
@@ -139,19 +142,30 @@ impl Projections {
     }
 }
 
-fn project(dense: &Dense, x: &[f32]) -> Result<Vec<f32>, ModelError> {
-    match matvec::multiply_f32(&[dense], x)? {
-        Some(mut outs) if outs.len() == 1 => Ok(outs.remove(0)),
-        _ => via_tensor(dense, x),
+/// One projection of `x`: through the pool when dense, else (quantized) through candle.
+fn project(linear: &Linear, x: &[f32]) -> Result<Vec<f32>, ModelError> {
+    match linear.as_dense() {
+        Some(dense) => project_dense(dense, x),
+        None => via_tensor(x, DType::F32, |input| linear.forward(input)),
     }
 }
 
-/// The product through candle, for weights the pool cannot read in place.
-fn via_tensor(dense: &Dense, x: &[f32]) -> Result<Vec<f32>, ModelError> {
-    let input =
-        Tensor::from_slice(x, (1, 1, x.len()), &Device::Cpu)?.to_dtype(dense.weight().dtype())?;
-    Ok(dense
-        .forward(&input)?
+fn project_dense(dense: &Dense, x: &[f32]) -> Result<Vec<f32>, ModelError> {
+    match matvec::multiply_f32(&[dense], x)? {
+        Some(mut outs) if outs.len() == 1 => Ok(outs.remove(0)),
+        _ => via_tensor(x, dense.weight().dtype(), |input| dense.forward(input)),
+    }
+}
+
+/// The product through candle, for weights the pool cannot read in place: `x` as a
+/// `[1, 1, n]` tensor of `dtype`, the result back as f32.
+fn via_tensor(
+    x: &[f32],
+    dtype: DType,
+    forward: impl Fn(&Tensor) -> Result<Tensor, ModelError>,
+) -> Result<Vec<f32>, ModelError> {
+    let input = Tensor::from_slice(x, (1, 1, x.len()), &Device::Cpu)?.to_dtype(dtype)?;
+    Ok(forward(&input)?
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?)

@@ -76,6 +76,7 @@ impl EventLoop {
             online,
             issued_ms: issued,
             expires_ms: issued.saturating_add(ttl_ms),
+            quantization: ann.quantization.clone(),
         };
         let value = dht::sign_server_record(&self.keypair, &record)?;
         let mut rec = Record::new(dht::server_key(&self.local), value);

@@ -60,6 +60,7 @@ impl EventLoop {
             leaving,
             capability: ann.capability.clone(),
             gpu_live: self.gpu_live.clone(),
+            quantization: ann.quantization.clone(),
         };
         let bytes = wire::encode(&hb)?;
         self.swarm
@@ -154,7 +155,7 @@ impl EventLoop {
                 for addr in &info.addrs {
                     self.remember_address(info.peer_id, addr);
                 }
-                self.emit(Event::ServerUp(info));
+                self.emit(Event::ServerUp(*info));
             }
             Change::Down(peer, model) => {
                 tracing::info!(%peer, %model, "server left");

@@ -54,6 +54,7 @@ impl EventLoop {
                         online: true,
                         issued_ms: now_ms(),
                         expires_ms: u64::MAX,
+                        quantization: a.ann.quantization.clone(),
                     },
                 );
             }

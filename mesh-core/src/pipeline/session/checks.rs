@@ -53,8 +53,9 @@ impl RemoteSession {
     }
 
     /// Servers of `candidates` that could witness `hop`: another server whose span holds
-    /// its blocks, not banned, not priced out of routing (a witness is paid like a hop),
-    /// not in `exclude`; with their prices.
+    /// its blocks in the same weight format (servers of different quantizations differ
+    /// honestly by more than the tolerance), not banned, not priced out of routing (a
+    /// witness is paid like a hop), not in `exclude`; with their prices.
     pub(super) fn witnesses(
         &self,
         hop: Hop,
@@ -62,9 +63,14 @@ impl RemoteSession {
         exclude: &[PeerId],
     ) -> Vec<(PeerId, u64)> {
         let priced_out = self.cfg.policy.priced_out(candidates);
+        let format = candidates
+            .iter()
+            .find(|c| c.peer == hop.peer)
+            .map_or("", |c| c.quantization.as_str());
         candidates
             .iter()
             .filter(|c| c.span.start <= hop.span.start && hop.span.end <= c.span.end)
+            .filter(|c| c.quantization == format)
             .filter(|c| !priced_out.iter().any(|o| o.peer == c.peer))
             .map(|c| (c.peer, c.price_per_token))
             .filter(|(p, _)| *p != hop.peer && !self.banned.contains(p) && !exclude.contains(p))
