@@ -22,7 +22,7 @@ use mesh::decode_timing::{
 };
 use mesh_core::local_mesh::LocalMesh;
 use mesh_core::model::matvec::{self, Isa};
-use mesh_core::model::{ClientHead, ModelFiles};
+use mesh_core::model::{ClientHead, ModelFiles, Quantization};
 use mesh_core::pipeline::RemoteSession;
 use mesh_core::BlockRange;
 
@@ -63,9 +63,9 @@ fn main() -> anyhow::Result<()> {
                     matvec::set_isa(isa);
                 }
                 let name = path.map_or("candle matmul", Isa::name);
-                match time_decode(shape, &Device::Cpu, dtype, CONTEXT, tokens, false) {
+                match time_decode(shape, &Device::Cpu, dtype, CONTEXT, tokens, false, None) {
                     Ok(t) => {
-                        row(shape.name, dtype, name, &t, bandwidth);
+                        row(shape.name, &format!("{dtype:?}"), name, &t, bandwidth);
                         let best = path == Some(Isa::detect());
                         if best && dtype == DType::F32 && shape.name == ModelShape::WIDE_512.name {
                             one_process_ms = Some(t.ms_per_token);
@@ -81,6 +81,25 @@ fn main() -> anyhow::Result<()> {
     }
     matvec::set_enabled(true);
     matvec::set_isa(Isa::detect());
+    // Quantized projections (QMatMul), f32 activations; the LM head stays f32.
+    for q in [Quantization::Q8_0, Quantization::Q4K] {
+        for on in [false, true] {
+            matvec::set_enabled(on);
+            let shape = ModelShape::WIDE_512;
+            let path = if on { "cpu step" } else { "candle ops" };
+            let t = time_decode(
+                shape,
+                &Device::Cpu,
+                DType::F32,
+                CONTEXT,
+                tokens,
+                false,
+                Some(q),
+            )?;
+            row(shape.name, &format!("F32, {q} blocks"), path, &t, bandwidth);
+        }
+    }
+    matvec::set_enabled(true);
 
     let dir = tempfile::tempdir()?;
     write_model_dir(ModelShape::WIDE_512, DType::F32, 4096, dir.path())?;
@@ -138,10 +157,10 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn row(shape: &str, dtype: DType, path: &str, t: &DecodeTiming, bandwidth: f64) {
+fn row(shape: &str, dtype: &str, path: &str, t: &DecodeTiming, bandwidth: f64) {
     let floor_ms = t.bytes_per_token / bandwidth * 1e3;
     println!(
-        "| {shape} | {dtype:?} | {path} | {:.3} | {:.1} | {:.2} | {floor_ms:.3} |",
+        "| {shape} | {dtype} | {path} | {:.3} | {:.1} | {:.2} | {floor_ms:.3} |",
         t.ms_per_token,
         t.bytes_per_token / (t.ms_per_token / 1e3) / 1e9,
         t.ms_per_token / floor_ms,

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use mesh_core::model::{tiny, ClientHead, LlamaConfig, SpanModel, Weights};
+use mesh_core::model::{tiny, ClientHead, LlamaConfig, Quantization, SpanModel, Weights};
 use mesh_core::BlockRange;
 
 /// A Llama shape for the decode timings.
@@ -173,12 +173,14 @@ pub fn time_decode(
     context: usize,
     tokens: usize,
     fused: bool,
+    quantize: Option<Quantization>,
 ) -> anyhow::Result<DecodeTiming> {
     // The prompt, two warm-up steps and the timed ones.
     let max_len = context + 2 + tokens;
     let cfg = shape.config(max_len.max(4096))?;
     let weights = random_weights(&cfg, device, dtype)?;
     let head = ClientHead::from_weights(&cfg, &weights)?;
+    let weights = weights.with_quantization(quantize);
     let mut span = SpanModel::from_weights(&cfg, &weights, BlockRange::new(0, cfg.num_blocks()))?;
     drop(weights);
     span.set_fused_decode(fused)?;

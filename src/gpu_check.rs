@@ -289,7 +289,7 @@ pub fn decode(device: &Device, dtype: DType, tokens: usize) -> anyhow::Result<Ve
     for shape in [ModelShape::TINYLLAMA_1_1B, ModelShape::LLAMA3_8B] {
         let mut fused_ms = None;
         for fused in [true, false] {
-            let t = time_decode(shape, device, dtype, 128, tokens, fused)?;
+            let t = time_decode(shape, device, dtype, 128, tokens, fused, None)?;
             let floor_ms = t.bytes_per_token / bandwidth * 1e3;
             let ratio = t.ms_per_token / floor_ms;
             let path = if fused {
