@@ -6,11 +6,11 @@
 //! input read once), and a decode step of one token runs our own kernels
 //! ([`super::kernels`]); prefill keeps the generic ops.
 
-use super::linear::Linear;
 use candle_core::{DType, Tensor, D};
 
 use super::cache::LayerKv;
 use super::kernels;
+use super::linear::Linear;
 use super::rope::RopeTables;
 use super::{LlamaConfig, ModelError, Weights};
 
