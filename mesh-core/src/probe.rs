@@ -650,4 +650,26 @@ mod tests {
         let here = capability();
         assert!(here.is_valid() && here.cpu_cores >= 1);
     }
+
+    #[test]
+    fn q4k_fits_about_three_and_a_half_times_the_blocks_of_f16() {
+        // A Llama-3-8B-shaped config: 4096 wide, 14336 MLP, 8 kv heads.
+        let cfg = LlamaConfig::from_json(
+            r#"{"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+                "num_hidden_layers": 1000, "num_attention_heads": 32, "num_key_value_heads": 8}"#,
+        )
+        .unwrap();
+        let q4k = SpanFormat {
+            quantize: Some(Quantization::Q4K),
+            ..SpanFormat::from(DType::F16)
+        };
+        let room = 40 * span_weight_bytes(&cfg, 1, DType::F16);
+        let f16_blocks = max_blocks_that_fit(&cfg, DType::F16, 0, room);
+        let q4k_blocks = max_blocks_that_fit(&cfg, q4k, 0, room);
+        assert_eq!(f16_blocks, 40);
+        assert_eq!(
+            q4k_blocks, 142,
+            "2 / 0.5625 bytes per weight, less the f16 norms"
+        );
+    }
 }

@@ -523,8 +523,14 @@ async fn serve(checked: Checked) -> anyhow::Result<()> {
         println!("listening on {addr}");
     }
     let ann = node.announcement();
+    // Quantized weights are said; full precision reads as it always has.
+    let weights = if ann.quantization.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", ann.quantization)
+    };
     println!(
-        "serving {} blocks {} of {}",
+        "serving {} blocks {} of {}{weights}",
         ann.model, ann.span, ann.num_blocks
     );
     if let Some(log) = DAEMON_LOG.get() {

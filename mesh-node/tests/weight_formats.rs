@@ -45,6 +45,15 @@ fn local_greedy(head: &ClientHead, spans: &[SpanModel]) -> Vec<u32> {
     out
 }
 
+/// Three slices walked together.
+fn zip3<'a, A, B, C: Copy>(
+    a: &'a [A],
+    b: &'a [B],
+    c: [C; 3],
+) -> impl Iterator<Item = (&'a A, &'a B, C)> {
+    a.iter().zip(b).zip(c).map(|((a, b), c)| (a, b, c))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gguf_f32_and_q8_0_nodes_serve_one_model_together() {
     let dir = tempfile::tempdir().unwrap();
@@ -73,6 +82,15 @@ async fn gguf_f32_and_q8_0_nodes_serve_one_model_together() {
         nodes.push((peer, node));
     }
 
+    // Each node says what it serves.
+    for ((span, _, _), (_, node), want) in zip3(&plan, &nodes, [" (gguf:q8_0)", "", " (q8_0)"]) {
+        let line = format!("serving {MODEL} blocks {span} of {NUM_BLOCKS}{want}");
+        wait_for(DISCOVERY_LIMIT, &line, || {
+            let found = node.has_line(|l| l == line);
+            async move { found.then_some(()) }
+        })
+        .await;
+    }
     let client = test_client(&boot_addr).await;
     let model = ModelId::new(MODEL);
     pipeline::wait_for_coverage(&client.client, &model, NUM_BLOCKS, DISCOVERY_LIMIT)

@@ -37,7 +37,8 @@ impl Quantization {
 
     /// The ggml format a matrix with rows of `in_dim` is stored in. A K-quant needs rows
     /// that are whole super-blocks of 256; narrower ones fall back to Q8_0 (blocks of 32),
-    /// and rows not even that stay dense (`None`), as llama.cpp's quantizer does.
+    /// and rows not even that stay dense (`None`). (llama.cpp falls Q4_K back to Q5_0,
+    /// but candle's Q5_0 product needs rows of an even number of blocks.)
     pub fn ggml_for(self, in_dim: usize) -> Option<GgmlDType> {
         let wanted = match self {
             Self::Q8_0 => GgmlDType::Q8_0,
