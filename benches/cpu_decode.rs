@@ -11,7 +11,8 @@
 //! and, where `MESH_BENCH_PYTHON` names a Python with torch and transformers,
 //! transformers on the same weights (`scripts/time_transformers.py`).
 //!
-//! Run: `cargo bench --bench cpu_decode` (`TOKENS=n` steps per row, default 64).
+//! Run: `cargo bench --bench cpu_decode` (`TOKENS=n` steps per row, default 64; `ONLY=`
+//! a substring of "shape dtype path" to time only those rows, for profiling).
 
 use std::process::Command;
 use std::time::Instant;
@@ -63,6 +64,9 @@ fn main() -> anyhow::Result<()> {
                     matvec::set_isa(isa);
                 }
                 let name = path.map_or("candle matmul", Isa::name);
+                if !selected(&format!("{} {dtype:?} {name}", shape.name)) {
+                    continue;
+                }
                 match time_decode(shape, &Device::Cpu, dtype, CONTEXT, tokens, false, None) {
                     Ok(t) => {
                         row(shape.name, &format!("{dtype:?}"), name, &t, bandwidth);
@@ -81,6 +85,9 @@ fn main() -> anyhow::Result<()> {
     }
     matvec::set_enabled(true);
     matvec::set_isa(Isa::detect());
+    if std::env::var("ONLY").is_ok() {
+        return Ok(());
+    }
     // Quantized projections (QMatMul), f32 activations; the LM head stays f32.
     for q in [Quantization::Q8_0, Quantization::Q4K] {
         for on in [false, true] {
@@ -155,6 +162,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn selected(row: &str) -> bool {
+    std::env::var("ONLY").map_or(true, |only| row.contains(&only))
 }
 
 fn row(shape: &str, dtype: &str, path: &str, t: &DecodeTiming, bandwidth: f64) {

@@ -21,18 +21,18 @@
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor, D};
+use candle_core::{DType, Device, Storage, Tensor, D};
 use candle_nn::{Linear, Module};
-use half::slice::HalfFloatSliceExt;
 
 use super::ModelError;
 
 mod pool;
-mod simd;
+pub(crate) mod simd;
 #[cfg(test)]
 mod tests;
 
 pub use pool::{global as pool, WorkerPool};
+pub(crate) use simd::Elems;
 pub use simd::Isa;
 
 /// Tasks per thread of one job: enough that a worker the OS delays leaves its share to
@@ -145,11 +145,8 @@ pub fn multiply_f32(parts: &[&Dense], x: &[f32]) -> Result<Option<Vec<Vec<f32>>>
         if *w_cols != cols {
             return Ok(None);
         }
-        let elems = match storage {
-            CpuStorage::F32(v) => simd::Elems::F32(&v[from..to]),
-            CpuStorage::F16(v) => simd::Elems::F16(v[from..to].reinterpret_cast()),
-            CpuStorage::BF16(v) => simd::Elems::Bf16(v[from..to].reinterpret_cast()),
-            _ => return Ok(None),
+        let Some(elems) = Elems::of(storage, from, to) else {
+            return Ok(None);
         };
         weights.push(elems);
     }

@@ -10,12 +10,13 @@
 //!
 //! Sums run in f32 whatever the weights are, as HF's eager attention does for scores.
 
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
-use half::{bf16, f16};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Storage, Tensor};
 
 use super::super::cache::LayerKv;
 use super::super::linear::Linear;
-use super::super::matvec::{self, Dense};
+use super::super::matvec::{self, simd, Dense, Elems};
 use super::super::rope::RopeTables;
 use super::{Block, ModelError, Projections, RmsNorm};
 
@@ -171,32 +172,10 @@ fn via_tensor(
         .to_vec1::<f32>()?)
 }
 
-/// The cache's element types, read as f32.
-trait Elem: Copy + Send + Sync {
-    fn f32(self) -> f32;
-}
-
-impl Elem for f32 {
-    fn f32(self) -> f32 {
-        self
-    }
-}
-
-impl Elem for f16 {
-    fn f32(self) -> f32 {
-        self.to_f32()
-    }
-}
-
-impl Elem for bf16 {
-    fn f32(self) -> f32 {
-        self.to_f32()
-    }
-}
-
-/// Grouped-query attention of one query position over cache positions `0..len`, every
-/// query head against its kv head, the heads spread over the pool. `cache` is
-/// `[2, 1, kv_heads, max_len, head_dim]`.
+/// Grouped-query attention of one query position over cache positions `0..len`: each kv
+/// head is read once for its whole group of query heads (scores through the same row
+/// kernels as the products, values widened to f32 a row at a time), the kv heads spread
+/// over the pool. `cache` is `[2, 1, kv_heads, max_len, head_dim]`.
 fn attend(
     q: &[f32],
     cache: &Tensor,
@@ -212,81 +191,63 @@ fn attend(
             "the CPU step needs a CPU cache".into(),
         ));
     };
-    let Some((from, to)) = layout.contiguous_offsets() else {
+    let Some(elems) = layout
+        .contiguous_offsets()
+        .and_then(|(from, to)| Elems::of(storage, from, to))
+    else {
         return Err(ModelError::Unsupported(
-            "the cache is not contiguous".into(),
+            "the CPU step needs a contiguous f32, f16 or bf16 cache".into(),
         ));
     };
-    let shape = AttendShape {
-        heads,
-        kv_heads,
-        head_dim,
-        max_len,
-        len,
-    };
-    match storage {
-        CpuStorage::F32(c) => shape.run(q, &c[from..to]),
-        CpuStorage::F16(c) => shape.run(q, &c[from..to]),
-        CpuStorage::BF16(c) => shape.run(q, &c[from..to]),
-        _ => Err(ModelError::Unsupported(
-            "a cache of f32, f16 or bf16".into(),
-        )),
+    let hd = head_dim;
+    let group = heads / kv_heads.max(1);
+    if elems.len() < 2 * kv_heads * max_len * hd
+        || q.len() != heads * hd
+        || len > max_len
+        || group * kv_heads != heads
+    {
+        return Err(ModelError::Unsupported(
+            "cache and query shapes disagree".into(),
+        ));
     }
-}
-
-struct AttendShape {
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    max_len: usize,
-    len: usize,
-}
-
-impl AttendShape {
-    fn run<T: Elem>(&self, q: &[f32], cache: &[T]) -> Result<Vec<f32>, ModelError> {
-        let hd = self.head_dim;
-        let group = self.heads / self.kv_heads.max(1);
-        let needed = 2 * self.kv_heads * self.max_len * hd;
-        if cache.len() < needed || q.len() != self.heads * hd || self.len > self.max_len {
-            return Err(ModelError::Unsupported(
-                "cache and query shapes disagree".into(),
-            ));
-        }
-        let scale = 1.0 / (hd as f32).sqrt();
-        let mut out = vec![0f32; self.heads * hd];
-        let slots: Vec<std::sync::Mutex<&mut [f32]>> =
-            out.chunks_mut(hd).map(std::sync::Mutex::new).collect();
-        let ok = matvec::pool().run(self.heads, &|h| {
-            let g = h / group.max(1);
-            let keys = &cache[g * self.max_len * hd..];
-            let values = &cache[(self.kv_heads + g) * self.max_len * hd..];
-            let qh = &q[h * hd..(h + 1) * hd];
-            let mut scores: Vec<f32> = (0..self.len)
-                .map(|p| {
-                    let k = &keys[p * hd..(p + 1) * hd];
-                    qh.iter().zip(k).map(|(a, b)| a * b.f32()).sum::<f32>() * scale
-                })
-                .collect();
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let scale = 1.0 / (hd as f32).sqrt();
+    let isa = matvec::isa();
+    let mut out = vec![0f32; heads * hd];
+    let slots: Vec<Mutex<&mut [f32]>> = out.chunks_mut(group * hd).map(Mutex::new).collect();
+    let ok = matvec::pool().run(kv_heads, &|g| {
+        let Ok(mut o) = slots[g].lock() else {
+            return;
+        };
+        let keys = g * max_len; // first key row of this kv head
+        let values = (kv_heads + g) * max_len;
+        // Scores of every query head of the group, softmaxed in place.
+        let mut weights = vec![0f32; group * len];
+        for (h, w) in weights.chunks_mut(len.max(1)).enumerate().take(group) {
+            let qh = &q[(g * group + h) * hd..(g * group + h + 1) * hd];
+            simd::dot_rows(isa, elems, keys, qh, &mut w[..len]);
+            let max = w.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
             let mut total = 0f32;
-            for s in &mut scores {
-                *s = (*s - max).exp();
+            for s in w.iter_mut() {
+                *s = (*s * scale - max).exp();
                 total += *s;
             }
-            if let Ok(mut o) = slots[h].lock() {
-                for (p, s) in scores.iter().enumerate() {
-                    let w = s / total;
-                    for (o, v) in o.iter_mut().zip(&values[p * hd..(p + 1) * hd]) {
-                        *o += w * v.f32();
-                    }
+            w.iter_mut().for_each(|s| *s /= total);
+        }
+        let mut row = vec![0f32; hd];
+        for p in 0..len {
+            simd::widen(elems, (values + p) * hd, &mut row);
+            for h in 0..group {
+                let w = weights[h * len + p];
+                for (o, v) in o[h * hd..(h + 1) * hd].iter_mut().zip(&row) {
+                    *o += w * v;
                 }
             }
-        });
-        drop(slots);
-        if ok {
-            Ok(out)
-        } else {
-            Err(ModelError::Unsupported("an attention task panicked".into()))
         }
+    });
+    drop(slots);
+    if ok {
+        Ok(out)
+    } else {
+        Err(ModelError::Unsupported("an attention task panicked".into()))
     }
 }

@@ -107,7 +107,19 @@ pub enum Elems<'a> {
     Bf16(&'a [u16]),
 }
 
-impl Elems<'_> {
+impl<'a> Elems<'a> {
+    /// Elements `from..to` of a CPU tensor's storage; `None` for other element types.
+    pub fn of(storage: &'a candle_core::CpuStorage, from: usize, to: usize) -> Option<Self> {
+        use candle_core::CpuStorage;
+        use half::slice::HalfFloatSliceExt;
+        Some(match storage {
+            CpuStorage::F32(v) => Elems::F32(v.get(from..to)?),
+            CpuStorage::F16(v) => Elems::F16(v.get(from..to)?.reinterpret_cast()),
+            CpuStorage::BF16(v) => Elems::Bf16(v.get(from..to)?.reinterpret_cast()),
+            _ => return None,
+        })
+    }
+
     pub(crate) fn len(&self) -> usize {
         match self {
             Elems::F32(w) => w.len(),
@@ -128,6 +140,24 @@ pub fn dot_rows(isa: Isa, w: Elems<'_>, first: usize, x: &[f32], out: &mut [f32]
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => neon::dot_rows(w, first, x, out),
         _ => portable_rows(w, first, x, out),
+    }
+}
+
+/// `out.len()` elements from `from` on, as f32 (F16C where the CPU has it).
+pub fn widen(w: Elems<'_>, from: usize, out: &mut [f32]) {
+    let to = from + out.len();
+    match w {
+        Elems::F32(w) => out.copy_from_slice(&w[from..to]),
+        Elems::F16(w) => {
+            use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+            let halves: &[half::f16] = w[from..to].reinterpret_cast();
+            halves.convert_to_f32_slice(out);
+        }
+        Elems::Bf16(w) => {
+            for (o, &b) in out.iter_mut().zip(&w[from..to]) {
+                *o = bf16_to_f32(b);
+            }
+        }
     }
 }
 
