@@ -25,7 +25,9 @@ use crate::pipeline::ServerLimits;
 use crate::types::BlockRange;
 
 mod edit;
+mod nat;
 pub use edit::set_blocks;
+pub use nat::Nat;
 
 /// The file's name in the mesh home: `~/.mesh/node.toml`.
 pub const FILE_NAME: &str = "node.toml";
@@ -89,6 +91,7 @@ pub struct NodeFile {
     /// The ledger of signed receipts (a sled store); default `ledger` beside this file.
     pub ledger_dir: Option<PathBuf>,
     pub network: Network,
+    pub nat: Nat,
     pub limits: Limits,
     pub http: Http,
     pub daemon: Daemon,
@@ -146,6 +149,7 @@ impl Default for NodeFile {
             log_format: "text".into(),
             ledger_dir: None,
             network: Network::default(),
+            nat: Nat::default(),
             limits: Limits::default(),
             http: Http::default(),
             daemon: Daemon::default(),
@@ -208,6 +212,7 @@ pub struct Resolved {
     pub announce_interval: Duration,
     pub max_connections: u32,
     pub max_connections_per_ip: u32,
+    pub nat: p2p::NatConfig,
     pub limits: ServerLimits,
     pub http: SocketAddr,
     pub pid_file: PathBuf,
@@ -373,6 +378,7 @@ announce_secs = {announce:?}
 max_connections = {max_connections}
 max_connections_per_ip = {max_per_ip}
 
+{nat}
 [limits]
 # Sessions open at once, in all and per client peer.
 max_sessions = {max_sessions}
@@ -416,6 +422,7 @@ listen = {http}
             announce = self.network.announce_secs,
             max_connections = self.network.max_connections,
             max_per_ip = self.network.max_connections_per_ip,
+            nat = self.nat.template(),
             max_sessions = self.limits.max_sessions,
             max_per_client = self.limits.max_sessions_per_client,
             cache = self.limits.cache_budget_mib,
@@ -531,6 +538,7 @@ listen = {http}
             announce_interval,
             max_connections: n.max_connections,
             max_connections_per_ip: n.max_connections_per_ip,
+            nat: self.nat.resolve()?,
             limits: ServerLimits {
                 max_sessions: l.max_sessions,
                 max_sessions_per_client: l.max_sessions_per_client,

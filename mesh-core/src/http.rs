@@ -112,6 +112,10 @@ pub struct Health {
     /// without GPUs (or from a node that predates the field).
     #[serde(default)]
     pub gpu_live: Vec<GpuLive>,
+    /// Whether peers can dial this node (AutoNAT), its relay addresses, UPnP; `None`
+    /// before the first sample (or from a node that predates the field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reach: Option<crate::p2p::NatReport>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -127,6 +131,8 @@ pub struct HealthMemory {
 struct Sampled {
     /// The swarm's counters at the last sample.
     p2p: P2pStats,
+    /// Reachability at the last sample.
+    nat: Option<crate::p2p::NatReport>,
     /// `(unix seconds, tokens served)`.
     history: VecDeque<(u64, u64)>,
 }
@@ -225,6 +231,11 @@ impl HttpState {
             if let Ok(Ok(stats)) = stats {
                 self.sampled().p2p = stats;
             }
+            let nat =
+                tokio::time::timeout(Duration::from_secs(2), node.client().nat_report()).await;
+            if let Ok(Ok(nat)) = nat {
+                self.sampled().nat = Some(nat);
+            }
             self.push_point(tokens(node));
         }
     }
@@ -232,6 +243,11 @@ impl HttpState {
     /// The `/healthz` body.
     pub fn health(&self) -> Health {
         let meminfo = probe::probe_memory();
+        // One lock at a time: a guard taken inside the literal below would live to its end.
+        let (peers, reach) = {
+            let sampled = self.sampled();
+            (sampled.p2p.connected_peers, sampled.nat.clone())
+        };
         let mut h = Health {
             status: "starting".into(),
             running: true,
@@ -246,7 +262,8 @@ impl HttpState {
             },
             vram: self.0.probe.gpus.clone(),
             gpu_live: self.gpu_live(),
-            peers: self.sampled().p2p.connected_peers,
+            peers,
+            reach,
             ..Health::default()
         };
         for g in &mut h.vram {

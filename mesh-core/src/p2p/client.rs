@@ -70,6 +70,8 @@ pub struct P2pStats {
     /// [`crate::p2p::P2pConfig::max_pending_connections_per_ip`] in handshakes already.
     pub pending_ip_limited: u64,
     pub connected_peers: usize,
+    /// Relay server, relay reservations and hole punching.
+    pub relay: super::nat::RelayStats,
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, P2pError>>;
@@ -91,6 +93,7 @@ pub(crate) enum Command {
     Respond(ResponseChannel, Vec<u8>, Reply<()>),
     Stats(oneshot::Sender<P2pStats>),
     CheckReachability(Reply<Vec<Reachability>>),
+    NatReport(oneshot::Sender<super::nat::NatReport>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -260,6 +263,11 @@ impl Client {
     /// no public address is configured.
     pub async fn check_reachability(&self) -> Result<Vec<Reachability>, P2pError> {
         self.call(Command::CheckReachability).await
+    }
+
+    /// Whether peers can dial this node (AutoNAT), its relay addresses, what UPnP did.
+    pub async fn nat_report(&self) -> Result<super::nat::NatReport, P2pError> {
+        self.ask(Command::NatReport).await
     }
 
     /// Counters of accepted, rejected and dropped messages.

@@ -10,9 +10,9 @@ use libp2p::{Multiaddr, PeerId};
 
 use super::{now_ms, EventLoop, LookupOwner, DIAL_TIMEOUT};
 use crate::p2p::client::{Command, Reply};
-use crate::p2p::dht;
 use crate::p2p::reachability::{self, Scope};
 use crate::p2p::P2pError;
+use crate::p2p::{dht, nat};
 
 impl EventLoop {
     pub(super) fn on_command(&mut self, command: Command) {
@@ -49,7 +49,7 @@ impl EventLoop {
             }
             Command::Request(peer, data, reply) => {
                 let id = self.swarm.behaviour_mut().session.send_request(&peer, data);
-                self.pending_requests.insert(id, reply);
+                self.pending_requests.insert(id, (peer, reply));
             }
             Command::Respond(channel, data, reply) => {
                 let result = self
@@ -66,6 +66,9 @@ impl EventLoop {
                 let _ = reply.send(stats);
             }
             Command::CheckReachability(reply) => self.check_reachability(reply),
+            Command::NatReport(reply) => {
+                let _ = reply.send(self.nat_report());
+            }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
@@ -80,15 +83,22 @@ impl EventLoop {
             .collect()
     }
 
-    /// Public addresses if any were configured, else concrete listen addresses.
+    /// Public addresses if any were configured or confirmed, else concrete listen
+    /// addresses. A peer reachable only through relays announces its `/p2p-circuit`
+    /// addresses first, then its direct ones (for peers on its LAN, and for a direct dial
+    /// once its router lets connections in).
     pub(super) fn announce_addrs(&self) -> Vec<Multiaddr> {
         let external: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
-        let addrs = if external.is_empty() {
+        let direct = || {
             self.swarm
                 .listeners()
-                .filter(|a| reachability::scope(a) != Scope::Unspecified)
+                .filter(|a| reachability::scope(a) != Scope::Unspecified && !nat::is_relayed(a))
                 .cloned()
-                .collect()
+        };
+        let addrs: Vec<Multiaddr> = if external.is_empty() {
+            direct().collect()
+        } else if external.iter().all(nat::is_relayed) {
+            external.into_iter().chain(direct()).collect()
         } else {
             external
         };

@@ -24,7 +24,7 @@ impl EventLoop {
                     request_id,
                     response,
                 } => {
-                    if let Some(reply) = self.pending_requests.remove(&request_id) {
+                    if let Some((_, reply)) = self.pending_requests.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
                 }
@@ -35,7 +35,7 @@ impl EventLoop {
                 error,
                 ..
             } => {
-                if let Some(reply) = self.pending_requests.remove(&request_id) {
+                if let Some((_, reply)) = self.pending_requests.remove(&request_id) {
                     let _ = reply.send(Err(P2pError::Request {
                         peer,
                         reason: error.to_string(),
