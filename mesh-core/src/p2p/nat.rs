@@ -227,6 +227,24 @@ impl NatReport {
     }
 }
 
+/// The peer an address leads to: its last `/p2p/` part (in a relayed address
+/// `/ip4/../p2p/RELAY/p2p-circuit/p2p/PEER` that is the peer behind the relay).
+pub fn target_peer(addr: &Multiaddr) -> Option<libp2p::PeerId> {
+    match addr.iter().last()? {
+        Protocol::P2p(peer) => Some(peer),
+        _ => None,
+    }
+}
+
+/// `addr` without its trailing `/p2p/<peer>` (a relay's `/p2p/` inside stays).
+pub fn without_target(addr: &Multiaddr) -> Multiaddr {
+    let mut a = addr.clone();
+    if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
+        a.pop();
+    }
+    a
+}
+
 /// True for a `/p2p-circuit` (relayed) address.
 pub fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
@@ -268,6 +286,17 @@ mod tests {
             .unwrap();
         assert!(is_relayed(&relayed));
         assert!(!is_relayed(&"/ip4/10.0.0.1/tcp/1".parse().unwrap()));
+        let relay = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+        let peer = "12D3KooWHEjRaFThDdTZ8CsRzgZ1mCQZ5Dz5t1jA6sWfTTtKjbvg";
+        let full: Multiaddr = format!("/ip4/10.0.0.1/tcp/1/p2p/{relay}/p2p-circuit/p2p/{peer}")
+            .parse()
+            .unwrap();
+        assert_eq!(target_peer(&full).unwrap().to_string(), peer);
+        assert_eq!(
+            without_target(&full).to_string(),
+            format!("/ip4/10.0.0.1/tcp/1/p2p/{relay}/p2p-circuit")
+        );
+        assert_eq!(target_peer(&without_target(&full)), None);
     }
 
     #[test]

@@ -105,12 +105,10 @@ impl EventLoop {
         addrs.into_iter().take(dht::MAX_ADDRS).collect()
     }
 
-    /// Put `peer`'s address (without its `/p2p/` part) in the routing table; returns it.
+    /// Put `peer`'s address (without its trailing `/p2p/` part; a relay's stays) in the
+    /// routing table; returns it.
     pub(super) fn remember_address(&mut self, peer: PeerId, addr: &Multiaddr) -> Multiaddr {
-        let without_p2p: Multiaddr = addr
-            .iter()
-            .filter(|p| !matches!(p, Protocol::P2p(_)))
-            .collect();
+        let without_p2p = nat::without_target(addr);
         self.swarm
             .behaviour_mut()
             .kad
@@ -119,10 +117,8 @@ impl EventLoop {
     }
 
     fn dial(&mut self, addr: Multiaddr, reply: Reply<()>) {
-        let peer = addr.iter().find_map(|p| match p {
-            Protocol::P2p(peer) => Some(peer),
-            _ => None,
-        });
+        // The peer behind a relay, not the relay, for a `/p2p-circuit` address.
+        let peer = nat::target_peer(&addr);
         if let Some(peer) = peer {
             if peer == self.local {
                 let _ = reply.send(Err(P2pError::Dial("cannot dial self".into())));

@@ -118,11 +118,16 @@ impl EventLoop {
             relay_addrs: n
                 .relay_addrs
                 .values()
-                .map(|a| a.clone().with(Protocol::P2p(self.local)).to_string())
+                .map(|a| self.with_own_id(a).to_string())
                 .collect(),
             upnp: n.upnp.clone(),
             relay: self.stats.relay,
         }
+    }
+
+    /// `addr` ending in `/p2p/<this peer>` (once).
+    fn with_own_id(&self, addr: &Multiaddr) -> Multiaddr {
+        nat::without_target(addr).with(Protocol::P2p(self.local))
     }
 
     pub(super) fn on_autonat(&mut self, event: autonat::Event) {
@@ -255,7 +260,7 @@ impl EventLoop {
         }
         tracing::info!(
             "reachable through a relay at {}",
-            address.clone().with(Protocol::P2p(self.local))
+            self.with_own_id(&address)
         );
         self.nat.relay_addrs.insert(listener, address);
         self.stats.relay.own_reservations = self.nat.relay_addrs.len() as u64;
