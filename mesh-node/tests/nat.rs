@@ -33,6 +33,8 @@ const NODE_PORT: u16 = 31338;
 /// AutoNAT's first verdict, a reservation, and the record that announces it.
 const REACH_LIMIT: Duration = Duration::from_secs(90);
 const RUN_LIMIT: Duration = Duration::from_secs(180);
+/// Delay added each way on the relay's link, to see what a distant relay costs.
+const RELAY_ONE_WAY: Duration = Duration::from_millis(10);
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -100,6 +102,7 @@ impl Run {
 struct Mesh {
     _boot: Proc,
     boot_addr: Multiaddr,
+    boot_host: Host,
     nodes: Vec<Node>,
     client: Host,
     dir: tempfile::TempDir,
@@ -171,6 +174,7 @@ impl Mesh {
         Mesh {
             _boot: boot,
             boot_addr,
+            boot_host,
             nodes,
             client,
             dir,
@@ -321,6 +325,21 @@ async fn a_provider_behind_nat_serves_through_a_relay_and_moves_to_direct_once_r
 
     let relayed = mesh.generate("relayed", SHORT).await;
     assert!(uses(&relayed, &natted.peer), "route: {:?}", relayed.route);
+    // The same with the relay 10 ms away (each way): what a relay across a real
+    // network costs each token.
+    mesh.lab.delay(&mesh.boot_host.clone(), RELAY_ONE_WAY);
+    let relayed_far = mesh.generate("relayed-far", SHORT).await;
+    mesh.lab.clear(&mesh.boot_host.clone());
+    assert_eq!(relayed_far.text, relayed.text);
+    if let Some(r) = natted.health(dir).and_then(|h| h.reach) {
+        println!("node1 counters while relayed: {:?}", r.relay);
+    }
+    let punches: Vec<&str> = relayed
+        .log
+        .lines()
+        .filter(|l| l.contains("hole punch"))
+        .collect();
+    println!("client's hole punches while node1 is cut off: {punches:?}");
 
     // Mid-session, the route to node1 appears and its router lets connections in.
     let moving = mesh.spawn_generate("moving", LONG);
@@ -342,6 +361,9 @@ async fn a_provider_behind_nat_serves_through_a_relay_and_moves_to_direct_once_r
     let direct_h = natted.wait_reach(dir, Reach::Public).await;
     println!("node1 (reachable):  {}", direct_h.reach.unwrap().summary());
     let direct = mesh.generate("direct", SHORT).await;
+    mesh.lab.delay(&mesh.boot_host.clone(), RELAY_ONE_WAY);
+    let direct_far = mesh.generate("direct-far", SHORT).await;
+    mesh.lab.clear(&mesh.boot_host.clone());
     let direct_long = mesh.generate("direct-long", LONG).await;
     assert!(uses(&direct, &natted.peer));
     assert_eq!(
@@ -352,11 +374,18 @@ async fn a_provider_behind_nat_serves_through_a_relay_and_moves_to_direct_once_r
         moving.text, direct_long.text,
         "moving to direct changed the tokens"
     );
-    println!(
-        "per-token median with node1 relayed: {:.2} ms, direct: {:.2} ms ({SHORT} tokens each; \
-         the relay adds one hop through the bootstrap)",
-        relayed.stat("median"),
-        direct.stat("median")
-    );
-    println!("relayed: {}\ndirect:  {}", relayed.stats, direct.stats);
+    let ms = RELAY_ONE_WAY.as_millis();
+    println!("per-token median, {SHORT} tokens, node1 of 3 behind NAT:");
+    println!("  relayed, relay on the LAN:        {:>7.2} ms", relayed.stat("median"));
+    println!("  direct,  relay on the LAN:        {:>7.2} ms", direct.stat("median"));
+    println!("  relayed, relay {ms} ms away each way: {:>7.2} ms", relayed_far.stat("median"));
+    println!("  direct,  relay {ms} ms away each way: {:>7.2} ms", direct_far.stat("median"));
+    for (what, run) in [
+        ("relayed", &relayed),
+        ("direct", &direct),
+        ("relayed-far", &relayed_far),
+        ("direct-far", &direct_far),
+    ] {
+        println!("  {what:<12} {}", run.stats);
+    }
 }
