@@ -254,7 +254,7 @@ struct Checked {
 }
 
 /// How long `register` waits for AutoNAT's first verdict.
-const NAT_WAIT: Duration = Duration::from_secs(15);
+const NAT_WAIT: Duration = Duration::from_secs(8);
 
 impl Trial<'_> {
     async fn run(&self) -> Result<Checked, RegisterError> {

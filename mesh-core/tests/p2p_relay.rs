@@ -135,6 +135,12 @@ async fn a_server_answers_sessions_through_a_relay_circuit() {
     })
     .await;
     assert_eq!(stats.relay.reservations_accepted, 1, "{stats:?}");
+    // Both ends count the session bytes that went through the relay.
+    let sent = client.client.stats().await.unwrap().relay;
+    assert_eq!(sent.relayed_bytes_sent, 17, "{sent:?}");
+    assert_eq!(sent.relayed_bytes_received, 17, "{sent:?}");
+    let served = server.stats().await.unwrap().relay;
+    assert_eq!(served.relayed_bytes_received, 17, "{served:?}");
     client.client.shutdown().await.unwrap();
     echo.abort();
 }

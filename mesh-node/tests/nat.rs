@@ -334,6 +334,20 @@ async fn a_provider_behind_nat_serves_through_a_relay_and_moves_to_direct_once_r
     if let Some(r) = natted.health(dir).and_then(|h| h.reach) {
         println!("node1 counters while relayed: {:?}", r.relay);
     }
+    // The health figures are sampled every 10 s: wait for the relayed session's bytes.
+    let deadline = Instant::now() + REACH_LIMIT;
+    let relayed_bytes = loop {
+        let r = natted.health(dir).and_then(|h| h.reach).map(|r| r.relay);
+        if let Some(r) = r.filter(|r| r.relayed_bytes_received > 0) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "node1 counted no relayed bytes");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    println!(
+        "node1 session bytes over the relay: {} in, {} out",
+        relayed_bytes.relayed_bytes_received, relayed_bytes.relayed_bytes_sent
+    );
     let punches: Vec<&str> = relayed
         .log
         .lines()
@@ -376,10 +390,22 @@ async fn a_provider_behind_nat_serves_through_a_relay_and_moves_to_direct_once_r
     );
     let ms = RELAY_ONE_WAY.as_millis();
     println!("per-token median, {SHORT} tokens, node1 of 3 behind NAT:");
-    println!("  relayed, relay on the LAN:        {:>7.2} ms", relayed.stat("median"));
-    println!("  direct,  relay on the LAN:        {:>7.2} ms", direct.stat("median"));
-    println!("  relayed, relay {ms} ms away each way: {:>7.2} ms", relayed_far.stat("median"));
-    println!("  direct,  relay {ms} ms away each way: {:>7.2} ms", direct_far.stat("median"));
+    println!(
+        "  relayed, relay on the LAN:        {:>7.2} ms",
+        relayed.stat("median")
+    );
+    println!(
+        "  direct,  relay on the LAN:        {:>7.2} ms",
+        direct.stat("median")
+    );
+    println!(
+        "  relayed, relay {ms} ms away each way: {:>7.2} ms",
+        relayed_far.stat("median")
+    );
+    println!(
+        "  direct,  relay {ms} ms away each way: {:>7.2} ms",
+        direct_far.stat("median")
+    );
     for (what, run) in [
         ("relayed", &relayed),
         ("direct", &direct),

@@ -167,6 +167,21 @@ impl HttpState {
             m(name, "counter", help, &one(value.to_string()));
         }
         m(
+            "mesh_relayed_session_bytes_total",
+            "counter",
+            "Session bytes this node sent (out) and received (in) over relayed connections.",
+            &[
+                (
+                    "{direction=\"out\"}".to_string(),
+                    r.relayed_bytes_sent.to_string(),
+                ),
+                (
+                    "{direction=\"in\"}".to_string(),
+                    r.relayed_bytes_received.to_string(),
+                ),
+            ],
+        );
+        m(
             "mesh_relay_circuits_open",
             "gauge",
             "Circuits this node's relay server carries now.",

@@ -43,7 +43,11 @@ impl Announcement {
 
 /// The channel to answer one inbound session request on ([`Client::respond`]).
 #[derive(Debug)]
-pub struct ResponseChannel(pub(crate) request_response::ResponseChannel<Vec<u8>>);
+pub struct ResponseChannel {
+    pub(crate) inner: request_response::ResponseChannel<Vec<u8>>,
+    /// The request came over a relayed connection (its bytes are counted as relayed).
+    pub(crate) relayed: bool,
+}
 
 /// Counters of what this peer accepted, rejected and dropped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -135,8 +135,9 @@ pub struct EventLoop {
     relayed: HashSet<ModelId>,
     stats: P2pStats,
     pending_dials: HashMap<ConnectionId, (Reply<()>, Instant)>,
-    /// Session requests waiting for their answer, with the peer asked.
-    pending_requests: HashMap<OutboundRequestId, (PeerId, Reply<Vec<u8>>)>,
+    /// Session requests waiting for their answer, with the peer asked and the request's
+    /// size.
+    pending_requests: HashMap<OutboundRequestId, (PeerId, u64, Reply<Vec<u8>>)>,
     lookups: HashMap<u64, Lookup>,
     next_lookup: u64,
     provider_queries: HashMap<QueryId, u64>,

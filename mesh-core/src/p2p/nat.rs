@@ -273,6 +273,13 @@ pub struct RelayStats {
     pub holepunch_failed: u64,
     /// Relayed connections closed because a direct one to the same peer came up.
     pub moved_to_direct: u64,
+    /// Session bytes (requests and responses) this node sent / received over relayed
+    /// connections: what its relayed sessions cost the relays. (libp2p-relay 0.22 does
+    /// not report the bytes a relay server forwards; its per-circuit cap is enforced.)
+    #[serde(default)]
+    pub relayed_bytes_sent: u64,
+    #[serde(default)]
+    pub relayed_bytes_received: u64,
 }
 
 #[cfg(test)]

@@ -48,15 +48,19 @@ impl EventLoop {
                 let _ = reply.send(self.known.servers(&model, now_ms()));
             }
             Command::Request(peer, data, reply) => {
+                let len = data.len() as u64;
                 let id = self.swarm.behaviour_mut().session.send_request(&peer, data);
-                self.pending_requests.insert(id, (peer, reply));
+                self.pending_requests.insert(id, (peer, len, reply));
             }
             Command::Respond(channel, data, reply) => {
+                if channel.relayed {
+                    self.stats.relay.relayed_bytes_sent += data.len() as u64;
+                }
                 let result = self
                     .swarm
                     .behaviour_mut()
                     .session
-                    .send_response(channel.0, data)
+                    .send_response(channel.inner, data)
                     .map_err(|_| P2pError::Respond);
                 let _ = reply.send(result);
             }

@@ -18,6 +18,9 @@ use crate::p2p::Role;
 
 /// Most direct addresses remembered per relayed peer.
 const MAX_DIRECT_ADDRS: usize = 8;
+/// Longest wait before asking a relay that refused (or failed) again; the wait doubles
+/// from [`NatConfig::direct_retry`] with each failure in a row.
+const MAX_RESERVE_BACKOFF: Duration = Duration::from_secs(300);
 
 /// What the loop tracks for NAT traversal.
 pub(super) struct NatState {
@@ -31,6 +34,9 @@ pub(super) struct NatState {
     /// Circuit addresses the relays confirmed, by listener.
     relay_addrs: HashMap<ListenerId, Multiaddr>,
     next_reserve: Instant,
+    /// Relays that refused or failed: not asked again before the instant, and the wait
+    /// after the next failure.
+    backoff: HashMap<PeerId, (Instant, Duration)>,
     next_direct: Instant,
     upnp: UpnpState,
     /// Each peer's connections, and whether each goes through a relay (`true`) and was
@@ -64,6 +70,7 @@ impl NatState {
             listeners: HashMap::new(),
             relay_addrs: HashMap::new(),
             next_reserve: now + Duration::from_secs(1),
+            backoff: HashMap::new(),
             next_direct: now + cfg.direct_retry,
             upnp: if cfg.upnp {
                 UpnpState::Searching
@@ -262,6 +269,9 @@ impl EventLoop {
             "reachable through a relay at {}",
             self.with_own_id(&address)
         );
+        if let Some(relay) = self.nat.listeners.get(&listener) {
+            self.nat.backoff.remove(relay);
+        }
         self.nat.relay_addrs.insert(listener, address);
         self.stats.relay.own_reservations = self.nat.relay_addrs.len() as u64;
         self.nat_addresses_changed();
@@ -278,7 +288,16 @@ impl EventLoop {
         match reason {
             Some(why) if !had_addr => {
                 self.stats.relay.own_reservations_refused += 1;
-                tracing::warn!(%relay, "relay reservation failed: {why}");
+                let now = Instant::now();
+                let wait = self
+                    .nat
+                    .backoff
+                    .get(&relay)
+                    .map_or(self.nat.direct_retry, |(_, w)| *w);
+                self.nat
+                    .backoff
+                    .insert(relay, (now + wait, (wait * 2).min(MAX_RESERVE_BACKOFF)));
+                tracing::warn!(%relay, "relay reservation failed: {why} (asking again in {wait:?})");
             }
             _ => tracing::info!(%relay, "relay reservation ended"),
         }
@@ -322,6 +341,15 @@ impl EventLoop {
         }
     }
 
+    /// Whether `id` (a connection to `peer`) goes through a relay.
+    pub(super) fn is_relayed_connection(&self, peer: &PeerId, id: ConnectionId) -> bool {
+        self.nat
+            .conns
+            .get(peer)
+            .and_then(|c| c.get(&id))
+            .is_some_and(|(relayed, _)| *relayed)
+    }
+
     /// A peer's own listen addresses (identify): the direct ones are kept to dial it
     /// directly while it is connected through a relay only.
     pub(super) fn nat_peer_addrs(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
@@ -361,11 +389,18 @@ impl EventLoop {
     fn reserve_or_release(&mut self) {
         if self.nat.wants_relays(self.settings.role) {
             let asked: HashSet<PeerId> = self.nat.listeners.values().copied().collect();
+            let now = Instant::now();
+            let waiting = |peer: &PeerId| {
+                self.nat
+                    .backoff
+                    .get(peer)
+                    .is_some_and(|(until, _)| *until > now)
+            };
             let relays: Vec<(PeerId, Multiaddr)> = self
                 .nat
                 .relays
                 .iter()
-                .filter(|(peer, _)| !asked.contains(peer) && *peer != self.local)
+                .filter(|(peer, _)| !asked.contains(peer) && *peer != self.local && !waiting(peer))
                 .cloned()
                 .collect();
             for (relay, addr) in relays {
@@ -416,7 +451,7 @@ impl EventLoop {
     /// up and no request of ours waits on that peer, so that sessions continue directly
     /// (request-response spreads requests over all of a peer's connections).
     fn close_superseded_relayed(&mut self) {
-        let busy: HashSet<PeerId> = self.pending_requests.values().map(|(p, _)| *p).collect();
+        let busy: HashSet<PeerId> = self.pending_requests.values().map(|(p, _, _)| *p).collect();
         let mut to_close = Vec::new();
         for (peer, conns) in &self.nat.conns {
             let has_direct = conns.values().any(|(relayed, _)| !relayed);
