@@ -1,7 +1,8 @@
 //! Circuit relay v2 between real swarms in one process on 127.0.0.1: a server reserves
 //! on a bootstrap's relay and answers sessions over a circuit, and the relay holds its
 //! limits (reservations, bytes per circuit), refusing and counting what is beyond them
-//! while it keeps serving the rest. (Network namespaces, where the client has no route
+//! while it keeps serving the rest; a relayed session moves to a direct connection; and
+//! `--upnp` without a router says so. (Network namespaces, where the client has no route
 //! to the server at all, are in `mesh-node/tests/nat.rs`.)
 
 use std::time::{Duration, Instant};
@@ -256,4 +257,34 @@ async fn a_relayed_session_moves_to_a_direct_connection_when_one_can_be_made() {
     );
     client.client.shutdown().await.unwrap();
     echo.abort();
+}
+
+/// `--upnp` on a machine with no UPnP router (this one has no LAN gateway): the node
+/// says so instead of staying silent, and keeps working.
+#[tokio::test]
+async fn upnp_without_a_router_says_so() {
+    let mut cfg = P2pConfig::new(Identity::generate(), Role::Server);
+    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    cfg.nat.upnp = true;
+    let peer = p2p::spawn(cfg).await.unwrap();
+    let first = peer.client.nat_report().await.unwrap();
+    assert!(
+        matches!(
+            first.upnp,
+            p2p::UpnpState::Searching | p2p::UpnpState::NoGateway
+        ),
+        "{first:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let report = loop {
+        let r = peer.client.nat_report().await.unwrap();
+        if r.upnp != p2p::UpnpState::Searching {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "UPnP never answered: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(report.upnp, p2p::UpnpState::NoGateway, "{report:?}");
+    assert!(report.summary().contains("UPnP: no router answered"));
+    peer.client.shutdown().await.unwrap();
 }
