@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use mesh_core::http::Health;
+use mesh_core::identity::Identity;
 use mesh_core::model::tiny;
 use mesh_core::p2p::{Multiaddr, PeerId, Reach};
 use mesh_core::BlockRange;
@@ -33,6 +34,8 @@ const NODE_PORT: u16 = 31338;
 /// AutoNAT's first verdict, a reservation, and the record that announces it.
 const REACH_LIMIT: Duration = Duration::from_secs(90);
 const RUN_LIMIT: Duration = Duration::from_secs(180);
+/// Delay on the client's link during the run that moves to a direct connection.
+const CLIENT_ONE_WAY: Duration = Duration::from_millis(3);
 /// Delay added each way on the relay's link, to see what a distant relay costs.
 const RELAY_ONE_WAY: Duration = Duration::from_millis(10);
 
@@ -114,7 +117,7 @@ impl Mesh {
     /// process starts, with the hosts `[boot, node0.., client]`.
     async fn start(
         spans: &[BlockRange],
-        node_extra: &dyn Fn(usize) -> Vec<String>,
+        node_extra: &dyn Fn(usize, &Path) -> Vec<String>,
         setup: impl FnOnce(&Lab, &[Host]),
     ) -> Mesh {
         let mut lab = Lab::new();
@@ -157,7 +160,7 @@ impl Mesh {
                 dir.path().join("model").display().to_string(),
                 "--autonat-private-ips".into(),
             ]);
-            args.extend(node_extra(i));
+            args.extend(node_extra(i, dir.path()));
             let proc = Proc::spawn_in_netns(&host.ns, &name, "mesh-node", &args, dir.path());
             procs.push((host, proc, name));
         }
@@ -300,7 +303,7 @@ async fn a_provider_behind_nat_serves_through_a_relay_and_moves_to_direct_once_r
     }
     let _serial = SERIAL.lock().await;
     let spans = BlockRange::even_split(NUM_BLOCKS, 3);
-    let mut mesh = Mesh::start(&spans, &|_| Vec::new(), |lab, hosts| {
+    let mut mesh = Mesh::start(&spans, &|_, _| Vec::new(), |lab, hosts| {
         // hosts: boot, node0, node1, node2, client.
         lab.refuse_inbound_connections(&hosts[2]);
         lab.block_route(&hosts[2], &hosts[4]);
@@ -355,7 +358,10 @@ async fn a_provider_behind_nat_serves_through_a_relay_and_moves_to_direct_once_r
         .collect();
     println!("client's hole punches while node1 is cut off: {punches:?}");
 
-    // Mid-session, the route to node1 appears and its router lets connections in.
+    // Mid-session, the route to node1 appears and its router lets connections in. A few
+    // ms on the client's link keep the run going well past the client's next direct dial
+    // of node1 (every 5 s).
+    mesh.lab.delay(&mesh.client.clone(), CLIENT_ONE_WAY);
     let moving = mesh.spawn_generate("moving", LONG);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
@@ -365,6 +371,13 @@ async fn a_provider_behind_nat_serves_through_a_relay_and_moves_to_direct_once_r
     mesh.lab.restore_route(&natted.host, &mesh.client);
     mesh.lab.clear(&natted.host);
     let moving = finish(moving).await;
+    mesh.lab.clear(&mesh.client.clone());
+    let moved = moving
+        .log
+        .lines()
+        .find(|l| l.contains("relayed connection closed"))
+        .map(str::to_owned);
+    println!("moved mid-session ({}): {moved:?}", moving.stats);
     assert!(
         moving.log.contains("relayed connection closed"),
         "the session never moved to a direct connection:\n{}",
@@ -414,4 +427,91 @@ async fn a_provider_behind_nat_serves_through_a_relay_and_moves_to_direct_once_r
     ] {
         println!("  {what:<12} {}", run.stats);
     }
+}
+
+/// A public node relays for others with room for one reservation; two providers of the
+/// same blocks sit behind NAT and ask it. The relay accepts one, refuses the other with
+/// its reason and counts it (the refused one backs off and keeps asking), and the client
+/// is served through the one that holds the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_at_its_limit_refuses_and_counts_the_next_provider_and_serves_the_first() {
+    if !netlab::enabled() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let spans = [
+        BlockRange::new(0, 4),
+        BlockRange::new(4, 8),
+        BlockRange::new(4, 8),
+    ];
+    // node0 (10.77.0.2) is the relay: its key, and so its address, is made up front.
+    let relay_extra = |i: usize, dir: &Path| -> Vec<String> {
+        if i == 0 {
+            return ["--relay-server", "--relay-max-reservations", "1"]
+                .map(String::from)
+                .to_vec();
+        }
+        let relay = Identity::load_or_create(&dir.join("node0.key"))
+            .unwrap()
+            .peer_id();
+        vec![
+            "--relay-via".into(),
+            format!("/ip4/10.77.0.2/tcp/{NODE_PORT}/p2p/{relay}"),
+        ]
+    };
+    let mesh = Mesh::start(&spans, &relay_extra, |lab, hosts| {
+        // hosts: boot, node0, node1, node2, client.
+        for natted in [&hosts[2], &hosts[3]] {
+            lab.refuse_inbound_connections(natted);
+            lab.block_route(natted, &hosts[4]);
+        }
+    })
+    .await;
+    let dir = mesh.dir.path();
+    let relay = &mesh.nodes[0];
+    assert_eq!(relay.host.ip.to_string(), "10.77.0.2");
+
+    // One of the two gets the slot; the relay refuses the other and counts it.
+    let deadline = Instant::now() + REACH_LIMIT;
+    let (held, refused) = loop {
+        let reach: Vec<Option<Reach>> = mesh.nodes[1..]
+            .iter()
+            .map(|n| n.health(dir).and_then(|h| h.reach).map(|r| r.reach))
+            .collect();
+        let counters = relay.health(dir).and_then(|h| h.reach).map(|r| r.relay);
+        let refused_counted = counters.is_some_and(|c| c.reservations_refused >= 1);
+        match reach.as_slice() {
+            [Some(Reach::Relayed), Some(Reach::BehindNat)] if refused_counted => break (1, 2),
+            [Some(Reach::BehindNat), Some(Reach::Relayed)] if refused_counted => break (2, 1),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected one relayed and one refused: {reach:?}, relay counters {counters:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let relay_counts = relay.health(dir).unwrap().reach.unwrap().relay;
+    println!("relay counters: {relay_counts:?}");
+    assert_eq!(relay_counts.reservations_accepted, 1, "{relay_counts:?}");
+    let refused_node = &mesh.nodes[refused];
+    let refused_counts = refused_node.health(dir).unwrap().reach.unwrap();
+    println!("node{refused} (refused): {}", refused_counts.summary());
+    assert!(refused_counts.relay_addrs.is_empty());
+    let log = std::fs::read_to_string(dir.join(format!("node{refused}.stderr"))).unwrap();
+    assert!(
+        log.contains("relay reservation failed") && log.contains("resource limit exceeded"),
+        "the refused node does not say why:\n{log}"
+    );
+    assert!(refused_counts.relay.own_reservations_refused >= 1);
+
+    // The client is served, through the relay, by the node that holds the slot.
+    mesh.wait_until_all_listed().await;
+    let run = mesh.generate("served", SHORT).await;
+    assert!(
+        uses(&run, &mesh.nodes[held].peer),
+        "route {:?} does not use node{held}, the relayed one",
+        run.route
+    );
+    println!("served through the relay: {}", run.stats);
 }

@@ -306,8 +306,10 @@ impl EventLoop {
                 peer_id,
                 connection_id,
                 num_established,
-                ..
+                cause,
+                endpoint,
             } => {
+                tracing::debug!(%peer_id, relayed = endpoint.is_relayed(), "connection closed: {cause:?}");
                 self.nat_connection_closed(peer_id, connection_id);
                 if num_established == 0 {
                     self.remote_ips.remove(&peer_id);
@@ -318,7 +320,10 @@ impl EventLoop {
                 listener_id,
                 reason,
                 ..
-            } => self.on_listener_closed(listener_id, reason.err().map(|e| e.to_string())),
+            } => self.on_listener_closed(
+                listener_id,
+                reason.err().map(|e| super::listen::cause_chain(&e)),
+            ),
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
                 peer_id,
