@@ -484,3 +484,62 @@ fn status_word(s: &autonat::NatStatus) -> String {
         autonat::NatStatus::Unknown => "unknown".into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reach_follows_autonat_and_reservations_and_mode_decides_relaying() {
+        let mut n = NatState::new(&NatConfig::default(), &[], Instant::now());
+        assert_eq!(n.reach(), (Reach::Unknown, "none"));
+        assert!(!n.wants_relays(Role::Server), "auto waits for AutoNAT");
+        n.autonat = autonat::NatStatus::Private;
+        assert_eq!(n.reach(), (Reach::BehindNat, "autonat"));
+        assert!(n.wants_relays(Role::Server));
+        assert!(!n.wants_relays(Role::Client), "clients are never dialed");
+        assert!(!n.wants_relays(Role::Bootstrap));
+        let circuit: Multiaddr = "/ip4/203.0.113.1/tcp/1/p2p-circuit".parse().unwrap();
+        n.relay_addrs.insert(ListenerId::next(), circuit);
+        assert_eq!(n.reach(), (Reach::Relayed, "autonat"));
+        n.autonat = autonat::NatStatus::Unknown;
+        assert_eq!(n.reach(), (Reach::Relayed, "relay"));
+        n.autonat = autonat::NatStatus::Public("/ip4/203.0.113.2/tcp/1".parse().unwrap());
+        assert_eq!(n.reach().0, Reach::Public);
+        assert!(!n.wants_relays(Role::Server));
+        n.mode = RelayMode::Always;
+        assert!(n.wants_relays(Role::Server));
+        n.mode = RelayMode::Never;
+        n.autonat = autonat::NatStatus::Private;
+        assert!(!n.wants_relays(Role::Server));
+    }
+
+    #[test]
+    fn configured_relays_replace_the_bootstraps() {
+        let boot: Multiaddr =
+            "/ip4/203.0.113.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+                .parse()
+                .unwrap();
+        let boot_peer = crate::p2p::nat::target_peer(&boot).unwrap();
+        let by_default = NatState::new(&NatConfig::default(), &[(boot_peer, boot)], Instant::now());
+        assert_eq!(by_default.relays.len(), 1);
+        let relay: Multiaddr =
+            "/ip4/203.0.113.9/tcp/1/p2p/12D3KooWHEjRaFThDdTZ8CsRzgZ1mCQZ5Dz5t1jA6sWfTTtKjbvg"
+                .parse()
+                .unwrap();
+        let cfg = NatConfig {
+            relays: vec![relay.clone(), "/ip4/203.0.113.9/tcp/2".parse().unwrap()],
+            ..NatConfig::default()
+        };
+        let chosen = NatState::new(
+            &cfg,
+            &[(boot_peer, "/ip4/1.1.1.1/tcp/1".parse().unwrap())],
+            Instant::now(),
+        );
+        // Only addresses naming their peer count; the bootstrap is not used.
+        assert_eq!(
+            chosen.relays,
+            vec![(crate::p2p::nat::target_peer(&relay).unwrap(), relay)]
+        );
+    }
+}
