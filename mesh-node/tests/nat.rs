@@ -280,6 +280,20 @@ async fn finish(mut proc: Proc) -> Run {
     }
 }
 
+/// `s` without terminal colour codes (`ESC [ ... m`).
+fn plain(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn uses(run: &Run, peer: &PeerId) -> bool {
     run.route.iter().any(|l| l.ends_with(&peer.to_string()))
 }
@@ -376,7 +390,7 @@ async fn a_provider_behind_nat_serves_through_a_relay_and_moves_to_direct_once_r
         .log
         .lines()
         .find(|l| l.contains("relayed connection closed"))
-        .map(str::to_owned);
+        .map(plain);
     println!("moved mid-session ({}): {moved:?}", moving.stats);
     assert!(
         moving.log.contains("relayed connection closed"),
