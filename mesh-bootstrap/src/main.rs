@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use mesh_core::identity::Identity;
-use mesh_core::p2p::{self, Multiaddr, P2pConfig, Role};
+use mesh_core::p2p::{self, Multiaddr, P2pConfig, RelayLimits, Role};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -44,6 +44,25 @@ struct Args {
     #[arg(long, default_value_t = p2p::DEFAULT_MAX_CONNECTIONS_PER_IP,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections_per_ip: u32,
+    /// Run no relay: peers behind NAT cannot reserve here (by default a bootstrap relays
+    /// for them, within the limits below).
+    #[arg(long)]
+    no_relay: bool,
+    /// Relay: most reservations held at once.
+    #[arg(long, default_value_t = RelayLimits::default().max_reservations)]
+    relay_max_reservations: usize,
+    /// Relay: most circuits at once.
+    #[arg(long, default_value_t = RelayLimits::default().max_circuits)]
+    relay_max_circuits: usize,
+    /// Relay: seconds before a circuit is cut.
+    #[arg(long, default_value_t = RelayLimits::default().max_circuit_duration.as_secs())]
+    relay_max_circuit_secs: u64,
+    /// Relay: KiB (both ways) before a circuit is cut (256 MiB by default).
+    #[arg(long, default_value_t = RelayLimits::default().max_circuit_bytes >> 10)]
+    relay_max_circuit_kib: u64,
+    /// Let AutoNAT use and answer peers at private addresses (a LAN-only mesh, a lab).
+    #[arg(long)]
+    autonat_private_ips: bool,
 }
 
 #[tokio::main]
@@ -75,6 +94,14 @@ async fn main() -> anyhow::Result<()> {
     cfg.public_addrs = args.public_addr;
     cfg.max_connections = args.max_connections;
     cfg.max_connections_per_ip = args.max_connections_per_ip;
+    cfg.nat.relay_server = (!args.no_relay).then(|| RelayLimits {
+        max_reservations: args.relay_max_reservations.max(1),
+        max_circuits: args.relay_max_circuits.max(1),
+        max_circuit_duration: std::time::Duration::from_secs(args.relay_max_circuit_secs.max(1)),
+        max_circuit_bytes: args.relay_max_circuit_kib.max(1) << 10,
+        ..RelayLimits::default()
+    });
+    cfg.nat.autonat_private_ips = args.autonat_private_ips;
     let peer = p2p::spawn(cfg).await?;
     println!("peer id {}", peer.client.local_peer_id());
     for addr in &peer.listen_addrs {

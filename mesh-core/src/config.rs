@@ -25,8 +25,10 @@ use crate::pipeline::ServerLimits;
 use crate::types::BlockRange;
 
 mod edit;
+mod nat;
 mod operate;
 pub use edit::set_blocks;
+pub use nat::Nat;
 pub use operate::{Daemon, Settle};
 
 /// The file's name in the mesh home: `~/.mesh/node.toml`.
@@ -93,6 +95,7 @@ pub struct NodeFile {
     /// The ledger of signed receipts (a sled store); default `ledger` beside this file.
     pub ledger_dir: Option<PathBuf>,
     pub network: Network,
+    pub nat: Nat,
     pub limits: Limits,
     pub http: Http,
     pub daemon: Daemon,
@@ -143,6 +146,7 @@ impl Default for NodeFile {
             log_format: "text".into(),
             ledger_dir: None,
             network: Network::default(),
+            nat: Nat::default(),
             limits: Limits::default(),
             http: Http::default(),
             daemon: Daemon::default(),
@@ -207,6 +211,7 @@ pub struct Resolved {
     pub announce_interval: Duration,
     pub max_connections: u32,
     pub max_connections_per_ip: u32,
+    pub nat: p2p::NatConfig,
     pub limits: ServerLimits,
     pub http: SocketAddr,
     pub pid_file: PathBuf,
@@ -380,6 +385,7 @@ announce_secs = {announce:?}
 max_connections = {max_connections}
 max_connections_per_ip = {max_per_ip}
 
+{nat}
 [limits]
 # Sessions open at once, in all and per client peer.
 max_sessions = {max_sessions}
@@ -424,6 +430,7 @@ listen = {http}
             announce = self.network.announce_secs,
             max_connections = self.network.max_connections,
             max_per_ip = self.network.max_connections_per_ip,
+            nat = self.nat.template(),
             max_sessions = self.limits.max_sessions,
             max_per_client = self.limits.max_sessions_per_client,
             cache = self.limits.cache_budget_mib,
@@ -546,6 +553,7 @@ listen = {http}
             announce_interval,
             max_connections: n.max_connections,
             max_connections_per_ip: n.max_connections_per_ip,
+            nat: self.nat.resolve()?,
             limits: ServerLimits {
                 max_sessions: l.max_sessions,
                 max_sessions_per_client: l.max_sessions_per_client,

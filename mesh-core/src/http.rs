@@ -119,6 +119,10 @@ pub struct Health {
     /// Settlement on a schedule (`[settle] every`); absent without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settle: Option<schedule::ScheduleStatus>,
+    /// Whether peers can dial this node (AutoNAT), its relay addresses, UPnP; `None`
+    /// before the first sample (or from a node that predates the field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reach: Option<crate::p2p::NatReport>,
 }
 
 /// The CPU now: the machine's load averages (runnable tasks: compare them with `cores`)
@@ -146,6 +150,8 @@ pub struct HealthMemory {
 struct Sampled {
     /// The swarm's counters at the last sample.
     p2p: P2pStats,
+    /// Reachability at the last sample.
+    nat: Option<crate::p2p::NatReport>,
     /// `(unix seconds, tokens served)`.
     history: VecDeque<(u64, u64)>,
     /// This process's CPU seconds at the last sample, and when.
@@ -253,6 +259,11 @@ impl HttpState {
             if let Ok(Ok(stats)) = stats {
                 self.sampled().p2p = stats;
             }
+            let nat =
+                tokio::time::timeout(Duration::from_secs(2), node.client().nat_report()).await;
+            if let Ok(Ok(nat)) = nat {
+                self.sampled().nat = Some(nat);
+            }
             self.push_point(tokens(node));
         }
     }
@@ -289,6 +300,11 @@ impl HttpState {
     /// The `/healthz` body.
     pub fn health(&self) -> Health {
         let meminfo = probe::probe_memory();
+        // One lock at a time: a guard taken inside the literal below would live to its end.
+        let (peers, reach) = {
+            let sampled = self.sampled();
+            (sampled.p2p.connected_peers, sampled.nat.clone())
+        };
         let mut h = Health {
             status: "starting".into(),
             running: true,
@@ -305,7 +321,8 @@ impl HttpState {
             gpu_live: self.gpu_live(),
             cpu: self.cpu(),
             settle: self.schedule_status(),
-            peers: self.sampled().p2p.connected_peers,
+            peers,
+            reach,
             ..Health::default()
         };
         for g in &mut h.vram {

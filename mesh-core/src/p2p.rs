@@ -24,6 +24,8 @@
 //! | `event_loop/dialback.rs` | asking a peer to dial our public address, and doing it for others |
 //! | `event_loop/timers.rs` | the tick: rejoin, expiry, re-publishing, discovery, deadlines |
 //! | `listen.rs` | one port, one process: "port in use" before libp2p shares it |
+//! | `nat.rs` | behind home routers: reachability, relay limits, relay mode, UPnP state |
+//! | `event_loop/nat.rs` | AutoNAT, relay reservations and server, DCUtR, moving to direct |
 //! | `reachability.rs` | address scopes, the unreachable-node warning, the dial-back probe |
 //! | `run.rs` | [`run_bootstrap`] and [`serve`]: whole peers for the binaries |
 //!
@@ -49,6 +51,7 @@ pub mod heartbeat;
 mod ip_limit;
 mod known;
 mod listen;
+pub mod nat;
 pub mod reachability;
 mod run;
 
@@ -63,6 +66,7 @@ pub use event_loop::EventLoop;
 pub use ip_limit::{IpLimitExceeded, PendingLimitExceeded};
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
+pub use nat::{NatConfig, NatReport, Reach, RelayLimits, RelayMode, RelayStats, UpnpState};
 pub use run::{run_bootstrap, serve};
 
 use crate::identity::Identity;
@@ -142,6 +146,8 @@ pub struct P2pConfig {
     /// answered by the connection, beside any work. 3 s leaves room for a home uplink
     /// whose queue fills during a large prefill. Default 3 s.
     pub ping_timeout: Duration,
+    /// AutoNAT, relays, hole punching, UPnP. Default: a relay server on bootstraps only.
+    pub nat: NatConfig,
 }
 
 impl P2pConfig {
@@ -167,6 +173,10 @@ impl P2pConfig {
             idle_timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(1),
             ping_timeout: Duration::from_secs(3),
+            nat: NatConfig {
+                relay_server: (role == Role::Bootstrap).then(RelayLimits::default),
+                ..NatConfig::default()
+            },
         }
     }
 }

@@ -86,6 +86,8 @@ pub struct Registration {
     pub heartbeat_heard: bool,
     /// The dial-back of each declared public address (empty: none declared).
     pub reachability: Vec<Reachability>,
+    /// What AutoNAT and the relays said.
+    pub nat: Option<p2p::NatReport>,
 }
 
 /// Why registering failed; each says what to fix.
@@ -222,7 +224,12 @@ pub async fn register(cfg: RegisterConfig, probe: Probe) -> Result<Registration,
         span: checked.span,
         picked: cfg.span.is_none(),
         peers: checked.peers,
-        address_warning: reachability::unreachable_warning(&checked.announce_addrs),
+        // A probe's answer replaces the guess from address classes.
+        address_warning: match checked.nat.as_ref().map(|n| n.reach) {
+            Some(p2p::Reach::Public | p2p::Reach::Relayed) => None,
+            _ => reachability::unreachable_warning(&checked.announce_addrs),
+        },
+        nat: checked.nat,
         announce_addrs: checked.announce_addrs,
         found_after: checked.found_after,
         heartbeat_heard: checked.heartbeat_heard,
@@ -250,7 +257,11 @@ struct Checked {
     found_after: Duration,
     heartbeat_heard: bool,
     reachability: Vec<Reachability>,
+    nat: Option<p2p::NatReport>,
 }
+
+/// How long `register` waits for AutoNAT's first verdict.
+const NAT_WAIT: Duration = Duration::from_secs(8);
 
 impl Trial<'_> {
     async fn run(&self) -> Result<Checked, RegisterError> {
@@ -314,6 +325,7 @@ impl Trial<'_> {
             found_after,
             heartbeat_heard,
             reachability: Vec::new(),
+            nat: self.nat_verdict().await,
         };
         if !cfg.p2p.public_addrs.is_empty() {
             let reports = tokio::time::timeout(cfg.check_timeout, self.client.check_reachability())
@@ -330,6 +342,18 @@ impl Trial<'_> {
             checked.reachability = reports;
         }
         Ok(checked)
+    }
+
+    /// AutoNAT's verdict (or the last report if none came within [`NAT_WAIT`]).
+    async fn nat_verdict(&self) -> Option<p2p::NatReport> {
+        let deadline = tokio::time::Instant::now() + NAT_WAIT.min(self.cfg.check_timeout);
+        loop {
+            let report = self.client.nat_report().await.ok()?;
+            if report.reach != p2p::Reach::Unknown || tokio::time::Instant::now() >= deadline {
+                return Some(report);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// The outsider looks the span's first block up in the DHT until it finds this node,

@@ -164,6 +164,42 @@ pub struct NodeFlags {
     /// The ledger of signed receipts [default: ledger beside the config file].
     #[arg(long)]
     pub ledger_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub nat: NatFlags,
+}
+
+/// Behind a home router: nothing to set (AutoNAT and the bootstraps' relays do it); these
+/// flags override the config's `[nat]` section.
+#[derive(clap::Args, Debug)]
+pub struct NatFlags {
+    /// When to reserve a slot on relays: auto (when AutoNAT finds this node behind NAT),
+    /// always, never [default: auto].
+    #[arg(long, value_parser = ["auto", "always", "never"])]
+    pub relay: Option<String>,
+    /// A relay to reserve on, .../p2p/PEER_ID (repeatable) [default: the bootstraps].
+    #[arg(long)]
+    pub relay_via: Vec<Multiaddr>,
+    /// Ask the home router to forward the listen port (UPnP); the log says whether it did.
+    #[arg(long)]
+    pub upnp: bool,
+    /// Let AutoNAT use peers at private addresses (a LAN-only mesh or a test lab).
+    #[arg(long)]
+    pub autonat_private_ips: bool,
+    /// Relay for peers behind NAT (a public node), within the limits below.
+    #[arg(long)]
+    pub relay_server: bool,
+    /// Relay server: most reservations held at once [default: 128].
+    #[arg(long)]
+    pub relay_max_reservations: Option<usize>,
+    /// Relay server: most circuits at once [default: 64].
+    #[arg(long)]
+    pub relay_max_circuits: Option<usize>,
+    /// Relay server: seconds before a circuit is cut [default: 3600].
+    #[arg(long)]
+    pub relay_max_circuit_secs: Option<u64>,
+    /// Relay server: KiB (both ways) before a circuit is cut [default: 262144, 256 MiB].
+    #[arg(long)]
+    pub relay_max_circuit_kib: Option<u64>,
 }
 
 /// `start`'s flags override the config file's values.

@@ -144,6 +144,12 @@ pub fn status(a: StatusArgs) -> anyhow::Result<i32> {
         h.tokens_served, h.prefill_tokens, h.decode_tokens
     );
     println!("peers {}", h.peers);
+    if let Some(reach) = &h.reach {
+        println!("reachability {}", reach.summary());
+        for addr in &reach.relay_addrs {
+            println!("relayed at {addr}");
+        }
+    }
     for line in gpu_lines(&h) {
         println!("{line}");
     }

@@ -149,6 +149,9 @@ fn report(reg: &Registration) {
             r.addr, r.checked_by
         );
     }
+    if let Some(nat) = &reg.nat {
+        println!("reachability: {}", nat.summary());
+    }
     if let Some(w) = &reg.address_warning {
         println!("{w}");
     }

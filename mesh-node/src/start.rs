@@ -111,6 +111,23 @@ pub fn apply_node_flags(file: &mut NodeFile, a: &NodeFlags) {
     if let Some(v) = &a.ledger_dir {
         file.ledger_dir = Some(abs(v));
     }
+    apply_nat_flags(&mut file.nat, &a.nat);
+}
+
+fn apply_nat_flags(n: &mut mesh_core::config::Nat, a: &crate::cli::NatFlags) {
+    if let Some(v) = &a.relay {
+        n.relay = v.clone();
+    }
+    if !a.relay_via.is_empty() {
+        n.relay_via = a.relay_via.iter().map(ToString::to_string).collect();
+    }
+    n.upnp |= a.upnp;
+    n.autonat_private_ips |= a.autonat_private_ips;
+    n.relay_server |= a.relay_server;
+    n.relay_max_reservations = a.relay_max_reservations.unwrap_or(n.relay_max_reservations);
+    n.relay_max_circuits = a.relay_max_circuits.unwrap_or(n.relay_max_circuits);
+    n.relay_max_circuit_secs = a.relay_max_circuit_secs.unwrap_or(n.relay_max_circuit_secs);
+    n.relay_max_circuit_kib = a.relay_max_circuit_kib.unwrap_or(n.relay_max_circuit_kib);
 }
 
 /// `start`'s own flags, then the shared ones, win over the file.
@@ -160,6 +177,7 @@ pub fn p2p_config(r: &Resolved, identity: Identity) -> P2pConfig {
     p2p.record_ttl = r.announce_interval * 3;
     p2p.max_connections = r.max_connections;
     p2p.max_connections_per_ip = r.max_connections_per_ip;
+    p2p.nat = r.nat.clone();
     p2p
 }
 

@@ -314,6 +314,7 @@ svg{{border:1px solid #ddd;background:#fafafa}}
 <tr><td>sessions</td><td>{sessions} open, {opened} opened, {queue} queued</td></tr>
 <tr><td>tokens served</td><td>{tokens} ({prefill} prefill, {decode} decode)</td></tr>
 <tr><td>peers</td><td>{peers}</td></tr>
+<tr><td>reachability</td><td id="reach">{reach}</td></tr>
 <tr><td>price</td><td>{price} per token per block</td></tr>
 <tr><td>earned</td><td>{earned}</td></tr>
 <tr><td>settles</td><td id="settle">{settle}</td></tr>
@@ -350,6 +351,7 @@ svg{{border:1px solid #ddd;background:#fafafa}}
         prefill = h.prefill_tokens,
         decode = h.decode_tokens,
         peers = h.peers,
+        reach = h.reach.as_ref().map_or("-".into(), |r| esc(&r.summary())),
         price = h.price_per_token.unwrap_or(0),
         tokens_chart = svg_chart("tokens-chart", "tokens", p.tokens),
         host = esc(&p.probe.hostname),

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use super::{label, HttpState};
 use crate::metrics::LATENCY_BUCKETS_SECS;
+use crate::p2p::Reach;
 use crate::probe;
 use crate::types::GpuLive;
 
@@ -74,6 +75,123 @@ impl HttpState {
             "Inbound connections refused before their handshake because their IP had \
              max_pending_connections_per_ip in handshakes already.",
             &one(p2p.pending_ip_limited.to_string()),
+        );
+        let r = p2p.relay;
+        let reach = self.sampled().nat.as_ref().map(|n| n.reach);
+        let reach_samples: Vec<(String, String)> = reach
+            .map(|now| {
+                [
+                    Reach::Public,
+                    Reach::Relayed,
+                    Reach::BehindNat,
+                    Reach::Unknown,
+                ]
+                .into_iter()
+                .map(|r| {
+                    let name = serde_json::to_value(r)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    (
+                        format!("{{reach=\"{name}\"}}"),
+                        u8::from(r == now).to_string(),
+                    )
+                })
+                .collect()
+            })
+            .unwrap_or_default();
+        m(
+            "mesh_reachability",
+            "gauge",
+            "1 for what AutoNAT (or a relay reservation) says of this node: public, relayed, behind_nat or unknown.",
+            &reach_samples,
+        );
+        let counters: [(&str, &str, u64); 11] = [
+            (
+                "mesh_relay_reservations_accepted_total",
+                "Reservations this node's relay server accepted.",
+                r.reservations_accepted,
+            ),
+            (
+                "mesh_relay_reservations_refused_total",
+                "Reservations this node's relay server refused (over its limits or rate).",
+                r.reservations_refused,
+            ),
+            (
+                "mesh_relay_circuits_accepted_total",
+                "Circuits this node's relay server opened.",
+                r.circuits_accepted,
+            ),
+            (
+                "mesh_relay_circuits_refused_total",
+                "Circuits this node's relay server refused (limits, rate, no reservation).",
+                r.circuits_refused,
+            ),
+            (
+                "mesh_relay_circuits_closed_total",
+                "Relayed circuits that ended.",
+                r.circuits_closed,
+            ),
+            (
+                "mesh_relay_circuits_cut_bytes_total",
+                "Relayed circuits cut at the per-circuit byte limit.",
+                r.circuits_cut_bytes,
+            ),
+            (
+                "mesh_relay_circuits_cut_time_total",
+                "Relayed circuits cut at the per-circuit duration limit.",
+                r.circuits_cut_time,
+            ),
+            (
+                "mesh_relay_own_reservations_refused_total",
+                "Reservations on relays this node asked for and did not get.",
+                r.own_reservations_refused,
+            ),
+            (
+                "mesh_holepunch_succeeded_total",
+                "Hole punches (DCUtR) that gave a direct connection.",
+                r.holepunch_succeeded,
+            ),
+            (
+                "mesh_holepunch_failed_total",
+                "Hole punches (DCUtR) that failed.",
+                r.holepunch_failed,
+            ),
+            (
+                "mesh_relayed_moved_to_direct_total",
+                "Relayed connections closed because a direct one to the peer came up.",
+                r.moved_to_direct,
+            ),
+        ];
+        for (name, help, value) in counters {
+            m(name, "counter", help, &one(value.to_string()));
+        }
+        m(
+            "mesh_relayed_session_bytes_total",
+            "counter",
+            "Session bytes this node sent (out) and received (in) over relayed connections.",
+            &[
+                (
+                    "{direction=\"out\"}".to_string(),
+                    r.relayed_bytes_sent.to_string(),
+                ),
+                (
+                    "{direction=\"in\"}".to_string(),
+                    r.relayed_bytes_received.to_string(),
+                ),
+            ],
+        );
+        m(
+            "mesh_relay_circuits_open",
+            "gauge",
+            "Circuits this node's relay server carries now.",
+            &one(r.circuits_open.to_string()),
+        );
+        m(
+            "mesh_relay_own_reservations",
+            "gauge",
+            "Relay reservations this node holds now (its /p2p-circuit addresses).",
+            &one(r.own_reservations.to_string()),
         );
         if let Some(rss) = probe::process_rss_bytes() {
             m(

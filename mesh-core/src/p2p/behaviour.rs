@@ -3,10 +3,11 @@
 use libp2p::identity::Keypair;
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
 use libp2p::request_response::ProtocolSupport;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    connection_limits, gossipsub, identify, kad, noise, ping, request_response, tcp, yamux,
-    StreamProtocol, Swarm, SwarmBuilder,
+    autonat, connection_limits, dcutr, gossipsub, identify, kad, noise, ping, relay,
+    request_response, tcp, upnp, yamux, StreamProtocol, Swarm, SwarmBuilder,
 };
 
 use super::codec::{FrameCodec, SESSION_PROTOCOL};
@@ -25,6 +26,12 @@ pub const IDENTIFY_PROTOCOL: &str = "/mesh/id/1.0.0";
 pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
 /// Largest Kademlia message.
 pub const MAX_KAD_PACKET_BYTES: usize = 16 * 1024;
+/// How long an AutoNAT probe waits for the answer (the prober dials back within
+/// [`DIAL_CONNECT_TIMEOUT`]).
+const AUTONAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// A dial (connect plus handshake) that has not finished in this long fails: a router
+/// that drops packets would otherwise hold it for the OS's SYN retries (about 2 minutes).
+const DIAL_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
@@ -36,9 +43,23 @@ pub(crate) struct Behaviour {
     pub gossipsub: gossipsub::Behaviour,
     pub session: request_response::Behaviour<FrameCodec>,
     pub dialback: request_response::Behaviour<FrameCodec>,
+    /// Dials `/p2p-circuit` addresses and holds reservations on relays.
+    pub relay_client: relay::client::Behaviour,
+    /// The relay server: bootstraps, and public nodes that opt in.
+    pub relay: Toggle<relay::Behaviour>,
+    /// Hole punching over relayed connections.
+    pub dcutr: dcutr::Behaviour,
+    /// Reachability probes (servers and bootstraps; a client is never dialed).
+    pub autonat: Toggle<autonat::Behaviour>,
+    /// Port mapping on the home router (`--upnp`).
+    pub upnp: Toggle<upnp::tokio::Behaviour>,
 }
 
-fn behaviour(key: &Keypair, cfg: &P2pConfig) -> Result<Behaviour, P2pError> {
+fn behaviour(
+    key: &Keypair,
+    cfg: &P2pConfig,
+    relay_client: relay::client::Behaviour,
+) -> Result<Behaviour, P2pError> {
     let peer_id = key.public().to_peer_id();
 
     let limits = connection_limits::ConnectionLimits::default()
@@ -115,6 +136,26 @@ fn behaviour(key: &Keypair, cfg: &P2pConfig) -> Result<Behaviour, P2pError> {
             .with_max_concurrent_streams(8),
     );
 
+    let nat = &cfg.nat;
+    let relay = nat
+        .relay_server
+        .map(|limits| relay::Behaviour::new(peer_id, limits.to_libp2p()));
+    let autonat = (cfg.role != Role::Client).then(|| {
+        autonat::Behaviour::new(
+            peer_id,
+            autonat::Config {
+                boot_delay: nat.autonat_boot_delay,
+                retry_interval: nat.direct_retry,
+                refresh_interval: nat.direct_retry * 30,
+                throttle_server_period: nat.direct_retry,
+                only_global_ips: !nat.autonat_private_ips,
+                timeout: AUTONAT_TIMEOUT,
+                ..Default::default()
+            },
+        )
+    });
+    let upnp = nat.upnp.then(upnp::tokio::Behaviour::default);
+
     Ok(Behaviour {
         limits: connection_limits::Behaviour::new(limits),
         ip_limit: ip_limit::Behaviour::new(
@@ -131,13 +172,17 @@ fn behaviour(key: &Keypair, cfg: &P2pConfig) -> Result<Behaviour, P2pError> {
         gossipsub,
         session,
         dialback,
+        relay_client,
+        relay: relay.into(),
+        dcutr: dcutr::Behaviour::new(peer_id),
+        autonat: autonat.into(),
+        upnp: upnp.into(),
     })
 }
 
 /// Builds the swarm: TCP (noise, yamux) and QUIC, with DNS resolution.
 pub(crate) fn build_swarm(cfg: &P2pConfig) -> Result<Swarm<Behaviour>, P2pError> {
     let keypair = cfg.identity.keypair();
-    let behaviour = behaviour(&keypair, cfg)?;
     let transport = |e: &dyn std::fmt::Display| P2pError::Transport(e.to_string());
     Ok(SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -150,7 +195,13 @@ pub(crate) fn build_swarm(cfg: &P2pConfig) -> Result<Swarm<Behaviour>, P2pError>
         .with_quic()
         .with_dns()
         .map_err(|e| transport(&e))?
-        .with_behaviour(|_| behaviour)
+        // Noise and yamux over each circuit too: a relay forwards ciphertext only.
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| transport(&e))?
+        .with_behaviour(|key, relay_client| {
+            behaviour(key, cfg, relay_client)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
         .map_err(|e| transport(&e))?
         .with_swarm_config(|c| {
             // Send a stream's first request with its protocol proposal instead of waiting a
@@ -159,5 +210,6 @@ pub(crate) fn build_swarm(cfg: &P2pConfig) -> Result<Swarm<Behaviour>, P2pError>
             c.with_idle_connection_timeout(cfg.idle_timeout)
                 .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
         })
+        .with_connection_timeout(DIAL_CONNECT_TIMEOUT)
         .build())
 }

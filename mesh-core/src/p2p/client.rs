@@ -45,7 +45,11 @@ impl Announcement {
 
 /// The channel to answer one inbound session request on ([`Client::respond`]).
 #[derive(Debug)]
-pub struct ResponseChannel(pub(crate) request_response::ResponseChannel<Vec<u8>>);
+pub struct ResponseChannel {
+    pub(crate) inner: request_response::ResponseChannel<Vec<u8>>,
+    /// The request came over a relayed connection (its bytes are counted as relayed).
+    pub(crate) relayed: bool,
+}
 
 /// Counters of what this peer accepted, rejected and dropped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -72,6 +76,8 @@ pub struct P2pStats {
     /// [`crate::p2p::P2pConfig::max_pending_connections_per_ip`] in handshakes already.
     pub pending_ip_limited: u64,
     pub connected_peers: usize,
+    /// Relay server, relay reservations and hole punching.
+    pub relay: super::nat::RelayStats,
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, P2pError>>;
@@ -93,6 +99,7 @@ pub(crate) enum Command {
     Respond(ResponseChannel, Vec<u8>, Reply<()>),
     Stats(oneshot::Sender<P2pStats>),
     CheckReachability(Reply<Vec<Reachability>>),
+    NatReport(oneshot::Sender<super::nat::NatReport>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -262,6 +269,11 @@ impl Client {
     /// no public address is configured.
     pub async fn check_reachability(&self) -> Result<Vec<Reachability>, P2pError> {
         self.call(Command::CheckReachability).await
+    }
+
+    /// Whether peers can dial this node (AutoNAT), its relay addresses, what UPnP did.
+    pub async fn nat_report(&self) -> Result<super::nat::NatReport, P2pError> {
+        self.ask(Command::NatReport).await
     }
 
     /// Counters of accepted, rejected and dropped messages.

@@ -15,6 +15,7 @@
 //! | `session.rs` | the `/mesh/session/1` request-response events |
 //! | `dialback.rs` | asking a peer to dial our public address, and doing it for others |
 //! | `timers.rs` | the tick: rejoining, expiry, re-publishing, discovery, deadlines |
+//! | `nat.rs` | AutoNAT, relay reservations and server counters, DCUtR, UPnP, moving to direct |
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -45,6 +46,7 @@ mod dialback;
 mod gossip;
 mod kademlia;
 mod lookup;
+mod nat;
 mod session;
 mod timers;
 
@@ -133,7 +135,9 @@ pub struct EventLoop {
     relayed: HashSet<ModelId>,
     stats: P2pStats,
     pending_dials: HashMap<ConnectionId, (Reply<()>, Instant)>,
-    pending_requests: HashMap<OutboundRequestId, Reply<Vec<u8>>>,
+    /// Session requests waiting for their answer, with the peer asked and the request's
+    /// size.
+    pending_requests: HashMap<OutboundRequestId, (PeerId, u64, Reply<Vec<u8>>)>,
     lookups: HashMap<u64, Lookup>,
     next_lookup: u64,
     provider_queries: HashMap<QueryId, u64>,
@@ -150,6 +154,8 @@ pub struct EventLoop {
     /// Configured bootstrap peers, re-dialed every announce interval while disconnected.
     bootstrap: Vec<(PeerId, Multiaddr)>,
     next_rejoin: Instant,
+    /// AutoNAT verdict, relay reservations, connections by kind.
+    nat: nat::NatState,
     stopping: Option<oneshot::Sender<()>>,
 }
 
@@ -161,6 +167,18 @@ impl EventLoop {
         cfg: &P2pConfig,
     ) -> Self {
         let (dialback_done_tx, dialback_done_rx) = mpsc::channel(MAX_DIALBACKS_IN_FLIGHT);
+        let bootstrap: Vec<(PeerId, Multiaddr)> = cfg
+            .bootstrap
+            .iter()
+            .filter_map(|a| {
+                let peer = a.iter().find_map(|p| match p {
+                    Protocol::P2p(peer) => Some(peer),
+                    _ => None,
+                })?;
+                Some((peer, a.clone()))
+            })
+            .collect();
+        let nat = nat::NatState::new(&cfg.nat, &bootstrap, Instant::now());
         Self {
             local: *swarm.local_peer_id(),
             keypair: cfg.identity.keypair(),
@@ -196,18 +214,9 @@ impl EventLoop {
             dialback_done_tx,
             dialback_done_rx,
             bootstrapped: false,
-            bootstrap: cfg
-                .bootstrap
-                .iter()
-                .filter_map(|a| {
-                    let peer = a.iter().find_map(|p| match p {
-                        Protocol::P2p(peer) => Some(peer),
-                        _ => None,
-                    })?;
-                    Some((peer, a.clone()))
-                })
-                .collect(),
+            bootstrap,
             next_rejoin: Instant::now() + cfg.announce_interval,
+            nat,
             stopping: None,
         }
     }
@@ -247,8 +256,19 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Session(e)) => self.on_session(e),
             SwarmEvent::Behaviour(BehaviourEvent::Dialback(e)) => self.on_dialback(e),
             SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => self.on_ping(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(e)) => self.on_autonat(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => self.on_relay_server(e),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => self.on_relay_client(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => self.on_dcutr(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Upnp(e)) => self.on_upnp(e),
             SwarmEvent::Behaviour(_) => {}
-            SwarmEvent::NewListenAddr { address, .. } => {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                if self.on_circuit_addr(listener_id, address.clone()) {
+                    return;
+                }
                 tracing::info!(
                     "listening on {}",
                     address.clone().with(Protocol::P2p(self.local))
@@ -271,19 +291,39 @@ impl EventLoop {
                 }) {
                     self.remote_ips.insert(peer_id, ip);
                 }
-                tracing::debug!(%peer_id, %remote, "connected");
+                self.nat_connection(
+                    peer_id,
+                    connection_id,
+                    endpoint.is_relayed(),
+                    endpoint.is_dialer(),
+                );
+                tracing::debug!(%peer_id, %remote, relayed = endpoint.is_relayed(), "connected");
                 if let Some((reply, _)) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Ok(()));
                 }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
-                ..
+                connection_id,
+                num_established,
+                cause,
+                endpoint,
             } => {
-                self.remote_ips.remove(&peer_id);
-                tracing::debug!(%peer_id, "disconnected");
+                tracing::debug!(%peer_id, relayed = endpoint.is_relayed(), "connection closed: {cause:?}");
+                self.nat_connection_closed(peer_id, connection_id);
+                if num_established == 0 {
+                    self.remote_ips.remove(&peer_id);
+                    tracing::debug!(%peer_id, "disconnected");
+                }
             }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => self.on_listener_closed(
+                listener_id,
+                reason.err().map(|e| super::listen::cause_chain(&e)),
+            ),
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
                 peer_id,

@@ -126,8 +126,12 @@ fn decrement(counts: &mut HashMap<IpAddr, u32>, host: IpAddr) {
 }
 
 /// The host a multiaddr dials from: its IPv4 address (also when written IPv4-mapped), or
-/// its IPv6 /64. None for DNS names, relays and the like.
+/// its IPv6 /64. None for DNS names, relays and the like: a relayed connection comes
+/// from the relay's address, and the relay enforces its own per-peer limits.
 fn host_of(addr: &Multiaddr) -> Option<IpAddr> {
+    if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
+        return None;
+    }
     match addr.iter().next()? {
         Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
         Protocol::Ip6(ip) => Some(match ip.to_ipv4_mapped() {

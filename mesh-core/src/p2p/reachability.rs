@@ -221,7 +221,9 @@ pub fn unreachable_warning(addrs: &[Multiaddr]) -> Option<String> {
         .join("\n");
     Some(format!(
         "!!! this node announces only loopback/private addresses: this node will not be \
-         reachable by real clients !!!\n  announced:\n{list}\n  to fix it:\n{}",
+         reachable by real clients !!!\n  announced:\n{list}\n  to fix it:\n{}\n  \
+         (an AutoNAT probe follows: if peers cannot dial in, the node reserves on a relay \
+         and is reachable through it; `mesh-node status` shows which)",
         troubleshooting(&example)
     ))
 }

@@ -30,6 +30,8 @@ pub struct Candidate {
     /// Extra cost from this client's memory of the server's failures, in ms
     /// ([`crate::ledger::Reputation`]).
     pub penalty_ms: f64,
+    /// Reachable only through a relay (every address it announces is `/p2p-circuit`).
+    pub relayed: bool,
 }
 
 impl Candidate {
@@ -43,6 +45,7 @@ impl Candidate {
             price_per_token: info.price_per_token,
             quantization: info.quantization.clone(),
             penalty_ms: 0.0,
+            relayed: only_relayed(&info.addrs),
         }
     }
 
@@ -61,8 +64,14 @@ impl Candidate {
             price_per_token: span.price_per_token,
             quantization: span.quantization.clone(),
             penalty_ms: UNHEARD_PENALTY_MS,
+            relayed: only_relayed(&span.addrs),
         }
     }
+}
+
+/// A server whose every announced address goes through a relay.
+fn only_relayed(addrs: &[libp2p::Multiaddr]) -> bool {
+    !addrs.is_empty() && addrs.iter().all(crate::p2p::nat::is_relayed)
 }
 
 /// What a server known only from its DHT record adds to a hop's cost, in ms, until its
@@ -109,6 +118,11 @@ pub struct RoutePolicy {
     /// Whether servers with quantized weights may serve (so a route may mix them with
     /// full-precision ones); off, only full-precision servers are used.
     pub allow_quantized: bool,
+    /// What a relayed hop adds beyond its round trip, in ms: its measured round trip
+    /// already holds the detour through the relay, this makes a direct server win when
+    /// the two are otherwise equal. Before the first measurement a relayed hop also
+    /// counts `default_rtt_ms` twice (there and through the relay).
+    pub relayed_hop_ms: f64,
 }
 
 impl Default for RoutePolicy {
@@ -122,6 +136,7 @@ impl Default for RoutePolicy {
             default_block_ms: 5.0,
             per_session_ms: 2.0,
             allow_quantized: true,
+            relayed_hop_ms: 5.0,
         }
     }
 }
@@ -202,13 +217,20 @@ impl RoutePolicy {
         // Free spans cost nothing; otherwise a hop at its span's median adds
         // `price_weight_ms` per block, twice the median twice as much.
         let relative_price = c.price_per_token as f64 / p.span_median.max(1) as f64;
-        let rtt = c.rtt.map_or(self.default_rtt_ms, |d| d.as_secs_f64() * 1e3);
+        let unmeasured = if c.relayed {
+            2.0 * self.default_rtt_ms
+        } else {
+            self.default_rtt_ms
+        };
+        let rtt = c.rtt.map_or(unmeasured, |d| d.as_secs_f64() * 1e3);
+        let relay = if c.relayed { self.relayed_hop_ms } else { 0.0 };
         let per_block = if c.throughput_tps > 0.0 {
             1e3 / f64::from(c.throughput_tps)
         } else {
             self.default_block_ms
         };
-        rtt + per_block * f64::from(blocks)
+        rtt + relay
+            + per_block * f64::from(blocks)
             + self.hop_penalty_ms
             + self.per_session_ms * f64::from(c.active_sessions)
             + c.penalty_ms
@@ -286,6 +308,7 @@ pub fn plan_with_local(
             price_per_token: 0,
             // The client runs its blocks from its own (full-precision) weights.
             quantization: String::new(),
+            relayed: false,
             penalty_ms: 0.0,
         })
         .collect();
@@ -415,6 +438,7 @@ mod tests {
             price_per_token: 0,
             quantization: String::new(),
             penalty_ms: 0.0,
+            relayed: false,
         }
     }
 
@@ -631,5 +655,40 @@ mod tests {
         let whole = cand((0, 8));
         let hops = route(&[whole], &all, &none).unwrap();
         assert!(hops.iter().all(|h| !h.local));
+    }
+
+    #[test]
+    fn a_direct_server_wins_over_an_equal_relayed_one_and_rtt_still_counts() {
+        let direct = cand((0, 8));
+        let relayed = Candidate {
+            relayed: true,
+            ..cand((0, 8))
+        };
+        let both = [direct.clone(), relayed.clone()];
+        for session in 0..64 {
+            let route = plan_default(&both, BlockRange::new(0, 8), session).unwrap();
+            assert_eq!(route[0].peer, direct.peer, "equal otherwise: direct wins");
+        }
+        // A relayed server measured much closer than a far direct one still wins.
+        let near_relayed = Candidate {
+            rtt: Some(Duration::from_millis(10)),
+            ..relayed.clone()
+        };
+        let far_direct = Candidate {
+            rtt: Some(Duration::from_millis(200)),
+            ..direct
+        };
+        let route = plan_default(
+            &[far_direct, near_relayed.clone()],
+            BlockRange::new(0, 8),
+            3,
+        );
+        assert_eq!(route.unwrap()[0].peer, near_relayed.peer);
+        // Announced addresses decide what counts as relayed.
+        let circuit: libp2p::Multiaddr = "/ip4/10.0.0.1/tcp/1/p2p-circuit".parse().unwrap();
+        let plain: libp2p::Multiaddr = "/ip4/10.0.0.2/tcp/1".parse().unwrap();
+        assert!(only_relayed(std::slice::from_ref(&circuit)));
+        assert!(!only_relayed(&[circuit, plain]));
+        assert!(!only_relayed(&[]));
     }
 }

@@ -179,8 +179,59 @@ impl Lab {
     /// the threshold.
     pub fn drop_randomly(&self, host: &Host, percent: f64) {
         assert!((0.0..100.0).contains(&percent));
-        let dev = host.hub_if.as_str();
         let threshold = ((1.0 - percent / 100.0) * u32::MAX as f64) as u32;
+        // ld rand; jgt threshold ? ret -1 (the filter's classid, 1:2) : ret 0 (no match).
+        let program = format!("4,32 0 0 4294963256,37 0 1 {threshold},6 0 0 4294967295,6 0 0 0");
+        self.drop_matching(host, &program);
+    }
+
+    /// Makes `host` a machine behind NAT as seen from outside: the hub drops every TCP
+    /// SYN (without ACK) it would hand to `host`, so no connection can be opened *to* it
+    /// while its own outbound connections (whose SYN-ACKs pass) work. What a home router
+    /// does to TCP; the kernel here has no netfilter tools to build a real NAT. Undo with
+    /// [`Lab::clear`].
+    pub fn refuse_inbound_connections(&self, host: &Host) {
+        // Classic BPF on the Ethernet frame: IPv4, TCP, not a fragment, flags & (SYN|ACK)
+        // == SYN: return -1 (the filter's classid, 1:2, a zero-length FIFO), else 0.
+        let program = "12,40 0 0 12,21 0 9 2048,48 0 0 23,21 0 7 6,40 0 0 20,69 5 0 8191,\
+                       177 0 0 14,80 0 0 27,84 0 0 18,21 0 1 2,6 0 0 4294967295,6 0 0 0";
+        self.drop_matching(host, program);
+    }
+
+    /// Cuts the route between `a` and `b` (each gets a blackhole route to the other),
+    /// leaving both reachable by everyone else. Undo with [`Lab::restore_route`].
+    pub fn block_route(&self, a: &Host, b: &Host) {
+        for (from, to) in [(a, b), (b, a)] {
+            ip(&[
+                "-n",
+                &from.ns,
+                "route",
+                "add",
+                "blackhole",
+                &format!("{}/32", to.ip),
+            ]);
+        }
+    }
+
+    /// Undoes [`Lab::block_route`].
+    pub fn restore_route(&self, a: &Host, b: &Host) {
+        for (from, to) in [(a, b), (b, a)] {
+            ip(&[
+                "-n",
+                &from.ns,
+                "route",
+                "del",
+                "blackhole",
+                &format!("{}/32", to.ip),
+            ]);
+        }
+    }
+
+    /// An HTB root on the hub's side of `host`'s link whose default class passes
+    /// everything, a second class whose leaf is a zero-length FIFO (every packet queued
+    /// there is dropped), and the classic-BPF `program` choosing the dropping class.
+    fn drop_matching(&self, host: &Host, program: &str) {
+        let dev = host.hub_if.as_str();
         let tc = |args: &[&str]| {
             let mut all = vec!["-n", self.hub.as_str()];
             all.extend_from_slice(args);
@@ -198,11 +249,9 @@ impl Lab {
         tc(&[
             "qdisc", "add", "dev", dev, "parent", "1:2", "pfifo", "limit", "0",
         ]);
-        // ld rand; jgt threshold ? ret -1 (the filter's classid, 1:2) : ret 0 (no match).
-        let program = format!("4,32 0 0 4294963256,37 0 1 {threshold},6 0 0 4294967295,6 0 0 0");
         tc(&[
             "filter", "add", "dev", dev, "parent", "1:", "protocol", "all", "prio", "1", "bpf",
-            "bytecode", &program, "classid", "1:2",
+            "bytecode", program, "classid", "1:2",
         ]);
     }
 

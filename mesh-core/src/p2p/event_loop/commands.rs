@@ -10,9 +10,9 @@ use libp2p::{Multiaddr, PeerId};
 
 use super::{now_ms, EventLoop, LookupOwner, DIAL_TIMEOUT};
 use crate::p2p::client::{Command, Reply};
-use crate::p2p::dht;
 use crate::p2p::reachability::{self, Scope};
 use crate::p2p::P2pError;
+use crate::p2p::{dht, nat};
 
 impl EventLoop {
     pub(super) fn on_command(&mut self, command: Command) {
@@ -48,15 +48,19 @@ impl EventLoop {
                 let _ = reply.send(self.known.servers(&model, now_ms()));
             }
             Command::Request(peer, data, reply) => {
+                let len = data.len() as u64;
                 let id = self.swarm.behaviour_mut().session.send_request(&peer, data);
-                self.pending_requests.insert(id, reply);
+                self.pending_requests.insert(id, (peer, len, reply));
             }
             Command::Respond(channel, data, reply) => {
+                if channel.relayed {
+                    self.stats.relay.relayed_bytes_sent += data.len() as u64;
+                }
                 let result = self
                     .swarm
                     .behaviour_mut()
                     .session
-                    .send_response(channel.0, data)
+                    .send_response(channel.inner, data)
                     .map_err(|_| P2pError::Respond);
                 let _ = reply.send(result);
             }
@@ -66,6 +70,9 @@ impl EventLoop {
                 let _ = reply.send(stats);
             }
             Command::CheckReachability(reply) => self.check_reachability(reply),
+            Command::NatReport(reply) => {
+                let _ = reply.send(self.nat_report());
+            }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
@@ -80,27 +87,32 @@ impl EventLoop {
             .collect()
     }
 
-    /// Public addresses if any were configured, else concrete listen addresses.
+    /// Public addresses if any were configured or confirmed, else concrete listen
+    /// addresses. A peer reachable only through relays announces its `/p2p-circuit`
+    /// addresses first, then its direct ones (for peers on its LAN, and for a direct dial
+    /// once its router lets connections in).
     pub(super) fn announce_addrs(&self) -> Vec<Multiaddr> {
         let external: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
-        let addrs = if external.is_empty() {
+        let direct = || {
             self.swarm
                 .listeners()
-                .filter(|a| reachability::scope(a) != Scope::Unspecified)
+                .filter(|a| reachability::scope(a) != Scope::Unspecified && !nat::is_relayed(a))
                 .cloned()
-                .collect()
+        };
+        let addrs: Vec<Multiaddr> = if external.is_empty() {
+            direct().collect()
+        } else if external.iter().all(nat::is_relayed) {
+            external.into_iter().chain(direct()).collect()
         } else {
             external
         };
         addrs.into_iter().take(dht::MAX_ADDRS).collect()
     }
 
-    /// Put `peer`'s address (without its `/p2p/` part) in the routing table; returns it.
+    /// Put `peer`'s address (without its trailing `/p2p/` part; a relay's stays) in the
+    /// routing table; returns it.
     pub(super) fn remember_address(&mut self, peer: PeerId, addr: &Multiaddr) -> Multiaddr {
-        let without_p2p: Multiaddr = addr
-            .iter()
-            .filter(|p| !matches!(p, Protocol::P2p(_)))
-            .collect();
+        let without_p2p = nat::without_target(addr);
         self.swarm
             .behaviour_mut()
             .kad
@@ -109,10 +121,8 @@ impl EventLoop {
     }
 
     fn dial(&mut self, addr: Multiaddr, reply: Reply<()>) {
-        let peer = addr.iter().find_map(|p| match p {
-            Protocol::P2p(peer) => Some(peer),
-            _ => None,
-        });
+        // The peer behind a relay, not the relay, for a `/p2p-circuit` address.
+        let peer = nat::target_peer(&addr);
         if let Some(peer) = peer {
             if peer == self.local {
                 let _ = reply.send(Err(P2pError::Dial("cannot dial self".into())));

@@ -8,7 +8,7 @@ use crate::p2p::client::Reply;
 use crate::p2p::reachability::{
     self, DialBackRequest, DialBackResponse, Reachability, MAX_DIALBACK_ADDRS, MAX_DIALBACK_BYTES,
 };
-use crate::p2p::P2pError;
+use crate::p2p::{nat, P2pError};
 use crate::wire;
 
 impl EventLoop {
@@ -16,7 +16,7 @@ impl EventLoop {
         let addrs: Vec<Vec<u8>> = self
             .swarm
             .external_addresses()
-            .filter(|a| reachability::tcp_target(a).is_some())
+            .filter(|a| reachability::tcp_target(a).is_some() && !nat::is_relayed(a))
             .take(MAX_DIALBACK_ADDRS)
             .map(|a| a.to_vec())
             .collect();

@@ -16,6 +16,7 @@ impl EventLoop {
         let identify::Event::Received { peer_id, info, .. } = event else {
             return;
         };
+        self.nat_peer_addrs(peer_id, &info.listen_addrs);
         if !info.protocols.contains(&KAD_PROTOCOL) {
             return;
         }

@@ -47,6 +47,7 @@ impl EventLoop {
         for id in expired {
             self.try_finish_lookup(id, true);
         }
+        self.nat_tick(now);
         time_out(&mut self.pending_dials, now, "dial");
         time_out(&mut self.withdrawals, now, "storing the offline record");
     }
