@@ -21,7 +21,15 @@ fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
 /// counts and widths that leave remainders (rows not a multiple of 4, widths not of 16).
 #[test]
 fn every_isa_matches_the_portable_reference() {
-    for (rows, cols) in [(1, 1), (3, 7), (4, 16), (13, 40), (64, 128), (37, 517)] {
+    for (rows, cols) in [
+        (1, 1),
+        (3, 7),
+        (4, 16),
+        (13, 40),
+        (6, 64),
+        (64, 128),
+        (37, 517),
+    ] {
         let w = random(rows * cols, 1);
         let x = random(cols, 2);
         let f16: Vec<u16> = w

@@ -12,6 +12,14 @@ pub fn dot_rows(isa: Isa, w: Elems<'_>, first: usize, x: &[f32], out: &mut [f32]
     // the caller) and within `x`.
     unsafe {
         match (isa, w) {
+            (Isa::Avx512, Elems::Bf16(w)) if x.len() % 32 == 0 => {
+                let (even, odd) = deinterleave(x);
+                avx512::rows_bf16_pairs::<4>(w, first, &even, &odd, out)
+            }
+            (Isa::Avx2, Elems::Bf16(w)) if x.len() % 16 == 0 => {
+                let (even, odd) = deinterleave(x);
+                avx2::rows_bf16_pairs::<4>(w, first, &even, &odd, out)
+            }
             (Isa::Avx512, Elems::F32(w)) => avx512::rows_f32(w, first, x, out),
             (Isa::Avx512, Elems::F16(w)) => avx512::rows_f16(w, first, x, out),
             (Isa::Avx512, Elems::Bf16(w)) => avx512::rows_bf16(w, first, x, out),
@@ -20,6 +28,57 @@ pub fn dot_rows(isa: Isa, w: Elems<'_>, first: usize, x: &[f32], out: &mut [f32]
             (_, Elems::Bf16(w)) => avx2::rows_bf16(w, first, x, out),
         }
     }
+}
+
+/// `x`'s even and odd elements: the bf16 kernels widen a 32-bit lane's two halves (one
+/// shift, one mask: no shuffles) and multiply them with these.
+fn deinterleave(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    x.chunks_exact(2).map(|p| (p[0], p[1])).unzip()
+}
+
+/// bf16 rows against a deinterleaved input, `N` rows at a time (then one at a time):
+/// each load of `$lanes` lanes holds `2 × $lanes` weights, the even ones in each lane's
+/// low half, the odd ones in its high half.
+macro_rules! bf16_pair_kernel {
+    ($feat:literal, $vec:ty, $ivec:ty, $lanes:expr, $zero:ident, $fmadd:ident, $add:ident,
+     $loadx:ident, $loadi:ident, $shift:ident, $and:ident, $set1:ident, $cast:ident, $sum:ident) => {
+        #[target_feature(enable = $feat)]
+        pub unsafe fn rows_bf16_pairs<const N: usize>(
+            w: &[u16],
+            first: usize,
+            even: &[f32],
+            odd: &[f32],
+            out: &mut [f32],
+        ) {
+            let cols = even.len() * 2;
+            let high = $set1(0xFFFF_0000_u32 as i32);
+            let wp = w.as_ptr();
+            let mut i = 0;
+            while i < out.len() {
+                if out.len() - i < N {
+                    rows_bf16_pairs::<1>(w, first + i, even, odd, &mut out[i..]);
+                    return;
+                }
+                let mut acc_even: [$vec; N] = [$zero(); N];
+                let mut acc_odd: [$vec; N] = [$zero(); N];
+                let mut j = 0;
+                while j < cols {
+                    let xe = $loadx(even.as_ptr().add(j / 2));
+                    let xo = $loadx(odd.as_ptr().add(j / 2));
+                    for k in 0..N {
+                        let v: $ivec = $loadi(wp.add((first + i + k) * cols + j).cast());
+                        acc_even[k] = $fmadd($cast($shift::<16>(v)), xe, acc_even[k]);
+                        acc_odd[k] = $fmadd($cast($and(v, high)), xo, acc_odd[k]);
+                    }
+                    j += 2 * $lanes;
+                }
+                for k in 0..N {
+                    out[i + k] = $sum($add(acc_even[k], acc_odd[k]));
+                }
+                i += N;
+            }
+        }
+    };
 }
 
 /// One ISA's row kernels: `$lanes` f32 lanes per vector, `$load` widening `$lanes`
@@ -100,6 +159,23 @@ mod avx512 {
         _mm512_reduce_add_ps(v)
     }
 
+    bf16_pair_kernel!(
+        "avx512f",
+        __m512,
+        __m512i,
+        16,
+        _mm512_setzero_ps,
+        _mm512_fmadd_ps,
+        _mm512_add_ps,
+        _mm512_loadu_ps,
+        _mm512_loadu_si512,
+        _mm512_slli_epi32,
+        _mm512_and_si512,
+        _mm512_set1_epi32,
+        _mm512_castsi512_ps,
+        sum
+    );
+
     row_kernels!("avx512f", __m512, 16, _mm512_setzero_ps, _mm512_fmadd_ps, load_f32, sum,
         rows_f32: f32 => load_f32, |v: f32| v;
         rows_f16: u16 => load_f16, f16_to_f32;
@@ -138,6 +214,23 @@ mod avx2 {
         let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
         _mm_cvtss_f32(s)
     }
+
+    bf16_pair_kernel!(
+        "avx2,fma,f16c",
+        __m256,
+        __m256i,
+        8,
+        _mm256_setzero_ps,
+        _mm256_fmadd_ps,
+        _mm256_add_ps,
+        _mm256_loadu_ps,
+        _mm256_loadu_si256,
+        _mm256_slli_epi32,
+        _mm256_and_si256,
+        _mm256_set1_epi32,
+        _mm256_castsi256_ps,
+        sum
+    );
 
     row_kernels!("avx2,fma,f16c", __m256, 8, _mm256_setzero_ps, _mm256_fmadd_ps, load_f32, sum,
         rows_f32: f32 => load_f32, |v: f32| v;
