@@ -294,8 +294,12 @@ fn plain(s: &str) -> String {
     out
 }
 
+/// Whether a hop of the printed route (`blocks [a, b) on <peer> (<weights>)`) is `peer`.
 fn uses(run: &Run, peer: &PeerId) -> bool {
-    run.route.iter().any(|l| l.ends_with(&peer.to_string()))
+    let on = format!(" on {peer}");
+    run.route
+        .iter()
+        .any(|l| l.ends_with(&on) || l.contains(&format!("{on} (")))
 }
 
 /// The scenario: the middle of three providers sits behind NAT. AutoNAT finds
