@@ -12,11 +12,11 @@ pub fn dot_rows(isa: Isa, w: Elems<'_>, first: usize, x: &[f32], out: &mut [f32]
     // the caller) and within `x`.
     unsafe {
         match (isa, w) {
-            (Isa::Avx512, Elems::Bf16(w)) if x.len() % 32 == 0 => {
+            (Isa::Avx512, Elems::Bf16(w)) if x.len().is_multiple_of(32) => {
                 let (even, odd) = deinterleave(x);
                 avx512::rows_bf16_pairs::<4>(w, first, &even, &odd, out)
             }
-            (Isa::Avx2, Elems::Bf16(w)) if x.len() % 16 == 0 => {
+            (Isa::Avx2, Elems::Bf16(w)) if x.len().is_multiple_of(16) => {
                 let (even, odd) = deinterleave(x);
                 avx2::rows_bf16_pairs::<4>(w, first, &even, &odd, out)
             }
