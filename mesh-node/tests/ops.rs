@@ -556,9 +556,13 @@ async fn a_daemons_log_rotates_by_size_and_keeps_log_keep_files() {
     for path in [&log, &rotated(1), &rotated(2)] {
         let text = std::fs::read_to_string(path).unwrap();
         // Rotation happens between log lines; a line printed outside the log writer may
-        // land after it, so allow one more line's worth.
+        // land after it, so allow one more line's worth. The start-up lines stay in one
+        // file until the node serves (docs/operations.md: `start --daemon` reads them
+        // back), so the file that holds them ("serving from", the device line) may be
+        // longer: how much depends on what start-up logs at debug level.
+        let holds_start_up = text.contains("serving from");
         assert!(
-            text.len() <= 4096 + 1024,
+            holds_start_up || text.len() <= 4096 + 1024,
             "{}: {} bytes",
             path.display(),
             text.len()
