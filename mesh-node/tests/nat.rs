@@ -22,6 +22,7 @@ use mesh_core::identity::Identity;
 use mesh_core::model::tiny;
 use mesh_core::p2p::{Multiaddr, PeerId, Reach};
 use mesh_core::BlockRange;
+use netlab::client::{self, plain, Client, Run};
 use netlab::{Host, Lab};
 
 const PROMPT: &str = "Relays carry ciphertext. ";
@@ -79,26 +80,6 @@ impl Node {
             );
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-    }
-}
-
-/// What one `mesh-client generate` printed.
-struct Run {
-    text: String,
-    stats: String,
-    route: Vec<String>,
-    log: String,
-}
-
-impl Run {
-    /// A figure of the stats line, e.g. `stat("median")` (per-token median, ms).
-    fn stat(&self, name: &str) -> f64 {
-        self.stats
-            .split(&format!("{name} "))
-            .nth(1)
-            .and_then(|after| after.split(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {:?}", self.stats))
     }
 }
 
@@ -185,41 +166,22 @@ impl Mesh {
         }
     }
 
-    fn client_args(&self, subcommand: &str, ledger: &str) -> Vec<String> {
-        vec![
-            subcommand.into(),
-            "--bootstrap".into(),
-            self.boot_addr.to_string(),
-            "--model".into(),
-            MODEL.into(),
-            "--model-dir".into(),
-            self.dir.path().join("model").display().to_string(),
-            "--ledger-dir".into(),
-            self.dir.path().join(ledger).display().to_string(),
-        ]
+    /// The client's view of the mesh (arguments, generations) in its namespace.
+    fn client_side(&self) -> Client<'_> {
+        Client {
+            boot_addr: &self.boot_addr,
+            dir: self.dir.path(),
+            ns: &self.client.ns,
+        }
     }
 
     fn spawn_generate(&self, label: &str, max_tokens: usize) -> Proc {
-        let mut args = self.client_args("generate", &format!("client-{label}"));
-        args.extend([
-            "--max-tokens".into(),
-            max_tokens.to_string(),
-            "--seed".into(),
-            SEED.into(),
-            "--prompt".into(),
-            PROMPT.into(),
-        ]);
-        Proc::spawn_in_netns(
-            &self.client.ns,
-            label,
-            "mesh-client",
-            &args,
-            self.dir.path(),
-        )
+        self.client_side()
+            .spawn_generate(label, max_tokens, SEED, PROMPT)
     }
 
     async fn generate(&self, label: &str, max_tokens: usize) -> Run {
-        finish(self.spawn_generate(label, max_tokens)).await
+        finish(self.spawn_generate(label, max_tokens), Instant::now()).await
     }
 
     /// Waits until a fresh client in the client's namespace lists every node.
@@ -230,7 +192,7 @@ impl Mesh {
             let out = Command::new("ip")
                 .args(["netns", "exec", &self.client.ns])
                 .arg(binary("mesh-client"))
-                .args(self.client_args("nodes", "client-nodes"))
+                .args(self.client_side().args("nodes", "client-nodes"))
                 .env("MESH_HOME", self.dir.path())
                 .output()
                 .expect("mesh-client nodes");
@@ -245,53 +207,8 @@ impl Mesh {
 }
 
 /// Waits for a `mesh-client generate` to succeed and splits what it printed.
-async fn finish(mut proc: Proc) -> Run {
-    let status = wait_for(RUN_LIMIT, &format!("{} to finish", proc.name), || {
-        let status = proc.exited();
-        async move { status }
-    })
-    .await;
-    assert!(
-        status.success(),
-        "{} exited with {status}:\n{}",
-        proc.name,
-        proc.stderr()
-    );
-    let stats = wait_for(Duration::from_secs(5), "the stats line", || {
-        let line = proc
-            .lines()
-            .into_iter()
-            .find(|l| l.contains(" tokens; prefill "));
-        async move { line }
-    })
-    .await;
-    let all = proc.lines().join("\n");
-    let (text, route) = all.split_once("\n\nroute:\n").expect("a route");
-    assert!(text.starts_with(PROMPT), "{all}");
-    Run {
-        text: text.to_owned(),
-        stats,
-        route: route
-            .lines()
-            .filter(|l| l.trim_start().starts_with("blocks "))
-            .map(str::to_owned)
-            .collect(),
-        log: proc.stderr(),
-    }
-}
-
-/// `s` without terminal colour codes (`ESC [ ... m`).
-fn plain(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            chars.by_ref().find(|c| *c == 'm');
-        } else {
-            out.push(c);
-        }
-    }
-    out
+async fn finish(proc: Proc, started: Instant) -> Run {
+    client::finish(proc, started, PROMPT, RUN_LIMIT).await
 }
 
 /// Whether a hop of the printed route (`blocks [a, b) on <peer> (<weights>)`) is `peer`.
@@ -380,6 +297,7 @@ async fn a_provider_behind_nat_serves_through_a_relay_and_moves_to_direct_once_r
     // ms on the client's link keep the run going well past the client's next direct dial
     // of node1 (every 5 s).
     mesh.lab.delay(&mesh.client.clone(), CLIENT_ONE_WAY);
+    let moving_since = Instant::now();
     let moving = mesh.spawn_generate("moving", LONG);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
@@ -388,7 +306,7 @@ async fn a_provider_behind_nat_serves_through_a_relay_and_moves_to_direct_once_r
     );
     mesh.lab.restore_route(&natted.host, &mesh.client);
     mesh.lab.clear(&natted.host);
-    let moving = finish(moving).await;
+    let moving = finish(moving, moving_since).await;
     mesh.lab.clear(&mesh.client.clone());
     let moved = moving
         .log

@@ -17,6 +17,7 @@ use mesh_core::http::Health;
 use mesh_core::model::tiny;
 use mesh_core::p2p::{Multiaddr, PeerId};
 use mesh_core::BlockRange;
+use netlab::client::{self, plain, Client, Run};
 use netlab::{Host, Lab};
 
 const PROMPT: &str = "Partitions happen. ";
@@ -62,36 +63,6 @@ struct Mesh {
     client: Host,
     dir: tempfile::TempDir,
     lab: Lab,
-}
-
-/// What one `mesh-client generate` printed, and how long it ran.
-struct Run {
-    text: String,
-    /// `N tokens; prefill .. ms, per-token median .. ms, max .. ms; cost ..`
-    stats: String,
-    wall: Duration,
-    /// Its stderr (log lines).
-    log: String,
-}
-
-impl Run {
-    /// A figure from the stats line, e.g. `stat("median")` for the per-token median in ms.
-    fn stat(&self, name: &str) -> f64 {
-        let after = self
-            .stats
-            .split(&format!("{name} "))
-            .nth(1)
-            .unwrap_or_else(|| panic!("no {name} in {:?}", self.stats));
-        after
-            .split(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("bad {name} in {:?}", self.stats))
-    }
-
-    fn summary(&self) -> String {
-        format!("{:.2} s wall; {}", self.wall.as_secs_f64(), self.stats)
-    }
 }
 
 /// Points the `--listen` argument at `/ip4/IP/tcp/PORT`: the namespace's own address.
@@ -172,39 +143,19 @@ impl Mesh {
         all
     }
 
-    /// `mesh-client SUBCOMMAND --bootstrap .. --model-dir .. --ledger-dir ..` arguments.
-    fn client_args(&self, subcommand: &str, ledger: &str) -> Vec<String> {
-        vec![
-            subcommand.into(),
-            "--bootstrap".into(),
-            self.boot_addr.to_string(),
-            "--model".into(),
-            MODEL.into(),
-            "--model-dir".into(),
-            self.dir.path().join("model").display().to_string(),
-            "--ledger-dir".into(),
-            self.dir.path().join(ledger).display().to_string(),
-        ]
+    /// The client's view of the mesh (arguments, generations) in its namespace.
+    fn client_side(&self) -> Client<'_> {
+        Client {
+            boot_addr: &self.boot_addr,
+            dir: self.dir.path(),
+            ns: &self.client.ns,
+        }
     }
 
     /// Starts `mesh-client generate` in the client's namespace.
     fn spawn_generate(&self, label: &str, max_tokens: usize) -> Proc {
-        let mut args = self.client_args("generate", &format!("client-{label}"));
-        args.extend([
-            "--max-tokens".into(),
-            max_tokens.to_string(),
-            "--seed".into(),
-            SEED.into(),
-            "--prompt".into(),
-            PROMPT.into(),
-        ]);
-        Proc::spawn_in_netns(
-            &self.client.ns,
-            label,
-            "mesh-client",
-            &args,
-            self.dir.path(),
-        )
+        self.client_side()
+            .spawn_generate(label, max_tokens, SEED, PROMPT)
     }
 
     async fn generate(&self, label: &str, max_tokens: usize) -> Run {
@@ -218,7 +169,7 @@ impl Mesh {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.client.ns])
             .arg(binary("mesh-client"))
-            .args(self.client_args("nodes", "client-nodes"))
+            .args(self.client_side().args("nodes", "client-nodes"))
             .env("MESH_HOME", self.dir.path())
             .output()
             .expect("mesh-client nodes");
@@ -265,44 +216,8 @@ impl Node {
 }
 
 /// Waits for a `mesh-client generate` to exit successfully and splits what it printed.
-async fn finish(mut proc: Proc, started: Instant) -> Run {
-    let status = wait_for(RUN_LIMIT, &format!("{} to finish", proc.name), || {
-        let status = proc.exited();
-        async move { status }
-    })
-    .await;
-    let wall = started.elapsed();
-    assert!(
-        status.success(),
-        "{} exited with {status}:\n{}",
-        proc.name,
-        proc.stderr()
-    );
-    if std::env::var("MESH_NETNS_VERBOSE").is_ok() {
-        eprintln!("---- {} stderr ----\n{}", proc.name, proc.stderr());
-    }
-    // The reader thread may still be draining the pipe.
-    let stats = wait_for(Duration::from_secs(5), "the stats line", || {
-        let line = proc
-            .lines()
-            .into_iter()
-            .find(|l| l.contains(" tokens; prefill "));
-        async move { line }
-    })
-    .await;
-    let all = proc.lines().join("\n");
-    let text = all
-        .split("\n\nroute:\n")
-        .next()
-        .expect("generated text")
-        .to_owned();
-    assert!(text.starts_with(PROMPT), "{all}");
-    Run {
-        text,
-        stats,
-        wall,
-        log: proc.stderr(),
-    }
+async fn finish(proc: Proc, started: Instant) -> Run {
+    client::finish(proc, started, PROMPT, RUN_LIMIT).await
 }
 
 /// Seconds since midnight UTC now: log lines carry UTC times of day.
@@ -324,20 +239,6 @@ fn log_seconds_of_day(line: &str) -> Option<f64> {
 /// Seconds from one time of day to a later one, across midnight if need be.
 fn since(earlier: f64, later: f64) -> f64 {
     (later - earlier).rem_euclid(86_400.0)
-}
-
-/// `s` without terminal colour codes (`ESC [ ... m`).
-fn plain(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            chars.by_ref().find(|c| *c == 'm');
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Index of the last stdout line of `node` that starts with `prefix`.

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod client;
 mod delay;
 
 use std::net::Ipv4Addr;
