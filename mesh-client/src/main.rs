@@ -495,7 +495,8 @@ async fn stream(client: &MeshClient, sampling: &Sampling) -> anyhow::Result<()> 
 }
 
 /// Each hop of a route: the blocks, who runs them, and how that server's weights are
-/// stored (from the heartbeats in `nodes`).
+/// stored when a heartbeat in `nodes` said so (a client routing from DHT records may print
+/// its route before the first heartbeat).
 fn print_route(route: &[mesh_core::pipeline::Hop], nodes: &[mesh_core::ServerInfo]) {
     for hop in route {
         if hop.local {
@@ -507,8 +508,10 @@ fn print_route(route: &[mesh_core::pipeline::Hop], nodes: &[mesh_core::ServerInf
             let weights = nodes
                 .iter()
                 .find(|n| n.peer_id == hop.peer)
-                .map_or("weights not heard yet", |n| weights_label(&n.quantization));
-            println!("  blocks {} on {} ({weights})", hop.span, hop.peer);
+                .map_or(String::new(), |n| {
+                    format!(" ({})", weights_label(&n.quantization))
+                });
+            println!("  blocks {} on {}{weights}", hop.span, hop.peer);
         }
     }
 }
