@@ -4,7 +4,7 @@
 //! K-quant files written here with candle's GGUF writer cover Q4_K, Q5_K and Q6_K.
 
 mod common;
-use common::relative_error;
+use common::{larger_model, relative_error};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +13,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use mesh_core::model::{
-    tiny, ChatMessage, ClientHead, LlamaConfig, ModelFiles, Quantization, SpanModel, WeightFormat,
+    tiny, ChatMessage, ClientHead, ModelFiles, Quantization, SpanModel, WeightFormat,
 };
 use mesh_core::BlockRange;
 
@@ -152,22 +152,6 @@ fn the_chat_template_comes_from_the_gguf() {
     assert!(g.chat_template().unwrap().is_none());
 }
 
-/// A random-weight model wide enough for K-quants, written as safetensors.
-fn larger_model(dir: &Path) -> ModelFiles {
-    let cfg = LlamaConfig::from_json(
-        &serde_json::json!({
-            "vocab_size": 259, "hidden_size": 256, "intermediate_size": 768,
-            "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2,
-            "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "bos_token_id": 1,
-            "eos_token_id": 2
-        })
-        .to_string(),
-    )
-    .unwrap();
-    tiny::write_random(dir, &cfg).unwrap();
-    ModelFiles::open(dir).unwrap()
-}
-
 /// llama.cpp's q/k permutation (`LlamaModel.permute`) of a `[heads * d, in]` matrix.
 fn permute(t: &Tensor, heads: usize) -> Tensor {
     let rows = t.dim(0).unwrap();
@@ -247,7 +231,7 @@ fn write_gguf(files: &ModelFiles, proj: GgmlDType, path: &Path) {
 #[test]
 fn k_quant_ggufs_load_and_q4k_equals_on_load_q4k() {
     let dir = tempfile::tempdir().unwrap();
-    let st = larger_model(&dir.path().join("st"));
+    let st = ModelFiles::open(&larger_model(&dir.path().join("st"))).unwrap();
     let (want, want_logits, _) = run(&st, &st, None, 16);
     let (q4_tokens, q4_logits, _) = run(&st, &st, Some(Quantization::Q4K), 16);
     for (dtype, name) in [

@@ -3,12 +3,12 @@
 //! a span takes in each format. Figures are printed (`--nocapture`) for docs/performance.md.
 
 mod common;
-use common::relative_error;
+use common::{larger_model, relative_error};
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use mesh_core::model::{tiny, ClientHead, LlamaConfig, ModelFiles, Quantization, SpanModel};
+use mesh_core::model::{ClientHead, ModelFiles, Quantization, SpanModel};
 use mesh_core::BlockRange;
 
 const PROMPT: &[u32] = &[1, 17, 42, 99, 3, 250, 128, 64, 7, 200, 31, 5];
@@ -18,23 +18,6 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
-}
-
-/// A random-weight model larger than the fixtures, wide enough (hidden 256,
-/// intermediate 768) that q4k applies to every matrix instead of falling back to q8_0.
-fn larger_model(dir: &Path) -> PathBuf {
-    let cfg = LlamaConfig::from_json(
-        &serde_json::json!({
-            "vocab_size": 259, "hidden_size": 256, "intermediate_size": 768,
-            "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2,
-            "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "bos_token_id": 1,
-            "eos_token_id": 2
-        })
-        .to_string(),
-    )
-    .unwrap();
-    tiny::write_random(dir, &cfg).unwrap();
-    dir.to_path_buf()
 }
 
 fn argmax(v: &[f32]) -> u32 {
