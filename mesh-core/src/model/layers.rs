@@ -23,13 +23,17 @@ pub(crate) use cpu_step::Rotation;
 #[derive(Clone, Debug)]
 pub(crate) struct RmsNorm {
     weight: Tensor,
+    /// The scale in f32 for the CPU decode step, read once here instead of every token.
+    weight_f32: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
     pub fn load(w: &Weights, name: &str, size: usize, eps: f64) -> Result<Self, ModelError> {
+        let weight = w.get(name, &[size])?;
         Ok(Self {
-            weight: w.get(name, &[size])?,
+            weight_f32: weight.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            weight,
             eps: eps as f32,
         })
     }

@@ -66,7 +66,7 @@ impl Block {
         let _enter = self.span.enter();
         let attn = &self.attn;
         let (nh, nkv, hd) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
-        let normed = self.input_layernorm.apply_f32(x)?;
+        let normed = self.input_layernorm.apply_f32(x);
         let [mut q, mut k, v]: [Vec<f32>; 3] = attn
             .qkv
             .forward_f32(&normed)?
@@ -82,7 +82,7 @@ impl Block {
         let heads = attend(&q, cache, nh, nkv, hd, pos + 1)?;
         add(x, &project(&attn.o_proj, &heads)?);
 
-        let normed = self.post_attention_layernorm.apply_f32(x)?;
+        let normed = self.post_attention_layernorm.apply_f32(x);
         let [gate, up]: [Vec<f32>; 2] = self
             .mlp
             .gate_up
@@ -107,11 +107,13 @@ fn add(x: &mut [f32], delta: &[f32]) {
 
 impl RmsNorm {
     /// `x / rms(x) · weight`, in f32 as HF computes it.
-    fn apply_f32(&self, x: &[f32]) -> Result<Vec<f32>, ModelError> {
-        let weight = self.weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    fn apply_f32(&self, x: &[f32]) -> Vec<f32> {
         let mean_square = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
         let scale = 1.0 / (mean_square + self.eps).sqrt();
-        Ok(x.iter().zip(weight).map(|(v, w)| v * scale * w).collect())
+        x.iter()
+            .zip(&self.weight_f32)
+            .map(|(v, w)| v * scale * w)
+            .collect()
     }
 }
 
