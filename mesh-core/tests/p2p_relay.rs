@@ -1,9 +1,10 @@
 //! Circuit relay v2 between real swarms in one process on 127.0.0.1: a server reserves
 //! on a bootstrap's relay and answers sessions over a circuit, and the relay holds its
 //! limits (reservations, bytes per circuit), refusing and counting what is beyond them
-//! while it keeps serving the rest; a relayed session moves to a direct connection; and
-//! `--upnp` without a router says so. (Network namespaces, where the client has no route
-//! to the server at all, are in `mesh-node/tests/nat.rs`.)
+//! while it keeps serving the rest; a relayed session moves to a direct connection;
+//! `--upnp` without a router says so; and public peers probing each other with AutoNAT
+//! stay public without piling up dial-back connections. (Network namespaces, where the
+//! client has no route to the server at all, are in `mesh-node/tests/nat.rs`.)
 
 use std::time::{Duration, Instant};
 
@@ -287,4 +288,74 @@ async fn upnp_without_a_router_says_so() {
     assert_eq!(report.upnp, p2p::UpnpState::NoGateway, "{report:?}");
     assert!(report.summary().contains("UPnP: no router answered"));
     peer.client.shutdown().await.unwrap();
+}
+
+/// A peer with AutoNAT probes every 50 ms until sure (a production peer waits 5 s), on
+/// loopback (private addresses allowed), knowing `bootstrap`.
+async fn probing_peer(role: Role, bootstrap: &[Multiaddr]) -> p2p::Peer {
+    let mut cfg = P2pConfig::new(Identity::generate(), role);
+    let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", free_port())
+        .parse()
+        .unwrap();
+    cfg.listen = vec![addr.clone()];
+    cfg.public_addrs = vec![addr];
+    cfg.bootstrap = bootstrap.to_vec();
+    cfg.nat.autonat_private_ips = true;
+    cfg.nat.autonat_boot_delay = Duration::from_millis(50);
+    cfg.nat.direct_retry = Duration::from_millis(50);
+    p2p::spawn(cfg).await.unwrap()
+}
+
+/// Regression (CI, `nat.rs`: a provider never became public again): every AutoNAT
+/// dial-back opened a connection that stayed open (gossipsub keeps a mesh peer's
+/// connections alive) until the per-peer connection limit denied the next dial-back, and
+/// public peers were then told they were behind NAT. Public peers that keep probing each
+/// other stay public and hold about one connection per peer.
+#[tokio::test]
+async fn public_peers_probing_each_other_stay_public_with_one_connection_each() {
+    let boot = probing_peer(Role::Bootstrap, &[]).await;
+    let mut peers = vec![boot];
+    for _ in 0..2 {
+        let p = probing_peer(Role::Server, &peers[0].listen_addrs).await;
+        peers.push(p);
+    }
+    for p in &peers {
+        wait_nat(&p.client, "AutoNAT to say public", |r| {
+            r.reach == Reach::Public
+        })
+        .await;
+    }
+    // Probes go on (every 1.5-3 s once sure, 50 ms while a verdict is doubted): more
+    // dial-backs than the per-peer limit of 4 connections over the window.
+    let until = Instant::now() + Duration::from_secs(12);
+    let mut most = 0;
+    while Instant::now() < until {
+        for (i, p) in peers.iter().enumerate() {
+            let r = p.client.nat_report().await.unwrap();
+            assert_eq!(
+                r.reach,
+                Reach::Public,
+                "peer {i} lost its public verdict: {r:?}"
+            );
+            let s = p.client.stats().await.unwrap();
+            most = most.max(s.connections.saturating_sub(s.connected_peers));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (i, p) in peers.iter().enumerate() {
+        let s = p.client.stats().await.unwrap();
+        println!(
+            "peer {i}: {} connections to {} peers (most extra seen: {most})",
+            s.connections, s.connected_peers
+        );
+        assert!(
+            s.connections <= s.connected_peers + 1,
+            "peer {i}: dial-back connections pile up: {} connections to {} peers",
+            s.connections,
+            s.connected_peers
+        );
+    }
+    for p in peers {
+        p.client.shutdown().await.unwrap();
+    }
 }

@@ -52,6 +52,12 @@ impl HttpState {
             &one(p2p.connected_peers.to_string()),
         );
         m(
+            "mesh_connections_open",
+            "gauge",
+            "Established connections (about one per peer).",
+            &one(p2p.connections.to_string()),
+        );
+        m(
             "mesh_heartbeats_published_total",
             "counter",
             "Heartbeats this node has published.",

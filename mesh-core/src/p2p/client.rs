@@ -76,6 +76,9 @@ pub struct P2pStats {
     /// [`crate::p2p::P2pConfig::max_pending_connections_per_ip`] in handshakes already.
     pub pending_ip_limited: u64,
     pub connected_peers: usize,
+    /// Established connections: about one per peer; more while a relayed one gives way
+    /// to a direct one, or both sides dialed at once.
+    pub connections: usize,
     /// Relay server, relay reservations and hole punching.
     pub relay: super::nat::RelayStats,
 }

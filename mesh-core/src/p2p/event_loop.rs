@@ -291,12 +291,11 @@ impl EventLoop {
                 }) {
                     self.remote_ips.insert(peer_id, ip);
                 }
-                self.nat_connection(
-                    peer_id,
-                    connection_id,
-                    endpoint.is_relayed(),
-                    endpoint.is_dialer(),
-                );
+                let dialed = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => Some(address),
+                    ConnectedPoint::Listener { .. } => None,
+                };
+                self.nat_connection(peer_id, connection_id, endpoint.is_relayed(), dialed);
                 tracing::debug!(%peer_id, %remote, relayed = endpoint.is_relayed(), "connected");
                 if let Some((reply, _)) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Ok(()));

@@ -66,8 +66,12 @@ impl Proc {
     fn spawn_command(name: &str, bin: &str, mut cmd: Command, dir: &Path) -> Proc {
         let stderr_path = dir.join(format!("{name}.stderr"));
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        // MESH_TEST_LOG: the processes' log filter, e.g. `info,libp2p_autonat=debug`.
         let mut child = cmd
-            .env("RUST_LOG", "info,libp2p=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("MESH_TEST_LOG").unwrap_or_else(|_| "info,libp2p=warn".into()),
+            )
             .env("MESH_HOME", dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

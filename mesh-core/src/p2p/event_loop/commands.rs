@@ -67,6 +67,11 @@ impl EventLoop {
             Command::Stats(reply) => {
                 let mut stats = self.stats;
                 stats.connected_peers = self.swarm.connected_peers().count();
+                stats.connections = self
+                    .swarm
+                    .network_info()
+                    .connection_counters()
+                    .num_established() as usize;
                 let _ = reply.send(stats);
             }
             Command::CheckReachability(reply) => self.check_reachability(reply),

@@ -42,6 +42,13 @@ pub(super) struct NatState {
     /// Each peer's connections, and whether each goes through a relay (`true`) and was
     /// dialed by this peer (second field).
     conns: HashMap<PeerId, HashMap<ConnectionId, (bool, bool)>>,
+    /// Connections this peer dialed only to answer a peer's AutoNAT probe. They are
+    /// closed once answered: kept, they pile up (gossipsub keeps every connection to a
+    /// mesh peer alive) until the per-peer connection limit denies the next dial-back,
+    /// and a public peer is then told it is behind NAT.
+    dialbacks: HashSet<(PeerId, ConnectionId)>,
+    /// The address each connection this peer dialed went to, to find a dial-back's.
+    dialed_addrs: HashMap<ConnectionId, Multiaddr>,
     /// Non-relayed addresses peers told us of (identify), to dial them directly again.
     direct_addrs: HashMap<PeerId, Vec<Multiaddr>>,
 }
@@ -78,6 +85,8 @@ impl NatState {
                 UpnpState::Off
             },
             conns: HashMap::new(),
+            dialbacks: HashSet::new(),
+            dialed_addrs: HashMap::new(),
             direct_addrs: HashMap::new(),
         }
     }
@@ -150,6 +159,24 @@ impl EventLoop {
                 self.nat.next_reserve = Instant::now();
             }
             autonat::Event::OutboundProbe(e) => tracing::debug!("AutoNAT probe: {e:?}"),
+            autonat::Event::InboundProbe(autonat::InboundProbeEvent::Response {
+                peer,
+                address,
+                ..
+            }) => {
+                // The newest connection dialed to that address is the dial-back.
+                let dialback = self.nat.conns.get(&peer).and_then(|c| {
+                    c.iter()
+                        .filter(|(id, (relayed, dialer))| {
+                            *dialer && !relayed && self.nat.dialed_addrs.get(id) == Some(&address)
+                        })
+                        .map(|(id, _)| *id)
+                        .max()
+                });
+                if let Some(id) = dialback {
+                    self.nat.dialbacks.insert((peer, id));
+                }
+            }
             autonat::Event::InboundProbe(e) => tracing::debug!("AutoNAT probe for a peer: {e:?}"),
         }
     }
@@ -316,22 +343,28 @@ impl EventLoop {
         }
     }
 
-    /// Remembers a connection and whether it is relayed.
+    /// Remembers a connection, whether it is relayed, and the address it was dialed at
+    /// (`None`: the peer dialed us).
     pub(super) fn nat_connection(
         &mut self,
         peer: PeerId,
         id: ConnectionId,
         relayed: bool,
-        dialer: bool,
+        dialed: Option<&Multiaddr>,
     ) {
         self.nat
             .conns
             .entry(peer)
             .or_default()
-            .insert(id, (relayed, dialer));
+            .insert(id, (relayed, dialed.is_some()));
+        if let Some(addr) = dialed {
+            self.nat.dialed_addrs.insert(id, addr.clone());
+        }
     }
 
     pub(super) fn nat_connection_closed(&mut self, peer: PeerId, id: ConnectionId) {
+        self.nat.dialed_addrs.remove(&id);
+        self.nat.dialbacks.remove(&(peer, id));
         if let Some(c) = self.nat.conns.get_mut(&peer) {
             c.remove(&id);
             if c.is_empty() {
@@ -384,6 +417,7 @@ impl EventLoop {
             self.dial_relayed_peers_directly();
         }
         self.close_superseded_relayed();
+        self.close_answered_dialbacks();
     }
 
     fn reserve_or_release(&mut self) {
@@ -472,6 +506,34 @@ impl EventLoop {
             }
             if let Some(c) = self.nat.conns.get_mut(&peer) {
                 c.remove(&id);
+            }
+        }
+    }
+}
+
+impl EventLoop {
+    /// Closes the connections dialed to answer AutoNAT probes, each once its peer has
+    /// another connection and no request of ours waits on that peer (request-response
+    /// may have put one on it). A dial-back that became a peer's only connection stays.
+    fn close_answered_dialbacks(&mut self) {
+        if self.nat.dialbacks.is_empty() {
+            return;
+        }
+        let busy: HashSet<PeerId> = self.pending_requests.values().map(|(p, _, _)| *p).collect();
+        let answered: Vec<(PeerId, ConnectionId)> = self.nat.dialbacks.iter().copied().collect();
+        for (peer, id) in answered {
+            let others = self
+                .nat
+                .conns
+                .get(&peer)
+                .map_or(0, |c| c.len().saturating_sub(1));
+            if others == 0 {
+                self.nat.dialbacks.remove(&(peer, id));
+            } else if !busy.contains(&peer) {
+                self.nat.dialbacks.remove(&(peer, id));
+                if self.swarm.close_connection(id) {
+                    tracing::debug!(%peer, "AutoNAT dial-back answered: connection closed");
+                }
             }
         }
     }
