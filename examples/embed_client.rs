@@ -3,7 +3,7 @@
 //! Two machines (or two terminals):
 //! ```text
 //! machine A$ mesh-bootstrap                       # prints /ip4/.../tcp/31337/p2p/12D3...
-//! machine A$ mesh-node start --bootstrap <addr> --blocks 0..4
+//! machine A$ mesh-node start --bootstrap <addr> --blocks 0..3
 //! machine B$ mesh-node start --bootstrap <addr>   # takes the blocks nobody serves
 //! anywhere$  cargo run --release --example embed_client -- <addr>
 //! ```
@@ -18,7 +18,7 @@ async fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("usage: embed_client <bootstrap multiaddr>"))?;
     let client = MeshClient::builder()
         .bootstrap([bootstrap.parse()?])
-        .model("tiny-llama-mesh")
+        .model("mesh-demo")
         .build()
         .await?;
     let mut tokens = client

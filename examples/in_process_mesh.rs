@@ -6,13 +6,16 @@
 use futures::StreamExt;
 use mesh_client::{MeshClient, SamplingParams};
 use mesh_core::local_mesh::LocalMesh;
-use mesh_core::model::tiny;
+use mesh_core::model::builtin;
 use mesh_core::BlockRange;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let dir = tiny::ensure(&tiny::default_dir())?;
-    let mesh = LocalMesh::start(&dir, &BlockRange::even_split(8, 3)).await?;
+    let dir = builtin::DEFAULT.ensure()?;
+    let blocks = mesh_core::model::ModelFiles::open(&dir)?
+        .config
+        .num_blocks();
+    let mesh = LocalMesh::start(&dir, &BlockRange::even_split(blocks, 3)).await?;
     let client = MeshClient::builder()
         .bootstrap([mesh.bootstrap_addr().clone()])
         .model_dir(&dir)

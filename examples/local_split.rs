@@ -2,10 +2,10 @@
 //!
 //! `cargo run --release --example local_split`
 
-use mesh_core::model::{tiny, LocalModel, SamplingParams};
+use mesh_core::model::{builtin, LocalModel, SamplingParams};
 
 fn main() -> anyhow::Result<()> {
-    let dir = tiny::ensure(&tiny::default_dir())?;
+    let dir = builtin::DEFAULT.ensure()?;
     let model = LocalModel::load_split(&dir, 3, &candle_core::Device::Cpu)?;
     let out = model.generate("Hello, mesh", &SamplingParams::greedy(24), |text| {
         print!("{text}")

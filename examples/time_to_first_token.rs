@@ -7,8 +7,8 @@
 //! ./target/release/examples/time_to_first_token <bootstrap>  # an existing mesh
 //! ```
 //!
-//! Without an address it starts `mesh-bootstrap` and two `mesh-node`s (blocks 0..4 and
-//! 4..8 of the tiny model) from the same target directory, with default settings
+//! Without an address it starts `mesh-bootstrap` and two `mesh-node`s (blocks 0..3 and
+//! 3..6 of the built-in demo model) from the same target directory, with default settings
 //! (heartbeats every 15 s), waits until both are in the DHT, then times three clients.
 //! The client routes from the servers' signed DHT records, so it need not wait for their
 //! heartbeats: expect well under 1.5 s on loopback.
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use mesh_client::{MeshClient, SamplingParams};
-use mesh_core::model::tiny;
+use mesh_core::model::builtin;
 use mesh_core::p2p::Multiaddr;
 
 const RUNS: usize = 3;
@@ -96,13 +96,13 @@ async fn loopback_mesh(home: &Path, model_dir: &Path) -> anyhow::Result<(Vec<Pro
         home,
     )?;
     let mut procs = vec![boot];
-    for (name, blocks) in [("node0", "0..4"), ("node1", "4..8")] {
+    for (name, blocks) in [("node0", "0..3"), ("node1", "3..6")] {
         let args = [
             "start",
             "--blocks",
             blocks,
             "--num-blocks",
-            "8",
+            "6",
             "--listen",
             "/ip4/127.0.0.1/tcp/0",
             "--http",
@@ -133,7 +133,7 @@ async fn loopback_mesh(home: &Path, model_dir: &Path) -> anyhow::Result<(Vec<Pro
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let home = tempfile::tempdir()?;
-    let model_dir = tiny::ensure(&tiny::default_dir())?;
+    let model_dir = builtin::DEFAULT.ensure()?;
     let (_procs, bootstrap) = match std::env::args().nth(1) {
         Some(addr) => (Vec::new(), addr.parse()?),
         None => loopback_mesh(home.path(), &model_dir).await?,

@@ -37,8 +37,9 @@ use std::time::Duration;
 use mesh_core::identity::Identity;
 use mesh_core::ledger::{ConfigHash, Evidence, Reputation, SignedReceipt, Store};
 use mesh_core::model::{
-    chat, tiny, ChatTemplate, ClientHead, DeviceSpec, Generation, MeshTokenizer, ModelError,
-    ModelFiles, TextStream,
+    builtin::{self, Builtin},
+    chat, ChatTemplate, ClientHead, DeviceSpec, Generation, MeshTokenizer, ModelError, ModelFiles,
+    TextStream,
 };
 use mesh_core::p2p::{self, Multiaddr, P2pConfig, Role};
 use mesh_core::pipeline::session::SessionContext;
@@ -218,11 +219,15 @@ impl MeshClientBuilder {
 
     /// Join the mesh and load the model's head and tokenizer.
     pub async fn build(mut self) -> Result<MeshClient, ClientError> {
-        let model = ModelId::new(self.model.unwrap_or_else(|| tiny::TINY_MODEL_ID.into()));
-        let dir = match self.model_dir {
-            Some(dir) => dir,
-            None if model.as_str() == tiny::TINY_MODEL_ID => tiny::ensure(&tiny::default_dir())?,
-            None => {
+        // Unnamed: the built-in model the directory holds, else the default one.
+        let model = ModelId::new(self.model.unwrap_or_else(|| {
+            let of_dir = self.model_dir.as_deref().and_then(Builtin::of_dir);
+            of_dir.unwrap_or(builtin::DEFAULT).id().into()
+        }));
+        let dir = match (self.model_dir, Builtin::named(model.as_str())) {
+            (Some(dir), _) => dir,
+            (None, Some(b)) => b.ensure()?,
+            (None, None) => {
                 return Err(ClientError::ModelUnknown(format!(
                     "{model}: give the model directory (its embeddings, LM head and tokenizer run here)"
                 )))

@@ -8,7 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use mesh_client::demo::ProcessMesh;
 use mesh_client::{ChatMessage, MeshClient, SamplingParams};
-use mesh_core::model::{tiny, DeviceSpec, LocalModel};
+use mesh_core::model::builtin;
+use mesh_core::model::{DeviceSpec, LocalModel};
 use mesh_core::p2p::Multiaddr;
 use mesh_core::pipeline::VerifyConfig;
 use mesh_core::BlockRange;
@@ -67,11 +68,12 @@ struct MeshArgs {
     /// Peers to join through (with /p2p/<id>), repeatable.
     #[arg(long, required = true)]
     bootstrap: Vec<Multiaddr>,
-    /// Model name on the mesh.
-    #[arg(long, default_value = tiny::TINY_MODEL_ID)]
-    model: String,
+    /// Model name on the mesh; default: the built-in model --model-dir holds, else
+    /// mesh-demo.
+    #[arg(long)]
+    model: Option<String>,
     /// Local model directory (embeddings, LM head, tokenizer), a .gguf file, or a hub id
-    /// found in the local Hugging Face cache; default: the tiny model.
+    /// found in the local Hugging Face cache; default: the built-in model named.
     #[arg(long)]
     model_dir: Option<PathBuf>,
     /// Whether servers with quantized weights may serve (mixed with full-precision ones);
@@ -191,11 +193,11 @@ enum Command {
     Demo {
         #[command(flatten)]
         sampling: Sampling,
-        /// Nodes to split the tiny model over.
+        /// Nodes to split the built-in demo model over.
         #[arg(long, default_value_t = 3)]
         nodes: u32,
         /// Re-check this fraction (0..1) of every hop's steps against the client's own copy
-        /// of the tiny model.
+        /// of the demo model.
         #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
         verify: f64,
         /// Where the nodes and the client compute: cpu, cuda or cuda:N.
@@ -257,7 +259,7 @@ enum Command {
         sampling: Sampling,
         #[arg(long, default_value_t = 3)]
         spans: u32,
-        /// Model directory, .gguf file or cached hub id; default: the embedded tiny model.
+        /// Model directory, .gguf file or cached hub id; default: the built-in demo model.
         #[arg(long)]
         model_dir: Option<PathBuf>,
         /// Where the spans and the head compute: cpu, cuda or cuda:N.
@@ -401,9 +403,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn connect(args: MeshArgs) -> anyhow::Result<MeshClient> {
-    let mut b = MeshClient::builder()
-        .bootstrap(args.bootstrap)
-        .model(args.model);
+    let mut b = MeshClient::builder().bootstrap(args.bootstrap);
+    if let Some(model) = args.model {
+        b = b.model(model);
+    }
     if let Some(dir) = args.model_dir {
         b = b.model_dir(dir);
     }
@@ -524,14 +527,13 @@ async fn demo(
     fallback: Fallback,
 ) -> anyhow::Result<()> {
     let home = tempdir_for_demo()?;
-    let model_dir = tiny::ensure(&tiny::default_dir())?;
-    // The nodes read the same tiny model from their MESH_HOME.
-    tiny::ensure(
-        &home
-            .join("models")
-            .join(model_dir.file_name().unwrap_or_default()),
-    )?;
-    let spans = BlockRange::even_split(8, nodes);
+    let model_dir = builtin::DEFAULT.ensure()?;
+    // The nodes read the same model from their MESH_HOME: written once here, not by each.
+    builtin::DEFAULT.ensure_under(&home.join("models"))?;
+    let num_blocks = mesh_core::model::ModelFiles::open(&model_dir)?
+        .config
+        .num_blocks();
+    let spans = BlockRange::even_split(num_blocks, nodes);
     println!(
         "starting a bootstrap and {} nodes on 127.0.0.1 ...",
         spans.len()
@@ -636,7 +638,7 @@ fn local(
 ) -> anyhow::Result<()> {
     let dir = match model_dir {
         Some(dir) => dir,
-        None => tiny::ensure(&tiny::default_dir())?,
+        None => builtin::DEFAULT.ensure()?,
     };
     let selected = mesh_core::model::device::select(device);
     eprintln!("computing on {}", selected.description);

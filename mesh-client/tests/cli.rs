@@ -50,6 +50,55 @@ fn temperature_zero_in_the_cli_is_plain_greedy() {
     assert_eq!(SamplingParams::default().repetition_penalty, 1.0);
 }
 
+/// The default model has learned English: what `local` (the demo's model, no flags)
+/// writes is words of its training text, not noise. Sampled as a newcomer sees it.
+#[test]
+fn the_default_model_writes_english_words() {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(CLI)
+        .args(["local", "--max-tokens", "48"])
+        .env("MESH_HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The prompt, the text (possibly over several lines), then "-- N tokens".
+    let generated = stdout
+        .split_once("The mesh runs models on everyone's GPUs.")
+        .and_then(|(_, rest)| rest.split_once("\n-- "))
+        .map(|(text, _)| text)
+        .unwrap_or_else(|| panic!("no generation in:\n{stdout}"));
+    let corpus_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../mesh-core/models/corpus");
+    let mut known = std::collections::HashSet::new();
+    for file in std::fs::read_dir(corpus_dir).unwrap() {
+        let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
+        known.extend(words(&text));
+    }
+    let said = words(generated);
+    let in_corpus = said.iter().filter(|w| known.contains(*w)).count();
+    println!(
+        "{generated:?}: {in_corpus} of {} words in the corpus",
+        said.len()
+    );
+    assert!(said.len() >= 12, "too few words: {generated:?}");
+    assert!(
+        in_corpus * 10 >= said.len() * 9,
+        "not English words: {generated:?}"
+    );
+}
+
+/// Lower-case alphabetic words.
+fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphabetic())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
 /// `mesh-client receipts` lists the newest hops first, as its help says, and `--limit`
 /// keeps the newest ones.
 #[test]

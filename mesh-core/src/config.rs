@@ -19,7 +19,7 @@ use std::time::Duration;
 use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
 
-use crate::model::tiny;
+use crate::model::builtin::{self, Builtin};
 use crate::p2p;
 use crate::pipeline::ServerLimits;
 use crate::types::BlockRange;
@@ -134,7 +134,7 @@ pub struct Http {
 impl Default for NodeFile {
     fn default() -> Self {
         Self {
-            model: tiny::TINY_MODEL_ID.to_owned(),
+            model: builtin::DEFAULT_ID.to_owned(),
             model_dir: None,
             blocks: None,
             span_len: None,
@@ -344,7 +344,7 @@ impl NodeFile {
 model = {model}
 # Hugging Face model directory (config.json, *.safetensors), a .gguf file, or a hub id
 # ("Qwen/Qwen2.5-0.5B-Instruct") found in the local Hugging Face cache. Without it the
-# node serves the embedded tiny test model.
+# node serves the built-in model named above (mesh-demo, mesh-demo-draft, tiny-llama-mesh).
 {model_dir}
 # Blocks served, "START..END" (end exclusive). Without it the node takes the blocks the
 # mesh serves worst: span_len of them, or as many as fit in memory.
@@ -458,12 +458,13 @@ listen = {http}
                 format!("{:?} is not a valid model name", self.model),
             ));
         }
-        if self.model_dir.is_none() && self.model != tiny::TINY_MODEL_ID {
+        if self.model_dir.is_none() && Builtin::named(&self.model).is_none() {
             return Err(invalid(
                 "model_dir",
                 format!(
-                    "required for model {:?} (only the tiny model is built in)",
-                    self.model
+                    "required for model {:?} (built in: {})",
+                    self.model,
+                    Builtin::names()
                 ),
             ));
         }

@@ -20,7 +20,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::identity::Identity;
-use crate::model::{tiny, ModelFiles};
+use crate::model::builtin::{self, Builtin};
+use crate::model::ModelFiles;
 use crate::node::{Node, NodeConfig, NodeError};
 use crate::p2p::{self, P2pConfig, Role};
 use crate::pipeline::{self, ServerLimits};
@@ -89,7 +90,7 @@ impl LocalMesh {
         }));
         let mut mesh = LocalMesh {
             model_dir: model_dir.to_path_buf(),
-            model: ModelId::new(tiny::TINY_MODEL_ID),
+            model: ModelId::new(Builtin::of_dir(model_dir).unwrap_or(builtin::DEFAULT).id()),
             num_blocks: files.config.num_blocks(),
             boot_addr,
             boot_stop: Some(boot_stop),

@@ -14,6 +14,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod builtin;
 mod cache;
 pub mod chat;
 mod config;

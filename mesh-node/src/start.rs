@@ -11,7 +11,8 @@ use mesh_core::daemon::{self, PidFile};
 use mesh_core::http::schedule::SettleSchedule;
 use mesh_core::http::{self, HttpState};
 use mesh_core::identity::Identity;
-use mesh_core::model::{device, tiny, ModelFiles};
+use mesh_core::model::builtin::Builtin;
+use mesh_core::model::{device, ModelFiles};
 use mesh_core::node::{Node, NodeConfig};
 use mesh_core::p2p::{Event, P2pConfig, Role};
 use mesh_core::probe;
@@ -158,11 +159,14 @@ pub fn resolve(args: &StartArgs) -> anyhow::Result<Resolved> {
         .map_err(|e| anyhow::anyhow!("config: {e}"))
 }
 
-/// The model directory to serve: the configured one, or the built-in tiny model.
+/// The model directory to serve: the configured one, or the built-in model named.
 pub fn model_dir(r: &Resolved) -> anyhow::Result<PathBuf> {
-    match &r.model_dir {
-        Some(dir) => Ok(dir.clone()),
-        None => tiny::ensure(&tiny::default_dir()).context("writing the built-in tiny model"),
+    match (&r.model_dir, Builtin::named(r.model.as_str())) {
+        (Some(dir), _) => Ok(dir.clone()),
+        (None, Some(b)) => b
+            .ensure()
+            .with_context(|| format!("writing the built-in model {}", b.id())),
+        (None, None) => anyhow::bail!("model {}: no --model-dir and not built in", r.model),
     }
 }
 

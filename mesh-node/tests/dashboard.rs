@@ -21,7 +21,7 @@ use ops_support::*;
 /// `RUST_LOG` that shows session events (a session opening is a debug event).
 const LOG_WITH_SESSIONS: &str = "info,libp2p=warn,mesh_core::pipeline::server=debug";
 
-/// A node serving the whole tiny model at 3 per token per block, logging JSON lines with
+/// A node serving the whole built-in demo model (6 blocks) at 3 per token per block, logging JSON lines with
 /// session events, after one billed generation by a `mesh-client generate` process.
 struct Billed {
     home: PathBuf,
@@ -126,13 +126,13 @@ async fn a_billed_generation_shows_in_earnings_the_dashboard_and_json_logs() {
     let t = view.total;
     assert_eq!(t.sessions, 1, "{view:?}");
     assert!(t.tokens > 8, "prompt + generated positions: {view:?}");
-    assert_eq!(t.amount, t.tokens * 8 * 3, "tokens x blocks x price");
+    assert_eq!(t.amount, t.tokens * 6 * 3, "tokens x blocks x price");
     assert_eq!(t.amount, b.cost, "what the client was charged");
     assert_eq!(t.confirmed, t.amount, "countersigned by the client");
     assert_eq!(view.recent.len(), 1);
     let receipt = &view.recent[0];
     assert!(receipt.countersigned && !receipt.settled, "{receipt:?}");
-    assert_eq!(receipt.span, "0..8");
+    assert_eq!(receipt.span, "0..6");
     assert_eq!(receipt.amount, t.amount);
     assert_eq!(view.series.first().map(|p| p.1), Some(0));
     assert_eq!(view.series.last().map(|p| p.1), Some(t.amount));

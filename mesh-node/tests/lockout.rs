@@ -105,6 +105,8 @@ async fn a_host_holding_pending_connections_locks_only_itself_out() {
     let mut child = Command::new(binary("mesh-client"))
         .args([
             "generate",
+            "--model",
+            MODEL,
             "--bootstrap",
             &boot_addr.to_string(),
             "--max-tokens",

@@ -67,17 +67,17 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
     assert!(o.status.success(), "register: {}", stderr(&o));
     let out = stdout(&o);
     for needle in [
-        "model tiny-llama-mesh: 8 blocks, config.json and 1 weight file(s) read",
+        "model mesh-demo: 6 blocks, config.json and 1 weight file(s) read",
         "machine: ",
-        "sizing: 8 blocks need ",
+        "sizing: 6 blocks need ",
         "joined the mesh as ",
-        "span: blocks 0..8 of 8 (picked: the blocks the mesh serves worst)",
+        "span: blocks 0..6 of 6 (picked: the blocks the mesh serves worst)",
         "a fresh client found it in the DHT after ",
         // Loopback only: the loud warning with the steps to fix it.
         "will not be reachable by real clients",
         "sudo ufw allow",
         "withdrawn again",
-        "wrote blocks = \"0..8\"",
+        "wrote blocks = \"0..6\"",
     ] {
         assert!(
             out.contains(needle),
@@ -90,7 +90,7 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
         .zip(registered.lines())
         .filter(|(a, b)| a != b)
         .collect();
-    assert_eq!(changed, vec![("# blocks = \"0..8\"", "blocks = \"0..8\"")]);
+    assert_eq!(changed, vec![("# blocks = \"0..8\"", "blocks = \"0..6\"")]);
     let written = registered;
 
     // start --daemon returns once the node serves, leaving it running in the background.
@@ -129,12 +129,12 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
     let out = stdout(&o);
     assert!(out.contains(&format!("running (pid {pid})")), "{out}");
     assert!(out.contains(&format!("peer id {peer_id}")), "{out}");
-    assert!(out.contains("blocks 0..8 of 8"), "{out}");
+    assert!(out.contains("blocks 0..6 of 6"), "{out}");
     assert!(out.contains("tokens served 0"), "{out}");
     // The first line sums the node up, as a provider's console does.
     let summary = out.lines().next().unwrap_or_default();
     for needle in [
-        "serving tiny-llama-mesh blocks 0..8",
+        "serving mesh-demo blocks 0..6",
         "| tokens 0 |",
         "| earned 0 (0 settled) |",
         "| sessions 0 open |",
@@ -167,7 +167,7 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
     assert_eq!(health.status, "serving");
     assert_eq!(health.pid, pid);
     assert_eq!(health.peer_id.as_deref(), Some(peer_id.as_str()));
-    assert_eq!(health.span.as_deref(), Some("0..8"));
+    assert_eq!(health.span.as_deref(), Some("0..6"));
     assert!(health.memory.total_bytes.is_some());
     // Live CPU beside the memory: the load averages on Linux, the cores always.
     assert!(health.cpu.cores >= 1, "{body}");
@@ -230,7 +230,7 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
         .lines()
         .find(|l| l.starts_with(&peer_id))
         .unwrap_or_else(|| panic!("the node in `mesh-client nodes`:\n{nodes}"));
-    assert!(line.contains("blocks [0, 8) of 8"), "{line}");
+    assert!(line.contains("blocks [0, 6) of 6"), "{line}");
     let machine = mesh_core::probe::probe(&home).capability().to_string();
     assert!(
         line.ends_with(&format!("[{machine}]")),
@@ -243,7 +243,7 @@ async fn init_register_start_daemon_status_health_metrics_dashboard_stop() {
 
     // The mesh sees the node.
     let client = test_client(&boot_addr).await;
-    let model = ModelId::new(MODEL);
+    let model = ModelId::new(mesh_core::model::builtin::DEFAULT_ID);
     let c = client.client.clone();
     c.subscribe(&model)
         .await
@@ -342,7 +342,7 @@ async fn register_checks_reachability_and_refuses_clearly() {
     assert!(o.status.success(), "register: {}", stderr(&o));
     let out = stdout(&o);
     for needle in [
-        "span: blocks 2..5 of 8 (as asked)".to_owned(),
+        "span: blocks 2..5 of 6 (as asked)".to_owned(),
         "sizing: 3 blocks need ".to_owned(),
         format!("public address {public} reachable (dialled back by {boot_peer})"),
         "dry run:".to_owned(),
@@ -400,9 +400,9 @@ async fn register_checks_reachability_and_refuses_clearly() {
     let o = register(&home, &["--cache-budget-mib", "100000000"]);
     assert_fails_with(&o, &["blocks need", "MiB of KV cache", "available"]);
     let o = register(&home, &["--num-blocks", "32"]);
-    assert_fails_with(&o, &["the model has 8 blocks, not the 32 expected"]);
+    assert_fails_with(&o, &["the model has 6 blocks, not the 32 expected"]);
     let o = register(&home, &["--blocks", "6..9"]);
-    assert_fails_with(&o, &["blocks 6..9 are outside the model's 8 blocks"]);
+    assert_fails_with(&o, &["blocks 6..9 are outside the model's 6 blocks"]);
     let o = register(&home, &["--model-dir", "/nonexistent/mesh-model"]);
     assert_fails_with(&o, &["model directory /nonexistent/mesh-model"]);
     let bad_boot = format!("/ip4/127.0.0.1/tcp/{closed}/p2p/{boot_peer}");

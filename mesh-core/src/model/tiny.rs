@@ -18,6 +18,8 @@ pub const TINY_MODEL_ID: &str = "tiny-llama-mesh";
 /// Bumped whenever the generated files change, so stale copies are rewritten.
 const TINY_VERSION: &str = "1";
 const SEED: u64 = 0x6d65_7368; // "mesh"
+/// Written last into a directory holding the tiny model.
+pub(crate) const MARKER: &str = "mesh-tiny.version";
 
 /// Special tokens, then the 256 byte-level tokens.
 const SPECIALS: [&str; 3] = ["<unk>", "<s>", "</s>"];
@@ -52,14 +54,17 @@ pub fn config() -> LlamaConfig {
 
 /// Where the tiny model lives unless told otherwise: `$MESH_HOME/models/<id>-v<version>`.
 pub fn default_dir() -> PathBuf {
-    crate::paths::mesh_home()
-        .join("models")
-        .join(format!("{TINY_MODEL_ID}-v{TINY_VERSION}"))
+    crate::paths::mesh_home().join("models").join(dir_name())
+}
+
+/// The tiny model's directory name under a `models` directory.
+pub(crate) fn dir_name() -> String {
+    format!("{TINY_MODEL_ID}-v{TINY_VERSION}")
 }
 
 /// Write the tiny model into `dir` unless an identical copy is already there.
 pub fn ensure(dir: &Path) -> Result<PathBuf, ModelError> {
-    let marker = dir.join("mesh-tiny.version");
+    let marker = dir.join(MARKER);
     if std::fs::read_to_string(&marker).is_ok_and(|v| v == TINY_VERSION) {
         return Ok(dir.to_path_buf());
     }
@@ -95,10 +100,10 @@ pub fn write_random(dir: &Path, cfg: &LlamaConfig) -> Result<(), ModelError> {
     })?;
     let dest = dir.join("model.safetensors");
     std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
-    write_atomic(&dir.join("mesh-tiny.version"), TINY_VERSION.as_bytes())
+    write_atomic(&dir.join(MARKER), TINY_VERSION.as_bytes())
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
     let io = |source| ModelError::Write {
         path: path.to_path_buf(),
         source,
