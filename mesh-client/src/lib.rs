@@ -44,14 +44,14 @@ use mesh_core::model::{
 use mesh_core::p2p::{self, Multiaddr, P2pConfig, Role};
 use mesh_core::pipeline::session::SessionContext;
 use mesh_core::pipeline::{
-    self, ClientLedger, LocalBlocks, LocalReference, PipelineError, RemoteSession, SessionConfig,
-    VerifyConfig,
+    self, ClientLedger, DraftModel, LocalBlocks, LocalReference, PipelineError, RemoteSession,
+    SessionConfig, VerifyConfig,
 };
 use mesh_core::{BlockRange, ModelId, ServerInfo};
 use tokio::sync::mpsc;
 
 pub use mesh_core::model::{ChatMessage, FinishReason, SamplingParams};
-pub use mesh_core::pipeline::{HopChecks, SessionReport};
+pub use mesh_core::pipeline::{HopChecks, SessionReport, SpeculationStats};
 pub use stream::{Token, TokenStream};
 
 /// Attempts to open a route before giving up (the first try plus retries).
@@ -125,7 +125,12 @@ pub struct MeshClientBuilder {
     verify_locally: bool,
     fallback_local: bool,
     device: DeviceSpec,
+    draft_model_dir: Option<PathBuf>,
+    draft_tokens: Option<usize>,
 }
+
+/// Draft tokens proposed per step at first ([`MeshClientBuilder::draft_tokens`]).
+pub const DEFAULT_DRAFT_TOKENS: usize = 4;
 
 impl MeshClientBuilder {
     /// Peers to join through (bootstraps or any mesh peer), with `/p2p/<id>`.
@@ -134,7 +139,7 @@ impl MeshClientBuilder {
         self
     }
 
-    /// The model to use (default: the embedded tiny model).
+    /// The model to use (default: the built-in model `model_dir` holds, else mesh-demo).
     pub fn model(mut self, id: impl Into<String>) -> Self {
         self.model = Some(id.into());
         self
@@ -210,6 +215,21 @@ impl MeshClientBuilder {
         self
     }
 
+    /// Speculative decoding: the small model in `dir` (same tokenizer) runs here and
+    /// proposes tokens; one step through the mesh checks several of them. The output is
+    /// the same as without it; only the round trips per token change.
+    pub fn draft_model_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.draft_model_dir = Some(dir.into());
+        self
+    }
+
+    /// Draft tokens proposed per step at first (default [`DEFAULT_DRAFT_TOKENS`]); raised
+    /// while the target takes them all, lowered when it takes fewer than half.
+    pub fn draft_tokens(mut self, k: usize) -> Self {
+        self.draft_tokens = Some(k);
+        self
+    }
+
     /// Where the embeddings and LM head compute (default: the CPU). A GPU that cannot be
     /// used falls back to the CPU with a warning.
     pub fn device(mut self, device: DeviceSpec) -> Self {
@@ -245,6 +265,10 @@ impl MeshClientBuilder {
             None => MeshTokenizer::from_file(&files.tokenizer_path())?,
         };
         let chat_template = files.chat_template()?;
+        let draft = match &self.draft_model_dir {
+            Some(d) => Some(Arc::new(DraftModel::load(d, files.config.vocab_size)?)),
+            None => None,
+        };
         let mut eos = files.config.eos_tokens();
         // Instruct models end a turn with the tokenizer's EOS (Llama 3's <|eot_id|>), which
         // config.json does not always list.
@@ -322,6 +346,8 @@ impl MeshClientBuilder {
                 chat_template,
                 session: self.session,
                 context,
+                draft,
+                draft_tokens: self.draft_tokens.unwrap_or(DEFAULT_DRAFT_TOKENS),
             }),
         };
         client
@@ -344,6 +370,9 @@ struct Inner {
     session: SessionConfig,
     /// Ledger, reputation and local reference shared by every session.
     context: SessionContext,
+    /// Speculative decoding's draft model, and the tokens it proposes per step at first.
+    draft: Option<Arc<DraftModel>>,
+    draft_tokens: usize,
 }
 
 /// Why the mesh cannot serve the model: the blocks no server covers, the servers seen, and
@@ -522,10 +551,35 @@ impl MeshClient {
         let task_inner = i.clone();
         tokio::spawn(async move {
             let i = task_inner;
-            let result = pipeline::generate_into(&i.head, &mut session, &mut generation, &tx).await;
+            let (result, speculation) = match &i.draft {
+                Some(draft) => {
+                    let k = i.draft_tokens;
+                    let max_len = max_len as usize;
+                    let g = &mut generation;
+                    match pipeline::generate_speculative(
+                        &i.head,
+                        &mut session,
+                        g,
+                        draft,
+                        k,
+                        max_len,
+                        &tx,
+                    )
+                    .await
+                    {
+                        Ok(stats) => (Ok(()), Some(stats)),
+                        Err(e) => (Err(e), None),
+                    }
+                }
+                None => (
+                    pipeline::generate_into(&i.head, &mut session, &mut generation, &tx).await,
+                    None,
+                ),
+            };
             drop(tx);
             // The cost is what the receipts say, known once every hop closed.
-            let report = session.close().await;
+            let mut report = session.close().await;
+            report.speculation = speculation;
             let _ = end_tx.send((result, report));
         });
         Ok(TokenStream::new(rx, end_rx, text))

@@ -98,6 +98,14 @@ struct MeshArgs {
     /// other servers (it must hold every block's weights).
     #[arg(long)]
     verify_locally: bool,
+    /// Speculative decoding: a small model with the same tokenizer (a directory, or a
+    /// built-in name such as mesh-demo-draft) runs here and proposes tokens that one step
+    /// through the mesh checks. The text is the same as without it.
+    #[arg(long)]
+    draft_model: Option<String>,
+    /// Draft tokens proposed per step at first (adapted to how many are accepted).
+    #[arg(long, default_value_t = mesh_client::DEFAULT_DRAFT_TOKENS)]
+    draft_tokens: usize,
     /// Where the client's embeddings and LM head compute: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -424,7 +432,14 @@ async fn connect(args: MeshArgs) -> anyhow::Result<MeshClient> {
         .verify_locally(args.verify_locally)
         .fallback_local(args.fallback == Fallback::Local)
         .discovery_timeout(std::time::Duration::from_secs_f64(args.discovery_secs))
-        .device(args.device);
+        .device(args.device)
+        .draft_tokens(args.draft_tokens);
+    if let Some(draft) = args.draft_model {
+        b = b.draft_model_dir(match builtin::Builtin::named(&draft) {
+            Some(model) => model.ensure()?,
+            None => PathBuf::from(draft),
+        });
+    }
     // Finding servers that cover every block can take seconds: show that it is working.
     let spinner = indicatif::ProgressBar::new_spinner()
         .with_message("joining the mesh and waiting for servers of every block");
@@ -476,6 +491,18 @@ async fn stream(client: &MeshClient, sampling: &Sampling) -> anyhow::Result<()> 
             made.len(),
             first.latency.as_secs_f64() * 1e3,
             decode.last().copied().unwrap_or(0.0),
+        );
+    }
+    if let Some(s) = tokens.report().and_then(|r| r.speculation) {
+        println!(
+            "speculation: {} steps through the mesh for {} tokens ({:.2} per step); {} of {} \
+             draft tokens accepted ({:.0}%)",
+            s.steps,
+            s.tokens,
+            s.tokens_per_step(),
+            s.accepted,
+            s.proposed,
+            s.acceptance() * 100.0
         );
     }
     // A rate above 0 does not mean every hop was checked: say which were, and how often.

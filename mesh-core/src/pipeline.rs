@@ -15,6 +15,7 @@ pub mod protocol;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod speculative;
 pub mod verify;
 
 use std::time::Duration;
@@ -29,6 +30,7 @@ pub use session::{
     wait_for_coverage, wait_for_heard_coverage, ClientLedger, HopChecks, LocalBlocks,
     RemoteSession, SessionConfig, SessionReport,
 };
+pub use speculative::{generate_speculative, DraftModel, SpeculationStats};
 pub use verify::{LocalReference, VerifyConfig};
 
 use crate::types::{BlockRange, ModelId};

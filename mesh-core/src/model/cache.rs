@@ -47,6 +47,17 @@ impl SpanCache {
         self.len += tokens;
     }
 
+    /// Forget the tokens from position `len` on (a draft's rejected tokens); the next step
+    /// starts at `len`. Past the end it changes nothing.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Undo a [`SpanCache::truncate`] whose step was refused before it wrote anything.
+    pub(crate) fn restore_len(&mut self, len: usize) {
+        self.len = len.min(self.max_len);
+    }
+
     /// Forget every token; the next step starts again at position 0. The storage stays:
     /// every step writes its positions before anything reads them.
     pub fn reset(&mut self) {

@@ -87,6 +87,21 @@ impl Generation {
         self.finished
     }
 
+    /// The prompt and every token generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Tokens still to generate before `max_new_tokens` ends the generation.
+    pub fn remaining(&self) -> usize {
+        if self.finished.is_some() {
+            return 0;
+        }
+        let cap = self.sampler.params().max_new_tokens;
+        let room = self.max_context.saturating_sub(self.tokens.len());
+        cap.saturating_sub(self.generated().len()).min(room)
+    }
+
     pub fn prompt(&self) -> &[u32] {
         &self.tokens[..self.prompt_len]
     }

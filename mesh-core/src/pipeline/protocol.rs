@@ -30,6 +30,16 @@ pub enum SessionRequest {
     Close { session: SessionId },
     /// A receipt this server signed, now countersigned by the client: the server stores it.
     Countersigned { receipt: Box<SignedReceipt> },
+    /// Drop the session's cached positions from `to` on (draft tokens the client's check
+    /// rejected, in speculative decoding), then run `hidden` at positions `to..` as
+    /// `Forward` does: a rewind rides on the next step instead of costing a round trip.
+    /// `to` may not be past the positions cached. Last, so older variants keep their
+    /// numbers on the wire.
+    Rewind {
+        session: SessionId,
+        to: u32,
+        hidden: WireTensor,
+    },
 }
 
 /// What a server answers.

@@ -272,6 +272,11 @@ impl SpanServer {
             } => self.forward(client, session, start_pos, &hidden, now),
             SessionRequest::Close { session } => self.close(client, session),
             SessionRequest::Countersigned { receipt } => self.countersigned(client, &receipt),
+            SessionRequest::Rewind {
+                session,
+                to,
+                hidden,
+            } => self.rewind(client, session, to, &hidden, now),
         };
         if matches!(response, SessionResponse::Refused(_)) {
             self.stats.refusals += 1;
@@ -464,6 +469,40 @@ impl SpanServer {
             compute_micros: micros,
             receipt,
         }
+    }
+
+    /// [`SessionRequest::Rewind`]: truncate, then forward; a refused step leaves the cache
+    /// as it was.
+    fn rewind(
+        &mut self,
+        client: PeerId,
+        session: SessionId,
+        to: u32,
+        hidden: &WireTensor,
+        now: Instant,
+    ) -> SessionResponse {
+        let Some(state) = self
+            .sessions
+            .get_mut(&session)
+            .filter(|s| s.usage.client == client)
+        else {
+            return SessionResponse::Refused(Refusal::UnknownSession);
+        };
+        let cached = state.cache.len();
+        let to = to as usize;
+        if to > cached {
+            return SessionResponse::Refused(Refusal::BadRequest(format!(
+                "rewind to position {to}, past the {cached} positions cached"
+            )));
+        }
+        state.cache.truncate(to);
+        let response = self.forward(client, session, to as u32, hidden, now);
+        if matches!(response, SessionResponse::Refused(_)) {
+            if let Some(state) = self.sessions.get_mut(&session) {
+                state.cache.restore_len(cached);
+            }
+        }
+        response
     }
 
     fn close(&mut self, client: PeerId, session: SessionId) -> SessionResponse {

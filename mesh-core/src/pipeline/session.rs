@@ -213,10 +213,33 @@ impl RemoteSession {
 
     /// Run hidden states `[1, seq, hidden]` at positions `start_pos..` through every hop.
     pub async fn step(&mut self, hidden: Tensor, start_pos: u32) -> Result<Tensor, PipelineError> {
+        self.step_at(hidden, start_pos, false).await
+    }
+
+    /// [`RemoteSession::step`] at a position before the end of what was sent: every hop
+    /// first forgets the positions from `start_pos` on (draft tokens a check rejected),
+    /// the servers in the same message as the step ([`SessionRequest::Rewind`]).
+    pub async fn step_rewinding(
+        &mut self,
+        hidden: Tensor,
+        start_pos: u32,
+    ) -> Result<Tensor, PipelineError> {
+        self.step_at(hidden, start_pos, true).await
+    }
+
+    async fn step_at(
+        &mut self,
+        hidden: Tensor,
+        start_pos: u32,
+        rewind: bool,
+    ) -> Result<Tensor, PipelineError> {
         let seq = hidden.dim(1)?;
         let mut x = hidden;
         let mut i = 0;
         while i < self.hops.len() {
+            if rewind {
+                self.hops[i].truncate_history(start_pos as usize)?;
+            }
             self.hops[i].history.push(x.clone());
             if self.hops[i].hop.local {
                 // Back to the mesh as soon as servers cover these blocks again: the hop is
@@ -232,7 +255,8 @@ impl RemoteSession {
                 continue;
             }
             let hop = &self.hops[i];
-            let stepped = match self.forward(hop.hop.peer, hop.session, &x, start_pos).await {
+            let (peer, session) = (hop.hop.peer, hop.session);
+            let stepped = match self.forward(peer, session, &x, start_pos, rewind).await {
                 Ok((out, receipt, attestation)) => {
                     let verifying = self.cfg.verify.enabled();
                     let h = &mut self.hops[i];
@@ -338,6 +362,7 @@ impl RemoteSession {
         SessionReport {
             countersigned: self.countersigned_amount(),
             checks: std::mem::take(&mut self.checks),
+            speculation: None,
         }
     }
 
@@ -448,7 +473,7 @@ impl RemoteSession {
                     x = fallback::run_local(local, self.cfg.max_len, h, &x)?;
                     continue;
                 }
-                match self.forward(h.hop.peer, h.session, &x, 0).await {
+                match self.forward(h.hop.peer, h.session, &x, 0, false).await {
                     Ok((out, receipt, attestation)) => {
                         let now = h.take_answer(x.dim(1)?, &out, receipt, attestation, verifying);
                         self.countersign(h.hop.peer, h.tally.clone(), now).await;
@@ -578,11 +603,21 @@ impl RemoteSession {
         session: SessionId,
         x: &Tensor,
         start_pos: u32,
+        rewind: bool,
     ) -> Result<(Tensor, Option<Box<SignedReceipt>>, Option<Attestation>), PipelineError> {
-        let req = SessionRequest::Forward {
-            session,
-            start_pos,
-            hidden: WireTensor::from_tensor(x)?,
+        let hidden = WireTensor::from_tensor(x)?;
+        let req = if rewind {
+            SessionRequest::Rewind {
+                session,
+                to: start_pos,
+                hidden,
+            }
+        } else {
+            SessionRequest::Forward {
+                session,
+                start_pos,
+                hidden,
+            }
         };
         match self.request(peer, &req).await? {
             SessionResponse::Hidden {
@@ -597,8 +632,11 @@ impl RemoteSession {
                     let got = format!("sent {:?}, got back {:?}", x.dims(), out.dims());
                     return Err(protocol(got));
                 }
-                if let (Some(a), SessionRequest::Forward { hidden: sent, .. }) =
-                    (&attestation, &req)
+                if let (
+                    Some(a),
+                    SessionRequest::Forward { hidden: sent, .. }
+                    | SessionRequest::Rewind { hidden: sent, .. },
+                ) = (&attestation, &req)
                 {
                     a.verify(&peer, &session, start_pos, sent, &hidden)
                         .map_err(|e| protocol(format!("step attestation: {e}")))?;

@@ -98,7 +98,9 @@ fn request_frame(body: &[u8]) -> bool {
     };
     assert_stable(&req, wire::FRAME_LIMIT);
     match &req {
-        SessionRequest::Forward { hidden, .. } => tensor_ok(hidden),
+        SessionRequest::Forward { hidden, .. } | SessionRequest::Rewind { hidden, .. } => {
+            tensor_ok(hidden)
+        }
         SessionRequest::Countersigned { receipt } => signed_receipt_ok(receipt, true),
         SessionRequest::Open { .. } | SessionRequest::Close { .. } => true,
     }

@@ -130,6 +130,11 @@ pub fn requests() -> Vec<SessionRequest> {
         SessionRequest::Countersigned {
             receipt: Box::new(signed_receipt(client(), 7, 5, 3, true)),
         },
+        SessionRequest::Rewind {
+            session,
+            to: 2,
+            hidden: tensor(WireDType::F32, 3),
+        },
     ]
 }
 

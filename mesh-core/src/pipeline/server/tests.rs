@@ -222,3 +222,89 @@ fn idle_sessions_expire_and_free_their_cache() {
     assert_eq!(expired.len(), 1);
     assert_eq!((srv.active_sessions(), srv.reserved_bytes()), (0, 0));
 }
+
+/// Distinct hidden states per position, so a rewound step that ran against the wrong
+/// cached positions would give different numbers.
+fn varied(seq: usize, offset: usize) -> WireTensor {
+    let values: Vec<f32> = (0..seq * 128)
+        .map(|i| (((i + offset * 128) % 97) as f32) / 97.0 - 0.5)
+        .collect();
+    let t = Tensor::from_vec(values, (1, seq, 128), &Device::Cpu).unwrap();
+    WireTensor::from_tensor(&t).unwrap()
+}
+
+/// Speculative decoding's rewind: positions from `to` on are dropped and the step runs
+/// there, giving what a session that never saw the dropped positions gives. A rewind past
+/// the cache, or into another peer's session, is refused and changes nothing.
+#[test]
+fn rewind_drops_positions_then_runs_as_if_they_never_were() {
+    let (_d, mut srv) = server(ServerLimits::default());
+    let (peer, now) = (PeerId::random(), Instant::now());
+    let (spec, plain) = (SessionId::random(), SessionId::random());
+    let span = BlockRange::new(2, 6);
+    for s in [spec, plain] {
+        assert!(matches!(
+            srv.handle(peer, open(s, span, 64), now),
+            SessionResponse::Opened { .. }
+        ));
+    }
+    let run = |srv: &mut SpanServer, req| match srv.handle(peer, req, now) {
+        SessionResponse::Hidden { hidden, .. } => hidden,
+        other => panic!("{other:?}"),
+    };
+    let forward = |session, start_pos, hidden| SessionRequest::Forward {
+        session,
+        start_pos,
+        hidden,
+    };
+    // Five positions, three of them "draft tokens" that get rejected.
+    run(&mut srv, forward(spec, 0, varied(5, 0)));
+    // Past the cache: refused, and the next rewind still finds all five.
+    let past = SessionRequest::Rewind {
+        session: spec,
+        to: 6,
+        hidden: varied(1, 9),
+    };
+    assert!(matches!(
+        srv.handle(peer, past, now),
+        SessionResponse::Refused(Refusal::BadRequest(_))
+    ));
+    let stranger = SessionRequest::Rewind {
+        session: spec,
+        to: 2,
+        hidden: varied(2, 7),
+    };
+    assert_eq!(
+        srv.handle(PeerId::random(), stranger, now),
+        SessionResponse::Refused(Refusal::UnknownSession)
+    );
+    let rewound = SessionRequest::Rewind {
+        session: spec,
+        to: 2,
+        hidden: varied(2, 7),
+    };
+    let got = run(&mut srv, rewound);
+    // The same two positions after only the first two of the original five.
+    run(&mut srv, forward(plain, 0, varied(2, 0)));
+    let want = run(&mut srv, forward(plain, 2, varied(2, 7)));
+    let (got, want) = (
+        got.to_tensor(&Device::Cpu).unwrap(),
+        want.to_tensor(&Device::Cpu).unwrap(),
+    );
+    let diff = (got - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-4, "rewound step differs by {diff}");
+    // The rejected positions were computed: billed, 5 + 2 positions in all.
+    let usage = srv
+        .usage()
+        .into_iter()
+        .find(|u| u.session == spec)
+        .expect("usage");
+    assert_eq!(usage.prefill_tokens + usage.decode_tokens, 7);
+}

@@ -227,7 +227,7 @@ impl RemoteSession {
             } else {
                 let input = Tensor::cat(&self.hops[i].history[self.hops[i].checked..], 1)?;
                 match self
-                    .forward(w.hop.peer, w.session, &input, from as u32)
+                    .forward(w.hop.peer, w.session, &input, from as u32, false)
                     .await
                 {
                     Ok((output, receipt, attestation)) => {
@@ -286,7 +286,7 @@ impl RemoteSession {
                     continue;
                 }
             };
-            match self.forward(peer, w.session, history, 0).await {
+            match self.forward(peer, w.session, history, 0, false).await {
                 Ok((output, receipt, attestation)) => {
                     w.took(history.dim(1)?, receipt);
                     let reference = witnessed(&w, 0, attestation);

@@ -61,6 +61,34 @@ impl HopState {
             .sum()
     }
 
+    /// Forget the inputs from position `positions` on (a draft's rejected tokens): a
+    /// replacement server is replayed only what stands. Nothing is checked or claimed
+    /// past them (speculation runs without checking).
+    pub(super) fn truncate_history(&mut self, positions: usize) -> Result<(), candle_core::Error> {
+        let mut kept = 0;
+        let mut steps = 0;
+        for t in &self.history {
+            let n = t.dim(1)?;
+            if kept + n > positions {
+                break;
+            }
+            kept += n;
+            steps += 1;
+        }
+        let partial = match self.history.get(steps) {
+            Some(t) if kept < positions => Some(t.narrow(1, 0, positions - kept)?),
+            _ => None,
+        };
+        self.history.truncate(steps);
+        self.history.extend(partial);
+        self.claims.truncate(self.history.len());
+        self.checked = self.checked.min(self.history.len());
+        if let Some(cache) = self.own_cache.as_mut() {
+            cache.truncate(positions);
+        }
+        Ok(())
+    }
+
     /// Take a server's answer to the input last pushed: count its positions, keep it for
     /// checking, and return the receipt to countersign now (`None` while checking holds it
     /// back until the hop ends).

@@ -16,6 +16,8 @@ pub struct SessionReport {
     /// through, in the order they joined, with the checks each got. Empty when not
     /// checking.
     pub checks: Vec<HopChecks>,
+    /// With a draft model: how speculative decoding went.
+    pub speculation: Option<crate::pipeline::SpeculationStats>,
 }
 
 /// How one hop of a session was checked: a rate above 0 does not by itself mean every
