@@ -240,3 +240,75 @@ async fn a_node_told_no_span_takes_the_blocks_nobody_serves() {
     // The gap is filled: the mesh now covers every block.
     let (_client, _head) = cluster.client().await;
 }
+
+/// Speculative decoding through server processes, SIGKILLing the middle one after 5
+/// tokens: the replacement is replayed only the positions that stand (rejected draft
+/// positions were rewound away), and the sampled tokens are still the single process's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_middle_node_mid_speculation_changes_nothing() {
+    let spans = BlockRange::even_split(NUM_BLOCKS, 3);
+    let mut cluster = Cluster::start(&spans).await;
+    cluster.add_node(spans[1]).await;
+    let want = reference(&cluster.model_dir());
+    let (client, head) = cluster.client().await;
+    let middle_span = spans[1];
+    wait_for(DROP_LIMIT, "both middle servers' heartbeats", || {
+        let c = client.client.clone();
+        async move {
+            let live = c.live_servers(&ModelId::new(MODEL)).await.ok()?;
+            (live.iter().filter(|s| s.span == middle_span).count() == 2).then_some(())
+        }
+    })
+    .await;
+    // A draft that often disagrees (two random blocks, the same byte vocabulary), so
+    // steps get rewound.
+    let draft_dir = cluster.dir.path().join("draft");
+    let mut cfg = tiny::config();
+    cfg.num_hidden_layers = 2;
+    tiny::write_random(&draft_dir, &cfg).unwrap();
+    let draft = pipeline::DraftModel::load(&draft_dir, cfg.vocab_size).unwrap();
+
+    let mut session = RemoteSession::open(
+        client.client.clone(),
+        ModelId::new(MODEL),
+        NUM_BLOCKS,
+        SessionConfig::default(),
+    )
+    .await
+    .unwrap();
+    let middle = session.route()[1].peer;
+    let mut generation = Generation::new(PROMPT.to_vec(), params(), 512).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let speculate = async {
+        let r = pipeline::generate_speculative(
+            &head,
+            &mut session,
+            &mut generation,
+            &draft,
+            4,
+            512,
+            &tx,
+        )
+        .await;
+        drop(tx);
+        r
+    };
+    let killer = async {
+        let mut seen = 0;
+        while rx.recv().await.is_some() {
+            seen += 1;
+            if seen == 5 {
+                cluster.kill(middle);
+            }
+        }
+    };
+    let (stats, ()) = tokio::join!(speculate, killer);
+    let stats = stats.unwrap();
+    println!("{stats:?}");
+    assert!(session.route().iter().all(|h| h.peer != middle));
+    assert!(
+        stats.proposed > stats.accepted,
+        "nothing was rewound: {stats:?}"
+    );
+    assert_eq!(generation.generated(), &want[..]);
+}

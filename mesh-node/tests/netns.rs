@@ -433,6 +433,38 @@ async fn slow_lossy_rate_limited_links_change_the_timing_not_the_tokens() {
         &clean,
     );
 
+    // Speculative decoding on the same slow link: the target as its own draft (every
+    // proposal right, the upper bound), greedy, against greedy without a draft.
+    let greedy = ["--temperature".to_owned(), "0".to_owned()];
+    let draft = [
+        "--draft-model".to_owned(),
+        mesh.dir.path().join("model").display().to_string(),
+        "--draft-tokens".to_owned(),
+        "8".to_owned(),
+    ];
+    let spawn = |label: &str, extra: &[String]| {
+        let started = Instant::now();
+        let proc = mesh
+            .client_side()
+            .spawn_generate_with(label, SHORT, SEED, PROMPT, extra);
+        finish(proc, started)
+    };
+    let plain = spawn("delayed-greedy", &greedy).await;
+    let speculated = spawn("delayed-draft", &[&greedy[..], &draft[..]].concat()).await;
+    println!("{:<44} {}", "greedy, 25 ms each way:", plain.summary());
+    println!(
+        "{:<44} {}",
+        "greedy with a draft (itself):",
+        speculated.summary()
+    );
+    assert_eq!(speculated.text, plain.text, "the draft changed the output");
+    let (with, without) = (speculated.wall.as_secs_f64(), plain.wall.as_secs_f64());
+    println!(
+        "  wall time with the draft: {:.2}x of without",
+        with / without
+    );
+    assert!(with < without, "speculation made the slow link slower");
+
     for host in &hosts {
         mesh.lab.rate_limit(host, RATE);
         mesh.lab.drop_randomly(host, LOSS_PERCENT);

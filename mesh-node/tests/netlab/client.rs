@@ -36,7 +36,20 @@ impl Client<'_> {
 
     /// Starts a seeded `mesh-client generate` of `prompt` in the client's namespace.
     pub fn spawn_generate(&self, label: &str, max_tokens: usize, seed: &str, prompt: &str) -> Proc {
+        self.spawn_generate_with(label, max_tokens, seed, prompt, &[])
+    }
+
+    /// [`Client::spawn_generate`] with `extra` arguments.
+    pub fn spawn_generate_with(
+        &self,
+        label: &str,
+        max_tokens: usize,
+        seed: &str,
+        prompt: &str,
+        extra: &[String],
+    ) -> Proc {
         let mut args = self.args("generate", &format!("client-{label}"));
+        args.extend_from_slice(extra);
         args.extend([
             "--max-tokens".into(),
             max_tokens.to_string(),
