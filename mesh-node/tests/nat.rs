@@ -169,6 +169,7 @@ impl Mesh {
     /// The client's view of the mesh (arguments, generations) in its namespace.
     fn client_side(&self) -> Client<'_> {
         Client {
+            model: MODEL,
             boot_addr: &self.boot_addr,
             dir: self.dir.path(),
             ns: &self.client.ns,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use mesh_core::http::Health;
-use mesh_core::model::tiny;
+use mesh_core::model::builtin::Builtin;
 use mesh_core::p2p::{Multiaddr, PeerId};
 use mesh_core::BlockRange;
 use netlab::client::{self, plain, Client, Run};
@@ -63,6 +63,8 @@ struct Mesh {
     client: Host,
     dir: tempfile::TempDir,
     lab: Lab,
+    /// The model's name on the mesh.
+    model: &'static str,
 }
 
 /// Points the `--listen` argument at `/ip4/IP/tcp/PORT`: the namespace's own address.
@@ -72,10 +74,18 @@ fn listen_on(args: &mut [String], ip: std::net::Ipv4Addr, port: u16) {
 }
 
 impl Mesh {
+    /// A mesh of the tiny model.
     async fn start(spans: &[BlockRange]) -> Mesh {
+        Mesh::start_with(spans, Builtin::Tiny).await
+    }
+
+    /// A mesh of a built-in model, its files under `dir/model`.
+    async fn start_with(spans: &[BlockRange], builtin: Builtin) -> Mesh {
         let mut lab = Lab::new();
         let dir = tempfile::tempdir().unwrap();
-        tiny::write(&dir.path().join("model")).unwrap();
+        let written = builtin.ensure_under(dir.path()).unwrap();
+        std::fs::rename(written, dir.path().join("model")).unwrap();
+        let model = builtin.id();
         let boot_host = lab.add_host("boot");
         let hosts: Vec<Host> = (0..spans.len())
             .map(|i| lab.add_host(&format!("node{i}")))
@@ -104,6 +114,13 @@ impl Mesh {
             let name = format!("node{i}");
             let mut args = node_args(dir.path(), &name, *span, &[&boot_addr]);
             listen_on(&mut args, host.ip, NODE_PORT);
+            let at = args.iter().position(|a| a == "--model").expect("--model") + 1;
+            args[at] = model.into();
+            let at = args
+                .iter()
+                .position(|a| a == "--num-blocks")
+                .expect("--num-blocks");
+            args.drain(at..at + 2);
             args.push("--model-dir".into());
             args.push(dir.path().join("model").display().to_string());
             let proc = Proc::spawn_in_netns(&host.ns, &name, "mesh-node", &args, dir.path());
@@ -134,6 +151,7 @@ impl Mesh {
             client,
             dir,
             lab,
+            model,
         }
     }
 
@@ -146,6 +164,7 @@ impl Mesh {
     /// The client's view of the mesh (arguments, generations) in its namespace.
     fn client_side(&self) -> Client<'_> {
         Client {
+            model: self.model,
             boot_addr: &self.boot_addr,
             dir: self.dir.path(),
             ns: &self.client.ns,
@@ -481,6 +500,51 @@ async fn slow_lossy_rate_limited_links_change_the_timing_not_the_tokens() {
             "per-token median {} ms is below the {floor} ms the delay forces",
             run.stat("median")
         );
+    }
+}
+
+/// Speculative decoding where it pays: the demo model over 3 servers, 25 ms each way on
+/// the client's link, greedy, with its one-block sibling as the draft against no draft
+/// (and the target as its own draft, the upper bound). Same text; fewer round trips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draft_model_saves_round_trips_on_a_slow_link() {
+    if !netlab::enabled() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let spans = BlockRange::even_split(6, 3);
+    let mut mesh = Mesh::start_with(&spans, Builtin::Demo).await;
+    mesh.wait_until_all_listed().await;
+    let client = mesh.client.clone();
+    mesh.lab.delay(&client, ONE_WAY);
+    let prompt = "It is a truth universally acknowledged";
+    let run = |label: &str, extra: &[&str]| {
+        let mut args: Vec<String> = ["--temperature", "0"].map(String::from).to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let started = Instant::now();
+        let proc = mesh
+            .client_side()
+            .spawn_generate_with(label, SHORT, SEED, prompt, &args);
+        client::finish(proc, started, prompt, RUN_LIMIT)
+    };
+    let own = mesh.dir.path().join("model").display().to_string();
+    let plain = run("no-draft", &[]).await;
+    println!("{:<36} {}", "no draft:", plain.summary());
+    for (label, name, draft, k) in [
+        ("draft-k2", "mesh-demo-draft", "mesh-demo-draft", "2"),
+        ("draft-k4", "mesh-demo-draft", "mesh-demo-draft", "4"),
+        ("self-k8", "mesh-demo (itself)", own.as_str(), "8"),
+    ] {
+        let fast = run(label, &["--draft-model", draft, "--draft-tokens", k]).await;
+        let line = fast.speculation.clone().expect("a speculation line");
+        println!("{:<36} {}", format!("{name} from k={k}:"), fast.summary());
+        println!("  {line}");
+        println!(
+            "  median per token {:.1} ms, {:.2}x of no draft",
+            fast.stat("median"),
+            fast.stat("median") / plain.stat("median")
+        );
+        assert_eq!(fast.text, plain.text, "{label} changed the text");
     }
 }
 

@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 
 use mesh_core::p2p::Multiaddr;
 
-use crate::common::{wait_for, Proc, MODEL};
+use crate::common::{wait_for, Proc};
 
 /// Where a client in the lab finds the mesh and keeps its files.
 pub struct Client<'a> {
     pub boot_addr: &'a Multiaddr,
+    /// The model's name on the mesh (its files are under `dir/model`).
+    pub model: &'a str,
     /// The test's directory: the model under `model/`, each client's ledger beside it.
     pub dir: &'a Path,
     /// The client's namespace.
@@ -26,7 +28,7 @@ impl Client<'_> {
             "--bootstrap".into(),
             self.boot_addr.to_string(),
             "--model".into(),
-            MODEL.into(),
+            self.model.into(),
             "--model-dir".into(),
             self.dir.join("model").display().to_string(),
             "--ledger-dir".into(),
@@ -67,6 +69,8 @@ pub struct Run {
     pub text: String,
     /// `N tokens; prefill .. ms, per-token median .. ms, max .. ms; cost ..`
     pub stats: String,
+    /// With a draft model: the `speculation: ..` line.
+    pub speculation: Option<String>,
     /// The route print's hops (`blocks [a, b) on <peer> (<weights>)`).
     pub route: Vec<String>,
     pub wall: Duration,
@@ -127,6 +131,10 @@ pub async fn finish(mut proc: Proc, started: Instant, prompt: &str, limit: Durat
     Run {
         text: text.to_owned(),
         stats,
+        speculation: route
+            .lines()
+            .find(|l| l.starts_with("speculation:"))
+            .map(str::to_owned),
         route: route
             .lines()
             .filter(|l| l.trim_start().starts_with("blocks "))
