@@ -156,8 +156,9 @@ async fn generate_killing_middle(
     Ok(generation.generated().to_vec())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_middle_node_changes_nothing_when_a_fourth_serves_its_span() {
+/// Three servers and a fourth of the middle span, both middle ones live; the single
+/// process's tokens, and a client of the cluster.
+async fn two_servers_of_the_middle() -> (Cluster, Vec<u32>, p2p::Peer, ClientHead) {
     let spans = BlockRange::even_split(NUM_BLOCKS, 3);
     let mut cluster = Cluster::start(&spans).await;
     cluster.add_node(spans[1]).await;
@@ -173,6 +174,12 @@ async fn killing_the_middle_node_changes_nothing_when_a_fourth_serves_its_span()
         }
     })
     .await;
+    (cluster, want, client, head)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_middle_node_changes_nothing_when_a_fourth_serves_its_span() {
+    let (mut cluster, want, client, head) = two_servers_of_the_middle().await;
     let got = generate_killing_middle(
         &mut cluster,
         &client.client,
@@ -246,20 +253,7 @@ async fn a_node_told_no_span_takes_the_blocks_nobody_serves() {
 /// positions were rewound away), and the sampled tokens are still the single process's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_middle_node_mid_speculation_changes_nothing() {
-    let spans = BlockRange::even_split(NUM_BLOCKS, 3);
-    let mut cluster = Cluster::start(&spans).await;
-    cluster.add_node(spans[1]).await;
-    let want = reference(&cluster.model_dir());
-    let (client, head) = cluster.client().await;
-    let middle_span = spans[1];
-    wait_for(DROP_LIMIT, "both middle servers' heartbeats", || {
-        let c = client.client.clone();
-        async move {
-            let live = c.live_servers(&ModelId::new(MODEL)).await.ok()?;
-            (live.iter().filter(|s| s.span == middle_span).count() == 2).then_some(())
-        }
-    })
-    .await;
+    let (mut cluster, want, client, head) = two_servers_of_the_middle().await;
     // A draft that often disagrees (two random blocks, the same byte vocabulary), so
     // steps get rewound.
     let draft_dir = cluster.dir.path().join("draft");

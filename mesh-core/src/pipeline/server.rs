@@ -410,11 +410,7 @@ impl SpanServer {
         hidden: &WireTensor,
         now: Instant,
     ) -> SessionResponse {
-        let Some(state) = self
-            .sessions
-            .get_mut(&session)
-            .filter(|s| s.usage.client == client)
-        else {
+        let Some(state) = owned(&mut self.sessions, client, session) else {
             return SessionResponse::Refused(Refusal::UnknownSession);
         };
         let input = match hidden.to_tensor(&Device::Cpu) {
@@ -481,11 +477,7 @@ impl SpanServer {
         hidden: &WireTensor,
         now: Instant,
     ) -> SessionResponse {
-        let Some(state) = self
-            .sessions
-            .get_mut(&session)
-            .filter(|s| s.usage.client == client)
-        else {
+        let Some(state) = owned(&mut self.sessions, client, session) else {
             return SessionResponse::Refused(Refusal::UnknownSession);
         };
         let cached = state.cache.len();
@@ -560,6 +552,17 @@ impl SpanServer {
         self.stats.sessions_expired += expired.len() as u64;
         expired
     }
+}
+
+/// `session` if `client` opened it: another peer's session is as good as unknown.
+fn owned(
+    sessions: &mut HashMap<SessionId, Session>,
+    client: PeerId,
+    session: SessionId,
+) -> Option<&mut Session> {
+    sessions
+        .get_mut(&session)
+        .filter(|s| s.usage.client == client)
 }
 
 #[cfg(test)]
