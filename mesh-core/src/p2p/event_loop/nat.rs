@@ -175,6 +175,8 @@ impl EventLoop {
                 });
                 if let Some(id) = dialback {
                     self.nat.dialbacks.insert((peer, id));
+                    // At once where it can be; else on a later tick.
+                    self.close_answered_dialbacks();
                 }
             }
             autonat::Event::InboundProbe(e) => tracing::debug!("AutoNAT probe for a peer: {e:?}"),
