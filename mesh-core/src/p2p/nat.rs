@@ -106,9 +106,9 @@ pub struct NatConfig {
     pub relays: Vec<Multiaddr>,
     /// Ask the router to map the listen port with UPnP.
     pub upnp: bool,
-    /// Let AutoNAT ask, and answer, peers at private addresses. Off on the internet (a
-    /// peer on the same LAN would call a node public that the internet cannot reach); on
-    /// in a LAN-only mesh or a test lab.
+    /// Let AutoNAT ask, and answer, peers at private addresses, and dial a relayed peer at
+    /// its loopback addresses too. Off on the internet (a peer on the same LAN would call a
+    /// node public that the internet cannot reach); on in a LAN-only mesh or a test lab.
     pub autonat_private_ips: bool,
     /// First AutoNAT probe this long after start (peers need a moment to connect).
     pub autonat_boot_delay: Duration,

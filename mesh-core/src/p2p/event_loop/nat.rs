@@ -28,6 +28,9 @@ pub(super) struct NatState {
     /// Relays to reserve on: configured ones, else the bootstraps.
     relays: Vec<(PeerId, Multiaddr)>,
     direct_retry: Duration,
+    /// A LAN-only mesh or a test lab ([`NatConfig::autonat_private_ips`]): a relayed
+    /// peer's loopback addresses are worth a direct dial too (it shares this machine).
+    private_ips: bool,
     autonat: autonat::NatStatus,
     /// Circuit listeners asked for, by relay.
     listeners: HashMap<ListenerId, PeerId>,
@@ -73,6 +76,7 @@ impl NatState {
             mode: cfg.relay_mode,
             relays,
             direct_retry: cfg.direct_retry,
+            private_ips: cfg.autonat_private_ips,
             autonat: autonat::NatStatus::Unknown,
             listeners: HashMap::new(),
             relay_addrs: HashMap::new(),
@@ -110,6 +114,21 @@ impl NatState {
                 RelayMode::Never => false,
                 RelayMode::Auto => matches!(self.autonat, autonat::NatStatus::Private),
             }
+    }
+
+    /// The addresses among a peer's own (identify) that a direct dial could reach.
+    fn dialable(&self, addrs: &[Multiaddr]) -> Vec<Multiaddr> {
+        addrs
+            .iter()
+            .filter(|a| !nat::is_relayed(a))
+            .filter(|a| match reachability::scope(a) {
+                Scope::Public | Scope::Private | Scope::Unknown => true,
+                Scope::Loopback => self.private_ips,
+                Scope::Unspecified => false,
+            })
+            .take(MAX_DIRECT_ADDRS)
+            .cloned()
+            .collect()
     }
 
     /// A peer whose every connection goes through a relay.
@@ -388,18 +407,7 @@ impl EventLoop {
     /// A peer's own listen addresses (identify): the direct ones are kept to dial it
     /// directly while it is connected through a relay only.
     pub(super) fn nat_peer_addrs(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
-        let direct: Vec<Multiaddr> = addrs
-            .iter()
-            .filter(|a| !nat::is_relayed(a))
-            .filter(|a| {
-                matches!(
-                    reachability::scope(a),
-                    Scope::Public | Scope::Private | Scope::Unknown
-                )
-            })
-            .take(MAX_DIRECT_ADDRS)
-            .cloned()
-            .collect();
+        let direct = self.nat.dialable(addrs);
         if direct.is_empty() {
             self.nat.direct_addrs.remove(&peer);
         } else {
@@ -576,6 +584,30 @@ mod tests {
         n.mode = RelayMode::Never;
         n.autonat = autonat::NatStatus::Private;
         assert!(!n.wants_relays(Role::Server));
+    }
+
+    /// Loopback addresses reach a relayed peer only on this machine: dialled in a lab or
+    /// LAN-only mesh, never otherwise (they would reach this machine, not the peer).
+    #[test]
+    fn a_relayed_peers_loopback_addresses_are_dialled_only_in_a_lab() {
+        let addrs: Vec<Multiaddr> = [
+            "/ip4/127.0.0.1/tcp/4001",
+            "/ip4/192.168.1.5/tcp/4001",
+            "/ip4/203.0.113.9/tcp/4001",
+            "/ip4/0.0.0.0/tcp/4001",
+            "/ip4/203.0.113.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        let internet = NatState::new(&NatConfig::default(), &[], Instant::now());
+        assert_eq!(internet.dialable(&addrs), addrs[1..3].to_vec());
+        let lab = NatConfig {
+            autonat_private_ips: true,
+            ..NatConfig::default()
+        };
+        let lab = NatState::new(&lab, &[], Instant::now());
+        assert_eq!(lab.dialable(&addrs), addrs[..3].to_vec());
     }
 
     #[test]
