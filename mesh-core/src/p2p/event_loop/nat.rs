@@ -42,18 +42,24 @@ pub(super) struct NatState {
     backoff: HashMap<PeerId, (Instant, Duration)>,
     next_direct: Instant,
     upnp: UpnpState,
-    /// Each peer's connections, and whether each goes through a relay (`true`) and was
-    /// dialed by this peer (second field).
-    conns: HashMap<PeerId, HashMap<ConnectionId, (bool, bool)>>,
+    /// Each peer's connections.
+    conns: HashMap<PeerId, HashMap<ConnectionId, Conn>>,
     /// Connections this peer dialed only to answer a peer's AutoNAT probe. They are
     /// closed once answered: kept, they pile up (gossipsub keeps every connection to a
     /// mesh peer alive) until the per-peer connection limit denies the next dial-back,
     /// and a public peer is then told it is behind NAT.
     dialbacks: HashSet<(PeerId, ConnectionId)>,
-    /// The address each connection this peer dialed went to, to find a dial-back's.
-    dialed_addrs: HashMap<ConnectionId, Multiaddr>,
     /// Non-relayed addresses peers told us of (identify), to dial them directly again.
     direct_addrs: HashMap<PeerId, Vec<Multiaddr>>,
+}
+
+/// One connection as NAT traversal sees it.
+struct Conn {
+    /// It goes through a relay.
+    relayed: bool,
+    /// The address this peer dialed it at (`None`: the peer dialed us); a dial-back is
+    /// found by it.
+    dialed: Option<Multiaddr>,
 }
 
 impl NatState {
@@ -90,7 +96,6 @@ impl NatState {
             },
             conns: HashMap::new(),
             dialbacks: HashSet::new(),
-            dialed_addrs: HashMap::new(),
             direct_addrs: HashMap::new(),
         }
     }
@@ -135,7 +140,7 @@ impl NatState {
     fn only_relayed(&self, peer: &PeerId) -> bool {
         self.conns
             .get(peer)
-            .is_some_and(|c| !c.is_empty() && c.values().all(|(relayed, _)| *relayed))
+            .is_some_and(|c| !c.is_empty() && c.values().all(|c| c.relayed))
     }
 }
 
@@ -186,9 +191,7 @@ impl EventLoop {
                 // The newest connection dialed to that address is the dial-back.
                 let dialback = self.nat.conns.get(&peer).and_then(|c| {
                     c.iter()
-                        .filter(|(id, (relayed, dialer))| {
-                            *dialer && !relayed && self.nat.dialed_addrs.get(id) == Some(&address)
-                        })
+                        .filter(|(_, c)| !c.relayed && c.dialed.as_ref() == Some(&address))
                         .map(|(id, _)| *id)
                         .max()
                 });
@@ -373,18 +376,16 @@ impl EventLoop {
         relayed: bool,
         dialed: Option<&Multiaddr>,
     ) {
-        self.nat
-            .conns
-            .entry(peer)
-            .or_default()
-            .insert(id, (relayed, dialed.is_some()));
-        if let Some(addr) = dialed {
-            self.nat.dialed_addrs.insert(id, addr.clone());
-        }
+        self.nat.conns.entry(peer).or_default().insert(
+            id,
+            Conn {
+                relayed,
+                dialed: dialed.cloned(),
+            },
+        );
     }
 
     pub(super) fn nat_connection_closed(&mut self, peer: PeerId, id: ConnectionId) {
-        self.nat.dialed_addrs.remove(&id);
         self.nat.dialbacks.remove(&(peer, id));
         if let Some(c) = self.nat.conns.get_mut(&peer) {
             c.remove(&id);
@@ -401,7 +402,7 @@ impl EventLoop {
             .conns
             .get(peer)
             .and_then(|c| c.get(&id))
-            .is_some_and(|(relayed, _)| *relayed)
+            .is_some_and(|c| c.relayed)
     }
 
     /// A peer's own listen addresses (identify): the direct ones are kept to dial it
@@ -495,17 +496,17 @@ impl EventLoop {
     /// up and no request of ours waits on that peer, so that sessions continue directly
     /// (request-response spreads requests over all of a peer's connections).
     fn close_superseded_relayed(&mut self) {
-        let busy: HashSet<PeerId> = self.pending_requests.values().map(|(p, _, _)| *p).collect();
+        let busy = self.busy_peers();
         let mut to_close = Vec::new();
         for (peer, conns) in &self.nat.conns {
-            let has_direct = conns.values().any(|(relayed, _)| !relayed);
+            let has_direct = conns.values().any(|c| !c.relayed);
             if !has_direct || busy.contains(peer) {
                 continue;
             }
             to_close.extend(
                 conns
                     .iter()
-                    .filter(|(_, (relayed, dialer))| *relayed && *dialer)
+                    .filter(|(_, c)| c.relayed && c.dialed.is_some())
                     .map(|(id, _)| (*peer, *id)),
             );
         }
@@ -519,9 +520,12 @@ impl EventLoop {
             }
         }
     }
-}
 
-impl EventLoop {
+    /// Peers a request of ours waits on: none of their connections is closed under it.
+    fn busy_peers(&self) -> HashSet<PeerId> {
+        self.pending_requests.values().map(|(p, _, _)| *p).collect()
+    }
+
     /// Closes the connections dialed to answer AutoNAT probes, each once its peer has
     /// another connection and no request of ours waits on that peer (request-response
     /// may have put one on it). A dial-back that became a peer's only connection stays.
@@ -529,7 +533,7 @@ impl EventLoop {
         if self.nat.dialbacks.is_empty() {
             return;
         }
-        let busy: HashSet<PeerId> = self.pending_requests.values().map(|(p, _, _)| *p).collect();
+        let busy = self.busy_peers();
         let answered: Vec<(PeerId, ConnectionId)> = self.nat.dialbacks.iter().copied().collect();
         for (peer, id) in answered {
             let others = self
