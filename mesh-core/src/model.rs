@@ -49,7 +49,7 @@ pub use gguf_export::write_gguf;
 pub use head::ClientHead;
 pub use local::{GenerationOutput, LocalModel};
 pub use quant::Quantization;
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{Sampler, SamplingParams, TokenDistribution};
 pub use span::SpanModel;
 pub use tokenizer::{MeshTokenizer, TextStream};
 pub use weights::{parse_dtype, ModelFiles, WeightFormat, Weights};

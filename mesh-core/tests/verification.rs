@@ -38,7 +38,8 @@ fn params() -> SamplingParams {
     }
 }
 
-/// Serve `span` like a node, but add 5% of noise to every decode step's output (and sign
+/// Serve `span` like a node, but add 5% of noise to every step's output after the prefill
+/// (and sign
 /// the altered output, as a cheater must: the client checks signatures on every step).
 async fn start_liar(
     model_dir: &std::path::Path,
@@ -111,7 +112,7 @@ async fn start_liar(
                 },
             ) = (sent, &mut response)
             {
-                if hidden.shape[1] == 1 {
+                if start_pos > 0 {
                     let t = hidden.to_tensor(&Device::Cpu).unwrap();
                     let bent = (&t + (t.abs().unwrap() * 0.05).unwrap()).unwrap();
                     *hidden = wire::WireTensor::from_tensor(&bent).unwrap();
@@ -131,13 +132,29 @@ async fn start_liar(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_liar_checked_against_local_weights_is_caught_banned_and_never_paid() {
-    let ev = catch_the_liar(true, 1).await;
+    let ev = catch_the_liar(true, 1, false).await;
     assert_eq!(ev.reference, Reference::Local);
+}
+
+/// Checking covers a draft's multi-position steps: the liar bends them, is caught, and
+/// the greedy output is the single process's, rejected positions rewound on the hop and
+/// on the check's own state alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_is_caught_under_speculation_checked_against_local_weights() {
+    let ev = catch_the_liar(true, 1, true).await;
+    assert_eq!(ev.reference, Reference::Local);
+}
+
+/// The same against other servers: the witness drops rejected positions as the hop does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_is_caught_under_speculation_checked_against_other_servers() {
+    let ev = catch_the_liar(false, 2, true).await;
+    assert!(matches!(ev.reference, Reference::Witness { .. }));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_liar_checked_against_other_servers_is_outvoted_and_caught() {
-    let ev = catch_the_liar(false, 2).await;
+    let ev = catch_the_liar(false, 2, false).await;
     let Reference::Witness {
         peer,
         session,
@@ -169,13 +186,21 @@ fn checking(rate: f64) -> SessionConfig {
 /// The tiny model written under `root`: its directory, files, the client's head, and what
 /// one process generates from [`PROMPT`].
 fn tiny_model(root: &std::path::Path) -> (std::path::PathBuf, ModelFiles, ClientHead, Vec<u32>) {
+    tiny_model_with(root, &params())
+}
+
+/// [`tiny_model`], generating with `params`.
+fn tiny_model_with(
+    root: &std::path::Path,
+    params: &SamplingParams,
+) -> (std::path::PathBuf, ModelFiles, ClientHead, Vec<u32>) {
     let model_dir = root.join("model");
     tiny::write(&model_dir).unwrap();
     let files = ModelFiles::open(&model_dir).unwrap();
     let head = ClientHead::load(&files, DType::F32, &Device::Cpu).unwrap();
     let want = LocalModel::load_split(&model_dir, 1, &Device::Cpu)
         .unwrap()
-        .generate_ids(PROMPT.to_vec(), &params(), |_| {})
+        .generate_ids(PROMPT.to_vec(), params, |_| {})
         .unwrap()
         .generated()
         .to_vec();
@@ -184,14 +209,25 @@ fn tiny_model(root: &std::path::Path) -> (std::path::PathBuf, ModelFiles, Client
 
 /// A mesh whose middle span is served by the liar (alone when the session opens, so the
 /// route goes through it) and then by `honest_middles` honest servers; a generation with
-/// half the steps checked, locally or against other servers. Returns the evidence kept.
-async fn catch_the_liar(check_locally: bool, honest_middles: usize) -> ledger::Evidence {
+/// half the steps checked, locally or against other servers, and with a draft model when
+/// `speculate` (greedy then, so the output is the single process's whatever the draft).
+/// Returns the evidence kept.
+async fn catch_the_liar(
+    check_locally: bool,
+    honest_middles: usize,
+    speculate: bool,
+) -> ledger::Evidence {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("warn,mesh_core=info")
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().unwrap();
-    let (model_dir, files, head, want) = tiny_model(dir.path());
+    let params = if speculate {
+        SamplingParams::greedy(24)
+    } else {
+        params()
+    };
+    let (model_dir, files, head, want) = tiny_model_with(dir.path(), &params);
 
     // The liar is the only server of the middle span when the session opens, so the
     // route goes through it; the honest server joins right after.
@@ -254,10 +290,40 @@ async fn catch_the_liar(check_locally: bool, honest_middles: usize) -> ledger::E
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let mut generation = Generation::new(PROMPT.to_vec(), params(), 512).unwrap();
-    pipeline::generate(&head, &mut session, &mut generation, |_| {})
+    let mut generation = Generation::new(PROMPT.to_vec(), params, 512).unwrap();
+    if speculate {
+        // A draft that often disagrees (two random blocks, the same byte vocabulary), so
+        // checked positions get rewound.
+        let draft_dir = dir.path().join("draft");
+        let mut cfg = tiny::config();
+        cfg.num_hidden_layers = 2;
+        tiny::write_random(&draft_dir, &cfg).unwrap();
+        let draft = pipeline::DraftModel::load(&draft_dir, cfg.vocab_size).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let stats = pipeline::generate_speculative(
+            &head,
+            &mut session,
+            &mut generation,
+            &draft,
+            4,
+            512,
+            &tx,
+        )
         .await
         .unwrap();
+        drop(tx);
+        drain.await.unwrap();
+        println!("{stats:?}");
+        assert!(
+            stats.proposed > stats.accepted,
+            "nothing rewound: {stats:?}"
+        );
+    } else {
+        pipeline::generate(&head, &mut session, &mut generation, |_| {})
+            .await
+            .unwrap();
+    }
     assert_eq!(
         generation.generated(),
         want.as_slice(),

@@ -4,7 +4,7 @@
 //! driver asks for the next input, runs it through the blocks however it likes, and
 //! hands back the last position's logits.
 
-use super::{ModelError, Sampler, SamplingParams};
+use super::{ModelError, Sampler, SamplingParams, TokenDistribution};
 
 /// Why a generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -68,8 +68,46 @@ impl Generation {
         if self.finished.is_some() {
             return None;
         }
-        self.fed = self.tokens.len();
         let token = self.sampler.sample(logits, &self.tokens);
+        self.accept(token)
+    }
+
+    /// The distribution the next token would be drawn from after `logits`, were the
+    /// tokens so far followed by `pending` (a draft's proposals not yet checked).
+    pub fn distribution(&self, logits: &[f32], pending: &[u32]) -> TokenDistribution {
+        if pending.is_empty() {
+            return self.sampler.distribution(logits, &self.tokens);
+        }
+        let history = [&self.tokens[..], pending].concat();
+        self.sampler.distribution(logits, &history)
+    }
+
+    /// A draft's proposal drawn from `distribution` with this generation's random
+    /// stream, so that a seeded speculative run is reproducible.
+    pub fn draw(&mut self, distribution: &TokenDistribution) -> u32 {
+        self.sampler.draw(distribution)
+    }
+
+    /// Like [`Generation::accept_logits`], for a position where a draft proposed
+    /// `proposed` from `draft`: the token is the proposal or its replacement under the
+    /// speculative-sampling rule ([`super::Sampler::verify_proposal`]), and the flag says
+    /// which. `None` when it was a stop token.
+    pub fn accept_proposal(
+        &mut self,
+        logits: &[f32],
+        proposed: u32,
+        draft: &TokenDistribution,
+    ) -> Option<(u32, bool)> {
+        if self.finished.is_some() {
+            return None;
+        }
+        let target = self.distribution(logits, &[]);
+        let (token, kept) = self.sampler.verify_proposal(proposed, draft, &target);
+        self.accept(token).map(|token| (token, kept))
+    }
+
+    fn accept(&mut self, token: u32) -> Option<u32> {
+        self.fed = self.tokens.len();
         if self.sampler.params().stop_tokens.contains(&token) {
             self.finished = Some(FinishReason::Stop);
             return None;

@@ -56,6 +56,58 @@ impl SamplingParams {
     }
 }
 
+/// A next-token distribution: the tokens that may come, most likely first, with their
+/// weights (probabilities up to a common factor; tokens not listed have none).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenDistribution {
+    weights: Vec<(u32, f32)>,
+    total: f32,
+}
+
+impl TokenDistribution {
+    fn new(weights: Vec<(u32, f32)>) -> Self {
+        let total = weights.iter().map(|(_, w)| w).sum();
+        Self { weights, total }
+    }
+
+    /// All the mass on `token`.
+    pub fn certain(token: u32) -> Self {
+        Self::new(vec![(token, 1.0)])
+    }
+
+    /// The probability of `token`.
+    pub fn probability(&self, token: u32) -> f32 {
+        if self.total <= 0.0 {
+            return 0.0;
+        }
+        self.weights
+            .iter()
+            .find(|(id, _)| *id == token)
+            .map_or(0.0, |(_, w)| w / self.total)
+    }
+
+    /// Every token that may come, most likely first, with its probability.
+    pub fn probabilities(&self) -> impl Iterator<Item = (u32, f32)> + '_ {
+        let total = self.total;
+        self.weights.iter().map(move |&(id, w)| (id, w / total))
+    }
+
+    /// max(0, self − other), to be normalised by the draw; `self` again when nothing is
+    /// left (the two are equal up to rounding).
+    fn residual(&self, other: &TokenDistribution) -> TokenDistribution {
+        let weights: Vec<(u32, f32)> = self
+            .weights
+            .iter()
+            .map(|&(id, _)| (id, self.probability(id) - other.probability(id)))
+            .filter(|(_, w)| *w > 0.0)
+            .collect();
+        if weights.is_empty() {
+            return self.clone();
+        }
+        Self::new(weights)
+    }
+}
+
 /// A seeded sampler; one per generation so results are reproducible.
 #[derive(Clone, Debug)]
 pub struct Sampler {
@@ -75,10 +127,18 @@ impl Sampler {
 
     /// Pick the next token given the logits of the last position and the sequence so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let distribution = self.distribution(logits, history);
+        self.draw(&distribution)
+    }
+
+    /// The distribution [`Sampler::sample`] draws from: the logits after the repetition
+    /// penalty, temperature, top-k and top-p. Greedy decoding gives all the mass to the
+    /// argmax.
+    pub fn distribution(&self, logits: &[f32], history: &[u32]) -> TokenDistribution {
         let mut logits = logits.to_vec();
         self.apply_repetition_penalty(&mut logits, history);
         if self.params.temperature <= 0.0 {
-            return argmax(&logits);
+            return TokenDistribution::certain(argmax(&logits));
         }
         let t = self.params.temperature;
         let mut candidates: Vec<(u32, f32)> = logits
@@ -88,7 +148,7 @@ impl Sampler {
             .map(|(i, &l)| (i as u32, l / t))
             .collect();
         if candidates.is_empty() {
-            return argmax(&logits);
+            return TokenDistribution::certain(argmax(&logits));
         }
         // Most likely first; ties broken by token id so the order is total and stable.
         candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -111,15 +171,44 @@ impl Sampler {
             probs.truncate(keep);
             candidates.truncate(keep);
         }
-        let total: f32 = probs.iter().sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for ((id, _), p) in candidates.iter().zip(&probs) {
+        TokenDistribution::new(candidates.iter().map(|(id, _)| *id).zip(probs).collect())
+    }
+
+    /// One token drawn from `distribution` (no draw at all when one token holds all the
+    /// mass, so greedy decoding leaves the random stream untouched).
+    pub fn draw(&mut self, distribution: &TokenDistribution) -> u32 {
+        let weights = &distribution.weights;
+        if weights.len() == 1 {
+            return weights[0].0;
+        }
+        let mut r = self.rng.random::<f32>() * distribution.total;
+        for (id, p) in weights {
             if r < *p {
                 return *id;
             }
             r -= p;
         }
-        candidates[candidates.len() - 1].0
+        weights[weights.len() - 1].0
+    }
+
+    /// Speculative sampling's check of a draft token `proposed`, drawn from the draft's
+    /// distribution `draft`, against the target's `target`: keep it with probability
+    /// min(1, p/q), else draw a replacement from the normalised residual max(0, p − q).
+    /// The token that comes out is distributed exactly as `target` (Leviathan et al.,
+    /// 2023); greedy on both sides, it is the target's argmax, kept when the draft's.
+    /// Returns the token and whether it is the proposal.
+    pub fn verify_proposal(
+        &mut self,
+        proposed: u32,
+        draft: &TokenDistribution,
+        target: &TokenDistribution,
+    ) -> (u32, bool) {
+        let (p, q) = (target.probability(proposed), draft.probability(proposed));
+        let keep = p >= q || (p > 0.0 && self.rng.random::<f32>() * q < p);
+        if keep {
+            return (proposed, true);
+        }
+        (self.draw(&target.residual(draft)), false)
     }
 
     fn apply_repetition_penalty(&self, logits: &mut [f32], history: &[u32]) {
@@ -196,6 +285,100 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(s.sample(&[0.0, 0.0, 10.0, 0.0], &[]), 2);
         }
+    }
+
+    /// Pearson's chi-square of `counts` against `probabilities` over `n` draws.
+    fn chi_square(counts: &[usize], probabilities: &[f64], n: usize) -> f64 {
+        counts
+            .iter()
+            .zip(probabilities)
+            .map(|(&c, &p)| {
+                let expected = p * n as f64;
+                (c as f64 - expected).powi(2) / expected
+            })
+            .sum()
+    }
+
+    #[test]
+    fn speculative_sampling_draws_from_the_target_whatever_the_draft() {
+        // Target p over five tokens; drafts that overweight, underweight, miss tokens the
+        // target has and propose tokens it never takes.
+        let target = [0.4f64, 0.25, 0.2, 0.1, 0.05];
+        let drafts: [[f64; 6]; 3] = [
+            [0.1, 0.1, 0.1, 0.1, 0.1, 0.5],
+            [0.9, 0.05, 0.05, 0.0, 0.0, 0.0],
+            [0.4, 0.25, 0.2, 0.1, 0.05, 0.0],
+        ];
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+            seed: 11,
+            ..SamplingParams::default()
+        };
+        let logits = |p: &[f64]| -> Vec<f32> {
+            p.iter()
+                .map(|&p| {
+                    if p > 0.0 {
+                        p.ln() as f32
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+                .collect()
+        };
+        let mut s = Sampler::new(params);
+        let mut target_logits = logits(&target);
+        target_logits.push(f32::NEG_INFINITY);
+        let p = s.distribution(&target_logits, &[]);
+        const DRAWS: usize = 20_000;
+        // 5 categories, 4 degrees of freedom: P(chi2 > 18.47) = 0.001 for a right rule.
+        const BOUND: f64 = 18.47;
+        for draft in drafts {
+            let q = s.distribution(&logits(&draft), &[]);
+            let mut counts = [0usize; 5];
+            let mut kept = 0;
+            for _ in 0..DRAWS {
+                let proposed = s.draw(&q);
+                let (token, was_kept) = s.verify_proposal(proposed, &q, &p);
+                counts[token as usize] += 1;
+                kept += usize::from(was_kept);
+            }
+            let chi2 = chi_square(&counts, &target, DRAWS);
+            assert!(
+                chi2 < BOUND,
+                "draft {draft:?}: counts {counts:?}, chi2 {chi2:.1}"
+            );
+            // Acceptance is sum(min(p, q)), the overlap of the two.
+            let overlap: f64 = target.iter().zip(draft).map(|(a, b)| a.min(b)).sum();
+            let rate = kept as f64 / DRAWS as f64;
+            assert!(
+                (rate - overlap).abs() < 0.02,
+                "kept {rate}, overlap {overlap}"
+            );
+        }
+        // A rule that kept every proposal would fail the bound: the first draft's own
+        // draws are far from the target.
+        let q = s.distribution(&logits(&drafts[0]), &[]);
+        let mut counts = [0usize; 5];
+        let mut n = 0;
+        for _ in 0..DRAWS {
+            let token = s.draw(&q) as usize;
+            if token < 5 {
+                counts[token] += 1;
+                n += 1;
+            }
+        }
+        assert!(chi_square(&counts, &target, n) > BOUND);
+    }
+
+    #[test]
+    fn greedy_speculation_keeps_only_the_argmax() {
+        let mut s = Sampler::new(SamplingParams::greedy(1));
+        let p = s.distribution(&[0.0, 2.0, 1.0], &[]);
+        let q = s.distribution(&[3.0, 2.0, 1.0], &[]);
+        assert_eq!(s.verify_proposal(0, &q, &p), (1, false));
+        assert_eq!(s.verify_proposal(1, &p, &p), (1, true));
     }
 
     #[test]

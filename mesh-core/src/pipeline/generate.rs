@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::speculative::DraftState;
 use super::{Hop, PipelineError, RemoteSession};
 use crate::model::{ClientHead, Generation};
 
@@ -35,7 +36,7 @@ pub async fn generate(
     generation: &mut Generation,
     mut on_token: impl FnMut(TokenEvent),
 ) -> Result<(), PipelineError> {
-    run(head, session, generation, |event| {
+    run(head, session, generation, None, |event| {
         on_token(event);
         std::future::ready(true)
     })
@@ -50,21 +51,22 @@ pub async fn generate_into(
     generation: &mut Generation,
     tokens: &mpsc::Sender<TokenEvent>,
 ) -> Result<(), PipelineError> {
-    run(head, session, generation, |event| {
+    run(head, session, generation, None, |event| {
         let tokens = tokens.clone();
         async move { tokens.send(event).await.is_ok() }
     })
     .await
 }
 
-/// The generation loop. With checking on, a token is shown only once every hop's answer
-/// behind it was confirmed ([`RemoteSession::checked_positions`]), and the generation
-/// rewinds to a saved state when a server is caught, so what is shown is always what
-/// honest servers give.
-async fn run<F: Future<Output = bool>>(
+/// The generation loop, with a draft proposing tokens when there is one. With checking
+/// on, a token is shown only once every hop's answer behind it was confirmed
+/// ([`RemoteSession::checked_positions`]), and the generation rewinds to a saved state
+/// when a server is caught, so what is shown is always what honest servers give.
+pub(super) async fn run<F: Future<Output = bool>>(
     head: &ClientHead,
     session: &mut RemoteSession,
     generation: &mut Generation,
+    mut draft: Option<&mut DraftState<'_>>,
     mut on_token: impl FnMut(TokenEvent) -> F,
 ) -> Result<(), PipelineError> {
     // (positions fed before the step, state then) and (positions behind a token, token).
@@ -72,30 +74,33 @@ async fn run<F: Future<Output = bool>>(
     let mut held: VecDeque<(usize, TokenEvent)> = VecDeque::new();
     loop {
         let stepped = match generation.next_input() {
-            Some((input, start)) => {
+            Some((_, start)) => {
                 if session.verifying() {
                     saved.push((start, generation.clone()));
                 }
                 let started = Instant::now();
-                let hidden = head.embed(input)?;
-                let seq = input.len();
-                match session.step(hidden, start as u32).await {
-                    Ok(out) => {
-                        let logits = head.last_logits(&out)?;
-                        if let Some(token) = generation.accept_logits(&logits) {
-                            let event = TokenEvent {
-                                token,
-                                index: generation.generated().len() - 1,
-                                latency: started.elapsed(),
-                                route: session.route(),
-                                cost_so_far: 0,
-                            };
-                            held.push_back((start + seq, event));
-                        }
-                        Ok(false)
+                let made = match draft.as_deref_mut() {
+                    Some(draft) => draft.step(head, session, generation).await,
+                    None => step(head, session, generation)
+                        .await
+                        .map(|made| made.into_iter().collect()),
+                };
+                made.map(|made| {
+                    // The step's time, shared by the tokens it made.
+                    let latency = started.elapsed() / made.len().max(1) as u32;
+                    let first = generation.generated().len() - made.len();
+                    for (j, (behind, token)) in made.into_iter().enumerate() {
+                        let event = TokenEvent {
+                            token,
+                            index: first + j,
+                            latency,
+                            route: session.route(),
+                            cost_so_far: 0,
+                        };
+                        held.push_back((behind, event));
                     }
-                    Err(e) => Err(e),
-                }
+                    false
+                })
             }
             None => session.check_all().await.map(|()| true),
         };
@@ -109,6 +114,9 @@ async fn run<F: Future<Output = bool>>(
                 *generation = saved[at].1.clone();
                 saved.truncate(at);
                 held.retain(|(behind, _)| *behind <= position);
+                if let Some(draft) = draft.as_deref_mut() {
+                    draft.rewound(position);
+                }
                 continue;
             }
             Err(e) => return Err(e),
@@ -133,4 +141,22 @@ async fn run<F: Future<Output = bool>>(
             return Ok(());
         }
     }
+}
+
+/// One step without a draft: the generation's next input through the mesh, one token
+/// out, with the number of positions its logits rest on.
+async fn step(
+    head: &ClientHead,
+    session: &mut RemoteSession,
+    generation: &mut Generation,
+) -> Result<Option<(usize, u32)>, PipelineError> {
+    let Some((input, start)) = generation.next_input() else {
+        return Ok(None);
+    };
+    let behind = start + input.len();
+    let out = session.step(head.embed(input)?, start as u32).await?;
+    let logits = head.last_logits(&out)?;
+    Ok(generation
+        .accept_logits(&logits)
+        .map(|token| (behind, token)))
 }

@@ -142,10 +142,11 @@ impl RemoteSession {
             start_pos: start_pos as u32,
             claimed: *attestation,
             claimed_output: WireTensor::from_tensor(claimed)?,
+            // The rows compared; the claim is whole, as the server signed it.
             reference_output: WireTensor::from_tensor(&first.output.narrow(
                 1,
                 start_pos - first.from,
-                claimed.dim(1)?,
+                h.history[step].dim(1)?,
             )?)?,
             reference: first.reference,
             difference,
@@ -168,9 +169,10 @@ impl RemoteSession {
         let h = &self.hops[i];
         let mut at = h.positions(h.checked);
         for (step, (claimed, _)) in h.claims.iter().enumerate().skip(h.checked) {
-            let seq = claimed.dim(1)?;
+            // A step a draft's rejection cut short is compared on the rows that stand.
+            let seq = h.history[step].dim(1)?;
             let expected = reference.output.narrow(1, at - reference.from, seq)?;
-            let difference = relative_difference(claimed, &expected)?;
+            let difference = relative_difference(&claimed.narrow(1, 0, seq)?, &expected)?;
             if difference > self.cfg.verify.tolerance {
                 return Ok(Some((step, difference)));
             }
@@ -188,8 +190,14 @@ impl RemoteSession {
     ) -> Result<Opinion, PipelineError> {
         let h = &mut self.hops[i];
         let from = h.positions(h.checked);
-        // The state must end exactly where the unchecked steps begin; else start over.
-        let mut shadow = h.shadow.take().filter(|c| c.len() == from);
+        // The state must end exactly where the unchecked steps begin (cut back past a
+        // draft's rejected positions); else start over.
+        let mut shadow = h.shadow.take().and_then(|mut c| {
+            if c.len() > from {
+                c.truncate(from);
+            }
+            (c.len() == from).then_some(c)
+        });
         let (start, first_step) = match shadow {
             Some(_) => (from, h.checked),
             None => (0, 0),
@@ -220,17 +228,21 @@ impl RemoteSession {
         let h = &mut self.hops[i];
         let (hop, from, kept) = (h.hop, h.positions(h.checked), h.witness.take());
         if let Some(mut w) = kept {
-            if w.positions != from || self.banned.contains(&w.hop.peer) {
-                // Out of step with the hop: close it; a fresh witness starts over.
+            if w.positions < from || self.banned.contains(&w.hop.peer) {
+                // Behind the hop: close it; a fresh witness starts over.
                 self.close_session(w.hop.peer, w.session, w.tally, w.pending)
                     .await;
             } else {
                 let input = Tensor::cat(&self.hops[i].history[self.hops[i].checked..], 1)?;
+                // Ahead when a draft's rejected positions were checked: the witness drops
+                // them in the same message, as the hop did.
+                let rewind = w.positions > from;
                 match self
-                    .forward(w.hop.peer, w.session, &input, from as u32, false)
+                    .forward(w.hop.peer, w.session, &input, from as u32, rewind)
                     .await
                 {
                     Ok((output, receipt, attestation)) => {
+                        w.positions = from;
                         w.took(input.dim(1)?, receipt);
                         let reference = witnessed(&w, from, attestation);
                         self.hops[i].witness = Some(w);

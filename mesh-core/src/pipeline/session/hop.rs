@@ -62,8 +62,10 @@ impl HopState {
     }
 
     /// Forget the inputs from position `positions` on (a draft's rejected tokens): a
-    /// replacement server is replayed only what stands. Nothing is checked or claimed
-    /// past them (speculation runs without checking).
+    /// replacement server is replayed only what stands, and checks compare only the
+    /// answers to it. A step cut short keeps its whole signed answer, as evidence must,
+    /// and checks compare its first rows; the KV states of checks past the cut are cut
+    /// back when the next check runs ([`super::audit`]).
     pub(super) fn truncate_history(&mut self, positions: usize) -> Result<(), candle_core::Error> {
         let mut kept = 0;
         let mut steps = 0;
@@ -75,8 +77,9 @@ impl HopState {
             kept += n;
             steps += 1;
         }
+        let cut = positions.saturating_sub(kept);
         let partial = match self.history.get(steps) {
-            Some(t) if kept < positions => Some(t.narrow(1, 0, positions - kept)?),
+            Some(t) if cut > 0 => Some(t.narrow(1, 0, cut)?),
             _ => None,
         };
         self.history.truncate(steps);
