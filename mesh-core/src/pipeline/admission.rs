@@ -187,6 +187,36 @@ mod tests {
         assert!(a.admit(peer, t0 + Duration::from_millis(100)).is_err());
     }
 
+    /// A client's decode steps are requests: a limit meant for floods must not cap an
+    /// honest client's tokens per second. One session decoding at 1000 tokens/s (a small
+    /// model on a fast GPU, or the tiny one on a CPU), and a gateway peer with 16 sessions
+    /// at 250 tokens/s each, are admitted every time for 5 s under the default limits.
+    #[test]
+    fn default_limits_never_throttle_a_client_decoding_fast() {
+        let limits = ServerLimits::default();
+        for (sessions, every) in [
+            (1, Duration::from_millis(1)),
+            (16, Duration::from_millis(4)),
+        ] {
+            let mut a = Admission::new(&limits);
+            let (peer, t0) = (PeerId::random(), Instant::now());
+            let steps = Duration::from_secs(5).as_micros() / every.as_micros();
+            for step in 0..steps as u32 {
+                let now = t0 + every * step;
+                for _ in 0..sessions {
+                    assert_eq!(
+                        a.admit(peer, now),
+                        Ok(()),
+                        "{sessions} sessions, step {step}"
+                    );
+                }
+                for _ in 0..sessions {
+                    a.finish(&peer);
+                }
+            }
+        }
+    }
+
     #[test]
     fn one_peer_cannot_hold_more_than_its_share_of_the_queue() {
         let mut a = Admission::new(&limits(1000, 1000, 2));

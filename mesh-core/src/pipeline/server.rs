@@ -47,8 +47,12 @@ impl Default for ServerLimits {
             cache_budget_bytes: 1 << 30,
             idle_timeout: Duration::from_secs(120),
             max_len: 2048,
-            requests_per_second: 200,
-            request_burst: 400,
+            // Every decode step of every session is a request: 16 sessions of one peer
+            // (a gateway) at a few hundred tokens/s each. 200/s capped one client's
+            // decoding through a server at 200 tokens/s, 5 ms a token on loopback.
+            // Floods are held by the in-flight cap and the fair queue as well.
+            requests_per_second: 5000,
+            request_burst: 10000,
             // A session has one request in flight per hop: as many as a client may open.
             in_flight_per_peer: 16,
         }
