@@ -62,17 +62,26 @@ impl SamplingParams {
 pub struct TokenDistribution {
     weights: Vec<(u32, f32)>,
     total: f32,
+    /// Chosen without a draw (greedy): drawing from it leaves the random stream as it is.
+    fixed: bool,
 }
 
 impl TokenDistribution {
     fn new(weights: Vec<(u32, f32)>) -> Self {
         let total = weights.iter().map(|(_, w)| w).sum();
-        Self { weights, total }
+        Self {
+            weights,
+            total,
+            fixed: false,
+        }
     }
 
-    /// All the mass on `token`.
+    /// All the mass on `token`, chosen without a draw.
     pub fn certain(token: u32) -> Self {
-        Self::new(vec![(token, 1.0)])
+        Self {
+            fixed: true,
+            ..Self::new(vec![(token, 1.0)])
+        }
     }
 
     /// The probability of `token`.
@@ -95,6 +104,10 @@ impl TokenDistribution {
     /// max(0, self − other), to be normalised by the draw; `self` again when nothing is
     /// left (the two are equal up to rounding).
     fn residual(&self, other: &TokenDistribution) -> TokenDistribution {
+        if self.fixed {
+            // A rejected proposal is not this token, so the residual is all of it.
+            return self.clone();
+        }
         let weights: Vec<(u32, f32)> = self
             .weights
             .iter()
@@ -174,11 +187,12 @@ impl Sampler {
         TokenDistribution::new(candidates.iter().map(|(id, _)| *id).zip(probs).collect())
     }
 
-    /// One token drawn from `distribution` (no draw at all when one token holds all the
-    /// mass, so greedy decoding leaves the random stream untouched).
+    /// One token drawn from `distribution`. Greedy choices take no draw; a sampled one
+    /// takes exactly one, even when a single token is left, so a seed gives the text it
+    /// always gave.
     pub fn draw(&mut self, distribution: &TokenDistribution) -> u32 {
         let weights = &distribution.weights;
-        if weights.len() == 1 {
+        if distribution.fixed {
             return weights[0].0;
         }
         let mut r = self.rng.random::<f32>() * distribution.total;
