@@ -10,6 +10,13 @@
 //! - `whole/mesh-3-verify-{10,50,100}pct-local`, `whole/mesh-3-verify-{10,50,100}pct-witness`:
 //!   the same with that fraction of each hop's steps re-checked, against the client's own
 //!   weights or against a second server of the span (the mesh has two servers per span).
+//! - `hop/*`: what one hop of a step costs, apart: `encode` (the step and its answer
+//!   through the wire format and back), `transport` (a request and its answer between two
+//!   real swarms on loopback, answered at once by the event loop's task: no worker, no
+//!   model), and `mesh-1` (the whole model as one server's span, as a client sees it: the
+//!   same as `whole/local` plus one hop). `mesh-1` − `whole/local` is one hop's overhead;
+//!   what `encode` and `transport` do not explain of it is the worker hand-off and the
+//!   session's bookkeeping on both sides.
 //!
 //! Run: `cargo bench --bench per_token`.
 
@@ -20,9 +27,14 @@ use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use mesh_core::local_mesh::LocalMesh;
 use mesh_core::model::{tiny, ClientHead, LlamaConfig, ModelFiles, Quantization, SpanModel};
+use mesh_core::p2p::{self, Announcement, Event, Role};
 use mesh_core::pipeline::session::SessionContext;
-use mesh_core::pipeline::{LocalReference, RemoteSession, SessionConfig, VerifyConfig};
-use mesh_core::BlockRange;
+use mesh_core::pipeline::{
+    LocalReference, RemoteSession, SessionConfig, SessionRequest, SessionResponse, VerifyConfig,
+};
+use mesh_core::types::{ServerLoad, SessionId};
+use mesh_core::wire::{self, WireTensor};
+use mesh_core::{BlockRange, ModelId};
 
 /// Decode positions per session before it is restarted (the cache is preallocated).
 const SESSION_LEN: usize = 256;
@@ -203,9 +215,137 @@ fn whole_model(c: &mut Criterion) {
     rt.block_on(mesh.stop()).expect("stop");
 }
 
+/// A decode step's request and answer for the tiny model (hidden 128), as on the wire.
+fn step_messages() -> (SessionRequest, SessionResponse) {
+    let x = Tensor::randn(0f32, 1.0, (1, 1, 128), &Device::Cpu).expect("input");
+    let hidden = WireTensor::from_tensor(&x).expect("wire tensor");
+    let session = SessionId::random();
+    let request = SessionRequest::Forward {
+        session,
+        start_pos: 7,
+        hidden: hidden.clone(),
+    };
+    let response = SessionResponse::Hidden {
+        session,
+        hidden,
+        compute_micros: 100,
+        receipt: None,
+        attestation: None,
+    };
+    (request, response)
+}
+
+fn hop_costs(c: &mut Criterion) {
+    let dir = model_dir();
+    let files = ModelFiles::open(dir.path()).expect("model");
+    let head = ClientHead::load(&files, DType::F32, &Device::Cpu).expect("head");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut group = c.benchmark_group("hop");
+
+    let (request, response) = step_messages();
+    group.bench_function("encode", |b| {
+        b.iter(|| {
+            let bytes = wire::encode(&request).expect("encode");
+            let _: SessionRequest = wire::decode(&bytes, wire::FRAME_LIMIT).expect("decode");
+            let bytes = wire::encode(&response).expect("encode");
+            let _: SessionResponse = wire::decode(&bytes, wire::FRAME_LIMIT).expect("decode");
+        })
+    });
+
+    // Two swarms; the server answers every request at once with a step's answer.
+    let answer = wire::encode(&response).expect("encode");
+    let asked = wire::encode(&request).expect("encode");
+    let (server_id, client, stop) = rt.block_on(async {
+        let server = p2p::spawn(p2p_loopback(Role::Server))
+            .await
+            .expect("server");
+        let server_id = server.client.local_peer_id();
+        let addrs = server.client.listen_addrs().await.expect("addrs");
+        let client = p2p::spawn(p2p_loopback(Role::Client))
+            .await
+            .expect("client");
+        let ann = Announcement {
+            model: ModelId::new(tiny::TINY_MODEL_ID),
+            span: BlockRange::new(0, 8),
+            num_blocks: 8,
+            price_per_token: 0,
+            load: ServerLoad::default(),
+            capability: Default::default(),
+            quantization: String::new(),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(p2p::serve(
+            server,
+            ann,
+            async {
+                let _ = stopped.await;
+            },
+            move |client, event| {
+                if let Event::InboundRequest { channel, .. } = event {
+                    let (client, answer) = (client.clone(), answer.clone());
+                    tokio::spawn(async move {
+                        let _ = client.respond(channel, answer).await;
+                    });
+                }
+            },
+        ));
+        let addr = addrs[0].clone().with(p2p::Protocol::P2p(server_id));
+        client.client.dial(addr).await.expect("dial");
+        (server_id, client, stop)
+    });
+    group.bench_function("transport", |b| {
+        b.iter(|| {
+            rt.block_on(client.client.request(server_id, asked.clone()))
+                .expect("answer")
+        })
+    });
+    let _ = stop.send(());
+
+    let mesh = rt
+        .block_on(LocalMesh::start(dir.path(), &[BlockRange::new(0, 8)]))
+        .expect("mesh");
+    let mesh_client = rt.block_on(mesh.client()).expect("client");
+    group.bench_function("mesh-1", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                let mut done = 0;
+                while done < iters {
+                    let mut session = RemoteSession::open(
+                        mesh_client.client.clone(),
+                        mesh.model().clone(),
+                        8,
+                        SessionConfig::default(),
+                    )
+                    .await
+                    .expect("session");
+                    let steps = (iters - done).min(SESSION_LEN as u64);
+                    let start = Instant::now();
+                    for pos in 0..steps {
+                        let h = head.embed(&[65]).expect("embed");
+                        let h = session.step(h, pos as u32).await.expect("step");
+                        head.last_logits(&h).expect("logits");
+                    }
+                    total += start.elapsed();
+                    done += steps;
+                    session.close().await;
+                }
+                total
+            })
+        })
+    });
+    group.finish();
+    rt.block_on(mesh.stop()).expect("stop");
+}
+
+/// A swarm's settings on loopback with no bootstrap.
+fn p2p_loopback(role: Role) -> p2p::P2pConfig {
+    mesh_core::local_mesh::loopback_config(role, Vec::new())
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).measurement_time(Duration::from_secs(4));
-    targets = span_decode, span_formats, whole_model
+    targets = span_decode, span_formats, whole_model, hop_costs
 }
 criterion_main!(benches);

@@ -53,12 +53,16 @@ pub struct LocalMesh {
     pub device: Device,
 }
 
-/// A peer config listening on an ephemeral loopback port.
+/// A peer config listening on an ephemeral loopback port. Every peer of a loopback mesh
+/// shares one address, so the per-address connection limit is the total one: a lab with
+/// dozens of clients must not look like one host flooding.
 pub fn loopback_config(role: Role, bootstrap: Vec<Multiaddr>) -> P2pConfig {
     let mut cfg = P2pConfig::new(Identity::generate(), role);
     cfg.listen = vec![Multiaddr::from(std::net::Ipv4Addr::LOCALHOST).with(p2p::Protocol::Tcp(0))];
     cfg.bootstrap = bootstrap;
     cfg.heartbeat_interval = LOCAL_HEARTBEAT;
+    cfg.max_connections_per_ip = cfg.max_connections;
+    cfg.max_pending_connections_per_ip = cfg.max_connections;
     cfg
 }
 
