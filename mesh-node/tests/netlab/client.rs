@@ -67,7 +67,7 @@ impl Client<'_> {
 /// What one `mesh-client generate` printed, and how long it ran.
 pub struct Run {
     pub text: String,
-    /// `N tokens; prefill .. ms, per-token median .. ms, max .. ms; cost ..`
+    /// `N tokens; prefill .. ms, per-token median .. ms, mean .. ms, max .. ms; cost ..`
     pub stats: String,
     /// With a draft model: the `speculation: ..` line.
     pub speculation: Option<String>,
