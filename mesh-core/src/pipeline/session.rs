@@ -114,6 +114,9 @@ pub struct RemoteSession {
     too_short: HashMap<PeerId, u32>,
     /// Amount of the newest receipt countersigned for each (hop session, server).
     countersigned: HashMap<(SessionId, PeerId), u64>,
+    /// Countersigned receipts on their way back to their servers, off the steps' path
+    /// ([`RemoteSession::countersign_in_background`]); closing waits for them.
+    deliveries: tokio::task::JoinSet<()>,
     /// While checking: every hop the session routed through, with its checks.
     checks: Vec<HopChecks>,
 }
@@ -171,6 +174,7 @@ impl RemoteSession {
             caught: Vec::new(),
             too_short: HashMap::new(),
             countersigned: HashMap::new(),
+            deliveries: tokio::task::JoinSet::new(),
             checks: Vec::new(),
             p2p,
             model,
@@ -258,7 +262,7 @@ impl RemoteSession {
                     let h = &mut self.hops[i];
                     let now = h.take_answer(seq, &out, receipt, attestation, verifying);
                     let (peer, tally) = (h.hop.peer, h.tally.clone());
-                    self.countersign(peer, tally, now).await;
+                    self.countersign_in_background(peer, tally, now).await;
                     self.audit(i, false).await.map(|()| out)
                 }
                 Err(e) => Err(e),
@@ -351,6 +355,7 @@ impl RemoteSession {
     /// Close every hop's session (best effort: servers also expire idle sessions) and
     /// report what the session countersigned in all, final receipts included.
     pub async fn close(mut self) -> SessionReport {
+        self.flush_deliveries().await;
         let hops = std::mem::take(&mut self.hops);
         for h in hops {
             self.end_hop(h).await;

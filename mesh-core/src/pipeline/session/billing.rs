@@ -2,13 +2,18 @@
 //! the server announced), countersigning the receipts that match what was sent, holding
 //! them back while checking, and taking the final one at close.
 
+use std::time::Duration;
+
 use libp2p::PeerId;
 
+use super::exchange::TRANSIENT_RETRIES;
 use super::RemoteSession;
 use crate::ledger::{ClientTally, ConfigHash, Outcome, SignedReceipt, Store, Terms};
+use crate::pipeline::protocol::Refusal;
 use crate::pipeline::route::{plan, Hop, RoutePolicy};
 use crate::pipeline::{PipelineError, SessionRequest, SessionResponse};
 use crate::types::{BlockRange, SessionId};
+use crate::{p2p, wire};
 
 /// A client's ledger: it checks what servers bill against what it sent, countersigns,
 /// and keeps both signatures.
@@ -121,11 +126,58 @@ impl RemoteSession {
         tally: Option<ClientTally>,
         receipt: Option<Box<SignedReceipt>>,
     ) {
-        let (Some(ledger), Some(tally), Some(receipt)) = (self.ledger.clone(), tally, receipt)
-        else {
+        let Some(req) = self.countersign_locally(peer, tally, receipt) else {
             return;
         };
-        let signed = match ledger.store.accept_as_client(*receipt, &tally, &ledger.key) {
+        if let Err(e) = self.request(peer, &req).await {
+            tracing::debug!(%peer, "countersigned receipt not delivered: {e}");
+        }
+    }
+
+    /// [`RemoteSession::countersign`] for a receipt that came with a step: the signed
+    /// copy goes back in the background, so the step does not wait a round trip for the
+    /// server's acknowledgement. At most [`MAX_DELIVERIES`] are on their way at once.
+    pub(super) async fn countersign_in_background(
+        &mut self,
+        peer: PeerId,
+        tally: Option<ClientTally>,
+        receipt: Option<Box<SignedReceipt>>,
+    ) {
+        let Some(req) = self.countersign_locally(peer, tally, receipt) else {
+            return;
+        };
+        let bytes = match wire::encode(&req) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::warn!(%peer, "countersigned receipt not encoded: {e}");
+                return;
+            }
+        };
+        while self.deliveries.len() >= MAX_DELIVERIES {
+            self.deliveries.join_next().await;
+        }
+        let (p2p, timeout) = (self.p2p.clone(), self.cfg.step_timeout);
+        self.deliveries.spawn(deliver(p2p, peer, bytes, timeout));
+    }
+
+    /// Wait until every receipt sent back in the background has arrived (or failed).
+    pub(super) async fn flush_deliveries(&mut self) {
+        while self.deliveries.join_next().await.is_some() {}
+    }
+
+    /// Check, countersign and keep a receipt; the message that hands it back, if it was
+    /// accepted.
+    fn countersign_locally(
+        &mut self,
+        peer: PeerId,
+        tally: Option<ClientTally>,
+        receipt: Option<Box<SignedReceipt>>,
+    ) -> Option<SessionRequest> {
+        let (Some(ledger), Some(tally), Some(receipt)) = (self.ledger.clone(), tally, receipt)
+        else {
+            return None;
+        };
+        match ledger.store.accept_as_client(*receipt, &tally, &ledger.key) {
             Ok(signed) => {
                 // Receipts of a session are cumulative: the newest one is its amount.
                 let r = &signed.receipt;
@@ -134,18 +186,46 @@ impl RemoteSession {
                     .entry((r.terms.session, peer))
                     .or_default();
                 *amount = (*amount).max(r.amount);
-                signed
+                Some(SessionRequest::Countersigned {
+                    receipt: Box::new(signed),
+                })
             }
             Err(e) => {
                 tracing::warn!(%peer, "receipt refused: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// Receipts on their way back to servers at once, per session.
+const MAX_DELIVERIES: usize = 16;
+
+/// Hand a countersigned receipt back to `peer`, again after a pause while it is busy; a
+/// receipt that never arrives is still in both ledgers' reach (the next one supersedes
+/// it, and the close receipt is delivered before the session ends).
+async fn deliver(p2p: p2p::Client, peer: PeerId, bytes: Vec<u8>, timeout: Duration) {
+    for _ in 0..=TRANSIENT_RETRIES {
+        let answer = match tokio::time::timeout(timeout, p2p.request(peer, bytes.clone())).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, "countersigned receipt not delivered: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "countersigned receipt not acknowledged in {timeout:?}");
                 return;
             }
         };
-        let req = SessionRequest::Countersigned {
-            receipt: Box::new(signed),
-        };
-        if let Err(e) = self.request(peer, &req).await {
-            tracing::debug!(%peer, "countersigned receipt not delivered: {e}");
+        match wire::decode::<SessionResponse>(&answer, wire::FRAME_LIMIT) {
+            Ok(SessionResponse::Refused(Refusal::Busy | Refusal::RateLimited { .. })) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(SessionResponse::Acknowledged) => return,
+            other => {
+                tracing::debug!(%peer, "countersigned receipt answered {other:?}");
+                return;
+            }
         }
     }
 }

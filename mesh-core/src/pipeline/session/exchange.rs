@@ -18,7 +18,7 @@ use crate::wire::{self, WireTensor};
 
 /// Times a request refused as busy or rate-limited is sent again before the server
 /// counts as failed.
-const TRANSIENT_RETRIES: usize = 5;
+pub(super) const TRANSIENT_RETRIES: usize = 5;
 
 impl RemoteSession {
     /// Open a session for one hop and agree its terms.
