@@ -1,5 +1,5 @@
 //! Speculative decoding on a loopback mesh of the demo model, side by side in one run:
-//! decode time per token without a draft, with `mesh-demo-draft` (one block, same
+//! decode time per token without a draft, with `mesh-demo-draft` (two blocks, same
 //! tokenizer) and with the target as its own draft (every proposal right: the upper
 //! bound), each starting at k = 2, 4 and 8 proposals per step.
 //!

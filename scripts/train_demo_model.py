@@ -11,8 +11,9 @@ commit (a few MB of f16 safetensors) and to retrain on a 2-core machine in under
 
 Corpus: `mesh-core/models/corpus/` (public-domain novels from Project Gutenberg, see its
 README). Output: `mesh-core/models/mesh-demo/` (the main model) and
-`mesh-core/models/mesh-demo-draft/` (one block, same tokenizer: the draft model for
-speculative decoding). Both are Llama-architecture Hugging Face directories: config.json,
+`mesh-core/models/mesh-demo-draft/` (two blocks, same tokenizer: the draft model for
+speculative decoding, distilled from the main model, so `--only draft` needs the main model
+on disk). Both are Llama-architecture Hugging Face directories: config.json,
 model.safetensors (float16), tokenizer.json, tokenizer_config.json (with a chat template
 that renders the conversation as prose for the model to continue).
 
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -62,20 +64,43 @@ MODELS = {
         batch=24,
         lr=3e-3,
     ),
-    # One block on the same tokenizer: cheap enough to run beside the main model and
-    # propose tokens for it.
+    # Two blocks on the same tokenizer: cheap enough to run beside the main model and
+    # propose tokens for it. What matters is that it guesses the main model's next token,
+    # not the corpus's, so it is distilled from the main model: it starts as the main
+    # model with its middle blocks cut out (embeddings, blocks `init_blocks`, final norm
+    # and head copied over) and learns to match the main model's next-token distribution.
     "draft": dict(
         dir="mesh-demo-draft",
         hidden=256,
         intermediate=688,
-        layers=1,
+        layers=2,
         heads=8,
         kv_heads=4,
-        steps=600,
-        batch=24,
-        lr=3e-3,
+        steps=1000,
+        batch=8,
+        lr=1e-3,
+        teacher="main",
+        init_blocks=[0, 5],
+        gen_batch=32,
+        gen_seq=128,
+        gen_pool=8192,
+        # Loss = (1 - ce_weight) * KL(teacher || draft) + ce_weight * cross-entropy on the
+        # corpus's next tokens.
+        ce_weight=0.0,
+        # The same mix on the generated rows, whose next tokens are the teacher's greedy
+        # choices: cross-entropy there rewards guessing exactly what the teacher picks.
+        gen_ce_weight=0.5,
     ),
 }
+
+# Greedy continuations of these are where the draft's guesses are checked against the
+# main model's (see `agreement`).
+AGREEMENT_PROMPTS = [
+    "It is a truth universally acknowledged",
+    "Sherlock Holmes",
+    "The night was",
+    "My dear Watson,",
+]
 
 
 def corpus_text() -> str:
@@ -200,7 +225,152 @@ def train(name, spec, tok, ids, starts, held_out):
     return model, val
 
 
-def save(name, spec, model, tok, val):
+def load_teacher(spec) -> LlamaForCausalLM:
+    path = OUT / MODELS[spec["teacher"]]["dir"]
+    if not (path / "model.safetensors").exists():
+        sys.exit(f"distilling needs the {spec['teacher']} model in {path}; train it first")
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def greedy_continuations(teacher, ids, starts, rows, length, rng):
+    """The teacher's own greedy continuations of paragraph openings, `length` tokens a row.
+
+    This is the text a draft is asked about in speculative decoding: the main model's
+    output, which is more repetitive and more predictable than the novels it learned from.
+    Each chunk of rows opens with BOS and 1 to 16 corpus tokens; the rest is the teacher's.
+    """
+    usable = [s for s in starts if s + 16 <= len(ids)]
+    out = []
+    with torch.no_grad():
+        for first in range(0, rows, 256):
+            n, prefix = min(256, rows - first), rng.randint(1, 16)
+            x = torch.stack([torch.cat([torch.tensor([1]), ids[s : s + prefix]])
+                             for s in (rng.choice(usable) for _ in range(n))])
+            step = teacher(input_ids=x, use_cache=True)
+            while x.shape[1] < length:
+                nxt = step.logits[:, -1:].argmax(-1)
+                x = torch.cat([x, nxt], 1)
+                step = teacher(input_ids=nxt, cache=step.cache, use_cache=True)
+            out.append(x)
+    return torch.cat(out)
+
+
+def distil(name, spec, teacher, tok, ids, starts, held_out):
+    """Train the draft to predict what the teacher predicts, at every position.
+
+    Each step is `batch` rows of corpus and `gen_batch` rows of the teacher's own greedy
+    text (from a pool of `gen_pool` rows made up front); on both the loss is
+    KL(teacher || draft) at temperature 1 over every position, mixed with `ce_weight`
+    (`gen_ce_weight` on generated rows) of cross-entropy on the rows' next tokens.
+    """
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    model = build(spec, len(tok))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(teacher.model.embed_tokens.weight)
+        model.model.norm.weight.copy_(teacher.model.norm.weight)
+        model.lm_head.weight.copy_(teacher.lm_head.weight)
+        for mine, theirs in zip(model.model.layers, spec["init_blocks"], strict=True):
+            mine.load_state_dict(teacher.model.layers[theirs].state_dict())
+    params = sum(p.numel() for p in model.parameters())
+    began = time.time()
+    gen_rng = random.Random(SEED + 1)
+    pool = greedy_continuations(teacher, ids, starts, spec["gen_pool"], spec["gen_seq"],
+                                gen_rng) if spec["gen_batch"] else None
+    print(f"[{name}] {params / 1e6:.2f}M parameters from blocks {spec['init_blocks']} of "
+          f"{spec['teacher']}, distilled for {spec['steps']} steps of {spec['batch']}x{SEQ} "
+          f"corpus + {spec['gen_batch']}x{spec['gen_seq']} generated tokens "
+          f"(pool of {spec['gen_pool']} rows made in {time.time() - began:.0f} s)", flush=True)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec["lr"],
+        betas=(0.9, 0.95),
+    )
+    steps, warmup = spec["steps"], max(1, spec["steps"] // 20)
+
+    def lr_at(step):
+        if step < warmup:
+            return spec["lr"] * (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return spec["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    def losses(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad():
+                target = teacher(input_ids=x).logits.float().log_softmax(-1)
+            logits = model(input_ids=x).logits.float()
+        # KL(teacher || draft), averaged over every position.
+        kl = F.kl_div(logits.log_softmax(-1).flatten(0, 1), target.flatten(0, 1),
+                      log_target=True, reduction="batchmean")
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        agree = (logits.argmax(-1) == target.argmax(-1)).float().mean().item()
+        return kl, ce, agree
+
+    rng = random.Random(SEED)
+    data = batches(ids, starts, spec["batch"], rng)
+    corpus_tokens, gen_tokens = spec["batch"] * SEQ, spec["gen_batch"] * spec["gen_seq"]
+    corpus_share = corpus_tokens / (corpus_tokens + gen_tokens)
+    model.train()
+    began = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        kl, ce, agree = losses(next(data))
+        loss = (1 - spec["ce_weight"]) * kl + spec["ce_weight"] * ce
+        (corpus_share * loss).backward()
+        gen_kl, gen_agree = torch.zeros(()), 0.0
+        if spec["gen_batch"]:
+            rows = [gen_rng.randrange(len(pool)) for _ in range(spec["gen_batch"])]
+            gen_kl, gen_ce, gen_agree = losses(pool[torch.tensor(rows)])
+            gen_loss = (1 - spec["gen_ce_weight"]) * gen_kl + spec["gen_ce_weight"] * gen_ce
+            ((1 - corpus_share) * gen_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 25 == 0 or step == steps - 1:
+            rate = (step + 1) * (corpus_tokens + gen_tokens) / (time.time() - began)
+            print(f"[{name}] step {step:4d} kl {kl.item():.3f} ce {ce.item():.3f} "
+                  f"top-1 {agree:.3f}, generated kl {gen_kl.item():.3f} "
+                  f"top-1 {gen_agree:.3f}, "
+                  f"lr {lr_at(step):.2e} ({rate:.0f} tokens/s, {time.time() - began:.0f} s)",
+                  flush=True)
+    model.eval()
+    with torch.no_grad():
+        val = model(input_ids=held_out, labels=held_out).loss.item()
+    print(f"[{name}] held-out loss {val:.3f} (perplexity {math.exp(val):.1f}), "
+          f"{time.time() - began:.0f} s", flush=True)
+    return model, val
+
+
+def agreement(name, draft, teacher, tok, held_out):
+    """How often the draft's greedy next token is the teacher's.
+
+    top1_agreement: over every position of the held-out text. generation_agreement: over
+    the teacher's own greedy continuations (48 tokens, no repetition penalty) of
+    AGREEMENT_PROMPTS, which is what speculative decoding asks the draft to guess.
+    """
+    draft, teacher = draft.float().eval(), teacher.float().eval()
+    with torch.no_grad():
+        top1 = (draft(input_ids=held_out).logits.argmax(-1)
+                == teacher(input_ids=held_out).logits.argmax(-1)).float().mean().item()
+        hits = total = 0
+        for prompt in AGREEMENT_PROMPTS:
+            x = tok(prompt, return_tensors="pt").input_ids
+            n = x.shape[1]
+            for _ in range(48):
+                x = torch.cat([x, teacher(input_ids=x).logits[:, -1:].argmax(-1)], 1)
+            guesses = draft(input_ids=x).logits[0, n - 1 : -1].argmax(-1)
+            hits += (guesses == x[0, n:]).sum().item()
+            total += x.shape[1] - n
+    gen = hits / total
+    print(f"[{name}] agreement with the teacher: top-1 {top1:.3f} "
+          f"on held-out text, {gen:.3f} on its greedy generations", flush=True)
+    return {"top1_agreement": round(top1, 4), "generation_agreement": round(gen, 4)}
+
+
+def save(name, spec, model, tok, val, extra=None):
     out = OUT / spec["dir"]
     out.mkdir(parents=True, exist_ok=True)
     model = model.to(torch.float16)
@@ -213,6 +383,10 @@ def save(name, spec, model, tok, val):
     tc_path = out / "tokenizer_config.json"
     tc = json.loads(tc_path.read_text())
     tc["chat_template"] = CHAT_TEMPLATE
+    # Loading records where the tokenizer came from (`--only draft` loads the main model's);
+    # left out so that both models' tokenizer files stay byte-identical.
+    for key in ["is_local", "local_files_only"]:
+        tc.pop(key, None)
     tc_path.write_text(json.dumps(tc, indent=2) + "\n")
     (out / "training.json").write_text(json.dumps({
         "script": "scripts/train_demo_model.py",
@@ -222,6 +396,7 @@ def save(name, spec, model, tok, val):
         "held_out_loss": round(val, 4),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        **(extra or {}),
     }, indent=2) + "\n")
     print(f"[{name}] written to {out.relative_to(ROOT)}", flush=True)
 
@@ -259,8 +434,26 @@ def main():
         spec = dict(spec)
         if args.steps:
             spec["steps"] = args.steps
-        model, val = train(name, spec, tok, train_ids, train_starts, held_out)
-        save(name, spec, model, tok, val)
+        if "teacher" not in spec:
+            model, val = train(name, spec, tok, train_ids, train_starts, held_out)
+            save(name, spec, model, tok, val)
+        else:
+            teacher = load_teacher(spec)
+            old_dir = OUT / spec["dir"]
+            if (old_dir / "model.safetensors").exists():
+                old = LlamaForCausalLM.from_pretrained(old_dir, dtype=torch.float32)
+                agreement(f"{name}, before", old, teacher, tok, held_out)
+                del old
+            model, val = distil(name, spec, teacher, tok, train_ids, train_starts, held_out)
+            # Measured as it will be served: with its weights rounded to float16.
+            model = model.to(torch.float16).float()
+            extra = {"distilled_from": MODELS[spec["teacher"]]["dir"],
+                     "init_blocks": spec["init_blocks"],
+                     "generated_tokens_seen": spec["steps"] * spec["gen_batch"]
+                     * spec["gen_seq"],
+                     "ce_weight": spec["ce_weight"], "gen_ce_weight": spec["gen_ce_weight"],
+                     **agreement(name, model, teacher, tok, held_out)}
+            save(name, spec, model, tok, val, extra)
         for prompt in ["It is a truth universally acknowledged", "Sherlock Holmes"]:
             print(f"[{name}] {prompt!r} ->{sample(model, tok, prompt)!r}", flush=True)
 

@@ -3,7 +3,7 @@
 //! - [`Builtin::Demo`] (`mesh-demo`), the default: a 6-block Llama trained on
 //!   public-domain novels (`scripts/train_demo_model.py`), so the first command a newcomer
 //!   runs prints English words, not noise.
-//! - [`Builtin::DemoDraft`] (`mesh-demo-draft`): one block on the same tokenizer and text,
+//! - [`Builtin::DemoDraft`] (`mesh-demo-draft`): two blocks distilled from it, same tokenizer,
 //!   the draft model for speculative decoding with the demo model.
 //! - [`Builtin::Tiny`] (`tiny-llama-mesh`): random weights from a fixed seed, for tests
 //!   that need exact numbers and the smallest possible model.
