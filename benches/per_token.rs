@@ -153,38 +153,11 @@ fn whole_model(c: &mut Criterion) {
             start.elapsed()
         })
     });
-    let mesh_steps = |cfg: SessionConfig, ctx: SessionContext, iters: u64| {
-        rt.block_on(async {
-            let mut total = Duration::ZERO;
-            let mut done = 0;
-            while done < iters {
-                let mut session = RemoteSession::open_with(
-                    client.client.clone(),
-                    mesh.model().clone(),
-                    8,
-                    cfg.clone(),
-                    ctx.clone(),
-                )
-                .await
-                .expect("session");
-                let steps = (iters - done).min(SESSION_LEN as u64);
-                let start = Instant::now();
-                for pos in 0..steps {
-                    let h = head.embed(&[65]).expect("embed");
-                    let h = session.step(h, pos as u32).await.expect("step");
-                    head.last_logits(&h).expect("logits");
-                }
-                total += start.elapsed();
-                done += steps;
-                session.close().await;
-            }
-            total
-        })
+    let steps = |cfg: SessionConfig, ctx: SessionContext, iters: u64| {
+        mesh_steps(&rt, &client, &mesh, &head, cfg, ctx, iters)
     };
     group.bench_function("mesh-3", |b| {
-        b.iter_custom(|iters| {
-            mesh_steps(SessionConfig::default(), SessionContext::default(), iters)
-        })
+        b.iter_custom(|iters| steps(SessionConfig::default(), SessionContext::default(), iters))
     });
     let verifying = |rate| SessionConfig {
         verify: VerifyConfig {
@@ -202,13 +175,13 @@ fn whole_model(c: &mut Criterion) {
     for pct in [10, 50, 100] {
         let cfg = verifying(f64::from(pct) / 100.0);
         group.bench_function(format!("mesh-3-verify-{pct}pct-local"), |b| {
-            b.iter_custom(|iters| mesh_steps(cfg.clone(), local.clone(), iters))
+            b.iter_custom(|iters| steps(cfg.clone(), local.clone(), iters))
         });
     }
     for pct in [10, 50, 100] {
         let cfg = verifying(f64::from(pct) / 100.0);
         group.bench_function(format!("mesh-3-verify-{pct}pct-witness"), |b| {
-            b.iter_custom(|iters| mesh_steps(cfg.clone(), SessionContext::default(), iters))
+            b.iter_custom(|iters| steps(cfg.clone(), SessionContext::default(), iters))
         });
     }
     group.finish();
@@ -307,35 +280,51 @@ fn hop_costs(c: &mut Criterion) {
     let mesh_client = rt.block_on(mesh.client()).expect("client");
     group.bench_function("mesh-1", |b| {
         b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                let mut done = 0;
-                while done < iters {
-                    let mut session = RemoteSession::open(
-                        mesh_client.client.clone(),
-                        mesh.model().clone(),
-                        8,
-                        SessionConfig::default(),
-                    )
-                    .await
-                    .expect("session");
-                    let steps = (iters - done).min(SESSION_LEN as u64);
-                    let start = Instant::now();
-                    for pos in 0..steps {
-                        let h = head.embed(&[65]).expect("embed");
-                        let h = session.step(h, pos as u32).await.expect("step");
-                        head.last_logits(&h).expect("logits");
-                    }
-                    total += start.elapsed();
-                    done += steps;
-                    session.close().await;
-                }
-                total
-            })
+            let (cfg, ctx) = (SessionConfig::default(), SessionContext::default());
+            mesh_steps(&rt, &mesh_client, &mesh, &head, cfg, ctx, iters)
         })
     });
     group.finish();
     rt.block_on(mesh.stop()).expect("stop");
+}
+
+/// `iters` decode steps of one position through `mesh` as `client` sees them (embedding
+/// and LM head included), in sessions of at most [`SESSION_LEN`] steps.
+fn mesh_steps(
+    rt: &tokio::runtime::Runtime,
+    client: &p2p::Peer,
+    mesh: &LocalMesh,
+    head: &ClientHead,
+    cfg: SessionConfig,
+    ctx: SessionContext,
+    iters: u64,
+) -> Duration {
+    rt.block_on(async {
+        let mut total = Duration::ZERO;
+        let mut done = 0;
+        while done < iters {
+            let mut session = RemoteSession::open_with(
+                client.client.clone(),
+                mesh.model().clone(),
+                8,
+                cfg.clone(),
+                ctx.clone(),
+            )
+            .await
+            .expect("session");
+            let steps = (iters - done).min(SESSION_LEN as u64);
+            let start = Instant::now();
+            for pos in 0..steps {
+                let h = head.embed(&[65]).expect("embed");
+                let h = session.step(h, pos as u32).await.expect("step");
+                head.last_logits(&h).expect("logits");
+            }
+            total += start.elapsed();
+            done += steps;
+            session.close().await;
+        }
+        total
+    })
 }
 
 /// A swarm's settings on loopback with no bootstrap.

@@ -5,6 +5,8 @@
 //! The bait-and-switch server is built from the real parts (a real swarm, the real
 //! [`SpanServer`] and billing); only its billed price differs from its announcement.
 
+mod test_server;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,13 +14,12 @@ use candle_core::{DType, Device};
 use mesh_core::ledger::{ConfigHash, Store};
 use mesh_core::local_mesh::{loopback_config, LocalMesh};
 use mesh_core::model::{tiny, ClientHead, Generation, ModelFiles, SamplingParams, SpanModel};
-use mesh_core::p2p::{self, Announcement, Event, Role};
+use mesh_core::p2p::{self, Announcement, Role};
 use mesh_core::pipeline::{
-    self, Billing, ClientLedger, RemoteSession, ServerLimits, SessionConfig, SessionRequest,
-    SpanServer,
+    self, Billing, ClientLedger, RemoteSession, ServerLimits, SessionConfig, SpanServer,
 };
 use mesh_core::types::ServerLoad;
-use mesh_core::{wire, BlockRange, ModelId};
+use mesh_core::{BlockRange, ModelId};
 use tokio::sync::oneshot;
 
 const ANNOUNCED: u64 = 2;
@@ -66,31 +67,9 @@ async fn start_bait_and_switch(
         capability: Default::default(),
         quantization: String::new(),
     };
-    let (stop, rx) = oneshot::channel::<()>();
-    tokio::spawn(p2p::serve(
-        peer,
-        ann,
-        async {
-            let _ = rx.await;
-        },
-        move |client, event| {
-            let Event::InboundRequest {
-                peer,
-                request,
-                channel,
-            } = event
-            else {
-                return;
-            };
-            let request: SessionRequest = wire::decode(&request, wire::FRAME_LIMIT).unwrap();
-            let response = server.lock().unwrap().handle(peer, request, Instant::now());
-            let bytes = wire::encode(&response).unwrap();
-            let client = client.clone();
-            tokio::spawn(async move {
-                let _ = client.respond(channel, bytes).await;
-            });
-        },
-    ));
+    let stop = test_server::serve(peer, ann, move |peer, request| {
+        std::future::ready(server.lock().unwrap().handle(peer, request, Instant::now()))
+    });
     (id, stop)
 }
 

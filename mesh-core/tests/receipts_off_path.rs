@@ -5,6 +5,8 @@
 //! The server is the real [`SpanServer`] with a real ledger behind a real swarm; only
 //! its acknowledgements of countersigned receipts are held back, as a slow link would.
 
+mod test_server;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,13 +14,13 @@ use candle_core::{DType, Device};
 use mesh_core::ledger::{ConfigHash, Reputation, Store};
 use mesh_core::local_mesh::{loopback_config, LocalMesh};
 use mesh_core::model::{tiny, ClientHead, ModelFiles, SpanModel};
-use mesh_core::p2p::{self, Announcement, Event, Role};
+use mesh_core::p2p::{self, Announcement, Role};
 use mesh_core::pipeline::session::SessionContext;
 use mesh_core::pipeline::{
     Billing, ClientLedger, RemoteSession, ServerLimits, SessionConfig, SessionRequest, SpanServer,
 };
 use mesh_core::types::ServerLoad;
-use mesh_core::{wire, BlockRange, ModelId};
+use mesh_core::{BlockRange, ModelId};
 
 const ALL: BlockRange = BlockRange { start: 0, end: 8 };
 /// How long the server sits on a countersigned receipt before acknowledging it.
@@ -62,35 +64,16 @@ async fn steps_do_not_wait_for_receipts_to_be_acknowledged() {
         capability: Default::default(),
         quantization: String::new(),
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(p2p::serve(
-        peer,
-        ann,
-        async {
-            let _ = stopped.await;
-        },
-        move |client, event| {
-            let Event::InboundRequest {
-                peer,
-                request,
-                channel,
-            } = event
-            else {
-                return;
-            };
-            let (client, server) = (client.clone(), server.clone());
-            tokio::spawn(async move {
-                let request: SessionRequest = wire::decode(&request, wire::FRAME_LIMIT).unwrap();
-                if matches!(request, SessionRequest::Countersigned { .. }) {
-                    tokio::time::sleep(ACK_DELAY).await;
-                }
-                let response = server.lock().unwrap().handle(peer, request, Instant::now());
-                let _ = client
-                    .respond(channel, wire::encode(&response).unwrap())
-                    .await;
-            });
-        },
-    ));
+    let stop = test_server::serve(peer, ann, move |peer, request| {
+        let server = server.clone();
+        async move {
+            if matches!(request, SessionRequest::Countersigned { .. }) {
+                tokio::time::sleep(ACK_DELAY).await;
+            }
+            let response = server.lock().unwrap().handle(peer, request, Instant::now());
+            response
+        }
+    });
 
     // A billed client.
     let cfg = loopback_config(Role::Client, vec![mesh.bootstrap_addr().clone()]);

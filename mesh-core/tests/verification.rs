@@ -6,6 +6,8 @@
 //! The liar is built from the real parts (a real swarm, the real [`SpanServer`], real
 //! signatures); only its answers are altered, as a cheating provider would alter them.
 
+mod test_server;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +17,7 @@ use mesh_core::local_mesh::{loopback_config, LocalMesh};
 use mesh_core::model::{
     tiny, ClientHead, Generation, LocalModel, ModelFiles, SamplingParams, SpanModel,
 };
-use mesh_core::p2p::{self, Announcement, Event, Role};
+use mesh_core::p2p::{self, Announcement, Role};
 use mesh_core::pipeline::session::SessionContext;
 use mesh_core::pipeline::{
     self, Billing, ClientLedger, LocalReference, RemoteSession, ServerLimits, SessionConfig,
@@ -77,56 +79,34 @@ async fn start_liar(
         capability: Default::default(),
         quantization: String::new(),
     };
-    let (stop, rx) = oneshot::channel::<()>();
-    tokio::spawn(p2p::serve(
-        peer,
-        ann,
-        async {
-            let _ = rx.await;
-        },
-        move |client, event| {
-            let Event::InboundRequest {
-                peer,
-                request,
-                channel,
-            } = event
-            else {
-                return;
-            };
-            let request: SessionRequest = wire::decode(&request, wire::FRAME_LIMIT).unwrap();
-            let sent = match &request {
-                SessionRequest::Forward {
-                    session,
-                    start_pos,
-                    hidden,
-                } => Some((*session, *start_pos, hidden.clone())),
-                _ => None,
-            };
-            let mut response = server.lock().unwrap().handle(peer, request, Instant::now());
-            if let (
-                Some((session, start_pos, input)),
-                SessionResponse::Hidden {
-                    hidden,
-                    attestation,
-                    ..
-                },
-            ) = (sent, &mut response)
-            {
-                if start_pos > 0 {
-                    let t = hidden.to_tensor(&Device::Cpu).unwrap();
-                    let bent = (&t + (t.abs().unwrap() * 0.05).unwrap()).unwrap();
-                    *hidden = wire::WireTensor::from_tensor(&bent).unwrap();
-                    *attestation =
-                        Some(Attestation::sign(&key, &session, start_pos, &input, hidden));
-                }
+    let stop = test_server::serve(peer, ann, move |peer, request| {
+        let sent = match &request {
+            SessionRequest::Forward {
+                session,
+                start_pos,
+                hidden,
+            } => Some((*session, *start_pos, hidden.clone())),
+            _ => None,
+        };
+        let mut response = server.lock().unwrap().handle(peer, request, Instant::now());
+        if let (
+            Some((session, start_pos, input)),
+            SessionResponse::Hidden {
+                hidden,
+                attestation,
+                ..
+            },
+        ) = (sent, &mut response)
+        {
+            if start_pos > 0 {
+                let t = hidden.to_tensor(&Device::Cpu).unwrap();
+                let bent = (&t + (t.abs().unwrap() * 0.05).unwrap()).unwrap();
+                *hidden = wire::WireTensor::from_tensor(&bent).unwrap();
+                *attestation = Some(Attestation::sign(&key, &session, start_pos, &input, hidden));
             }
-            let bytes = wire::encode(&response).unwrap();
-            let client = client.clone();
-            tokio::spawn(async move {
-                let _ = client.respond(channel, bytes).await;
-            });
-        },
-    ));
+        }
+        std::future::ready(response)
+    });
     (id, stop)
 }
 
