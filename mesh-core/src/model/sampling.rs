@@ -108,10 +108,12 @@ impl TokenDistribution {
             // A rejected proposal is not this token, so the residual is all of it.
             return self.clone();
         }
+        // One pass over each: with wide sampling the support is the whole vocabulary,
+        // and a lookup per token into the other would be quadratic in it.
+        let theirs: std::collections::HashMap<u32, f32> = other.probabilities().collect();
         let weights: Vec<(u32, f32)> = self
-            .weights
-            .iter()
-            .map(|&(id, _)| (id, self.probability(id) - other.probability(id)))
+            .probabilities()
+            .map(|(id, p)| (id, p - theirs.get(&id).copied().unwrap_or(0.0)))
             .filter(|(_, w)| *w > 0.0)
             .collect();
         if weights.is_empty() {
@@ -384,6 +386,24 @@ mod tests {
             }
         }
         assert!(chi_square(&counts, &target, n) > BOUND);
+    }
+
+    #[test]
+    fn the_residual_is_what_the_target_has_beyond_the_draft() {
+        let s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+            ..SamplingParams::default()
+        });
+        let ln = |p: f32| p.ln();
+        let p = s.distribution(&[ln(0.5), ln(0.3), ln(0.2)], &[]);
+        let q = s.distribution(&[ln(0.2), ln(0.6), ln(0.2)], &[]);
+        let r = p.residual(&q);
+        let got: Vec<(u32, f32)> = r.probabilities().collect();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0, 0);
+        assert!((got[0].1 - 1.0).abs() < 1e-6);
     }
 
     #[test]
