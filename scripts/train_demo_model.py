@@ -179,11 +179,9 @@ def build(spec, vocab) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-def train(name, spec, tok, ids, starts, held_out):
-    model = build(spec, len(tok))
-    params = sum(p.numel() for p in model.parameters())
-    print(f"[{name}] {params / 1e6:.2f}M parameters, {spec['steps']} steps of "
-          f"{spec['batch']}x{SEQ} tokens", flush=True)
+def optimizer(model, spec):
+    """AdamW (no decay on norms) and its learning rate at each step: a 5% warm-up, then a
+    cosine down to a tenth."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -198,6 +196,17 @@ def train(name, spec, tok, ids, starts, held_out):
             return spec["lr"] * (step + 1) / warmup
         t = (step - warmup) / max(1, steps - warmup)
         return spec["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    return opt, lr_at
+
+
+def train(name, spec, tok, ids, starts, held_out):
+    model = build(spec, len(tok))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"[{name}] {params / 1e6:.2f}M parameters, {spec['steps']} steps of "
+          f"{spec['batch']}x{SEQ} tokens", flush=True)
+    opt, lr_at = optimizer(model, spec)
+    steps = spec["steps"]
 
     rng = random.Random(SEED)
     data = batches(ids, starts, spec["batch"], rng)
@@ -281,20 +290,8 @@ def distil(name, spec, teacher, tok, ids, starts, held_out):
           f"{spec['teacher']}, distilled for {spec['steps']} steps of {spec['batch']}x{SEQ} "
           f"corpus + {spec['gen_batch']}x{spec['gen_seq']} generated tokens "
           f"(pool of {spec['gen_pool']} rows made in {time.time() - began:.0f} s)", flush=True)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec["lr"],
-        betas=(0.9, 0.95),
-    )
-    steps, warmup = spec["steps"], max(1, spec["steps"] // 20)
-
-    def lr_at(step):
-        if step < warmup:
-            return spec["lr"] * (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return spec["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    opt, lr_at = optimizer(model, spec)
+    steps = spec["steps"]
 
     def losses(x):
         with torch.autocast("cpu", dtype=torch.bfloat16):
