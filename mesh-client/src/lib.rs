@@ -192,6 +192,13 @@ impl MeshClientBuilder {
         self
     }
 
+    /// Whether servers push each step's output straight on to the next server (default
+    /// on); off, every output comes back through this client ([`SessionConfig::push`]).
+    pub fn push(mut self, on: bool) -> Self {
+        self.session.push = on;
+        self
+    }
+
     /// Re-check this fraction of every hop's steps against a second opinion (default 0:
     /// off). See [`mesh_core::pipeline::verify`] for what it costs.
     pub fn verify(mut self, cfg: VerifyConfig) -> Self {

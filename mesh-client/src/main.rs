@@ -117,6 +117,10 @@ struct MeshArgs {
     /// stops with an error naming them.
     #[arg(long, value_enum, default_value_t = Fallback::None)]
     fallback: Fallback,
+    /// Every server's output comes back through this client, as before push: one round
+    /// trip per server and token instead of servers passing it on to each other.
+    #[arg(long)]
+    no_push: bool,
     /// Seconds to wait, on joining, for servers of every block: the discovery window
     /// after which blocks none covers are an error, or run here with --fallback local.
     #[arg(long, default_value_t = 30.0, value_parser = parse_secs)]
@@ -427,6 +431,7 @@ async fn connect(args: MeshArgs) -> anyhow::Result<MeshClient> {
         .fallback_local(args.fallback == Fallback::Local)
         .discovery_timeout(std::time::Duration::from_secs_f64(args.discovery_secs))
         .device(args.device)
+        .push(!args.no_push)
         .draft_tokens(args.draft_tokens);
     if let Some(draft) = args.draft_model {
         b = b.draft_model_dir(match builtin::Builtin::named(&draft) {

@@ -113,6 +113,7 @@ pub fn refusal_kind(r: &Refusal) -> &'static str {
         Refusal::ShuttingDown => "shutting_down",
         Refusal::BadRequest(_) => "bad_request",
         Refusal::LedgerFailed => "ledger_failed",
+        Refusal::NoPushedInput(_) => "no_pushed_input",
     }
 }
 

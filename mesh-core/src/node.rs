@@ -27,11 +27,10 @@ use crate::metrics::NodeMetrics;
 
 use crate::model::{ModelError, ModelFiles, Quantization, SpanModel};
 use crate::p2p::{self, Announcement, Event, P2pConfig, P2pError};
-use crate::pipeline::admission::{Admission, FairQueue};
+use crate::pipeline::admission::Admission;
 use crate::pipeline::balance::{block_coverage, choose_span};
-use crate::pipeline::{
-    Billing, Refusal, ServerLimits, ServerStats, SessionRequest, SessionResponse, SpanServer,
-};
+use crate::pipeline::server::Answer;
+use crate::pipeline::{Billing, Refusal, ServerLimits, ServerStats, SessionResponse, SpanServer};
 use crate::probe::GpuReadings;
 use crate::types::{BlockRange, Capability, GpuLive, ModelId, ServerLoad};
 use crate::wire;
@@ -45,6 +44,10 @@ const MAX_UNPAID_TOKENS: u64 = 4096;
 
 /// Requests waiting for the worker; beyond this a client is told the server is busy.
 const REQUEST_QUEUE: usize = 64;
+
+/// How long a push may take to be taken by the next server (it answers once it ran the
+/// step): under a client's default step timeout, so the client hears why first.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Everything a provider node needs.
 #[derive(Clone, Debug)]
@@ -156,15 +159,8 @@ impl NodeHandle {
     }
 }
 
-enum Job {
-    Request {
-        peer: PeerId,
-        bytes: Vec<u8>,
-        reply: oneshot::Sender<Vec<u8>>,
-    },
-    Snapshot(oneshot::Sender<NodeSnapshot>),
-    StopAccepting,
-}
+mod worker;
+use worker::{work, Job, Outgoing};
 
 /// A started node: listening, span loaded, not yet announced.
 pub struct Node {
@@ -424,9 +420,20 @@ fn dispatch(
     tokio::spawn(async move {
         let response = match queued {
             Ok(()) => {
-                let answer = answer.await.ok();
+                let answer = answer.await;
                 finish(&admission, &peer);
-                answer
+                match answer {
+                    Ok(Outgoing::Bytes(bytes)) => Some(bytes),
+                    Ok(Outgoing::Pushing(p)) => match push_on(&client, p.peer, p.push).await {
+                        Ok(()) => Some(p.bytes),
+                        Err(why) => {
+                            tracing::debug!(next = %p.peer, "push not taken: {why}");
+                            wire::encode(&Answer::pushed(p.answer, Err(why))).ok()
+                        }
+                    },
+                    // The worker dropped a waiting step (it stopped).
+                    Err(_) => wire::encode(&SessionResponse::Refused(Refusal::ShuttingDown)).ok(),
+                }
             }
             Err(refusal) => wire::encode(&SessionResponse::Refused(refusal)).ok(),
         };
@@ -438,85 +445,23 @@ fn dispatch(
     });
 }
 
-fn finish(admission: &Mutex<Admission>, peer: &PeerId) {
-    if let Ok(mut a) = admission.lock() {
-        a.finish(peer);
+/// Send a step's output on to the next server; `Err` says why it was not taken.
+async fn push_on(client: &p2p::Client, next: PeerId, push: Vec<u8>) -> Result<(), String> {
+    let reply = tokio::time::timeout(PUSH_TIMEOUT, client.request(next, push))
+        .await
+        .map_err(|_| format!("no answer within {} s", PUSH_TIMEOUT.as_secs()))?
+        .map_err(|e| e.to_string())?;
+    match wire::decode::<SessionResponse>(&reply, wire::SMALL_LIMIT) {
+        Ok(SessionResponse::Acknowledged) => Ok(()),
+        Ok(SessionResponse::Refused(r)) => Err(r.to_string()),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
     }
 }
 
-/// The worker thread: owns the span and its sessions, and serves queued requests one per
-/// peer in turn. After every request and snapshot it publishes a fresh snapshot for status
-/// pages.
-fn work(
-    mut server: SpanServer,
-    mut jobs: mpsc::Receiver<Job>,
-    published: watch::Sender<NodeSnapshot>,
-) {
-    let mut metrics = NodeMetrics::default();
-    let blocks = f64::from(server.span().range().len().max(1));
-    let snapshot = |server: &SpanServer, metrics: &NodeMetrics, queued| NodeSnapshot {
-        stats: server.stats(),
-        active_sessions: server.active_sessions(),
-        reserved_bytes: server.reserved_bytes(),
-        free_cache_bytes: server.free_cache_bytes(),
-        throughput_tps: server.throughput(),
-        queued,
-        metrics: metrics.clone(),
-        ledger_failure: server.ledger_failure().map(str::to_owned),
-    };
-    let mut fair = FairQueue::new(REQUEST_QUEUE);
-    loop {
-        // Take in what has arrived (waiting only when there is nothing to do); control jobs
-        // are done at once, requests wait their peer's turn.
-        while !fair.is_full() {
-            let job = if fair.is_empty() {
-                match jobs.blocking_recv() {
-                    Some(job) => job,
-                    None => return,
-                }
-            } else {
-                match jobs.try_recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                }
-            };
-            match job {
-                Job::Request { peer, bytes, reply } => {
-                    // Never full here: the loop stops taking jobs when it is.
-                    let _ = fair.push(peer, (bytes, reply));
-                }
-                Job::Snapshot(reply) => {
-                    server.expire_idle(Instant::now());
-                    let now = snapshot(&server, &metrics, jobs.len() + fair.len());
-                    let _ = reply.send(now.clone());
-                    published.send_replace(now);
-                }
-                Job::StopAccepting => server.stop_accepting(),
-            }
-        }
-        let Some((peer, (bytes, reply))) = fair.pop() else {
-            continue;
-        };
-        metrics.requests += 1;
-        metrics.bytes_in += bytes.len() as u64;
-        let response = match wire::decode::<SessionRequest>(&bytes, wire::FRAME_LIMIT) {
-            Ok(request) => server.handle(peer, request, Instant::now()),
-            Err(e) => SessionResponse::Refused(Refusal::BadRequest(e.to_string())),
-        };
-        match &response {
-            SessionResponse::Hidden { compute_micros, .. } => metrics
-                .block_latency
-                .observe(*compute_micros as f64 / 1e6 / blocks),
-            SessionResponse::Refused(r) => metrics.refused(r),
-            _ => {}
-        }
-        let bytes = wire::encode(&response).unwrap_or_else(|e| {
-            let refusal = SessionResponse::Refused(Refusal::BadRequest(e.to_string()));
-            wire::encode(&refusal).unwrap_or_default()
-        });
-        metrics.bytes_out += bytes.len() as u64;
-        let _ = reply.send(bytes);
-        published.send_replace(snapshot(&server, &metrics, jobs.len() + fair.len()));
+fn finish(admission: &Mutex<Admission>, peer: &PeerId) {
+    if let Ok(mut a) = admission.lock() {
+        a.finish(peer);
     }
 }
 

@@ -23,11 +23,11 @@ use std::time::Duration;
 use libp2p::PeerId;
 
 pub use generate::{generate, generate_into, TokenEvent};
-pub use protocol::{Refusal, SessionRequest, SessionResponse};
+pub use protocol::{PushTarget, Refusal, SessionRequest, SessionResponse, StepInput, StepOutput};
 pub use route::{Candidate, Hop, PricedOut, RoutePolicy, DEFAULT_MAX_PRICE_RATIO};
 pub use server::{Billing, ServerLimits, ServerStats, SessionUsage, SpanServer};
 pub use session::{
-    wait_for_coverage, wait_for_heard_coverage, ClientLedger, HopChecks, LocalBlocks,
+    wait_for_coverage, wait_for_heard_coverage, ClientLedger, HopChecks, LocalBlocks, PushStats,
     RemoteSession, SessionConfig, SessionReport,
 };
 pub use speculative::{generate_speculative, DraftModel, SpeculationStats};

@@ -47,24 +47,35 @@ async fn fixture(spans: &[BlockRange]) -> Fixture {
     }
 }
 
+/// Three servers generate what one process does, with servers pushing to each other
+/// (every later hop's input pushed, none relayed) and with the client relaying.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_servers_generate_what_one_process_does() {
     let f = fixture(&BlockRange::even_split(8, 3)).await;
     let client = f.mesh.client().await.unwrap();
     let model = f.mesh.model().clone();
-    let mut session =
-        RemoteSession::open(client.client.clone(), model, 8, SessionConfig::default())
+    for push in [true, false] {
+        let cfg = SessionConfig {
+            push,
+            ..SessionConfig::default()
+        };
+        let mut session = RemoteSession::open(client.client.clone(), model.clone(), 8, cfg)
             .await
             .unwrap();
-    assert_eq!(session.route().len(), 3);
-    let mut generation = Generation::new(PROMPT.to_vec(), params(), 512).unwrap();
-    let mut events = Vec::new();
-    pipeline::generate(&f.head, &mut session, &mut generation, |e| events.push(e))
-        .await
-        .unwrap();
-    assert_eq!(generation.generated(), f.want.as_slice());
-    assert_eq!(events.len(), 12);
-    session.close().await;
+        assert_eq!(session.route().len(), 3);
+        let mut generation = Generation::new(PROMPT.to_vec(), params(), 512).unwrap();
+        let mut events = Vec::new();
+        pipeline::generate(&f.head, &mut session, &mut generation, |e| events.push(e))
+            .await
+            .unwrap();
+        assert_eq!(generation.generated(), f.want.as_slice(), "push {push}");
+        assert_eq!(events.len(), 12);
+        // 12 steps (the prompt, then 11 tokens), two pushed hops each.
+        let pushed = if push { 24 } else { 0 };
+        let stats = session.push_stats();
+        assert_eq!((stats.pushed, stats.relayed), (pushed, 0), "push {push}");
+        session.close().await;
+    }
     f.mesh.stop().await.unwrap();
 }
 
@@ -144,6 +155,11 @@ async fn a_dead_middle_server_is_replaced_and_the_output_is_unchanged() {
     assert_eq!(got, f.want);
     assert!(session.banned().contains(&middle));
     assert!(session.route().iter().all(|h| h.peer != middle));
+    // Steps went server to server before the crash and after the replacement; the step
+    // the crash hit fell through to the client.
+    let stats = session.push_stats();
+    assert!(stats.pushed >= 2 * 5, "{stats:?}");
+    assert!(stats.relayed >= 1, "{stats:?}");
     session.close().await;
     f.mesh.stop().await.unwrap();
 }

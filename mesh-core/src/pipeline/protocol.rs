@@ -4,6 +4,7 @@
 //! (prefill: many positions at once; decode: one), and closed. Every message is one
 //! bounded frame encoded by [`crate::wire`].
 
+use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::{Attestation, SignedReceipt, Terms};
@@ -40,6 +41,53 @@ pub enum SessionRequest {
         to: u32,
         hidden: WireTensor,
     },
+    /// A step of a route whose servers push to each other ([`StepInput`], [`PushTarget`]):
+    /// run the input at `start_pos..` (after forgetting the positions from `start_pos` on
+    /// when `rewind`), answer with [`SessionResponse::Pushed`] when `push_to` is set (the
+    /// output went on to the next server too) or `Hidden` when not.
+    Step {
+        session: SessionId,
+        start_pos: u32,
+        rewind: bool,
+        input: StepInput,
+        push_to: Option<PushTarget>,
+    },
+    /// Server to server: the output of the step before, the input of the step `session`'s
+    /// client sent this server with [`StepInput::PushedBy`] the sender. It is run only when
+    /// the client's step names the sender and the same `start_pos`; until then it is held
+    /// (one per session).
+    Push {
+        session: SessionId,
+        start_pos: u32,
+        hidden: WireTensor,
+    },
+}
+
+/// Where a [`SessionRequest::Step`]'s hidden states come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StepInput {
+    /// In the request, as `Forward` sends them.
+    Hidden(WireTensor),
+    /// Pushed by this peer, the server of the hop before ([`SessionRequest::Push`]).
+    PushedBy(#[serde(with = "crate::ledger::hex::peer")] PeerId),
+}
+
+/// The next server of a route and its session, where a step's output goes on to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushTarget {
+    #[serde(with = "crate::ledger::hex::peer")]
+    pub peer: PeerId,
+    pub session: SessionId,
+}
+
+/// A step's output as `Hidden` carries it, for answers that carry more.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepOutput {
+    pub session: SessionId,
+    pub hidden: WireTensor,
+    pub compute_micros: u64,
+    pub receipt: Option<Box<SignedReceipt>>,
+    pub attestation: Option<Attestation>,
 }
 
 /// What a server answers.
@@ -71,6 +119,38 @@ pub enum SessionResponse {
     Acknowledged,
     /// The request was not served; nothing changed on the server.
     Refused(Refusal),
+    /// The answer to a [`SessionRequest::Step`] with `push_to`: the step's output, and why
+    /// the next server did not take it (`None`: it did), so the client sends it on itself.
+    Pushed {
+        output: StepOutput,
+        push_error: Option<String>,
+    },
+}
+
+impl SessionResponse {
+    /// The step's output, whichever answer carries it (any other answer back as `Err`).
+    pub fn into_step_output(self) -> Result<(StepOutput, Option<String>), Box<Self>> {
+        match self {
+            SessionResponse::Hidden {
+                session,
+                hidden,
+                compute_micros,
+                receipt,
+                attestation,
+            } => Ok((
+                StepOutput {
+                    session,
+                    hidden,
+                    compute_micros,
+                    receipt,
+                    attestation,
+                },
+                None,
+            )),
+            SessionResponse::Pushed { output, push_error } => Ok((output, push_error)),
+            other => Err(Box::new(other)),
+        }
+    }
 }
 
 /// Why a server refused: a clear reason instead of falling over.
@@ -114,6 +194,10 @@ pub enum Refusal {
     /// (it would work unpaid). Last, so older peers' variant numbers stay as they were.
     #[error("this server's ledger failed: it cannot keep receipts and opens no billed sessions; try another server")]
     LedgerFailed,
+    /// A step waiting for a pushed input ended without it: the client sent the input
+    /// itself, or it never came in time. Says nothing bad about this server.
+    #[error("the pushed input never came: {0}")]
+    NoPushedInput(String),
 }
 
 impl Refusal {
@@ -122,7 +206,10 @@ impl Refusal {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Refusal::Busy | Refusal::RateLimited { .. } | Refusal::ShuttingDown
+            Refusal::Busy
+                | Refusal::RateLimited { .. }
+                | Refusal::ShuttingDown
+                | Refusal::NoPushedInput(_)
         )
     }
 }

@@ -17,6 +17,7 @@ use crate::ledger::{
 use crate::model::{SpanCache, SpanModel};
 use crate::types::{BlockRange, ModelId, SessionId};
 use crate::wire::WireTensor;
+pub use push::{Answer, PushOrder, Reply, Served};
 
 /// What one server lets its clients spend.
 #[derive(Clone, Debug)]
@@ -103,6 +104,10 @@ struct Session {
     cache: SpanCache,
     reserved: usize,
     last_used: Instant,
+    /// A step of this session waiting for its pushed input ([`push`]).
+    waiting: Option<push::Waiting>,
+    /// A pushed input that came before the client's step naming it.
+    early: Option<push::EarlyPush>,
 }
 
 /// Sessions on one loaded span.
@@ -255,14 +260,39 @@ impl SpanServer {
         self.accepting = false;
     }
 
-    /// Serve one request from `client`.
+    /// Serve one request from `client` that is answered at once: a step waiting for a
+    /// pushed input is refused here ([`SpanServer::serve`] parks it instead).
     pub fn handle(
         &mut self,
         client: PeerId,
         request: SessionRequest,
         now: Instant,
     ) -> SessionResponse {
+        match self.serve(client, request, now).reply {
+            Reply::Now(answer) => answer.response,
+            Reply::Waits(session) => {
+                self.cancel_waiting(session);
+                SessionResponse::Refused(Refusal::NoPushedInput("the step waits for a push".into()))
+            }
+        }
+    }
+
+    /// Serve one request from `peer`: a client's, or a push from the server before.
+    pub fn serve(&mut self, peer: PeerId, request: SessionRequest, now: Instant) -> Served {
+        let client = peer;
         let response = match request {
+            SessionRequest::Step {
+                session,
+                start_pos,
+                rewind,
+                input,
+                push_to,
+            } => return self.step(client, session, start_pos, rewind, input, push_to, now),
+            SessionRequest::Push {
+                session,
+                start_pos,
+                hidden,
+            } => return self.pushed(peer, session, start_pos, hidden, now),
             SessionRequest::Open {
                 session,
                 model,
@@ -282,10 +312,15 @@ impl SpanServer {
                 hidden,
             } => self.rewind(client, session, to, &hidden, now),
         };
+        self.answered(response)
+    }
+
+    /// A request's answer, counted if it is a refusal.
+    fn answered(&mut self, response: SessionResponse) -> Served {
         if matches!(response, SessionResponse::Refused(_)) {
             self.stats.refusals += 1;
         }
-        response
+        Served::now(Answer::plain(response))
     }
 
     fn open(
@@ -396,6 +431,8 @@ impl SpanServer {
                 cache,
                 reserved: needed,
                 last_used: now,
+                waiting: None,
+                early: None,
             },
         );
         tracing::info!(%session, %client, %span, max_len, "session opened");
@@ -569,5 +606,6 @@ fn owned(
         .filter(|s| s.usage.client == client)
 }
 
+mod push;
 #[cfg(test)]
 mod tests;

@@ -19,6 +19,7 @@ mod coverage;
 mod exchange;
 mod fallback;
 mod hop;
+mod push;
 mod report;
 
 pub use billing::ClientLedger;
@@ -63,6 +64,11 @@ pub struct SessionConfig {
     /// then fresh heartbeats) before giving up: a server that joined after the session
     /// opened, or whose heartbeat has not reached us yet, can still take over.
     pub rediscover_for: Duration,
+    /// Servers send each step's output straight on to the next server of the route
+    /// (`session/push.rs`) instead of back through the client: four trips a token over a
+    /// three-server route instead of six. A server that cannot push says so and the client
+    /// relays that hop as before.
+    pub push: bool,
 }
 
 impl Default for SessionConfig {
@@ -74,6 +80,7 @@ impl Default for SessionConfig {
             policy: RoutePolicy::default(),
             verify: VerifyConfig::default(),
             rediscover_for: Duration::from_secs(3),
+            push: true,
         }
     }
 }
@@ -119,6 +126,16 @@ pub struct RemoteSession {
     deliveries: tokio::task::JoinSet<()>,
     /// While checking: every hop the session routed through, with its checks.
     checks: Vec<HopChecks>,
+    push_stats: PushStats,
+}
+
+/// How a session's steps went server to server ([`SessionConfig::push`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PushStats {
+    /// Hop answers whose input the server before pushed.
+    pub pushed: u64,
+    /// Steps where a push fell through and the client relayed from that hop on.
+    pub relayed: u64,
 }
 
 impl RemoteSession {
@@ -176,6 +193,7 @@ impl RemoteSession {
             countersigned: HashMap::new(),
             deliveries: tokio::task::JoinSet::new(),
             checks: Vec::new(),
+            push_stats: PushStats::default(),
             p2p,
             model,
             num_blocks,
@@ -198,6 +216,11 @@ impl RemoteSession {
 
     pub fn model(&self) -> &ModelId {
         &self.model
+    }
+
+    /// How many hops' inputs came server to server.
+    pub fn push_stats(&self) -> PushStats {
+        self.push_stats
     }
 
     /// Servers this session stopped using after they failed it.
@@ -236,6 +259,16 @@ impl RemoteSession {
         let seq = hidden.dim(1)?;
         let mut x = hidden;
         let mut i = 0;
+        // Hops from this one on are sent the step by the client after a push fell through:
+        // as a rewind, since the server may have run it already.
+        let mut relayed_from = usize::MAX;
+        if self.pushes() {
+            let pushed = self.step_pushed(&x, start_pos, rewind).await?;
+            (i, x, relayed_from) = (pushed.answered, pushed.next_input, pushed.answered);
+            if let Some(e) = pushed.failed {
+                (x, i) = self.recover(i, e, seq).await?;
+            }
+        }
         while i < self.hops.len() {
             if rewind {
                 self.hops[i].truncate_history(start_pos as usize)?;
@@ -256,15 +289,12 @@ impl RemoteSession {
             }
             let hop = &self.hops[i];
             let (peer, session) = (hop.hop.peer, hop.session);
-            let stepped = match self.forward(peer, session, &x, start_pos, rewind).await {
-                Ok((out, receipt, attestation)) => {
-                    let verifying = self.cfg.verify.enabled();
-                    let h = &mut self.hops[i];
-                    let now = h.take_answer(seq, &out, receipt, attestation, verifying);
-                    let (peer, tally) = (h.hop.peer, h.tally.clone());
-                    self.countersign_in_background(peer, tally, now).await;
-                    self.audit(i, false).await.map(|()| out)
-                }
+            let rewinding = rewind || i >= relayed_from;
+            let stepped = match self.forward(peer, session, &x, start_pos, rewinding).await {
+                Ok((out, receipt, attestation)) => self
+                    .accept(i, seq, &out, receipt, attestation)
+                    .await
+                    .map(|()| out),
                 Err(e) => Err(e),
             };
             match stepped {
@@ -272,21 +302,45 @@ impl RemoteSession {
                     x = out;
                     i += 1;
                 }
-                Err(e @ PipelineError::Mismatch { .. }) => {
-                    let to = self.hops[i].positions(self.hops[i].checked);
-                    self.note_failure(e)?;
-                    self.rebuild(to).await?;
-                    return Err(PipelineError::Rewind { position: to });
-                }
-                Err(e) => {
-                    self.note_failure(e)?;
-                    let (out, added) = self.replace_hop(i).await?;
-                    x = out.narrow(1, out.dim(1)? - seq, seq)?;
-                    i += added;
-                }
+                Err(e) => (x, i) = self.recover(i, e, seq).await?,
             }
         }
         Ok(x)
+    }
+
+    /// Take hop `i`'s answer to its newest input: count it, countersign its receipt (off
+    /// the steps' path), and check it when the sampler says so.
+    async fn accept(
+        &mut self,
+        i: usize,
+        seq: usize,
+        out: &Tensor,
+        receipt: Option<Box<crate::ledger::SignedReceipt>>,
+        attestation: Option<crate::ledger::Attestation>,
+    ) -> Result<(), PipelineError> {
+        let verifying = self.cfg.verify.enabled();
+        let h = &mut self.hops[i];
+        let now = h.take_answer(seq, out, receipt, attestation, verifying);
+        let (peer, tally) = (h.hop.peer, h.tally.clone());
+        self.countersign_in_background(peer, tally, now).await;
+        self.audit(i, false).await
+    }
+
+    /// Hop `i` failed this step with `e`: a server caught lying rebuilds the route and
+    /// rewinds the caller ([`PipelineError::Rewind`]); any other failure replaces the hop
+    /// and replays its inputs. Returns the step's output after the hop and the next hop.
+    async fn recover(
+        &mut self,
+        i: usize,
+        e: PipelineError,
+        seq: usize,
+    ) -> Result<(Tensor, usize), PipelineError> {
+        if let PipelineError::Mismatch { .. } = e {
+            return Err(self.caught_at(i, e).await);
+        }
+        self.note_failure(e)?;
+        let (out, added) = self.replace_hop(i).await?;
+        Ok((out.narrow(1, out.dim(1)? - seq, seq)?, i + added))
     }
 
     /// Whether a fraction of steps is re-checked ([`VerifyConfig`]).
@@ -317,16 +371,25 @@ impl RemoteSession {
         while i < self.hops.len() {
             match self.audit(i, true).await {
                 Ok(()) => i += 1,
-                Err(e @ PipelineError::Mismatch { .. }) => {
-                    let to = self.hops[i].positions(self.hops[i].checked);
-                    self.note_failure(e)?;
-                    self.rebuild(to).await?;
-                    return Err(PipelineError::Rewind { position: to });
-                }
+                Err(e @ PipelineError::Mismatch { .. }) => return Err(self.caught_at(i, e).await),
                 Err(e) => return Err(e),
             }
         }
         Ok(())
+    }
+
+    /// Hop `i`'s server was caught returning wrong hidden states (`e`): ban it, rebuild
+    /// the route on the positions checked, and return what the caller is told
+    /// ([`PipelineError::Rewind`] to them, or why that failed).
+    async fn caught_at(&mut self, i: usize, e: PipelineError) -> PipelineError {
+        let to = self.hops[i].positions(self.hops[i].checked);
+        if let Err(e) = self.note_failure(e) {
+            return e;
+        }
+        match self.rebuild(to).await {
+            Ok(()) => PipelineError::Rewind { position: to },
+            Err(e) => e,
+        }
     }
 
     /// After a server was caught: drop the whole route, and replay the first `to`

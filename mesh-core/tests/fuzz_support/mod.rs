@@ -30,7 +30,7 @@ use mesh_core::ledger::{Batch, ClientTally, LedgerError, Receipt, SignedReceipt}
 use mesh_core::p2p::codec::read_frame;
 use mesh_core::p2p::dht::{self, RecordReject, ServerRecord};
 use mesh_core::p2p::heartbeat::{self, Heartbeat};
-use mesh_core::pipeline::{SessionRequest, SessionResponse};
+use mesh_core::pipeline::{SessionRequest, SessionResponse, StepInput};
 use mesh_core::wire::{self, TensorFrameError, WireDType, WireError, WireTensor};
 use mesh_core::{BlockRange, ModelId};
 
@@ -98,9 +98,17 @@ fn request_frame(body: &[u8]) -> bool {
     };
     assert_stable(&req, wire::FRAME_LIMIT);
     match &req {
-        SessionRequest::Forward { hidden, .. } | SessionRequest::Rewind { hidden, .. } => {
-            tensor_ok(hidden)
-        }
+        SessionRequest::Forward { hidden, .. }
+        | SessionRequest::Rewind { hidden, .. }
+        | SessionRequest::Push { hidden, .. }
+        | SessionRequest::Step {
+            input: StepInput::Hidden(hidden),
+            ..
+        } => tensor_ok(hidden),
+        SessionRequest::Step {
+            input: StepInput::PushedBy(_),
+            ..
+        } => true,
         SessionRequest::Countersigned { receipt } => signed_receipt_ok(receipt, true),
         SessionRequest::Open { .. } | SessionRequest::Close { .. } => true,
     }
@@ -115,29 +123,29 @@ fn response_frame(body: &[u8]) -> bool {
         }
     };
     assert_stable(&resp, wire::FRAME_LIMIT);
-    match &resp {
-        SessionResponse::Hidden {
-            session,
-            hidden,
-            receipt,
-            attestation,
-            ..
-        } => {
-            let tensor = tensor_ok(hidden);
-            let receipt = receipt.as_ref().is_none_or(|r| signed_receipt_ok(r, false));
-            // Without the step's input only the signature over the digests can be checked.
-            let attested = attestation
-                .as_ref()
-                .is_none_or(|a| a.verify_digests(&server().peer_id(), session, 3).is_ok());
-            tensor && receipt && attested
-        }
+    let step = match resp {
         SessionResponse::Closed { receipt, .. } => {
-            receipt.as_ref().is_none_or(|r| signed_receipt_ok(r, false))
+            return receipt.as_ref().is_none_or(|r| signed_receipt_ok(r, false))
         }
         SessionResponse::Opened { .. }
         | SessionResponse::Acknowledged
-        | SessionResponse::Refused(_) => true,
-    }
+        | SessionResponse::Refused(_) => return true,
+        hidden_or_pushed => match hidden_or_pushed.into_step_output() {
+            Ok((output, _)) => output,
+            Err(other) => panic!("not a step's output: {other:?}"),
+        },
+    };
+    let tensor = tensor_ok(&step.hidden);
+    let receipt = step
+        .receipt
+        .as_ref()
+        .is_none_or(|r| signed_receipt_ok(r, false));
+    // Without the step's input only the signature over the digests can be checked.
+    let attested = step.attestation.as_ref().is_none_or(|a| {
+        a.verify_digests(&server().peer_id(), &step.session, 3)
+            .is_ok()
+    });
+    tensor && receipt && attested
 }
 
 fn length_prefixed(stream: &[u8]) -> bool {

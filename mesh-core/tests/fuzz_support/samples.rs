@@ -14,7 +14,9 @@ use mesh_core::ledger::{
 };
 use mesh_core::p2p::dht::{self, ServerRecord};
 use mesh_core::p2p::heartbeat::Heartbeat;
-use mesh_core::pipeline::{Refusal, SessionRequest, SessionResponse};
+use mesh_core::pipeline::{
+    PushTarget, Refusal, SessionRequest, SessionResponse, StepInput, StepOutput,
+};
 use mesh_core::types::{Capability, GpuLive, GpuSummary};
 use mesh_core::wire::{self, WireDType, WireTensor};
 use mesh_core::{BlockRange, ModelId, SessionId};
@@ -135,6 +137,28 @@ pub fn requests() -> Vec<SessionRequest> {
             to: 2,
             hidden: tensor(WireDType::F32, 3),
         },
+        SessionRequest::Step {
+            session,
+            start_pos: 3,
+            rewind: false,
+            input: StepInput::Hidden(tensor(WireDType::F32, 4)),
+            push_to: Some(PushTarget {
+                peer: server().peer_id(),
+                session: SessionId([8; 16]),
+            }),
+        },
+        SessionRequest::Step {
+            session,
+            start_pos: 2,
+            rewind: true,
+            input: StepInput::PushedBy(client().peer_id()),
+            push_to: None,
+        },
+        SessionRequest::Push {
+            session,
+            start_pos: 3,
+            hidden: tensor(WireDType::BF16, 4),
+        },
     ]
 }
 
@@ -150,7 +174,7 @@ pub fn responses() -> Vec<SessionResponse> {
         },
         SessionResponse::Hidden {
             session,
-            hidden: output,
+            hidden: output.clone(),
             compute_micros: 1234,
             receipt: Some(Box::new(signed_receipt(client(), 7, 5, 0, false))),
             attestation: Some(attestation),
@@ -166,6 +190,17 @@ pub fn responses() -> Vec<SessionResponse> {
             budget: 1 << 31,
         }),
         SessionResponse::Refused(Refusal::BadRequest("bad frame".into())),
+        SessionResponse::Pushed {
+            output: StepOutput {
+                session,
+                hidden: output,
+                compute_micros: 99,
+                receipt: None,
+                attestation: Some(attestation),
+            },
+            push_error: Some("next server unreachable".into()),
+        },
+        SessionResponse::Refused(Refusal::NoPushedInput("no push came".into())),
     ]
 }
 

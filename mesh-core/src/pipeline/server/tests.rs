@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::model::{tiny, ModelFiles};
+use crate::pipeline::protocol::{PushTarget, StepInput};
 use candle_core::{DType, Tensor};
 
 fn server(limits: ServerLimits) -> (tempfile::TempDir, SpanServer) {
@@ -307,4 +308,159 @@ fn rewind_drops_positions_then_runs_as_if_they_never_were() {
         .find(|u| u.session == spec)
         .expect("usage");
     assert_eq!(usage.prefill_tokens + usage.decode_tokens, 7);
+}
+
+/// The hidden states of a served answer, or what it was instead.
+fn output_of(answer: &Answer) -> &WireTensor {
+    match &answer.response {
+        SessionResponse::Hidden { hidden, .. } => hidden,
+        other => panic!("not a step's output: {other:?}"),
+    }
+}
+
+fn answered(served: Served) -> Answer {
+    match served.reply {
+        Reply::Now(answer) => *answer,
+        Reply::Waits(s) => panic!("session {s} waits"),
+    }
+}
+
+#[test]
+fn a_push_runs_only_the_step_its_client_asked_for_from_the_peer_it_named() {
+    let (_d, mut srv) = server(ServerLimits::default());
+    let (_d2, mut relayed) = server(ServerLimits::default());
+    let (client, upstream, stranger) = (PeerId::random(), PeerId::random(), PeerId::random());
+    let (s, now) = (SessionId::random(), Instant::now());
+    let prefill = SessionRequest::Forward {
+        session: s,
+        start_pos: 0,
+        hidden: varied(4, 0),
+    };
+    for srv in [&mut srv, &mut relayed] {
+        srv.handle(client, open(s, BlockRange::new(2, 6), 64), now);
+        assert!(matches!(
+            srv.handle(client, prefill.clone(), now),
+            SessionResponse::Hidden { .. }
+        ));
+    }
+    let push = |start_pos| SessionRequest::Push {
+        session: s,
+        start_pos,
+        hidden: varied(1, 9),
+    };
+    let decoded = |srv: &SpanServer| srv.usage()[0].decode_tokens;
+
+    // A push before the client's step is only held; held from the wrong peer, it is not
+    // used when the step names another.
+    let held = answered(srv.serve(stranger, push(4), now));
+    assert_eq!(held.response, SessionResponse::Acknowledged);
+    let step = SessionRequest::Step {
+        session: s,
+        start_pos: 4,
+        rewind: false,
+        input: StepInput::PushedBy(upstream),
+        push_to: None,
+    };
+    assert!(matches!(srv.serve(client, step.clone(), now).reply, Reply::Waits(w) if w == s));
+    // Nobody but the named peer, at the named position, feeds the waiting step.
+    for (peer, pos) in [(stranger, 4), (upstream, 5), (client, 4)] {
+        let refused = answered(srv.serve(peer, push(pos), now));
+        assert!(
+            matches!(
+                refused.response,
+                SessionResponse::Refused(Refusal::BadRequest(_))
+            ),
+            "{:?}",
+            refused.response
+        );
+    }
+    assert_eq!(decoded(&srv), 0, "nothing ran, nothing is billed");
+    // A push for a session this server does not hold.
+    let unknown = SessionRequest::Push {
+        session: SessionId::random(),
+        start_pos: 4,
+        hidden: varied(1, 9),
+    };
+    let refused = answered(srv.serve(upstream, unknown, now));
+    assert_eq!(
+        refused.response,
+        SessionResponse::Refused(Refusal::UnknownSession)
+    );
+
+    // The named peer's push runs the step: the same output as the client relaying it.
+    let Served { reply, released } = srv.serve(upstream, push(4), now);
+    let (session, released) = released.expect("the waiting step runs");
+    assert_eq!(session, s);
+    assert!(matches!(reply, Reply::Now(a) if a.response == SessionResponse::Acknowledged));
+    let want = relayed.handle(
+        client,
+        SessionRequest::Forward {
+            session: s,
+            start_pos: 4,
+            hidden: varied(1, 9),
+        },
+        now,
+    );
+    match want {
+        SessionResponse::Hidden { hidden, .. } => assert_eq!(output_of(&released), &hidden),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(decoded(&srv), 1);
+
+    // A push that comes first runs as soon as the step naming its sender does, and the
+    // output is ordered on to the next server's session.
+    srv.serve(upstream, push(5), now);
+    let next = PushTarget {
+        peer: stranger,
+        session: SessionId::random(),
+    };
+    let step = SessionRequest::Step {
+        session: s,
+        start_pos: 5,
+        rewind: false,
+        input: StepInput::PushedBy(upstream),
+        push_to: Some(next),
+    };
+    let ran = answered(srv.serve(client, step, now));
+    let order = ran.push.as_ref().expect("the output goes on");
+    assert_eq!(order.peer, next.peer);
+    match &order.request {
+        SessionRequest::Push {
+            session,
+            start_pos,
+            hidden,
+        } => {
+            assert_eq!((*session, *start_pos), (next.session, 5));
+            assert_eq!(hidden, output_of(&ran));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A newer step ends the one still waiting: its client relayed the input itself.
+    let waiting = SessionRequest::Step {
+        session: s,
+        start_pos: 6,
+        rewind: false,
+        input: StepInput::PushedBy(upstream),
+        push_to: None,
+    };
+    assert!(matches!(
+        srv.serve(client, waiting, now).reply,
+        Reply::Waits(_)
+    ));
+    let relay = SessionRequest::Step {
+        session: s,
+        start_pos: 6,
+        rewind: true,
+        input: StepInput::Hidden(varied(1, 3)),
+        push_to: None,
+    };
+    let Served { reply, released } = srv.serve(client, relay, now);
+    let (_, ended) = released.expect("the waiting step is ended");
+    assert!(matches!(
+        ended.response,
+        SessionResponse::Refused(Refusal::NoPushedInput(_))
+    ));
+    assert!(matches!(reply, Reply::Now(a) if matches!(a.response, SessionResponse::Hidden { .. })));
+    assert_eq!(decoded(&srv), 3);
 }

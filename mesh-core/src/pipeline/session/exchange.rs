@@ -10,7 +10,8 @@ use rand::Rng;
 
 use super::{HopState, RemoteSession};
 use crate::ledger::{Attestation, SignedReceipt};
-use crate::pipeline::protocol::{Refusal, SessionRequest, SessionResponse};
+use crate::p2p;
+use crate::pipeline::protocol::{Refusal, SessionRequest, SessionResponse, StepOutput};
 use crate::pipeline::route::Hop;
 use crate::pipeline::PipelineError;
 use crate::types::SessionId;
@@ -19,6 +20,9 @@ use crate::wire::{self, WireTensor};
 /// Times a request refused as busy or rate-limited is sent again before the server
 /// counts as failed.
 pub(super) const TRANSIENT_RETRIES: usize = 5;
+
+/// A step's output, its receipt (if one fell due) and its signature (if signed).
+pub(super) type TakenStep = (Tensor, Option<Box<SignedReceipt>>, Option<Attestation>);
 
 impl RemoteSession {
     /// Open a session for one hop and agree its terms.
@@ -46,7 +50,7 @@ impl RemoteSession {
         x: &Tensor,
         start_pos: u32,
         rewind: bool,
-    ) -> Result<(Tensor, Option<Box<SignedReceipt>>, Option<Attestation>), PipelineError> {
+    ) -> Result<TakenStep, PipelineError> {
         let hidden = WireTensor::from_tensor(x)?;
         let req = if rewind {
             SessionRequest::Rewind {
@@ -61,31 +65,18 @@ impl RemoteSession {
                 hidden,
             }
         };
-        match self.request(peer, &req).await? {
-            SessionResponse::Hidden {
-                hidden,
-                receipt,
-                attestation,
-                ..
-            } => {
-                let protocol = |detail: String| PipelineError::Protocol { peer, detail };
-                let out = hidden.to_tensor(&Device::Cpu)?;
-                if out.dims() != x.dims() {
-                    let got = format!("sent {:?}, got back {:?}", x.dims(), out.dims());
-                    return Err(protocol(got));
-                }
-                if let (
-                    Some(a),
-                    SessionRequest::Forward { hidden: sent, .. }
-                    | SessionRequest::Rewind { hidden: sent, .. },
-                ) = (&attestation, &req)
-                {
-                    a.verify(&peer, &session, start_pos, sent, &hidden)
-                        .map_err(|e| protocol(format!("step attestation: {e}")))?;
-                }
-                Ok((out, receipt, attestation))
-            }
-            other => Err(unexpected(peer, other)),
+        let response = self.request(peer, &req).await?;
+        match (response.into_step_output(), req) {
+            (
+                Ok((output, _)),
+                SessionRequest::Forward { hidden: sent, .. }
+                | SessionRequest::Rewind { hidden: sent, .. },
+            ) => checked_output(peer, session, start_pos, &sent, x.dims(), output),
+            (Ok(_), _) => Err(PipelineError::Protocol {
+                peer,
+                detail: "a step answered by a push".into(),
+            }),
+            (Err(other), _) => Err(unexpected(peer, *other)),
         }
     }
 
@@ -123,24 +114,58 @@ impl RemoteSession {
     ) -> Result<SessionResponse, PipelineError> {
         let bytes = wire::encode(req)?;
         let started = Instant::now();
-        let reply = tokio::time::timeout(self.cfg.step_timeout, self.p2p.request(peer, bytes))
-            .await
-            .map_err(|_| PipelineError::Timeout {
-                peer,
-                after: self.cfg.step_timeout,
-            })?
-            .map_err(|e| PipelineError::Unreachable {
-                peer,
-                reason: e.to_string(),
-            })?;
+        let response = send_once(&self.p2p, peer, bytes, self.cfg.step_timeout).await?;
         let rtt = started.elapsed();
         let smoothed = self.rtt.get(&peer).map_or(rtt, |old| (*old * 7 + rtt) / 8);
         self.rtt.insert(peer, smoothed);
-        wire::decode(&reply, wire::FRAME_LIMIT).map_err(|e| PipelineError::Protocol {
-            peer,
-            detail: e.to_string(),
-        })
+        Ok(response)
     }
+}
+
+/// One encoded request to `peer` and its decoded answer, within `timeout`.
+pub(super) async fn send_once(
+    p2p: &p2p::Client,
+    peer: PeerId,
+    bytes: Vec<u8>,
+    timeout: Duration,
+) -> Result<SessionResponse, PipelineError> {
+    let reply = tokio::time::timeout(timeout, p2p.request(peer, bytes))
+        .await
+        .map_err(|_| PipelineError::Timeout {
+            peer,
+            after: timeout,
+        })?
+        .map_err(|e| PipelineError::Unreachable {
+            peer,
+            reason: e.to_string(),
+        })?;
+    wire::decode(&reply, wire::FRAME_LIMIT).map_err(|e| PipelineError::Protocol {
+        peer,
+        detail: e.to_string(),
+    })
+}
+
+/// A step's output as the client keeps it, once its shape matches the input's (`dims`)
+/// and its attestation (if signed) covers `session`, `sent` and the output.
+pub(super) fn checked_output(
+    peer: PeerId,
+    session: SessionId,
+    start_pos: u32,
+    sent: &WireTensor,
+    dims: &[usize],
+    output: StepOutput,
+) -> Result<TakenStep, PipelineError> {
+    let protocol = |detail: String| PipelineError::Protocol { peer, detail };
+    let out = output.hidden.to_tensor(&Device::Cpu)?;
+    if out.dims() != dims {
+        let got = format!("sent {dims:?}, got back {:?}", out.dims());
+        return Err(protocol(got));
+    }
+    if let Some(a) = &output.attestation {
+        a.verify(&peer, &session, start_pos, sent, &output.hidden)
+            .map_err(|e| protocol(format!("step attestation: {e}")))?;
+    }
+    Ok((out, output.receipt, output.attestation))
 }
 
 pub(super) fn unexpected(peer: PeerId, response: SessionResponse) -> PipelineError {

@@ -1,0 +1,212 @@
+//! The span's worker thread: owns the [`SpanServer`] and its sessions, serves queued
+//! requests one per peer in turn, and holds the steps that wait for a pushed input.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{NodeSnapshot, REQUEST_QUEUE};
+use crate::metrics::NodeMetrics;
+use crate::pipeline::admission::FairQueue;
+use crate::pipeline::server::{Answer, Reply};
+use crate::pipeline::{Refusal, SessionRequest, SessionResponse, SpanServer};
+use crate::types::SessionId;
+use crate::wire;
+
+/// A step waiting for its pushed input longer than this is refused (checked once per
+/// heartbeat): its client gave up on it long before.
+const PARK_LIMIT: Duration = Duration::from_secs(30);
+
+pub(super) enum Job {
+    Request {
+        peer: PeerId,
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Outgoing>,
+    },
+    Snapshot(oneshot::Sender<NodeSnapshot>),
+    StopAccepting,
+}
+
+/// What the worker hands back for one request.
+pub(super) enum Outgoing {
+    /// The encoded answer, to send as it is.
+    Bytes(Vec<u8>),
+    Pushing(Box<Pushing>),
+}
+
+/// A step whose output goes on to the next server: send `push` to `peer`, then answer
+/// `bytes` if it was taken, else `answer` with the reason ([`Answer::pushed`]).
+pub(super) struct Pushing {
+    pub peer: PeerId,
+    pub push: Vec<u8>,
+    pub bytes: Vec<u8>,
+    pub answer: SessionResponse,
+}
+
+impl Outgoing {
+    /// Encode `answer` (and its push); an answer that cannot be encoded becomes a refusal
+    /// saying why. Returns the bytes it will send the client, for metrics.
+    fn of(answer: Answer) -> (Self, usize) {
+        let encoded = |response: &SessionResponse| {
+            wire::encode(response).unwrap_or_else(|e| {
+                let refusal = SessionResponse::Refused(Refusal::BadRequest(e.to_string()));
+                wire::encode(&refusal).unwrap_or_default()
+            })
+        };
+        let Some(order) = answer.push else {
+            let bytes = encoded(&answer.response);
+            let n = bytes.len();
+            return (Self::Bytes(bytes), n);
+        };
+        let answer_ok = Answer::pushed(answer.response, Ok(()));
+        let bytes = encoded(&answer_ok);
+        let n = bytes.len();
+        match wire::encode(&order.request) {
+            Ok(push) => (
+                Self::Pushing(Box::new(Pushing {
+                    peer: order.peer,
+                    push,
+                    bytes,
+                    answer: answer_ok,
+                })),
+                n,
+            ),
+            Err(e) => {
+                let answer = Answer::pushed(answer_ok, Err(e.to_string()));
+                let bytes = encoded(&answer);
+                let n = bytes.len();
+                (Self::Bytes(bytes), n)
+            }
+        }
+    }
+}
+
+/// The worker thread. After every request and snapshot it publishes a fresh snapshot for
+/// status pages.
+pub(super) fn work(
+    mut server: SpanServer,
+    mut jobs: mpsc::Receiver<Job>,
+    published: watch::Sender<NodeSnapshot>,
+) {
+    let mut metrics = NodeMetrics::default();
+    let blocks = f64::from(server.span().range().len().max(1));
+    let snapshot = |server: &SpanServer, metrics: &NodeMetrics, queued| NodeSnapshot {
+        stats: server.stats(),
+        active_sessions: server.active_sessions(),
+        reserved_bytes: server.reserved_bytes(),
+        free_cache_bytes: server.free_cache_bytes(),
+        throughput_tps: server.throughput(),
+        queued,
+        metrics: metrics.clone(),
+        ledger_failure: server.ledger_failure().map(str::to_owned),
+    };
+    let mut fair = FairQueue::new(REQUEST_QUEUE);
+    let mut parked: HashMap<SessionId, (Instant, oneshot::Sender<Outgoing>)> = HashMap::new();
+    loop {
+        // Take in what has arrived (waiting only when there is nothing to do); control jobs
+        // are done at once, requests wait their peer's turn.
+        while !fair.is_full() {
+            let job = if fair.is_empty() {
+                match jobs.blocking_recv() {
+                    Some(job) => job,
+                    None => return,
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            };
+            match job {
+                Job::Request { peer, bytes, reply } => {
+                    // Never full here: the loop stops taking jobs when it is.
+                    let _ = fair.push(peer, (bytes, reply));
+                }
+                Job::Snapshot(reply) => {
+                    server.expire_idle(Instant::now());
+                    unpark_stale(&mut server, &mut parked, Instant::now());
+                    let now = snapshot(&server, &metrics, jobs.len() + fair.len());
+                    let _ = reply.send(now.clone());
+                    published.send_replace(now);
+                }
+                Job::StopAccepting => server.stop_accepting(),
+            }
+        }
+        let Some((peer, (bytes, reply))) = fair.pop() else {
+            continue;
+        };
+        metrics.requests += 1;
+        metrics.bytes_in += bytes.len() as u64;
+        let served = match wire::decode::<SessionRequest>(&bytes, wire::FRAME_LIMIT) {
+            Ok(request) => {
+                if let SessionRequest::Push { session, .. } = &request {
+                    // A push for a step whose client stopped waiting runs nothing.
+                    if parked.get(session).is_some_and(|(_, tx)| tx.is_closed()) {
+                        parked.remove(session);
+                        server.cancel_waiting(*session);
+                    }
+                }
+                server.serve(peer, request, Instant::now())
+            }
+            Err(e) => crate::pipeline::server::Served {
+                reply: Reply::Now(Box::new(Answer::plain(SessionResponse::Refused(
+                    Refusal::BadRequest(e.to_string()),
+                )))),
+                released: None,
+            },
+        };
+        if let Some((session, answer)) = served.released {
+            let out = observe(&mut metrics, blocks, answer);
+            if let Some((_, waiting)) = parked.remove(&session) {
+                let _ = waiting.send(out);
+            }
+        }
+        match served.reply {
+            Reply::Now(answer) => {
+                let _ = reply.send(observe(&mut metrics, blocks, *answer));
+            }
+            Reply::Waits(session) => {
+                parked.insert(session, (Instant::now(), reply));
+            }
+        }
+        published.send_replace(snapshot(&server, &metrics, jobs.len() + fair.len()));
+    }
+}
+
+/// Count an answer in the metrics and encode it.
+fn observe(metrics: &mut NodeMetrics, blocks: f64, answer: Answer) -> Outgoing {
+    match &answer.response {
+        SessionResponse::Hidden { compute_micros, .. } => metrics
+            .block_latency
+            .observe(*compute_micros as f64 / 1e6 / blocks),
+        SessionResponse::Refused(r) => metrics.refused(r),
+        _ => {}
+    }
+    let (out, bytes) = Outgoing::of(answer);
+    metrics.bytes_out += bytes as u64;
+    out
+}
+
+/// Refuse the steps that waited for a push too long, or whose client stopped waiting.
+fn unpark_stale(
+    server: &mut SpanServer,
+    parked: &mut HashMap<SessionId, (Instant, oneshot::Sender<Outgoing>)>,
+    now: Instant,
+) {
+    let stale: Vec<SessionId> = parked
+        .iter()
+        .filter(|(_, (since, tx))| tx.is_closed() || now.duration_since(*since) > PARK_LIMIT)
+        .map(|(s, _)| *s)
+        .collect();
+    for session in stale {
+        server.cancel_waiting(session);
+        if let Some((_, tx)) = parked.remove(&session) {
+            let refusal =
+                Refusal::NoPushedInput(format!("no push came within {} s", PARK_LIMIT.as_secs()));
+            let (out, _) = Outgoing::of(Answer::plain(SessionResponse::Refused(refusal)));
+            let _ = tx.send(out);
+        }
+    }
+}
