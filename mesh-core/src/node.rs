@@ -29,7 +29,6 @@ use crate::model::{ModelError, ModelFiles, Quantization, SpanModel};
 use crate::p2p::{self, Announcement, Event, P2pConfig, P2pError};
 use crate::pipeline::admission::Admission;
 use crate::pipeline::balance::{block_coverage, choose_span};
-use crate::pipeline::server::Answer;
 use crate::pipeline::{Billing, Refusal, ServerLimits, ServerStats, SessionResponse, SpanServer};
 use crate::probe::GpuReadings;
 use crate::types::{BlockRange, Capability, GpuLive, ModelId, ServerLoad};
@@ -46,8 +45,8 @@ const MAX_UNPAID_TOKENS: u64 = 4096;
 const REQUEST_QUEUE: usize = 64;
 
 /// How long a push may take to be taken by the next server (it answers once it ran the
-/// step): under a client's default step timeout, so the client hears why first.
-const PUSH_TIMEOUT: Duration = Duration::from_secs(15);
+/// step) before it counts as failed in the log.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Everything a provider node needs.
 #[derive(Clone, Debug)]
@@ -423,14 +422,14 @@ fn dispatch(
                 let answer = answer.await;
                 finish(&admission, &peer);
                 match answer {
-                    Ok(Outgoing::Bytes(bytes)) => Some(bytes),
-                    Ok(Outgoing::Pushing(p)) => match push_on(&client, p.peer, p.push).await {
-                        Ok(()) => Some(p.bytes),
-                        Err(why) => {
-                            tracing::debug!(next = %p.peer, "push not taken: {why}");
-                            wire::encode(&Answer::pushed(p.answer, Err(why))).ok()
+                    Ok(Outgoing { bytes, push }) => {
+                        // The next server's input first: it is on the token's path, the
+                        // answer to the client is not.
+                        if let Some((next, push)) = push {
+                            tokio::spawn(push_on(client.clone(), next, push));
                         }
-                    },
+                        Some(bytes)
+                    }
                     // The worker dropped a waiting step (it stopped).
                     Err(_) => wire::encode(&SessionResponse::Refused(Refusal::ShuttingDown)).ok(),
                 }
@@ -445,17 +444,21 @@ fn dispatch(
     });
 }
 
-/// Send a step's output on to the next server; `Err` says why it was not taken.
-async fn push_on(client: &p2p::Client, next: PeerId, push: Vec<u8>) -> Result<(), String> {
-    let reply = tokio::time::timeout(PUSH_TIMEOUT, client.request(next, push))
-        .await
-        .map_err(|_| format!("no answer within {} s", PUSH_TIMEOUT.as_secs()))?
-        .map_err(|e| e.to_string())?;
-    match wire::decode::<SessionResponse>(&reply, wire::SMALL_LIMIT) {
-        Ok(SessionResponse::Acknowledged) => Ok(()),
-        Ok(SessionResponse::Refused(r)) => Err(r.to_string()),
-        Ok(other) => Err(format!("unexpected answer {other:?}")),
-        Err(e) => Err(e.to_string()),
+/// Send a step's output on to the next server. A push not taken is only logged: the
+/// client, not hearing from the next server in time, sends it the input itself.
+async fn push_on(client: p2p::Client, next: PeerId, push: Vec<u8>) {
+    let taken = match tokio::time::timeout(PUSH_TIMEOUT, client.request(next, push)).await {
+        Err(_) => Err(format!("no answer within {} s", PUSH_TIMEOUT.as_secs())),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(reply)) => match wire::decode::<SessionResponse>(&reply, wire::SMALL_LIMIT) {
+            Ok(SessionResponse::Acknowledged) => Ok(()),
+            Ok(SessionResponse::Refused(r)) => Err(r.to_string()),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(e.to_string()),
+        },
+    };
+    if let Err(why) = taken {
+        tracing::info!(%next, "push not taken: {why}");
     }
 }
 

@@ -23,7 +23,7 @@ use std::time::Duration;
 use libp2p::PeerId;
 
 pub use generate::{generate, generate_into, TokenEvent};
-pub use protocol::{PushTarget, Refusal, SessionRequest, SessionResponse, StepInput, StepOutput};
+pub use protocol::{PushTarget, Refusal, SessionRequest, SessionResponse, StepInput};
 pub use route::{Candidate, Hop, PricedOut, RoutePolicy, DEFAULT_MAX_PRICE_RATIO};
 pub use server::{Billing, ServerLimits, ServerStats, SessionUsage, SpanServer};
 pub use session::{

@@ -20,8 +20,8 @@ use mesh_core::model::{
 use mesh_core::p2p::{self, Announcement, Role};
 use mesh_core::pipeline::session::SessionContext;
 use mesh_core::pipeline::{
-    self, Billing, ClientLedger, LocalReference, RemoteSession, ServerLimits, SessionConfig,
-    SessionRequest, SessionResponse, SpanServer, VerifyConfig,
+    self, Billing, ClientLedger, LocalReference, Refusal, RemoteSession, ServerLimits,
+    SessionConfig, SessionRequest, SessionResponse, SpanServer, StepInput, VerifyConfig,
 };
 use mesh_core::types::ServerLoad;
 use mesh_core::{wire, BlockRange, ModelId};
@@ -80,12 +80,28 @@ async fn start_liar(
         quantization: String::new(),
     };
     let stop = test_server::serve(peer, ann, move |peer, request| {
+        // It takes no pushes, so every input it answers is one the client sent.
         let sent = match &request {
             SessionRequest::Forward {
                 session,
                 start_pos,
                 hidden,
+            }
+            | SessionRequest::Rewind {
+                session,
+                to: start_pos,
+                hidden,
+            }
+            | SessionRequest::Step {
+                session,
+                start_pos,
+                input: StepInput::Hidden(hidden),
+                ..
             } => Some((*session, *start_pos, hidden.clone())),
+            SessionRequest::Push { .. } => {
+                let refusal = Refusal::BadRequest("this server takes no pushes".into());
+                return std::future::ready(SessionResponse::Refused(refusal));
+            }
             _ => None,
         };
         let mut response = server.lock().unwrap().handle(peer, request, Instant::now());

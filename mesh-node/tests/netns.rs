@@ -492,8 +492,9 @@ async fn slow_lossy_rate_limited_links_change_the_timing_not_the_tokens() {
     report("all three at once:", &all, &clean);
     println!("  ({} packets dropped)", dropped(&mesh));
 
-    // Each token crosses the client's link there and back at least once per hop.
-    let floor = 3.0 * 2.0 * ONE_WAY.as_secs_f64() * 1e3;
+    // Each token crosses the client's link there and back at least once (servers push
+    // to each other; relayed, it would be once per hop).
+    let floor = 2.0 * ONE_WAY.as_secs_f64() * 1e3;
     for run in [&slow, &all] {
         assert!(
             run.stat("median") >= floor,
@@ -551,6 +552,62 @@ async fn a_draft_model_saves_round_trips_on_a_slow_link() {
         );
         assert_eq!(fast.text, plain.text, "{label} changed the text");
     }
+}
+
+/// Servers that push each step's output to the next server: with every pair of hosts
+/// (client, bootstrap, servers) `ONE_WAY` apart each way, a token over 3 servers takes
+/// four one-way trips instead of the six of relaying every output through the client.
+/// Same text either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_pushing_to_each_other_take_four_trips_a_token_not_six() {
+    if !netlab::enabled() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut mesh = Mesh::start(&BlockRange::even_split(NUM_BLOCKS, 3)).await;
+    mesh.wait_until_all_listed().await;
+    let hosts: Vec<Host> = mesh.hosts().into_iter().cloned().collect();
+    for host in &hosts {
+        mesh.lab.delay(host, ONE_WAY / 2);
+    }
+    let run = |label: &str, extra: &[&str]| {
+        let mut args: Vec<String> = ["--temperature", "0"].map(String::from).to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let started = Instant::now();
+        let proc = mesh
+            .client_side()
+            .spawn_generate_with(label, SHORT, SEED, PROMPT, &args);
+        finish(proc, started)
+    };
+    let relayed = run("relayed", &["--no-push"]).await;
+    let pushed = run("pushed", &[]).await;
+    let one_way = ONE_WAY.as_secs_f64() * 1e3;
+    println!(
+        "{:<44} {}",
+        "relayed through the client:",
+        relayed.summary()
+    );
+    println!("{:<44} {}", "pushed server to server:", pushed.summary());
+    println!(
+        "  per token: median {:.1} ms against {:.1} ms, {:.2}x ({one_way} ms each way)",
+        pushed.stat("median"),
+        relayed.stat("median"),
+        pushed.stat("median") / relayed.stat("median")
+    );
+    assert_eq!(pushed.text, relayed.text, "pushing changed the text");
+    assert!(
+        relayed.stat("median") >= 6.0 * one_way,
+        "relayed under six trips"
+    );
+    assert!(
+        pushed.stat("median") >= 4.0 * one_way,
+        "pushed under four trips"
+    );
+    assert!(
+        pushed.stat("median") < 5.0 * one_way,
+        "pushed steps took more than four trips: {:.1} ms",
+        pushed.stat("median")
+    );
 }
 
 /// Prints a degraded run's figures; its tokens must be the clean run's.

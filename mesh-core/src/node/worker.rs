@@ -29,57 +29,31 @@ pub(super) enum Job {
     StopAccepting,
 }
 
-/// What the worker hands back for one request.
-pub(super) enum Outgoing {
-    /// The encoded answer, to send as it is.
-    Bytes(Vec<u8>),
-    Pushing(Box<Pushing>),
-}
-
-/// A step whose output goes on to the next server: send `push` to `peer`, then answer
-/// `bytes` if it was taken, else `answer` with the reason ([`Answer::pushed`]).
-pub(super) struct Pushing {
-    pub peer: PeerId,
-    pub push: Vec<u8>,
+/// What the worker hands back for one request: the encoded answer, and the push its
+/// output makes on to the next server (`peer`, the encoded request), if it makes one.
+pub(super) struct Outgoing {
     pub bytes: Vec<u8>,
-    pub answer: SessionResponse,
+    pub push: Option<(PeerId, Vec<u8>)>,
 }
 
 impl Outgoing {
     /// Encode `answer` (and its push); an answer that cannot be encoded becomes a refusal
-    /// saying why. Returns the bytes it will send the client, for metrics.
-    fn of(answer: Answer) -> (Self, usize) {
-        let encoded = |response: &SessionResponse| {
-            wire::encode(response).unwrap_or_else(|e| {
-                let refusal = SessionResponse::Refused(Refusal::BadRequest(e.to_string()));
-                wire::encode(&refusal).unwrap_or_default()
-            })
-        };
-        let Some(order) = answer.push else {
-            let bytes = encoded(&answer.response);
-            let n = bytes.len();
-            return (Self::Bytes(bytes), n);
-        };
-        let answer_ok = Answer::pushed(answer.response, Ok(()));
-        let bytes = encoded(&answer_ok);
-        let n = bytes.len();
-        match wire::encode(&order.request) {
-            Ok(push) => (
-                Self::Pushing(Box::new(Pushing {
-                    peer: order.peer,
-                    push,
-                    bytes,
-                    answer: answer_ok,
-                })),
-                n,
-            ),
-            Err(e) => {
-                let answer = Answer::pushed(answer_ok, Err(e.to_string()));
-                let bytes = encoded(&answer);
-                let n = bytes.len();
-                (Self::Bytes(bytes), n)
-            }
-        }
+    /// saying why.
+    fn of(answer: Answer) -> Self {
+        let bytes = wire::encode(&answer.response).unwrap_or_else(|e| {
+            let refusal = SessionResponse::Refused(Refusal::BadRequest(e.to_string()));
+            wire::encode(&refusal).unwrap_or_default()
+        });
+        let push = answer
+            .push
+            .and_then(|order| match wire::encode(&order.request) {
+                Ok(push) => Some((order.peer, push)),
+                Err(e) => {
+                    tracing::warn!("push not encoded: {e}");
+                    None
+                }
+            });
+        Self { bytes, push }
     }
 }
 
@@ -184,8 +158,8 @@ fn observe(metrics: &mut NodeMetrics, blocks: f64, answer: Answer) -> Outgoing {
         SessionResponse::Refused(r) => metrics.refused(r),
         _ => {}
     }
-    let (out, bytes) = Outgoing::of(answer);
-    metrics.bytes_out += bytes as u64;
+    let out = Outgoing::of(answer);
+    metrics.bytes_out += out.bytes.len() as u64;
     out
 }
 
@@ -205,8 +179,9 @@ fn unpark_stale(
         if let Some((_, tx)) = parked.remove(&session) {
             let refusal =
                 Refusal::NoPushedInput(format!("no push came within {} s", PARK_LIMIT.as_secs()));
-            let (out, _) = Outgoing::of(Answer::plain(SessionResponse::Refused(refusal)));
-            let _ = tx.send(out);
+            let _ = tx.send(Outgoing::of(Answer::plain(SessionResponse::Refused(
+                refusal,
+            ))));
         }
     }
 }

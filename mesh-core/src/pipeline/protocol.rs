@@ -43,8 +43,8 @@ pub enum SessionRequest {
     },
     /// A step of a route whose servers push to each other ([`StepInput`], [`PushTarget`]):
     /// run the input at `start_pos..` (after forgetting the positions from `start_pos` on
-    /// when `rewind`), answer with [`SessionResponse::Pushed`] when `push_to` is set (the
-    /// output went on to the next server too) or `Hidden` when not.
+    /// when `rewind`), send the output on to `push_to` if set, and answer `Hidden` as
+    /// `Forward` does without waiting for the push to be taken.
     Step {
         session: SessionId,
         start_pos: u32,
@@ -80,16 +80,6 @@ pub struct PushTarget {
     pub session: SessionId,
 }
 
-/// A step's output as `Hidden` carries it, for answers that carry more.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct StepOutput {
-    pub session: SessionId,
-    pub hidden: WireTensor,
-    pub compute_micros: u64,
-    pub receipt: Option<Box<SignedReceipt>>,
-    pub attestation: Option<Attestation>,
-}
-
 /// What a server answers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum SessionResponse {
@@ -119,38 +109,6 @@ pub enum SessionResponse {
     Acknowledged,
     /// The request was not served; nothing changed on the server.
     Refused(Refusal),
-    /// The answer to a [`SessionRequest::Step`] with `push_to`: the step's output, and why
-    /// the next server did not take it (`None`: it did), so the client sends it on itself.
-    Pushed {
-        output: StepOutput,
-        push_error: Option<String>,
-    },
-}
-
-impl SessionResponse {
-    /// The step's output, whichever answer carries it (any other answer back as `Err`).
-    pub fn into_step_output(self) -> Result<(StepOutput, Option<String>), Box<Self>> {
-        match self {
-            SessionResponse::Hidden {
-                session,
-                hidden,
-                compute_micros,
-                receipt,
-                attestation,
-            } => Ok((
-                StepOutput {
-                    session,
-                    hidden,
-                    compute_micros,
-                    receipt,
-                    attestation,
-                },
-                None,
-            )),
-            SessionResponse::Pushed { output, push_error } => Ok((output, push_error)),
-            other => Err(Box::new(other)),
-        }
-    }
 }
 
 /// Why a server refused: a clear reason instead of falling over.

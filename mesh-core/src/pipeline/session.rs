@@ -127,6 +127,10 @@ pub struct RemoteSession {
     /// While checking: every hop the session routed through, with its checks.
     checks: Vec<HopChecks>,
     push_stats: PushStats,
+    /// Pushed steps in a row whose push never came ([`SessionConfig::push`]).
+    push_misses: u32,
+    /// Pushes between servers kept not coming: this session relays through the client.
+    push_off: bool,
 }
 
 /// How a session's steps went server to server ([`SessionConfig::push`]).
@@ -194,6 +198,8 @@ impl RemoteSession {
             deliveries: tokio::task::JoinSet::new(),
             checks: Vec::new(),
             push_stats: PushStats::default(),
+            push_misses: 0,
+            push_off: false,
             p2p,
             model,
             num_blocks,
@@ -262,7 +268,7 @@ impl RemoteSession {
         // Hops from this one on are sent the step by the client after a push fell through:
         // as a rewind, since the server may have run it already.
         let mut relayed_from = usize::MAX;
-        if self.pushes() {
+        if self.pushes(seq) {
             let pushed = self.step_pushed(&x, start_pos, rewind).await?;
             (i, x, relayed_from) = (pushed.answered, pushed.next_input, pushed.answered);
             if let Some(e) = pushed.failed {

@@ -123,29 +123,29 @@ fn response_frame(body: &[u8]) -> bool {
         }
     };
     assert_stable(&resp, wire::FRAME_LIMIT);
-    let step = match resp {
+    match &resp {
+        SessionResponse::Hidden {
+            session,
+            hidden,
+            receipt,
+            attestation,
+            ..
+        } => {
+            let tensor = tensor_ok(hidden);
+            let receipt = receipt.as_ref().is_none_or(|r| signed_receipt_ok(r, false));
+            // Without the step's input only the signature over the digests can be checked.
+            let attested = attestation
+                .as_ref()
+                .is_none_or(|a| a.verify_digests(&server().peer_id(), session, 3).is_ok());
+            tensor && receipt && attested
+        }
         SessionResponse::Closed { receipt, .. } => {
-            return receipt.as_ref().is_none_or(|r| signed_receipt_ok(r, false))
+            receipt.as_ref().is_none_or(|r| signed_receipt_ok(r, false))
         }
         SessionResponse::Opened { .. }
         | SessionResponse::Acknowledged
-        | SessionResponse::Refused(_) => return true,
-        hidden_or_pushed => match hidden_or_pushed.into_step_output() {
-            Ok((output, _)) => output,
-            Err(other) => panic!("not a step's output: {other:?}"),
-        },
-    };
-    let tensor = tensor_ok(&step.hidden);
-    let receipt = step
-        .receipt
-        .as_ref()
-        .is_none_or(|r| signed_receipt_ok(r, false));
-    // Without the step's input only the signature over the digests can be checked.
-    let attested = step.attestation.as_ref().is_none_or(|a| {
-        a.verify_digests(&server().peer_id(), &step.session, 3)
-            .is_ok()
-    });
-    tensor && receipt && attested
+        | SessionResponse::Refused(_) => true,
+    }
 }
 
 fn length_prefixed(stream: &[u8]) -> bool {

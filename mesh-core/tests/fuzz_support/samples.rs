@@ -14,9 +14,7 @@ use mesh_core::ledger::{
 };
 use mesh_core::p2p::dht::{self, ServerRecord};
 use mesh_core::p2p::heartbeat::Heartbeat;
-use mesh_core::pipeline::{
-    PushTarget, Refusal, SessionRequest, SessionResponse, StepInput, StepOutput,
-};
+use mesh_core::pipeline::{PushTarget, Refusal, SessionRequest, SessionResponse, StepInput};
 use mesh_core::types::{Capability, GpuLive, GpuSummary};
 use mesh_core::wire::{self, WireDType, WireTensor};
 use mesh_core::{BlockRange, ModelId, SessionId};
@@ -174,7 +172,7 @@ pub fn responses() -> Vec<SessionResponse> {
         },
         SessionResponse::Hidden {
             session,
-            hidden: output.clone(),
+            hidden: output,
             compute_micros: 1234,
             receipt: Some(Box::new(signed_receipt(client(), 7, 5, 0, false))),
             attestation: Some(attestation),
@@ -190,16 +188,6 @@ pub fn responses() -> Vec<SessionResponse> {
             budget: 1 << 31,
         }),
         SessionResponse::Refused(Refusal::BadRequest("bad frame".into())),
-        SessionResponse::Pushed {
-            output: StepOutput {
-                session,
-                hidden: output,
-                compute_micros: 99,
-                receipt: None,
-                attestation: Some(attestation),
-            },
-            push_error: Some("next server unreachable".into()),
-        },
         SessionResponse::Refused(Refusal::NoPushedInput("no push came".into())),
     ]
 }

@@ -43,9 +43,7 @@ pub enum Reply {
     Waits(SessionId),
 }
 
-/// A response, and the push its output makes on to the next server (then the response,
-/// a [`SessionResponse::Hidden`], becomes [`SessionResponse::Pushed`] with the push's
-/// outcome: [`Answer::pushed`]).
+/// A response, and the push its output makes on to the next server.
 #[derive(Debug)]
 pub struct Answer {
     pub response: SessionResponse,
@@ -57,18 +55,6 @@ impl Answer {
         Self {
             response,
             push: None,
-        }
-    }
-
-    /// The client's answer once the push was tried: `Err` says why the next server did
-    /// not take it.
-    pub fn pushed(response: SessionResponse, outcome: Result<(), String>) -> SessionResponse {
-        match response.into_step_output() {
-            Ok((output, _)) => SessionResponse::Pushed {
-                output,
-                push_error: outcome.err(),
-            },
-            Err(other) => *other,
         }
     }
 }

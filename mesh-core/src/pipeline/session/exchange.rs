@@ -11,7 +11,7 @@ use rand::Rng;
 use super::{HopState, RemoteSession};
 use crate::ledger::{Attestation, SignedReceipt};
 use crate::p2p;
-use crate::pipeline::protocol::{Refusal, SessionRequest, SessionResponse, StepOutput};
+use crate::pipeline::protocol::{Refusal, SessionRequest, SessionResponse};
 use crate::pipeline::route::Hop;
 use crate::pipeline::PipelineError;
 use crate::types::SessionId;
@@ -51,7 +51,8 @@ impl RemoteSession {
         start_pos: u32,
         rewind: bool,
     ) -> Result<TakenStep, PipelineError> {
-        let hidden = WireTensor::from_tensor(x)?;
+        let sent = WireTensor::from_tensor(x)?;
+        let hidden = sent.clone();
         let req = if rewind {
             SessionRequest::Rewind {
                 session,
@@ -66,18 +67,7 @@ impl RemoteSession {
             }
         };
         let response = self.request(peer, &req).await?;
-        match (response.into_step_output(), req) {
-            (
-                Ok((output, _)),
-                SessionRequest::Forward { hidden: sent, .. }
-                | SessionRequest::Rewind { hidden: sent, .. },
-            ) => checked_output(peer, session, start_pos, &sent, x.dims(), output),
-            (Ok(_), _) => Err(PipelineError::Protocol {
-                peer,
-                detail: "a step answered by a push".into(),
-            }),
-            (Err(other), _) => Err(unexpected(peer, *other)),
-        }
+        checked_output(peer, session, start_pos, &sent, x.dims(), response).map(|(taken, _)| taken)
     }
 
     /// Send `req` to `peer`; a transient refusal (busy, rate-limited) is retried after a
@@ -145,27 +135,37 @@ pub(super) async fn send_once(
     })
 }
 
-/// A step's output as the client keeps it, once its shape matches the input's (`dims`)
-/// and its attestation (if signed) covers `session`, `sent` and the output.
+/// A step's output as the client keeps it (and as it came, to check the next hop's
+/// input against), once its shape matches the input's (`dims`) and its attestation (if
+/// signed) covers `session`, `sent` and the output.
 pub(super) fn checked_output(
     peer: PeerId,
     session: SessionId,
     start_pos: u32,
     sent: &WireTensor,
     dims: &[usize],
-    output: StepOutput,
-) -> Result<TakenStep, PipelineError> {
+    response: SessionResponse,
+) -> Result<(TakenStep, WireTensor), PipelineError> {
+    let SessionResponse::Hidden {
+        hidden,
+        receipt,
+        attestation,
+        ..
+    } = response
+    else {
+        return Err(unexpected(peer, response));
+    };
     let protocol = |detail: String| PipelineError::Protocol { peer, detail };
-    let out = output.hidden.to_tensor(&Device::Cpu)?;
+    let out = hidden.to_tensor(&Device::Cpu)?;
     if out.dims() != dims {
         let got = format!("sent {dims:?}, got back {:?}", out.dims());
         return Err(protocol(got));
     }
-    if let Some(a) = &output.attestation {
-        a.verify(&peer, &session, start_pos, sent, &output.hidden)
+    if let Some(a) = &attestation {
+        a.verify(&peer, &session, start_pos, sent, &hidden)
             .map_err(|e| protocol(format!("step attestation: {e}")))?;
     }
-    Ok((out, output.receipt, output.attestation))
+    Ok(((out, receipt, attestation), hidden))
 }
 
 pub(super) fn unexpected(peer: PeerId, response: SessionResponse) -> PipelineError {

@@ -5,18 +5,49 @@
 //! output as before. Over three servers a token takes four one-way trips instead of six.
 //!
 //! The answers are taken in route order, exactly as relayed ones are (history for replay,
-//! receipts, checks). The first hop that does not answer well, or could not push on, ends
-//! it: the client relays from there as before, as a rewind, since the server may have
-//! run the step already; a failed server is replaced then as always.
+//! receipts, checks). Servers answer without waiting for their push to be taken, so the
+//! client learns of a push that failed by its next server's answer not coming in time.
+//! The first hop that does not answer well, or in time, ends it: the client relays from
+//! there as before, as a rewind, since the server may have run the step already; a
+//! failed server is replaced then as always. A session whose pushes keep not coming (the
+//! servers cannot reach each other) relays from then on.
+
+use std::time::Duration;
 
 use candle_core::Tensor;
 use tokio::task::JoinHandle;
 
-use super::exchange::{checked_output, send_once, unexpected};
+use super::exchange::{checked_output, send_once};
 use super::RemoteSession;
-use crate::pipeline::protocol::{PushTarget, SessionRequest, StepInput};
+use crate::pipeline::protocol::{PushTarget, Refusal, SessionRequest, SessionResponse, StepInput};
 use crate::pipeline::PipelineError;
 use crate::wire::{self, WireTensor};
+
+/// Steps of more positions (a prompt) go through the client: how long a server takes on
+/// them is not known beforehand, so a push that never came could not be told from a slow
+/// step. Decode steps and a draft's proposals are far fewer.
+const MAX_PUSHED_POSITIONS: usize = 16;
+
+/// How much longer than twice the first server's answer (and four round trips to the
+/// server) a pushed server's answer may take before the client relays its step itself.
+const PUSH_GRACE: Duration = Duration::from_millis(250);
+
+/// Steps in a row whose push never came before a session stops pushing (the first push
+/// to a server also opens a connection to it, which may take longer than the grace).
+const MAX_PUSH_MISSES: u32 = 3;
+
+/// Whether `e`, from a server whose input was to be pushed, says the push never came
+/// (rather than that the server failed).
+fn push_never_came(e: &PipelineError) -> bool {
+    matches!(
+        e,
+        PipelineError::Timeout { .. }
+            | PipelineError::Refused {
+                reason: Refusal::NoPushedInput(_),
+                ..
+            }
+    )
+}
 
 /// How far a pushed step got.
 pub(super) struct PushedStep {
@@ -29,7 +60,7 @@ pub(super) struct PushedStep {
 }
 
 /// The requests still out, abandoned when the step stops waiting for them.
-struct InFlight(Vec<JoinHandle<Result<crate::pipeline::SessionResponse, PipelineError>>>);
+struct InFlight(Vec<JoinHandle<Result<SessionResponse, PipelineError>>>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -42,8 +73,12 @@ impl Drop for InFlight {
 impl RemoteSession {
     /// Whether steps go server to server: asked for, and every hop is a server (the
     /// client's own blocks sit between servers only as a fallback).
-    pub(super) fn pushes(&self) -> bool {
-        self.cfg.push && self.hops.len() > 1 && self.hops.iter().all(|h| !h.hop.local)
+    pub(super) fn pushes(&self, positions: usize) -> bool {
+        self.cfg.push
+            && !self.push_off
+            && positions <= MAX_PUSHED_POSITIONS
+            && self.hops.len() > 1
+            && self.hops.iter().all(|h| !h.hop.local)
     }
 
     /// Run `x` at `start_pos..` through the route with pushes; see the module's doc.
@@ -60,6 +95,7 @@ impl RemoteSession {
             }
         }
         let first = WireTensor::from_tensor(x)?;
+        let started = std::time::Instant::now();
         let mut in_flight = InFlight(Vec::with_capacity(self.hops.len()));
         for (i, h) in self.hops.iter().enumerate() {
             let input = match i.checked_sub(1) {
@@ -84,28 +120,37 @@ impl RemoteSession {
         }
         let mut sent = first;
         let mut input = x.clone();
+        // From the first answer on, each next one is late once it takes much longer than
+        // a server's step and a trip to it: its push never came, and the client relays.
+        let mut grace = self.cfg.step_timeout;
         for i in 0..self.hops.len() {
             let (peer, session) = (self.hops[i].hop.peer, self.hops[i].session);
-            let answer = match (&mut in_flight.0[i]).await {
-                Ok(answer) => answer,
-                Err(e) => Err(PipelineError::Protocol {
+            let answer = match tokio::time::timeout(grace, &mut in_flight.0[i]).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(e)) => Err(PipelineError::Protocol {
                     peer,
                     detail: format!("the step's task ended: {e}"),
                 }),
+                Err(_) => Err(PipelineError::Timeout { peer, after: grace }),
             };
             let taken = answer.and_then(|response| {
-                let (output, push_error) = response
-                    .into_step_output()
-                    .map_err(|other| unexpected(peer, *other))?;
-                let next = output.hidden.clone();
-                let checked = checked_output(peer, session, start_pos, &sent, x.dims(), output)?;
-                Ok((checked, next, push_error))
+                checked_output(peer, session, start_pos, &sent, x.dims(), response)
             });
-            let ((out, receipt, attestation), next, push_error) = match taken {
+            let ((out, receipt, attestation), next) = match taken {
                 Ok(taken) => taken,
                 Err(e) => {
-                    tracing::debug!(%peer, "pushed step fell through: {e}; relaying");
                     self.push_stats.relayed += 1;
+                    if i > 0 && push_never_came(&e) {
+                        self.push_misses += 1;
+                        if self.push_misses >= MAX_PUSH_MISSES {
+                            // Most likely the servers cannot reach each other (NAT): relay
+                            // for the rest of the session rather than wait every step.
+                            tracing::info!(%peer, "pushes between servers keep not coming ({e}); relaying through the client from now on");
+                            self.push_off = true;
+                        }
+                    } else {
+                        tracing::debug!(%peer, "pushed step fell through: {e}; relaying");
+                    }
                     return Ok(PushedStep {
                         answered: i,
                         next_input: input,
@@ -113,30 +158,28 @@ impl RemoteSession {
                     });
                 }
             };
+            if i == 0 {
+                let first_answer = started.elapsed();
+                grace = PUSH_GRACE + first_answer * 2;
+            }
             self.hops[i].history.push(input);
             if i > 0 {
                 self.push_stats.pushed += 1;
             }
-            let accepted = self.accept(i, seq, &out, receipt, attestation).await;
-            let last = i + 1 == self.hops.len();
-            if let Err(e) = accepted {
+            if let Err(e) = self.accept(i, seq, &out, receipt, attestation).await {
                 return Ok(PushedStep {
                     answered: i,
                     next_input: out,
                     failed: Some(e),
                 });
             }
-            if let (Some(why), false) = (push_error, last) {
-                tracing::debug!(%peer, "push not taken: {why}; relaying");
-                self.push_stats.relayed += 1;
-                return Ok(PushedStep {
-                    answered: i + 1,
-                    next_input: out,
-                    failed: None,
-                });
+            if let Some(next) = self.hops.get(i + 1) {
+                let rtt = self.rtt.get(&next.hop.peer).copied().unwrap_or_default();
+                grace = grace.max(PUSH_GRACE + rtt * 4);
             }
             (sent, input) = (next, out);
         }
+        self.push_misses = 0;
         Ok(PushedStep {
             answered: self.hops.len(),
             next_input: input,
