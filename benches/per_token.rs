@@ -6,7 +6,9 @@
 //!   f32 and quantized on load to q8_0 and q4k, one position per step;
 //! - `whole/local`: embeddings, all 8 blocks and the LM head in one process;
 //! - `whole/mesh-3`: the same through a 3-server mesh on loopback (real swarms, TCP,
-//!   noise, yamux, wire frames), as a client sees it;
+//!   noise, yamux, wire frames), as a client sees it, servers pushing each step's output
+//!   to the next; `whole/mesh-3-relayed`: the same with every output back through the
+//!   client (`SessionConfig::push` off);
 //! - `whole/mesh-3-verify-{10,50,100}pct-local`, `whole/mesh-3-verify-{10,50,100}pct-witness`:
 //!   the same with that fraction of each hop's steps re-checked, against the client's own
 //!   weights or against a second server of the span (the mesh has two servers per span).
@@ -158,6 +160,13 @@ fn whole_model(c: &mut Criterion) {
     };
     group.bench_function("mesh-3", |b| {
         b.iter_custom(|iters| steps(SessionConfig::default(), SessionContext::default(), iters))
+    });
+    let relayed = SessionConfig {
+        push: false,
+        ..SessionConfig::default()
+    };
+    group.bench_function("mesh-3-relayed", |b| {
+        b.iter_custom(|iters| steps(relayed.clone(), SessionContext::default(), iters))
     });
     let verifying = |rate| SessionConfig {
         verify: VerifyConfig {

@@ -140,6 +140,7 @@ impl RemoteSession {
                 Ok(taken) => taken,
                 Err(e) => {
                     self.push_stats.relayed += 1;
+                    self.count_unanswered(i, seq);
                     if i > 0 && push_never_came(&e) {
                         self.push_misses += 1;
                         if self.push_misses >= MAX_PUSH_MISSES {
@@ -167,6 +168,7 @@ impl RemoteSession {
                 self.push_stats.pushed += 1;
             }
             if let Err(e) = self.accept(i, seq, &out, receipt, attestation).await {
+                self.count_unanswered(i + 1, seq);
                 return Ok(PushedStep {
                     answered: i,
                     next_input: out,
@@ -185,5 +187,16 @@ impl RemoteSession {
             next_input: input,
             failed: None,
         })
+    }
+
+    /// Hops from `from` on were asked for a step of `positions` whose answer the client
+    /// did not take, and may have run it (a push that came late): their receipts may
+    /// count it as well as the step the client sends them again, so their tallies do.
+    fn count_unanswered(&mut self, from: usize, positions: usize) {
+        for h in self.hops.iter_mut().skip(from) {
+            if let Some(tally) = h.tally.as_mut() {
+                tally.record_positions(positions as u64);
+            }
+        }
     }
 }
