@@ -17,7 +17,7 @@ use super::rope::RopeTables;
 use super::{LlamaConfig, ModelError, Weights};
 
 mod cpu_step;
-pub(crate) use cpu_step::Rotation;
+pub(crate) use cpu_step::{Rotation, StepRow};
 
 /// RMSNorm with a learned scale.
 #[derive(Clone, Debug)]

@@ -129,7 +129,23 @@ pub fn forward_many(parts: &[&Dense], x: &Tensor) -> Result<Option<Vec<Tensor>>,
 /// weight cannot be read in place: not on the CPU, not contiguous, not f32/f16/bf16, or
 /// not `x.len()` wide.
 pub fn multiply_f32(parts: &[&Dense], x: &[f32]) -> Result<Option<Vec<Vec<f32>>>, ModelError> {
-    let cols = x.len();
+    Ok(multiply_rows_f32(parts, &[x])?.and_then(|mut rows| rows.pop()))
+}
+
+/// [`multiply_f32`] for several input rows at once (decode steps of several sessions):
+/// `[row][part]`. Each task reads its chunk of weight rows once from memory and dots it
+/// with every input row while it is in cache, so `n` rows cost about one row's weight
+/// traffic; each row's arithmetic is exactly what it is alone.
+pub fn multiply_rows_f32(
+    parts: &[&Dense],
+    xs: &[&[f32]],
+) -> Result<Option<Vec<Vec<Vec<f32>>>>, ModelError> {
+    let Some(cols) = xs.first().map(|x| x.len()) else {
+        return Ok(Some(Vec::new()));
+    };
+    if xs.iter().any(|x| x.len() != cols) {
+        return Ok(None);
+    }
     let guards: Vec<_> = parts
         .iter()
         .map(|p| p.weight().storage_and_layout())
@@ -150,46 +166,72 @@ pub fn multiply_f32(parts: &[&Dense], x: &[f32]) -> Result<Option<Vec<Vec<f32>>>
         };
         weights.push(elems);
     }
-    let mut outs: Vec<Vec<f32>> = weights.iter().map(|w| vec![0f32; w.len() / cols]).collect();
-    multiply(&weights, x, &mut outs)?;
+    let mut outs: Vec<Vec<Vec<f32>>> = xs
+        .iter()
+        .map(|_| weights.iter().map(|w| vec![0f32; w.len() / cols]).collect())
+        .collect();
+    multiply(&weights, xs, &mut outs)?;
     drop(guards);
-    for (part, out) in parts.iter().zip(outs.iter_mut()) {
+    for (p, part) in parts.iter().enumerate() {
         if let Some(b) = part.bias() {
             let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            for (o, b) in out.iter_mut().zip(b) {
-                *o += b;
+            for row in outs.iter_mut() {
+                for (o, b) in row[p].iter_mut().zip(&b) {
+                    *o += b;
+                }
             }
         }
     }
     Ok(Some(outs))
 }
 
-/// `outs[p] = weights[p] · x` for every part, the rows of all parts split across the pool.
+/// `outs[r][p] = weights[p] · xs[r]` for every part and row, the weight rows of all parts
+/// split across the pool.
 fn multiply(
     weights: &[simd::Elems<'_>],
-    x: &[f32],
-    outs: &mut [Vec<f32>],
+    xs: &[&[f32]],
+    outs: &mut [Vec<Vec<f32>>],
 ) -> Result<(), ModelError> {
     let pool = pool();
-    let total: usize = outs.iter().map(Vec::len).sum();
+    let cols = xs.first().map_or(1, |x| x.len().max(1));
+    let total: usize = weights.iter().map(|w| w.len() / cols).sum();
     let chunk = total
         .div_ceil(pool.threads() * TASKS_PER_THREAD)
         .next_multiple_of(4)
         .max(4);
-    let tasks: Vec<(usize, usize, Mutex<&mut [f32]>)> = outs
-        .iter_mut()
-        .enumerate()
-        .flat_map(|(p, out)| {
-            out.chunks_mut(chunk)
-                .enumerate()
-                .map(move |(c, rows)| (p, c * chunk, Mutex::new(rows)))
-        })
-        .collect();
+    // Task `t` is chunk `c` of part `p`: its weight rows, and the same rows of every
+    // input row's output.
+    struct Task<'a> {
+        part: usize,
+        first: usize,
+        rows: Mutex<Vec<&'a mut [f32]>>,
+    }
+    let mut tasks: Vec<Task<'_>> = Vec::new();
+    for (r, row) in outs.iter_mut().enumerate() {
+        let mut t = 0;
+        for (part, out) in row.iter_mut().enumerate() {
+            for (c, rows) in out.chunks_mut(chunk).enumerate() {
+                if r == 0 {
+                    tasks.push(Task {
+                        part,
+                        first: c * chunk,
+                        rows: Mutex::new(Vec::with_capacity(xs.len())),
+                    });
+                }
+                if let Some(Ok(slots)) = tasks.get_mut(t).map(|task| task.rows.get_mut()) {
+                    slots.push(rows);
+                }
+                t += 1;
+            }
+        }
+    }
     let isa = isa();
     let ok = pool.run(tasks.len(), &|t| {
-        let (p, first, rows) = &tasks[t];
-        if let Ok(mut rows) = rows.lock() {
-            simd::dot_rows(isa, weights[*p], *first, x, &mut rows);
+        let task = &tasks[t];
+        if let Ok(mut slots) = task.rows.lock() {
+            for (x, rows) in xs.iter().zip(slots.iter_mut()) {
+                simd::dot_rows(isa, weights[task.part], task.first, x, rows);
+            }
         }
     });
     if ok {

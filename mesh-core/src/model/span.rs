@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::layers::{Block, Rotation};
+use super::layers::{Block, Rotation, StepRow};
 use super::matvec;
 use super::rope::RopeTables;
 use super::{LlamaConfig, ModelError, ModelFiles, Quantization, SpanCache, Weights};
@@ -181,15 +181,7 @@ impl SpanModel {
                 max: cache.max_len(),
             });
         }
-        let first = cache.range.start.wrapping_sub(self.range.start) as usize;
-        let blocks = self
-            .blocks
-            .get(first..first + cache.layers.len())
-            .filter(|_| cache.range.start >= self.range.start)
-            .ok_or(ModelError::SpanOutOfRange {
-                span: cache.range,
-                num_blocks: self.config.num_blocks(),
-            })?;
+        let blocks = self.blocks_of(cache)?;
         if seq == 1 && dims[0] == 1 && self.takes_cpu_step(blocks) {
             let mut x = hidden
                 .to_dtype(DType::F32)?
@@ -197,7 +189,13 @@ impl SpanModel {
                 .to_vec1::<f32>()?;
             let rotation = Rotation::at(&self.rope, start_pos)?;
             for (block, kv) in blocks.iter().zip(cache.layers.iter_mut()) {
-                block.cpu_step(&mut x, start_pos, &rotation, kv, self.dtype)?;
+                let row = StepRow {
+                    x: &mut x,
+                    pos: start_pos,
+                    rotation: &rotation,
+                    kv,
+                };
+                block.cpu_steps(&mut [row], self.dtype)?;
             }
             cache.advance(1);
             return Ok(Tensor::from_vec(x, dims, &self.device)?.to_dtype(self.dtype)?);
@@ -208,5 +206,93 @@ impl SpanModel {
         }
         cache.advance(seq);
         Ok(x)
+    }
+
+    /// One decode step (one position, `[1, 1, hidden]`) of each of several sessions, as
+    /// one pass over the weights when the CPU step applies and the sessions run the same
+    /// blocks; each output is exactly what [`SpanModel::forward`] gives that session
+    /// alone, and each session's cache advances the same way. Otherwise, or for a step
+    /// that does not fit, the steps run one by one; a step's error is its own.
+    pub fn forward_decode_batch(
+        &self,
+        steps: &mut [(&mut SpanCache, &Tensor)],
+    ) -> Vec<Result<Tensor, ModelError>> {
+        let batchable = steps.len() > 1
+            && steps.iter().all(|(cache, hidden)| {
+                cache.range == steps[0].0.range
+                    && hidden.dims() == [1, 1, self.config.hidden_size]
+                    && cache.len() < cache.max_len()
+            });
+        let blocks = steps
+            .first()
+            .and_then(|(cache, _)| self.blocks_of(cache).ok());
+        if let Some(blocks) = blocks.filter(|b| batchable && self.takes_cpu_step(b)) {
+            // A failed batch advanced no cache: the steps then run alone, each with its
+            // own outcome.
+            match self.cpu_steps_batch(blocks, steps) {
+                Ok(outs) => return outs.into_iter().map(Ok).collect(),
+                Err(e) => tracing::debug!("batched decode failed ({e}); one step at a time"),
+            }
+        }
+        steps
+            .iter_mut()
+            .map(|(cache, hidden)| {
+                let pos = cache.len();
+                self.forward(cache, hidden, pos)
+            })
+            .collect()
+    }
+
+    /// The blocks a cache of this span runs.
+    fn blocks_of(&self, cache: &SpanCache) -> Result<&[Block], ModelError> {
+        let first = cache.range.start.wrapping_sub(self.range.start) as usize;
+        self.blocks
+            .get(first..first + cache.layers.len())
+            .filter(|_| cache.range.start >= self.range.start)
+            .ok_or(ModelError::SpanOutOfRange {
+                span: cache.range,
+                num_blocks: self.config.num_blocks(),
+            })
+    }
+
+    fn cpu_steps_batch(
+        &self,
+        blocks: &[Block],
+        steps: &mut [(&mut SpanCache, &Tensor)],
+    ) -> Result<Vec<Tensor>, ModelError> {
+        let mut xs = Vec::with_capacity(steps.len());
+        let mut rotations = Vec::with_capacity(steps.len());
+        for (cache, hidden) in steps.iter() {
+            xs.push(
+                hidden
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+            rotations.push(Rotation::at(&self.rope, cache.len())?);
+        }
+        for (b, block) in blocks.iter().enumerate() {
+            let mut rows: Vec<StepRow<'_>> = Vec::with_capacity(steps.len());
+            for ((x, rotation), (cache, _)) in xs.iter_mut().zip(&rotations).zip(steps.iter_mut()) {
+                let pos = cache.len();
+                let kv = cache
+                    .layers
+                    .get_mut(b)
+                    .ok_or_else(|| ModelError::Unsupported("a cache without this block".into()))?;
+                rows.push(StepRow {
+                    x,
+                    pos,
+                    rotation,
+                    kv,
+                });
+            }
+            block.cpu_steps(&mut rows, self.dtype)?;
+        }
+        let mut outs = Vec::with_capacity(steps.len());
+        for (x, (cache, hidden)) in xs.into_iter().zip(steps.iter_mut()) {
+            cache.advance(1);
+            outs.push(Tensor::from_vec(x, hidden.dims(), &self.device)?.to_dtype(self.dtype)?);
+        }
+        Ok(outs)
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{NodeSnapshot, REQUEST_QUEUE};
 use crate::metrics::NodeMetrics;
 use crate::pipeline::admission::FairQueue;
-use crate::pipeline::server::{Answer, Reply};
+use crate::pipeline::server::{Answer, Reply, MAX_BATCH};
 use crate::pipeline::{Refusal, SessionRequest, SessionResponse, SpanServer};
 use crate::types::SessionId;
 use crate::wire;
@@ -108,41 +108,55 @@ pub(super) fn work(
                 Job::StopAccepting => server.stop_accepting(),
             }
         }
-        let Some((peer, (bytes, reply))) = fair.pop() else {
-            continue;
-        };
-        metrics.requests += 1;
-        metrics.bytes_in += bytes.len() as u64;
-        let served = match wire::decode::<SessionRequest>(&bytes, wire::FRAME_LIMIT) {
-            Ok(request) => {
-                if let SessionRequest::Push { session, .. } = &request {
-                    // A push for a step whose client stopped waiting runs nothing.
-                    if parked.get(session).is_some_and(|(_, tx)| tx.is_closed()) {
-                        parked.remove(session);
-                        server.cancel_waiting(*session);
+        // Whatever queued while the worker was busy, up to a batch: decode steps of
+        // different sessions among it run as one pass (`pipeline/server/batch.rs`).
+        let mut requests = Vec::new();
+        let mut replies = Vec::new();
+        while requests.len() < MAX_BATCH {
+            let Some((peer, (bytes, reply))) = fair.pop() else {
+                break;
+            };
+            metrics.requests += 1;
+            metrics.bytes_in += bytes.len() as u64;
+            match wire::decode::<SessionRequest>(&bytes, wire::FRAME_LIMIT) {
+                Ok(request) => {
+                    if let SessionRequest::Push { session, .. } = &request {
+                        // A push for a step whose client stopped waiting runs nothing.
+                        if parked.get(session).is_some_and(|(_, tx)| tx.is_closed()) {
+                            parked.remove(session);
+                            server.cancel_waiting(*session);
+                        }
                     }
+                    requests.push((peer, request));
+                    replies.push(reply);
                 }
-                server.serve(peer, request, Instant::now())
-            }
-            Err(e) => crate::pipeline::server::Served {
-                reply: Reply::Now(Box::new(Answer::plain(SessionResponse::Refused(
-                    Refusal::BadRequest(e.to_string()),
-                )))),
-                released: None,
-            },
-        };
-        if let Some((session, answer)) = served.released {
-            let out = observe(&mut metrics, blocks, answer);
-            if let Some((_, waiting)) = parked.remove(&session) {
-                let _ = waiting.send(out);
+                Err(e) => {
+                    let refusal = SessionResponse::Refused(Refusal::BadRequest(e.to_string()));
+                    let _ = reply.send(observe(&mut metrics, blocks, Answer::plain(refusal)));
+                }
             }
         }
-        match served.reply {
-            Reply::Now(answer) => {
-                let _ = reply.send(observe(&mut metrics, blocks, *answer));
+        if requests.is_empty() {
+            continue;
+        }
+        for (served, reply) in server
+            .serve_many(requests, Instant::now())
+            .into_iter()
+            .zip(replies)
+        {
+            if let Some((session, answer)) = served.released {
+                let out = observe(&mut metrics, blocks, answer);
+                if let Some((_, waiting)) = parked.remove(&session) {
+                    let _ = waiting.send(out);
+                }
             }
-            Reply::Waits(session) => {
-                parked.insert(session, (Instant::now(), reply));
+            match served.reply {
+                Reply::Now(answer) => {
+                    let _ = reply.send(observe(&mut metrics, blocks, *answer));
+                }
+                Reply::Waits(session) => {
+                    parked.insert(session, (Instant::now(), reply));
+                }
             }
         }
         published.send_replace(snapshot(&server, &metrics, jobs.len() + fair.len()));

@@ -17,6 +17,7 @@ use crate::ledger::{
 use crate::model::{SpanCache, SpanModel};
 use crate::types::{BlockRange, ModelId, SessionId};
 use crate::wire::WireTensor;
+pub use batch::MAX_BATCH;
 pub use push::{Answer, PushOrder, Reply, Served};
 
 /// What one server lets its clients spend.
@@ -472,6 +473,25 @@ impl SpanServer {
         };
         let micros = started.elapsed().as_micros() as u64;
         let positions = input.dim(1).unwrap_or(0) as u64;
+        self.finish_step(session, start_pos, hidden, output, positions, micros, now)
+    }
+
+    /// A step of `session` ran (`positions` positions of `input` into `output`, in
+    /// `micros` of compute): count it, bill it, sign it, and answer it.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_step(
+        &mut self,
+        session: SessionId,
+        start_pos: u32,
+        input: &WireTensor,
+        output: WireTensor,
+        positions: u64,
+        micros: u64,
+        now: Instant,
+    ) -> SessionResponse {
+        let Some(state) = self.sessions.get_mut(&session) else {
+            return SessionResponse::Refused(Refusal::UnknownSession);
+        };
         state.last_used = now;
         if positions > 1 {
             state.usage.prefill_tokens += positions;
@@ -500,7 +520,7 @@ impl SpanServer {
             attestation: self
                 .signer
                 .as_ref()
-                .map(|key| Attestation::sign(key, &session, start_pos, hidden, &output)),
+                .map(|key| Attestation::sign(key, &session, start_pos, input, &output)),
             session,
             hidden: output,
             compute_micros: micros,
@@ -606,6 +626,7 @@ fn owned(
         .filter(|s| s.usage.client == client)
 }
 
+mod batch;
 mod push;
 #[cfg(test)]
 mod tests;

@@ -53,50 +53,75 @@ impl Block {
         !self.fused_decode
     }
 
-    /// The block's output for one token, `x` (the hidden state) updated in place, its
-    /// keys and values written at `pos` of `kv` in `dtype`.
-    pub(crate) fn cpu_step(
+    /// The block's output for one token of each of several sessions: each row's hidden
+    /// state updated in place, its keys and values written at its position of its own
+    /// cache in `dtype`. The products read each weight once for all rows ([`matvec`]);
+    /// norms, rotary and attention run per row, so every row comes out exactly as it
+    /// would alone.
+    pub(crate) fn cpu_steps(
         &self,
-        x: &mut [f32],
-        pos: usize,
-        rotation: &Rotation,
-        kv: &mut LayerKv,
+        rows: &mut [StepRow<'_>],
         dtype: DType,
     ) -> Result<(), ModelError> {
         let _enter = self.span.enter();
         let attn = &self.attn;
         let (nh, nkv, hd) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
-        let normed = self.input_layernorm.apply_f32(x);
-        let [mut q, mut k, v]: [Vec<f32>; 3] = attn
-            .qkv
-            .forward_f32(&normed)?
-            .try_into()
-            .map_err(|_| ModelError::Unsupported("attention needs q, k and v".into()))?;
-        rotation.apply(&mut q, hd);
-        rotation.apply(&mut k, hd);
-        let cache = kv.storage(1, nkv, hd, dtype, &Device::Cpu)?;
-        for (which, values) in [(0, k), (1, v)] {
-            let t = Tensor::from_vec(values, (1, nkv, 1, hd), &Device::Cpu)?.to_dtype(dtype)?;
-            cache.get(which)?.slice_set(&t, 2, pos)?;
-        }
-        let heads = attend(&q, cache, nh, nkv, hd, pos + 1)?;
-        add(x, &project(&attn.o_proj, &heads)?);
-
-        let normed = self.post_attention_layernorm.apply_f32(x);
-        let [gate, up]: [Vec<f32>; 2] = self
-            .mlp
-            .gate_up
-            .forward_f32(&normed)?
-            .try_into()
-            .map_err(|_| ModelError::Unsupported("the MLP needs gate and up".into()))?;
-        let act: Vec<f32> = gate
+        let normed: Vec<Vec<f32>> = rows
             .iter()
-            .zip(&up)
-            .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+            .map(|r| self.input_layernorm.apply_f32(r.x))
             .collect();
-        add(x, &project(&self.mlp.down_proj, &act)?);
+        let qkv = attn.qkv.forward_rows_f32(&normed)?;
+        let mut heads = Vec::with_capacity(rows.len());
+        for (row, projected) in rows.iter_mut().zip(qkv) {
+            let [mut q, mut k, v]: [Vec<f32>; 3] = projected
+                .try_into()
+                .map_err(|_| ModelError::Unsupported("attention needs q, k and v".into()))?;
+            row.rotation.apply(&mut q, hd);
+            row.rotation.apply(&mut k, hd);
+            let cache = row.kv.storage(1, nkv, hd, dtype, &Device::Cpu)?;
+            for (which, values) in [(0, k), (1, v)] {
+                let t = Tensor::from_vec(values, (1, nkv, 1, hd), &Device::Cpu)?.to_dtype(dtype)?;
+                cache.get(which)?.slice_set(&t, 2, row.pos)?;
+            }
+            heads.push(attend(&q, cache, nh, nkv, hd, row.pos + 1)?);
+        }
+        for (row, delta) in rows.iter_mut().zip(project_rows(&attn.o_proj, &heads)?) {
+            add(row.x, &delta);
+        }
+
+        let normed: Vec<Vec<f32>> = rows
+            .iter()
+            .map(|r| self.post_attention_layernorm.apply_f32(r.x))
+            .collect();
+        let mut acts = Vec::with_capacity(rows.len());
+        for projected in self.mlp.gate_up.forward_rows_f32(&normed)? {
+            let [gate, up]: [Vec<f32>; 2] = projected
+                .try_into()
+                .map_err(|_| ModelError::Unsupported("the MLP needs gate and up".into()))?;
+            acts.push(
+                gate.iter()
+                    .zip(&up)
+                    .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+                    .collect::<Vec<f32>>(),
+            );
+        }
+        for (row, delta) in rows
+            .iter_mut()
+            .zip(project_rows(&self.mlp.down_proj, &acts)?)
+        {
+            add(row.x, &delta);
+        }
         Ok(())
     }
+}
+
+/// One session's token through a block: its hidden state, position, rotary angles and
+/// the block's cache of that session.
+pub(crate) struct StepRow<'a> {
+    pub x: &'a mut [f32],
+    pub pos: usize,
+    pub rotation: &'a Rotation,
+    pub kv: &'a mut LayerKv,
 }
 
 fn add(x: &mut [f32], delta: &[f32]) {
@@ -118,45 +143,68 @@ impl RmsNorm {
 }
 
 impl Projections {
-    /// Every projection of `x`, through the pool where the weights allow.
-    fn forward_f32(&self, x: &[f32]) -> Result<Vec<Vec<f32>>, ModelError> {
+    /// Every projection of each row of `xs` (`[row][projection]`), through the pool
+    /// where the weights allow.
+    fn forward_rows_f32(&self, xs: &[Vec<f32>]) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
         match self {
             Self::Separate(parts) => {
                 let dense: Option<Vec<&Dense>> = parts.iter().map(Linear::as_dense).collect();
                 if let Some(dense) = dense {
-                    if let Some(outs) = matvec::multiply_f32(&dense, x)? {
+                    let rows: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+                    if let Some(outs) = matvec::multiply_rows_f32(&dense, &rows)? {
                         return Ok(outs);
                     }
                 }
-                parts.iter().map(|p| project(p, x)).collect()
+                xs.iter()
+                    .map(|x| parts.iter().map(|p| project(p, x)).collect())
+                    .collect()
             }
-            Self::Fused { linear, widths } => {
-                let all = project_dense(linear, x)?;
-                let mut at = 0;
-                Ok(widths
-                    .iter()
-                    .map(|&w| {
-                        at += w;
-                        all[at - w..at].to_vec()
-                    })
-                    .collect())
-            }
+            Self::Fused { linear, widths } => Ok(project_rows_dense(linear, xs)?
+                .into_iter()
+                .map(|all| {
+                    let mut at = 0;
+                    widths
+                        .iter()
+                        .map(|&w| {
+                            at += w;
+                            all[at - w..at].to_vec()
+                        })
+                        .collect()
+                })
+                .collect()),
         }
+    }
+}
+
+/// One projection of each row of `xs`: through the pool when dense, else (quantized)
+/// through candle a row at a time.
+fn project_rows(linear: &Linear, xs: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ModelError> {
+    match linear.as_dense() {
+        Some(dense) => project_rows_dense(dense, xs),
+        None => xs.iter().map(|x| project(linear, x)).collect(),
+    }
+}
+
+fn project_rows_dense(dense: &Dense, xs: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ModelError> {
+    let rows: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+    match matvec::multiply_rows_f32(&[dense], &rows)? {
+        Some(outs) if outs.iter().all(|o| o.len() == 1) => {
+            Ok(outs.into_iter().flat_map(|mut o| o.pop()).collect())
+        }
+        _ => xs
+            .iter()
+            .map(|x| via_tensor(x, dense.weight().dtype(), |input| dense.forward(input)))
+            .collect(),
     }
 }
 
 /// One projection of `x`: through the pool when dense, else (quantized) through candle.
 fn project(linear: &Linear, x: &[f32]) -> Result<Vec<f32>, ModelError> {
     match linear.as_dense() {
-        Some(dense) => project_dense(dense, x),
+        Some(dense) => project_rows_dense(dense, &[x.to_vec()])?
+            .pop()
+            .ok_or_else(|| ModelError::Unsupported("a product gave no row".into())),
         None => via_tensor(x, DType::F32, |input| linear.forward(input)),
-    }
-}
-
-fn project_dense(dense: &Dense, x: &[f32]) -> Result<Vec<f32>, ModelError> {
-    match matvec::multiply_f32(&[dense], x)? {
-        Some(mut outs) if outs.len() == 1 => Ok(outs.remove(0)),
-        _ => via_tensor(x, dense.weight().dtype(), |input| dense.forward(input)),
     }
 }
 

@@ -57,6 +57,26 @@ impl Answer {
             push: None,
         }
     }
+
+    /// A step's answer, its output ordered on to `push_to` (if set and the step ran).
+    pub(super) fn pushing(
+        response: SessionResponse,
+        start_pos: u32,
+        push_to: Option<PushTarget>,
+    ) -> Self {
+        let push = match (&response, push_to) {
+            (SessionResponse::Hidden { hidden, .. }, Some(target)) => Some(PushOrder {
+                peer: target.peer,
+                request: SessionRequest::Push {
+                    session: target.session,
+                    start_pos,
+                    hidden: hidden.clone(),
+                },
+            }),
+            _ => None,
+        };
+        Self { response, push }
+    }
 }
 
 /// A [`SessionRequest::Push`] to send to `peer`.
@@ -202,17 +222,6 @@ impl SpanServer {
         if matches!(response, SessionResponse::Refused(_)) {
             self.stats.refusals += 1;
         }
-        let push = match (&response, push_to) {
-            (SessionResponse::Hidden { hidden, .. }, Some(target)) => Some(PushOrder {
-                peer: target.peer,
-                request: SessionRequest::Push {
-                    session: target.session,
-                    start_pos,
-                    hidden: hidden.clone(),
-                },
-            }),
-            _ => None,
-        };
-        Answer { response, push }
+        Answer::pushing(response, start_pos, push_to)
     }
 }

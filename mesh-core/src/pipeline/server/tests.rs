@@ -464,3 +464,61 @@ fn a_push_runs_only_the_step_its_client_asked_for_from_the_peer_it_named() {
     assert!(matches!(reply, Reply::Now(a) if matches!(a.response, SessionResponse::Hidden { .. })));
     assert_eq!(decoded(&srv), 3);
 }
+
+/// Requests that arrive together: decode steps of different clients run as one pass and
+/// answer what each would alone; a session's later request runs after its step.
+#[test]
+fn decode_steps_served_together_answer_what_each_would_alone() {
+    let (_d, mut srv) = server(ServerLimits::default());
+    let (_d2, mut alone) = server(ServerLimits::default());
+    let now = Instant::now();
+    let clients: Vec<(PeerId, SessionId)> = (0..4)
+        .map(|_| (PeerId::random(), SessionId::random()))
+        .collect();
+    for (c, (peer, s)) in clients.iter().enumerate() {
+        for srv in [&mut srv, &mut alone] {
+            srv.handle(*peer, open(*s, BlockRange::new(2, 6), 64), now);
+            let prefill = SessionRequest::Forward {
+                session: *s,
+                start_pos: 0,
+                hidden: varied(2 + c, c),
+            };
+            assert!(matches!(
+                srv.handle(*peer, prefill, now),
+                SessionResponse::Hidden { .. }
+            ));
+        }
+    }
+    let step = |c: usize, s: SessionId| SessionRequest::Forward {
+        session: s,
+        start_pos: 2 + c as u32,
+        hidden: varied(1, 7 * c),
+    };
+    let mut requests: Vec<(PeerId, SessionRequest)> = clients
+        .iter()
+        .enumerate()
+        .map(|(c, (peer, s))| (*peer, step(c, *s)))
+        .collect();
+    // The first client closes its session in the same breath: after its step.
+    let (first, s0) = clients[0];
+    requests.push((first, SessionRequest::Close { session: s0 }));
+    let served = srv.serve_many(requests, now);
+    assert_eq!(served.len(), clients.len() + 1);
+    for (c, ((peer, s), served)) in clients.iter().zip(&served).enumerate() {
+        let got = match &served.reply {
+            Reply::Now(a) => output_of(a).clone(),
+            Reply::Waits(_) => panic!("waits"),
+        };
+        let want = match alone.handle(*peer, step(c, *s), now) {
+            SessionResponse::Hidden { hidden, .. } => hidden,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(got, want, "client {c}");
+    }
+    assert!(matches!(
+        &served[clients.len()].reply,
+        Reply::Now(a) if matches!(a.response, SessionResponse::Closed { .. })
+    ));
+    assert_eq!(srv.active_sessions(), clients.len() - 1);
+    assert_eq!(srv.stats().decode_tokens, clients.len() as u64);
+}
