@@ -1,16 +1,23 @@
 //! Aggregate decode throughput of one server as clients are added: 1, 4, 16 and 32
 //! clients (each its own peer, its own swarm) generate 64 tokens each at the same time
-//! through one server of the whole tiny model, on loopback in this process. Every
-//! client's text is checked against its text alone.
+//! through one server of a whole model, on loopback in this process, with the server
+//! running the decode steps that queue together as one pass (`max_batch` 16) and each
+//! alone (`max_batch` 1). Two models: the tiny one (8 blocks of hidden 128, 2 MB: it
+//! sits in cache, so messages cost more than its weights) and a wide random one (4 blocks
+//! of hidden 1024, intermediate 2816, 181 MB of f32: each step streams its weights from
+//! memory, as a real model's does). Every client's text is checked against its text
+//! alone.
 //!
 //! Run: `cargo bench --bench concurrent` (TOKENS=n per client, default 64).
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use mesh_client::{MeshClient, SamplingParams};
 use mesh_core::local_mesh::LocalMesh;
-use mesh_core::model::tiny;
+use mesh_core::model::{tiny, LlamaConfig};
+use mesh_core::pipeline::ServerLimits;
 use mesh_core::BlockRange;
 
 /// One greedy generation; its token ids.
@@ -29,37 +36,55 @@ fn prompt(i: usize) -> String {
     format!("client {i} asks the mesh")
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let tokens: usize = std::env::var("TOKENS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(64);
-    let dir = tempfile::tempdir()?;
-    tiny::write(dir.path())?;
-    let mesh = LocalMesh::start(dir.path(), &[BlockRange::new(0, 8)]).await?;
+/// The tiny model's tokenizer and vocabulary with wide blocks.
+fn wide() -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 1024,
+        intermediate_size: 2816,
+        num_hidden_layers: 4,
+        num_attention_heads: 16,
+        num_key_value_heads: Some(4),
+        ..tiny::config()
+    }
+}
+
+/// Throughput at 1, 4, 16 and 32 clients through one server of the model in `dir` that
+/// takes at most `max_batch` requests at once; `alone` holds each client's text by itself
+/// (filled on the first call).
+async fn run(
+    dir: &Path,
+    blocks: u32,
+    max_batch: usize,
+    tokens: usize,
+    alone: &mut Vec<Vec<u32>>,
+) -> anyhow::Result<Vec<f64>> {
+    let mut mesh = LocalMesh::start(dir, &[]).await?;
+    let limits = ServerLimits {
+        max_batch,
+        ..ServerLimits::default()
+    };
+    mesh.add_node_with(BlockRange::new(0, blocks), limits)
+        .await?;
     let most = 32;
     let mut clients = Vec::with_capacity(most);
     for _ in 0..most {
         clients.push(
             MeshClient::builder()
                 .bootstrap([mesh.bootstrap_addr().clone()])
-                .model_dir(dir.path())
+                .model_dir(dir)
                 .build()
                 .await?,
         );
     }
     // Each client's text alone (also the warm-up: connections, page faults).
-    let mut alone = Vec::with_capacity(most);
     for (i, c) in clients.iter().enumerate() {
-        alone.push(generate(c, &prompt(i), tokens).await?);
+        let ids = generate(c, &prompt(i), tokens).await?;
+        match alone.get(i) {
+            Some(want) => assert_eq!(&ids, want, "client {i} alone differs between servers"),
+            None => alone.push(ids),
+        }
     }
-    println!("one server (tiny model, 8 blocks), loopback, greedy, {tokens} tokens per client");
-    println!(
-        "{:>8} {:>12} {:>14} {:>10}",
-        "clients", "wall", "tokens/s", "vs 1"
-    );
-    let mut base = None;
+    let mut rates = Vec::new();
     for n in [1usize, 4, 16, 32] {
         let started = Instant::now();
         let runs = clients[..n]
@@ -74,15 +99,49 @@ async fn main() -> anyhow::Result<()> {
                 "client {i} of {n} differs from its run alone"
             );
         }
-        let rate = (n * tokens) as f64 / wall.as_secs_f64();
-        let base = *base.get_or_insert(rate);
-        println!(
-            "{n:>8} {:>10.1}ms {rate:>14.0} {:>9.2}x",
-            wall.as_secs_f64() * 1e3,
-            rate / base
-        );
+        rates.push((n * tokens) as f64 / wall.as_secs_f64());
     }
     mesh.stop().await?;
     tokio::time::sleep(Duration::from_millis(10)).await;
+    Ok(rates)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let tokens: usize = std::env::var("TOKENS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(64);
+    println!("one server, loopback, greedy, {tokens} tokens per client; tokens/s, and x of 1 client batched");
+    println!(
+        "{:<26} {:>10} {:>16} {:>16} {:>16}",
+        "model, steps", "1 client", "4 clients", "16 clients", "32 clients"
+    );
+    for (name, cfg) in [("tiny", tiny::config()), ("wide", wide())] {
+        let dir = tempfile::tempdir()?;
+        match name {
+            "tiny" => tiny::write(dir.path())?,
+            _ => tiny::write_random(dir.path(), &cfg)?,
+        }
+        let blocks = cfg.num_hidden_layers as u32;
+        let mut alone = Vec::new();
+        let mut base = None;
+        for (label, max_batch) in [("batched", 16), ("one at a time", 1)] {
+            let rates = run(dir.path(), blocks, max_batch, tokens, &mut alone).await?;
+            let base = *base.get_or_insert(rates[0]);
+            let cells: Vec<String> = rates
+                .iter()
+                .map(|r| format!("{r:.0} ({:.2}x)", r / base))
+                .collect();
+            println!(
+                "{:<26} {:>10} {:>16} {:>16} {:>16}",
+                format!("{name}, {label}"),
+                cells[0],
+                cells[1],
+                cells[2],
+                cells[3]
+            );
+        }
+    }
     Ok(())
 }

@@ -39,6 +39,10 @@ pub use simd::Isa;
 /// the others, few enough that claiming a task stays a small part of it.
 const TASKS_PER_THREAD: usize = 4;
 
+/// Weight bytes a task dots with every input row before it moves on: about what a
+/// core's L2 keeps, so several rows (sessions) read each weight from memory once.
+const BLOCK_BYTES: usize = 64 << 10;
+
 static ENABLED: AtomicBool = AtomicBool::new(true);
 /// 0: not chosen yet (detect on first use); else `Isa as u8 + 1`.
 static CHOSEN_ISA: AtomicU8 = AtomicU8::new(0);
@@ -228,9 +232,22 @@ fn multiply(
     let isa = isa();
     let ok = pool.run(tasks.len(), &|t| {
         let task = &tasks[t];
+        let w = weights[task.part];
+        // A few weight rows at a time (about L2-sized), dotted with every input row
+        // while they are in cache. One input row takes the same path, so its numbers
+        // are the same alone or among others.
+        let block = (BLOCK_BYTES / (cols * w.elem_bytes()).max(1))
+            .next_multiple_of(4)
+            .max(4);
         if let Ok(mut slots) = task.rows.lock() {
-            for (x, rows) in xs.iter().zip(slots.iter_mut()) {
-                simd::dot_rows(isa, weights[task.part], task.first, x, rows);
+            let len = slots.first().map_or(0, |rows| rows.len());
+            for start in (0..len).step_by(block) {
+                let end = (start + block).min(len);
+                for (x, rows) in xs.iter().zip(slots.iter_mut()) {
+                    if let Some(rows) = rows.get_mut(start..end) {
+                        simd::dot_rows(isa, w, task.first + start, x, rows);
+                    }
+                }
             }
         }
     });

@@ -112,7 +112,8 @@ pub(super) fn work(
         // different sessions among it run as one pass (`pipeline/server/batch.rs`).
         let mut requests = Vec::new();
         let mut replies = Vec::new();
-        while requests.len() < MAX_BATCH {
+        let most = server.limits().max_batch.clamp(1, MAX_BATCH);
+        while requests.len() < most {
             let Some((peer, (bytes, reply))) = fair.pop() else {
                 break;
             };

@@ -39,6 +39,9 @@ pub struct ServerLimits {
     pub request_burst: u32,
     /// Requests of one peer waiting or running at once; more are answered `Busy`.
     pub in_flight_per_peer: usize,
+    /// Most requests the worker takes at once; their decode steps of different sessions
+    /// run as one pass over the weights (`server/batch.rs`). 1 runs every step alone.
+    pub max_batch: usize,
 }
 
 impl Default for ServerLimits {
@@ -57,6 +60,7 @@ impl Default for ServerLimits {
             request_burst: 10000,
             // A session has one request in flight per hop: as many as a client may open.
             in_flight_per_peer: 16,
+            max_batch: MAX_BATCH,
         }
     }
 }

@@ -126,6 +126,13 @@ impl<'a> Elems<'a> {
             Elems::F16(w) | Elems::Bf16(w) => w.len(),
         }
     }
+
+    pub(crate) fn elem_bytes(&self) -> usize {
+        match self {
+            Elems::F32(_) => 4,
+            Elems::F16(_) | Elems::Bf16(_) => 2,
+        }
+    }
 }
 
 /// `out[i] = Σ_j w[first + i][j] · x[j]` for every `i < out.len()`, rows of `x.len()`

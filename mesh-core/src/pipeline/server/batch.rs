@@ -20,7 +20,8 @@ use crate::pipeline::protocol::{Refusal, SessionRequest, SessionResponse, StepIn
 use crate::types::SessionId;
 use crate::wire::WireTensor;
 
-/// Most requests a worker takes at once, and so most steps in one pass.
+/// Most requests a worker takes at once, and so most steps in one pass
+/// ([`super::ServerLimits::max_batch`] may set fewer).
 pub const MAX_BATCH: usize = 16;
 
 /// A one-position step taken out for a pass: its session, out of the map meanwhile.
