@@ -27,6 +27,8 @@ pub const MAX_BATCH: usize = 16;
 /// A one-position step taken out for a pass: its session, out of the map meanwhile.
 struct Decode {
     index: usize,
+    /// A push feeding a waiting step, not a client's step.
+    pushed: bool,
     peer: PeerId,
     request: SessionRequest,
     id: SessionId,
@@ -36,10 +38,10 @@ struct Decode {
 
 impl SpanServer {
     /// Serve requests that arrived together, each as [`SpanServer::serve`] would, in order
-    /// for each session: the one-position steps of different sessions (`Forward`, or a
-    /// `Step` carrying its input) that come first for their session run as one pass, and
-    /// the other requests after it, in the order they came. One answer per request, in
-    /// that order.
+    /// for each session: the one-position steps of different sessions (`Forward`, a
+    /// `Step` carrying its input, or the `Push` a waiting step waits for) that come first
+    /// for their session run as one pass, and the other requests after it, in the order
+    /// they came. One answer per request, in that order.
     pub fn serve_many(
         &mut self,
         requests: Vec<(PeerId, SessionRequest)>,
@@ -59,6 +61,7 @@ impl SpanServer {
                 Some((id, input)) => match self.sessions.remove(&id) {
                     Some(session) => decodes.push(Decode {
                         index,
+                        pushed: matches!(request, SessionRequest::Push { .. }),
                         peer,
                         request,
                         id,
@@ -94,9 +97,10 @@ impl SpanServer {
     }
 
     /// `request`'s session and input if it can share a pass: a one-position step of
-    /// `peer`'s session at the position its cache is at, nothing waiting on the session.
+    /// `peer`'s session at the position its cache is at with nothing waiting on the
+    /// session, or the push a session's waiting one-position step waits for from `peer`.
     fn decodable(&self, peer: PeerId, request: &SessionRequest) -> Option<(SessionId, Tensor)> {
-        let (id, start_pos, hidden) = match request {
+        let (id, start_pos, hidden, pushed) = match request {
             SessionRequest::Forward {
                 session,
                 start_pos,
@@ -108,16 +112,21 @@ impl SpanServer {
                 rewind: false,
                 input: StepInput::Hidden(hidden),
                 ..
-            } => (*session, *start_pos, hidden),
+            } => (*session, *start_pos, hidden, false),
+            SessionRequest::Push {
+                session,
+                start_pos,
+                hidden,
+            } => (*session, *start_pos, hidden, true),
             _ => return None,
         };
-        let fits = self.sessions.get(&id).is_some_and(|s| {
-            s.usage.client == peer
-                && s.waiting.is_none()
-                && s.cache.len() == start_pos as usize
-                && s.cache.len() < s.cache.max_len()
-        });
-        if !fits {
+        let s = self.sessions.get(&id)?;
+        let asked = match (&s.waiting, pushed) {
+            (None, false) => s.usage.client == peer,
+            (Some(w), true) => w.from == peer && w.start_pos == start_pos && !w.rewind,
+            _ => false,
+        };
+        if !asked || s.cache.len() != start_pos as usize || s.cache.len() >= s.cache.max_len() {
             return None;
         }
         let input = hidden.to_tensor(&Device::Cpu).ok()?;
@@ -144,18 +153,32 @@ impl SpanServer {
             self.span.forward_decode_batch(&mut steps)
         };
         let micros = started.elapsed().as_micros() as u64 / decodes.len() as u64;
-        for (d, out) in decodes.into_iter().zip(outs) {
+        for (mut d, out) in decodes.into_iter().zip(outs) {
+            // A push answers its sender at once; the step that waited for it is released.
+            let waited = d.session.waiting.take();
             self.sessions.insert(d.id, d.session);
-            let (start_pos, hidden, push_to) = match d.request {
-                SessionRequest::Step {
-                    start_pos,
-                    input: StepInput::Hidden(hidden),
-                    push_to,
-                    ..
-                } => (start_pos, hidden, push_to),
-                SessionRequest::Forward {
-                    start_pos, hidden, ..
-                } => (start_pos, hidden, None),
+            let (start_pos, hidden, push_to) = match (d.request, waited) {
+                (
+                    SessionRequest::Step {
+                        start_pos,
+                        input: StepInput::Hidden(hidden),
+                        push_to,
+                        ..
+                    },
+                    None,
+                ) => (start_pos, hidden, push_to),
+                (
+                    SessionRequest::Forward {
+                        start_pos, hidden, ..
+                    },
+                    None,
+                ) => (start_pos, hidden, None),
+                (
+                    SessionRequest::Push {
+                        start_pos, hidden, ..
+                    },
+                    Some(waiting),
+                ) => (start_pos, hidden, waiting.push_to),
                 _ => continue,
             };
             // The answer travels in the span's dtype, as a step's alone does.
@@ -169,8 +192,18 @@ impl SpanServer {
                     SessionResponse::Refused(Refusal::BadRequest(e))
                 }
             };
+            let answer = Answer::pushing(response, start_pos, push_to);
+            let result = match d.pushed {
+                false => Served::now(answer),
+                true => Served {
+                    reply: super::Reply::Now(Box::new(Answer::plain(
+                        SessionResponse::Acknowledged,
+                    ))),
+                    released: Some((d.id, answer)),
+                },
+            };
             if let Some(slot) = served.get_mut(d.index) {
-                *slot = Some(Served::now(Answer::pushing(response, start_pos, push_to)));
+                *slot = Some(result);
             }
         }
     }

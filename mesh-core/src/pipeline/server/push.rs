@@ -89,10 +89,10 @@ pub struct PushOrder {
 /// A client's step waiting for its input from `from`.
 #[derive(Debug)]
 pub(super) struct Waiting {
-    from: PeerId,
-    start_pos: u32,
-    rewind: bool,
-    push_to: Option<PushTarget>,
+    pub(super) from: PeerId,
+    pub(super) start_pos: u32,
+    pub(super) rewind: bool,
+    pub(super) push_to: Option<PushTarget>,
 }
 
 /// A pushed input that came before the step naming its sender.

@@ -522,3 +522,61 @@ fn decode_steps_served_together_answer_what_each_would_alone() {
     assert_eq!(srv.active_sessions(), clients.len() - 1);
     assert_eq!(srv.stats().decode_tokens, clients.len() as u64);
 }
+
+/// Pushes that come together for steps waiting on them run as one pass too: each pusher
+/// is acknowledged, each waiting step released with what it would get alone.
+#[test]
+fn pushes_served_together_release_what_each_step_would_get_alone() {
+    let (_d, mut srv) = server(ServerLimits::default());
+    let (_d2, mut alone) = server(ServerLimits::default());
+    let now = Instant::now();
+    let sessions: Vec<(PeerId, PeerId, SessionId)> = (0..3)
+        .map(|_| (PeerId::random(), PeerId::random(), SessionId::random()))
+        .collect();
+    for (client, upstream, s) in &sessions {
+        for srv in [&mut srv, &mut alone] {
+            srv.handle(*client, open(*s, BlockRange::new(2, 6), 64), now);
+        }
+        let step = SessionRequest::Step {
+            session: *s,
+            start_pos: 0,
+            rewind: false,
+            input: StepInput::PushedBy(*upstream),
+            push_to: None,
+        };
+        assert!(matches!(
+            srv.serve(*client, step, now).reply,
+            Reply::Waits(_)
+        ));
+    }
+    let pushes: Vec<(PeerId, SessionRequest)> = sessions
+        .iter()
+        .enumerate()
+        .map(|(c, (_, upstream, s))| {
+            let push = SessionRequest::Push {
+                session: *s,
+                start_pos: 0,
+                hidden: varied(1, 5 * c),
+            };
+            (*upstream, push)
+        })
+        .collect();
+    let served = srv.serve_many(pushes, now);
+    for (c, ((client, _, s), served)) in sessions.iter().zip(served).enumerate() {
+        assert!(
+            matches!(served.reply, Reply::Now(a) if a.response == SessionResponse::Acknowledged)
+        );
+        let (released, answer) = served.released.expect("the waiting step runs");
+        assert_eq!(released, *s);
+        let fwd = SessionRequest::Forward {
+            session: *s,
+            start_pos: 0,
+            hidden: varied(1, 5 * c),
+        };
+        match alone.handle(*client, fwd, now) {
+            SessionResponse::Hidden { hidden, .. } => assert_eq!(output_of(&answer), &hidden),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(srv.stats().decode_tokens, 3);
+}
