@@ -183,6 +183,18 @@ impl Mesh {
         finish(proc, started).await
     }
 
+    /// A greedy `mesh-client generate` of `SHORT` tokens from `prompt` with `extra`
+    /// arguments, to its end.
+    async fn greedy(&self, label: &str, prompt: &str, extra: &[&str]) -> Run {
+        let mut args: Vec<String> = ["--temperature", "0"].map(String::from).to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let started = Instant::now();
+        let proc = self
+            .client_side()
+            .spawn_generate_with(label, SHORT, SEED, prompt, &args);
+        client::finish(proc, started, prompt, RUN_LIMIT).await
+    }
+
     /// The peers `mesh-client nodes`, run in the client's namespace, lists as live.
     fn listed_peers(&self) -> Vec<String> {
         let out = Command::new("ip")
@@ -519,17 +531,8 @@ async fn a_draft_model_saves_round_trips_on_a_slow_link() {
     let client = mesh.client.clone();
     mesh.lab.delay(&client, ONE_WAY);
     let prompt = "It is a truth universally acknowledged";
-    let run = |label: &str, extra: &[&str]| {
-        let mut args: Vec<String> = ["--temperature", "0"].map(String::from).to_vec();
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let started = Instant::now();
-        let proc = mesh
-            .client_side()
-            .spawn_generate_with(label, SHORT, SEED, prompt, &args);
-        client::finish(proc, started, prompt, RUN_LIMIT)
-    };
     let own = mesh.dir.path().join("model").display().to_string();
-    let plain = run("no-draft", &[]).await;
+    let plain = mesh.greedy("no-draft", prompt, &[]).await;
     println!("{:<36} {}", "no draft:", plain.summary());
     for (label, name, draft, k) in [
         ("draft-k1", "mesh-demo-draft", "mesh-demo-draft", "1"),
@@ -539,7 +542,8 @@ async fn a_draft_model_saves_round_trips_on_a_slow_link() {
         ("self-k2", "mesh-demo (itself)", own.as_str(), "2"),
         ("self-k8", "mesh-demo (itself)", own.as_str(), "8"),
     ] {
-        let fast = run(label, &["--draft-model", draft, "--draft-tokens", k]).await;
+        let extra = ["--draft-model", draft, "--draft-tokens", k];
+        let fast = mesh.greedy(label, prompt, &extra).await;
         let line = fast.speculation.clone().expect("a speculation line");
         println!("{:<36} {}", format!("{name} from k={k}:"), fast.summary());
         println!("  {line}");
@@ -570,17 +574,8 @@ async fn servers_pushing_to_each_other_take_four_trips_a_token_not_six() {
     for host in &hosts {
         mesh.lab.delay(host, ONE_WAY / 2);
     }
-    let run = |label: &str, extra: &[&str]| {
-        let mut args: Vec<String> = ["--temperature", "0"].map(String::from).to_vec();
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let started = Instant::now();
-        let proc = mesh
-            .client_side()
-            .spawn_generate_with(label, SHORT, SEED, PROMPT, &args);
-        finish(proc, started)
-    };
-    let relayed = run("relayed", &["--no-push"]).await;
-    let pushed = run("pushed", &[]).await;
+    let relayed = mesh.greedy("relayed", PROMPT, &["--no-push"]).await;
+    let pushed = mesh.greedy("pushed", PROMPT, &[]).await;
     let one_way = ONE_WAY.as_secs_f64() * 1e3;
     println!(
         "{:<44} {}",
