@@ -48,6 +48,9 @@ const REQUEST_QUEUE: usize = 64;
 /// step) before it counts as failed in the log.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Tries of a push the next server answers `Busy` (a few milliseconds apart).
+const PUSH_ATTEMPTS: u32 = 4;
+
 /// Everything a provider node needs.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -444,21 +447,37 @@ fn dispatch(
     });
 }
 
-/// Send a step's output on to the next server. A push not taken is only logged: the
-/// client, not hearing from the next server in time, sends it the input itself.
+/// Send a step's output on to the next server, again after a moment while it is busy
+/// (its in-flight cap counts this server as one peer, whatever clients the pushes are
+/// for). A push not taken is only logged: the client, not hearing from the next server
+/// in time, sends it the input itself.
 async fn push_on(client: p2p::Client, next: PeerId, push: Vec<u8>) {
-    let taken = match tokio::time::timeout(PUSH_TIMEOUT, client.request(next, push)).await {
-        Err(_) => Err(format!("no answer within {} s", PUSH_TIMEOUT.as_secs())),
-        Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(reply)) => match wire::decode::<SessionResponse>(&reply, wire::SMALL_LIMIT) {
-            Ok(SessionResponse::Acknowledged) => Ok(()),
-            Ok(SessionResponse::Refused(r)) => Err(r.to_string()),
-            Ok(other) => Err(format!("unexpected answer {other:?}")),
-            Err(e) => Err(e.to_string()),
-        },
-    };
-    if let Err(why) = taken {
+    for attempt in 1..=PUSH_ATTEMPTS {
+        let answer =
+            match tokio::time::timeout(PUSH_TIMEOUT, client.request(next, push.clone())).await {
+                Err(_) => Err(format!("no answer within {} s", PUSH_TIMEOUT.as_secs())),
+                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Ok(reply)) => wire::decode::<SessionResponse>(&reply, wire::SMALL_LIMIT)
+                    .map_err(|e| e.to_string()),
+            };
+        let why = match answer {
+            Ok(SessionResponse::Acknowledged) => return,
+            Ok(SessionResponse::Refused(Refusal::Busy)) if attempt < PUSH_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(2 * attempt as u64)).await;
+                continue;
+            }
+            Ok(SessionResponse::Refused(Refusal::RateLimited { retry_after_ms }))
+                if attempt < PUSH_ATTEMPTS && retry_after_ms <= 50 =>
+            {
+                tokio::time::sleep(Duration::from_millis(retry_after_ms)).await;
+                continue;
+            }
+            Ok(SessionResponse::Refused(r)) => r.to_string(),
+            Ok(other) => format!("unexpected answer {other:?}"),
+            Err(why) => why,
+        };
         tracing::info!(%next, "push not taken: {why}");
+        return;
     }
 }
 
