@@ -5,8 +5,8 @@
 //! alone (`max_batch` 1). Two models: the tiny one (8 blocks of hidden 128, 2 MB: it
 //! sits in cache, so messages cost more than its weights) and a wide random one (4 blocks
 //! of hidden 1024, intermediate 2816, 181 MB of f32: each step streams its weights from
-//! memory, as a real model's does). Every client's text is checked against its text
-//! alone.
+//! memory, as a real model's does), also split over two servers that push each step on
+//! to each other, so both batch. Every client's text is checked against its text alone.
 //!
 //! Run: `cargo bench --bench concurrent` (TOKENS=n per client, default 64).
 
@@ -48,12 +48,12 @@ fn wide() -> LlamaConfig {
     }
 }
 
-/// Throughput at 1, 4, 16 and 32 clients through one server of the model in `dir` that
-/// takes at most `max_batch` requests at once; `alone` holds each client's text by itself
+/// Throughput at 1, 4, 16 and 32 clients through servers of `spans` of the model in
+/// `dir` that take at most `max_batch` requests at once; `alone` holds each client's text by itself
 /// (filled on the first call).
 async fn run(
     dir: &Path,
-    blocks: u32,
+    spans: &[BlockRange],
     max_batch: usize,
     tokens: usize,
     alone: &mut Vec<Vec<u32>>,
@@ -63,8 +63,9 @@ async fn run(
         max_batch,
         ..ServerLimits::default()
     };
-    mesh.add_node_with(BlockRange::new(0, blocks), limits)
-        .await?;
+    for span in spans {
+        mesh.add_node_with(*span, limits.clone()).await?;
+    }
     let most = 32;
     let mut clients = Vec::with_capacity(most);
     for _ in 0..most {
@@ -112,10 +113,10 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or(64);
-    println!("one server, loopback, greedy, {tokens} tokens per client; tokens/s, and x of 1 client batched");
+    println!("loopback, greedy, {tokens} tokens per client; tokens/s, and x of 1 client on 1 server batched");
     println!(
-        "{:<26} {:>10} {:>16} {:>16} {:>16}",
-        "model, steps", "1 client", "4 clients", "16 clients", "32 clients"
+        "{:<36} {:>10} {:>16} {:>16} {:>16}",
+        "model, servers, steps", "1 client", "4 clients", "16 clients", "32 clients"
     );
     for (name, cfg) in [("tiny", tiny::config()), ("wide", wide())] {
         let dir = tempfile::tempdir()?;
@@ -124,23 +125,31 @@ async fn main() -> anyhow::Result<()> {
             _ => tiny::write_random(dir.path(), &cfg)?,
         }
         let blocks = cfg.num_hidden_layers as u32;
+        let whole = [BlockRange::new(0, blocks)];
+        let halves = BlockRange::even_split(blocks, 2);
+        let mut routes = vec![("1 server", &whole[..])];
+        if name == "wide" {
+            routes.push(("2 servers", &halves[..]));
+        }
         let mut alone = Vec::new();
         let mut base = None;
-        for (label, max_batch) in [("batched", 16), ("one at a time", 1)] {
-            let rates = run(dir.path(), blocks, max_batch, tokens, &mut alone).await?;
-            let base = *base.get_or_insert(rates[0]);
-            let cells: Vec<String> = rates
-                .iter()
-                .map(|r| format!("{r:.0} ({:.2}x)", r / base))
-                .collect();
-            println!(
-                "{:<26} {:>10} {:>16} {:>16} {:>16}",
-                format!("{name}, {label}"),
-                cells[0],
-                cells[1],
-                cells[2],
-                cells[3]
-            );
+        for (route, spans) in routes {
+            for (label, max_batch) in [("batched", 16), ("one at a time", 1)] {
+                let rates = run(dir.path(), spans, max_batch, tokens, &mut alone).await?;
+                let base = *base.get_or_insert(rates[0]);
+                let cells: Vec<String> = rates
+                    .iter()
+                    .map(|r| format!("{r:.0} ({:.2}x)", r / base))
+                    .collect();
+                println!(
+                    "{:<36} {:>10} {:>16} {:>16} {:>16}",
+                    format!("{name}, {route}, {label}"),
+                    cells[0],
+                    cells[1],
+                    cells[2],
+                    cells[3]
+                );
+            }
         }
     }
     Ok(())
