@@ -46,7 +46,7 @@ fn a_batch_of_decode_steps_is_each_step_alone() {
     let dir = tempfile::tempdir().unwrap();
     let files = ModelFiles::open(&tiny::ensure(dir.path()).unwrap()).unwrap();
     let head = ClientHead::load(&files, DType::F32, &Device::Cpu).unwrap();
-    for dtype in [DType::F32, DType::BF16] {
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
         let span = SpanModel::load(&files, BlockRange::new(0, 8), dtype, &Device::Cpu).unwrap();
         for range in [BlockRange::new(0, 8), BlockRange::new(2, 5)] {
             let mut alone = prefilled(&span, &head, range, dtype);

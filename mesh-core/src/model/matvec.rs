@@ -243,9 +243,32 @@ fn multiply(
             let len = slots.first().map_or(0, |rows| rows.len());
             for start in (0..len).step_by(block) {
                 let end = (start + block).min(len);
-                for (x, rows) in xs.iter().zip(slots.iter_mut()) {
-                    if let Some(rows) = rows.get_mut(start..end) {
-                        simd::dot_rows(isa, w, task.first + start, x, rows);
+                // Four inputs at a time share each weight load; the rest one by one.
+                for (xq, sq) in xs.chunks(4).zip(slots.chunks_mut(4)) {
+                    match (xq, &mut *sq) {
+                        ([x0, x1, x2, x3], [s0, s1, s2, s3]) => simd::dot_rows_4(
+                            isa,
+                            w,
+                            task.first + start,
+                            [x0, x1, x2, x3],
+                            [
+                                &mut s0[start..end],
+                                &mut s1[start..end],
+                                &mut s2[start..end],
+                                &mut s3[start..end],
+                            ],
+                        ),
+                        _ => {
+                            for (x, rows) in xq.iter().zip(sq.iter_mut()) {
+                                simd::dot_rows(
+                                    isa,
+                                    w,
+                                    task.first + start,
+                                    x,
+                                    &mut rows[start..end],
+                                );
+                            }
+                        }
                     }
                 }
             }

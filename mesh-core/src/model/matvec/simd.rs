@@ -150,6 +150,28 @@ pub fn dot_rows(isa: Isa, w: Elems<'_>, first: usize, x: &[f32], out: &mut [f32]
     }
 }
 
+/// [`dot_rows`] for four inputs of the same length at once, the outputs equally long:
+/// the numbers of four [`dot_rows`] calls, each weight load shared where the CPU has a
+/// kernel for it (else it is those four calls).
+pub fn dot_rows_4(
+    isa: Isa,
+    w: Elems<'_>,
+    first: usize,
+    xs: [&[f32]; 4],
+    mut outs: [&mut [f32]; 4],
+) {
+    let (cols, n) = (xs[0].len(), outs[0].len());
+    let even = xs.iter().all(|x| x.len() == cols) && outs.iter().all(|o| o.len() == n);
+    debug_assert!(even && (first + n) * cols <= w.len());
+    #[cfg(target_arch = "x86_64")]
+    if even && x86::dot_rows_4(isa, w, first, xs, &mut outs) {
+        return;
+    }
+    for (x, out) in xs.into_iter().zip(outs) {
+        dot_rows(isa, w, first, x, out);
+    }
+}
+
 /// `out.len()` elements from `from` on, as f32 (F16C where the CPU has it).
 pub fn widen(w: Elems<'_>, from: usize, out: &mut [f32]) {
     let to = from + out.len();

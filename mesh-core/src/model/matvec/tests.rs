@@ -57,6 +57,51 @@ fn every_isa_matches_the_portable_reference() {
     }
 }
 
+/// Four inputs at once give exactly what each gives alone, on every path and weight type,
+/// from an offset row, with row counts and widths that leave remainders: batched decode
+/// must not change a session's numbers.
+#[test]
+fn four_inputs_at_once_are_each_input_alone_bit_for_bit() {
+    for (rows, cols) in [(1, 1), (3, 7), (5, 16), (13, 40), (9, 64), (37, 517)] {
+        let w = random((rows + 1) * cols, 3);
+        let xs: Vec<Vec<f32>> = (0..4).map(|q| random(cols, 10 + q)).collect();
+        let f16: Vec<u16> = w
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_bits())
+            .collect();
+        let bf16: Vec<u16> = w
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        for elems in [Elems::F32(&w), Elems::F16(&f16), Elems::Bf16(&bf16)] {
+            for isa in Isa::available() {
+                let alone: Vec<Vec<f32>> = xs
+                    .iter()
+                    .map(|x| {
+                        let mut out = vec![0f32; rows];
+                        simd::dot_rows(isa, elems, 1, x, &mut out);
+                        out
+                    })
+                    .collect();
+                let mut outs: Vec<Vec<f32>> = (0..4).map(|_| vec![0f32; rows]).collect();
+                let [o0, o1, o2, o3] = &mut outs[..] else {
+                    unreachable!("four outputs")
+                };
+                let x = |q: usize| xs[q].as_slice();
+                simd::dot_rows_4(isa, elems, 1, [x(0), x(1), x(2), x(3)], [o0, o1, o2, o3]);
+                for q in 0..4 {
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&outs[q]),
+                        bits(&alone[q]),
+                        "{isa:?} {rows}x{cols} {elems:?} input {q}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The reference itself against plain f64 sums.
 #[test]
 fn the_reference_is_a_dot_product() {
