@@ -6,7 +6,10 @@
 //! on the CPU takes this path instead: the process-wide [`pool`] of workers that stay hot
 //! between products, rows split across them, each row read once with the widest vector
 //! unit the CPU has ([`Isa`]). Products that share an input (q/k/v, gate/up) go to the
-//! pool as one job. Several rows (a prefill) stay on candle's matrix-matrix path.
+//! pool as one job. One-position steps of several sessions ([`multiply_rows_f32`]) share
+//! each weight read: blocks of weight rows are dotted with every session's row while in
+//! cache, four rows per weight load. A prefill's many positions stay on candle's
+//! matrix-matrix path.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
