@@ -17,6 +17,13 @@ fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
         .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
 }
 
+/// `w` rounded to f16 and to bf16, as their bits.
+fn halves(w: &[f32]) -> (Vec<u16>, Vec<u16>) {
+    let f16 = w.iter().map(|&v| half::f16::from_f32(v).to_bits());
+    let bf16 = w.iter().map(|&v| half::bf16::from_f32(v).to_bits());
+    (f16.collect(), bf16.collect())
+}
+
 /// Every vector path against the portable reference, for every weight type, with row
 /// counts and widths that leave remainders (rows not a multiple of 4, widths not of 16).
 #[test]
@@ -32,14 +39,7 @@ fn every_isa_matches_the_portable_reference() {
     ] {
         let w = random(rows * cols, 1);
         let x = random(cols, 2);
-        let f16: Vec<u16> = w
-            .iter()
-            .map(|&v| half::f16::from_f32(v).to_bits())
-            .collect();
-        let bf16: Vec<u16> = w
-            .iter()
-            .map(|&v| half::bf16::from_f32(v).to_bits())
-            .collect();
+        let (f16, bf16) = halves(&w);
         for elems in [Elems::F32(&w), Elems::F16(&f16), Elems::Bf16(&bf16)] {
             let mut want = vec![0f32; rows];
             simd::portable_rows(elems, 0, &x, &mut want);
@@ -65,14 +65,7 @@ fn four_inputs_at_once_are_each_input_alone_bit_for_bit() {
     for (rows, cols) in [(1, 1), (3, 7), (5, 16), (13, 40), (9, 64), (37, 517)] {
         let w = random((rows + 1) * cols, 3);
         let xs: Vec<Vec<f32>> = (0..4).map(|q| random(cols, 10 + q)).collect();
-        let f16: Vec<u16> = w
-            .iter()
-            .map(|&v| half::f16::from_f32(v).to_bits())
-            .collect();
-        let bf16: Vec<u16> = w
-            .iter()
-            .map(|&v| half::bf16::from_f32(v).to_bits())
-            .collect();
+        let (f16, bf16) = halves(&w);
         for elems in [Elems::F32(&w), Elems::F16(&f16), Elems::Bf16(&bf16)] {
             for isa in Isa::available() {
                 let alone: Vec<Vec<f32>> = xs
