@@ -122,6 +122,7 @@ pub struct Limits {
     pub cache_budget_mib: usize,
     pub idle_timeout_secs: u64,
     pub max_len: u32,
+    pub max_batch: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -177,6 +178,7 @@ impl Default for Limits {
             cache_budget_mib: 1024,
             idle_timeout_secs: 120,
             max_len: 2048,
+            max_batch: crate::pipeline::server::MAX_BATCH,
         }
     }
 }
@@ -396,6 +398,9 @@ cache_budget_mib = {cache}
 idle_timeout_secs = {idle}
 # Longest session (prompt + generated tokens) a client may open.
 max_len = {max_len}
+# Decode steps of different sessions run together as one pass over the weights, at
+# most this many (1 to 16; 1 runs each alone).
+max_batch = {max_batch}
 
 [http]
 # Local status port: /healthz, /metrics (Prometheus), / (dashboard). Keep it on
@@ -436,6 +441,7 @@ listen = {http}
             cache = self.limits.cache_budget_mib,
             idle = self.limits.idle_timeout_secs,
             max_len = self.limits.max_len,
+            max_batch = self.limits.max_batch,
             http = toml_str(&self.http.listen),
             daemon = self.daemon.toml(),
             settle = self.settle.toml(),
@@ -510,6 +516,16 @@ listen = {http}
                 "max_sessions, max_sessions_per_client and max_len must be at least 1",
             ));
         }
+        if !(1..=crate::pipeline::server::MAX_BATCH).contains(&l.max_batch) {
+            return Err(invalid(
+                "limits.max_batch (--max-batch)",
+                format!(
+                    "{} is not between 1 and {}",
+                    l.max_batch,
+                    crate::pipeline::server::MAX_BATCH
+                ),
+            ));
+        }
         let n = &self.network;
         if n.max_connections == 0 || n.max_connections_per_ip == 0 {
             return Err(invalid(
@@ -561,6 +577,7 @@ listen = {http}
                 cache_budget_bytes: l.cache_budget_mib.saturating_mul(1 << 20),
                 idle_timeout: Duration::from_secs(l.idle_timeout_secs),
                 max_len: l.max_len,
+                max_batch: l.max_batch,
                 ..ServerLimits::default()
             },
             http,

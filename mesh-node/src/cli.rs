@@ -139,6 +139,10 @@ pub struct NodeFlags {
     /// Longest session (prompt + generated tokens) a client may open [default: 2048].
     #[arg(long)]
     pub max_len: Option<u32>,
+    /// Decode steps of different sessions run together as one pass over the weights, at
+    /// most this many (1 to 16; 1 runs each alone) [default: 16].
+    #[arg(long)]
+    pub max_batch: Option<usize>,
     /// Listen addresses (repeatable) [default: /ip4/0.0.0.0/tcp/0].
     #[arg(long)]
     pub listen: Vec<Multiaddr>,

@@ -93,6 +93,7 @@ pub fn apply_node_flags(file: &mut NodeFile, a: &NodeFlags) {
     l.cache_budget_mib = a.cache_budget_mib.unwrap_or(l.cache_budget_mib);
     l.idle_timeout_secs = a.idle_timeout_secs.unwrap_or(l.idle_timeout_secs);
     l.max_len = a.max_len.unwrap_or(l.max_len);
+    l.max_batch = a.max_batch.unwrap_or(l.max_batch);
     let n = &mut file.network;
     if !a.listen.is_empty() {
         n.listen = strings(&a.listen);

@@ -12,6 +12,7 @@ fn the_commented_file_round_trips_with_values_set() {
     };
     f.network.bootstrap = vec!["/ip4/1.2.3.4/tcp/31337".into()];
     f.network.max_connections_per_ip = 64;
+    f.limits.max_batch = 4;
     f.http.listen = "127.0.0.1:0".into();
     f.daemon.pid_file = Some("run/x.pid".into());
     f.daemon.log_keep = 2;
@@ -73,6 +74,14 @@ fn resolve_checks_values_and_makes_paths_absolute() {
         },
         "quantize",
     );
+    for max_batch in [0, 17] {
+        let mut f = NodeFile::default();
+        f.limits.max_batch = max_batch;
+        bad(f, "limits.max_batch");
+    }
+    let mut f = NodeFile::default();
+    f.limits.max_batch = 1;
+    assert_eq!(f.resolve(base).unwrap().limits.max_batch, 1);
     let r = NodeFile {
         quantize: Some("q8_0".into()),
         model: "qwen".into(),
