@@ -35,8 +35,11 @@ const NODE_PORT: u16 = 31338;
 /// AutoNAT's first verdict, a reservation, and the record that announces it.
 const REACH_LIMIT: Duration = Duration::from_secs(90);
 const RUN_LIMIT: Duration = Duration::from_secs(180);
-/// Delay on the client's link during the run that moves to a direct connection.
-const CLIENT_ONE_WAY: Duration = Duration::from_millis(3);
+/// Delay on the client's link during the run that moves to a direct connection: with
+/// servers pushing to each other a token crosses that link once each way, so 486 tokens
+/// take about 10 s, two of the client's direct dials (every 5 s). At 3 ms the run took
+/// 4.7-5.6 s and could end before the first.
+const CLIENT_ONE_WAY: Duration = Duration::from_millis(8);
 /// Delay added each way on the relay's link, to see what a distant relay costs.
 const RELAY_ONE_WAY: Duration = Duration::from_millis(10);
 
