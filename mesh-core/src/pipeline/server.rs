@@ -285,6 +285,13 @@ impl SpanServer {
     /// Serve one request from `peer`: a client's, or a push from the server before.
     pub fn serve(&mut self, peer: PeerId, request: SessionRequest, now: Instant) -> Served {
         let client = peer;
+        // The session's client moved on: a step still waiting for its push is ended.
+        let ended = match &request {
+            SessionRequest::Forward { session, .. }
+            | SessionRequest::Rewind { session, .. }
+            | SessionRequest::Close { session } => self.end_waiting(client, *session),
+            _ => None,
+        };
         let response = match request {
             SessionRequest::Step {
                 session,
@@ -317,7 +324,10 @@ impl SpanServer {
                 hidden,
             } => self.rewind(client, session, to, &hidden, now),
         };
-        self.answered(response)
+        Served {
+            released: ended,
+            ..self.answered(response)
+        }
     }
 
     /// A request's answer, counted if it is a refusal.

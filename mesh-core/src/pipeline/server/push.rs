@@ -116,14 +116,10 @@ impl SpanServer {
         push_to: Option<PushTarget>,
         now: Instant,
     ) -> Served {
+        let released = self.end_waiting(client, session);
         let Some(state) = owned(&mut self.sessions, client, session) else {
             return self.answered(SessionResponse::Refused(Refusal::UnknownSession));
         };
-        // A newer step of the session ends one still waiting: its client moved on.
-        let released = state.waiting.take().map(|_| {
-            let refusal = Refusal::NoPushedInput("the client sent a newer step".into());
-            (session, Answer::plain(SessionResponse::Refused(refusal)))
-        });
         let hidden = match input {
             StepInput::Hidden(hidden) => hidden,
             StepInput::PushedBy(from) => match state.early.take() {
@@ -192,6 +188,20 @@ impl SpanServer {
             reply: Reply::Now(Box::new(Answer::plain(SessionResponse::Acknowledged))),
             released: Some((session, answer)),
         }
+    }
+
+    /// End a step of `client`'s `session` still waiting for its push: its client sent a
+    /// newer request of the session (a step, the input itself, or a close).
+    pub(super) fn end_waiting(
+        &mut self,
+        client: PeerId,
+        session: SessionId,
+    ) -> Option<(SessionId, Answer)> {
+        let state = owned(&mut self.sessions, client, session)?;
+        state.waiting.take().map(|_| {
+            let refusal = Refusal::NoPushedInput("the client sent a newer request".into());
+            (session, Answer::plain(SessionResponse::Refused(refusal)))
+        })
     }
 
     /// Forget a waiting step whose client stopped waiting (its request timed out), so a

@@ -463,6 +463,36 @@ fn a_push_runs_only_the_step_its_client_asked_for_from_the_peer_it_named() {
     ));
     assert!(matches!(reply, Reply::Now(a) if matches!(a.response, SessionResponse::Hidden { .. })));
     assert_eq!(decoded(&srv), 3);
+
+    // So does the client sending the input itself as a rewind (its relay after a push
+    // that did not come), and closing the session.
+    for then in [
+        SessionRequest::Rewind {
+            session: s,
+            to: 7,
+            hidden: varied(1, 4),
+        },
+        SessionRequest::Close { session: s },
+    ] {
+        let waiting = SessionRequest::Step {
+            session: s,
+            start_pos: 7,
+            rewind: false,
+            input: StepInput::PushedBy(upstream),
+            push_to: None,
+        };
+        assert!(matches!(
+            srv.serve(client, waiting, now).reply,
+            Reply::Waits(_)
+        ));
+        let Served { released, .. } = srv.serve(client, then, now);
+        let (_, ended) = released.expect("the waiting step is ended");
+        assert!(matches!(
+            ended.response,
+            SessionResponse::Refused(Refusal::NoPushedInput(_))
+        ));
+    }
+    assert_eq!(srv.active_sessions(), 0);
 }
 
 /// Requests that arrive together: decode steps of different clients run as one pass and
