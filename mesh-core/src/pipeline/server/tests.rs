@@ -354,13 +354,15 @@ fn a_push_runs_only_the_step_its_client_asked_for_from_the_peer_it_named() {
     // used when the step names another.
     let held = answered(srv.serve(stranger, push(4), now));
     assert_eq!(held.response, SessionResponse::Acknowledged);
-    let step = SessionRequest::Step {
+    // The client's step at `pos`, its input to come from `upstream`.
+    let waiting = |pos| SessionRequest::Step {
         session: s,
-        start_pos: 4,
+        start_pos: pos,
         rewind: false,
         input: StepInput::PushedBy(upstream),
         push_to: None,
     };
+    let step = waiting(4);
     assert!(matches!(srv.serve(client, step.clone(), now).reply, Reply::Waits(w) if w == s));
     // Nobody but the named peer, at the named position, feeds the waiting step.
     for (peer, pos) in [(stranger, 4), (upstream, 5), (client, 4)] {
@@ -437,15 +439,8 @@ fn a_push_runs_only_the_step_its_client_asked_for_from_the_peer_it_named() {
     }
 
     // A newer step ends the one still waiting: its client relayed the input itself.
-    let waiting = SessionRequest::Step {
-        session: s,
-        start_pos: 6,
-        rewind: false,
-        input: StepInput::PushedBy(upstream),
-        push_to: None,
-    };
     assert!(matches!(
-        srv.serve(client, waiting, now).reply,
+        srv.serve(client, waiting(6), now).reply,
         Reply::Waits(_)
     ));
     let relay = SessionRequest::Step {
@@ -474,15 +469,8 @@ fn a_push_runs_only_the_step_its_client_asked_for_from_the_peer_it_named() {
         },
         SessionRequest::Close { session: s },
     ] {
-        let waiting = SessionRequest::Step {
-            session: s,
-            start_pos: 7,
-            rewind: false,
-            input: StepInput::PushedBy(upstream),
-            push_to: None,
-        };
         assert!(matches!(
-            srv.serve(client, waiting, now).reply,
+            srv.serve(client, waiting(7), now).reply,
             Reply::Waits(_)
         ));
         let Served { released, .. } = srv.serve(client, then, now);
