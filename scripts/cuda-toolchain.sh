@@ -28,7 +28,8 @@ fi
 cu="$dir/venv/lib/python3*/site-packages/nvidia/cu13"
 # shellcheck disable=SC2086
 if ! ls $cu/bin/nvcc >/dev/null 2>&1; then
-  "$dir/venv/bin/python" -m pip install --quiet \
+  # --no-cache-dir: a second copy of ~1 GB of wheels in pip's cache is disk CI lacks.
+  "$dir/venv/bin/python" -m pip install --quiet --no-cache-dir \
     'nvidia-cuda-nvcc==13.0.*' 'nvidia-nvvm==13.0.*' 'nvidia-cuda-crt==13.0.*' \
     'nvidia-cuda-cccl==13.0.*' 'nvidia-cuda-runtime==13.0.*' 'nvidia-cublas==13.0.*' \
     'nvidia-cuda-nvrtc==13.0.*' 'nvidia-curand==10.4.0.*'
