@@ -54,6 +54,7 @@ mod listen;
 pub mod nat;
 pub mod reachability;
 mod run;
+pub mod stream;
 
 use std::time::Duration;
 
@@ -68,6 +69,7 @@ pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use nat::{NatConfig, NatReport, Reach, RelayLimits, RelayMode, RelayStats, UpnpState};
 pub use run::{run_bootstrap, serve};
+pub use stream::{StreamStats, STREAM_PROTOCOL};
 
 use crate::identity::Identity;
 use crate::types::{ModelId, ServerInfo};
@@ -148,6 +150,10 @@ pub struct P2pConfig {
     pub ping_timeout: Duration,
     /// AutoNAT, relays, hole punching, UPnP. Default: a relay server on bootstraps only.
     pub nat: NatConfig,
+    /// Send small session requests to directly connected peers on one long-lived stream
+    /// each ([`stream`]) rather than a request-response exchange per request. Servers
+    /// accept such streams either way. Default on.
+    pub session_streams: bool,
 }
 
 impl P2pConfig {
@@ -177,6 +183,7 @@ impl P2pConfig {
                 relay_server: (role == Role::Bootstrap).then(RelayLimits::default),
                 ..NatConfig::default()
             },
+            session_streams: true,
         }
     }
 }
@@ -278,8 +285,26 @@ pub fn new(cfg: P2pConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoop),
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
-    let client = Client::new(cmd_tx, cfg.identity.peer_id());
-    Ok((client, ev_rx, EventLoop::new(swarm, cmd_rx, ev_tx, &cfg)))
+    let mut control = swarm.behaviour().stream.new_control();
+    // Only servers answer sessions; to anyone else the protocol is unsupported, and a
+    // requester then asks by request-response (and is refused there, as before).
+    let incoming = match cfg.role {
+        Role::Server => Some(
+            control
+                .accept(STREAM_PROTOCOL)
+                .map_err(|e| P2pError::Transport(e.to_string()))?,
+        ),
+        Role::Bootstrap | Role::Client => None,
+    };
+    let streams = std::sync::Arc::new(stream::Streams::new(
+        cfg.session_streams,
+        control,
+        cfg.request_timeout,
+        cfg.max_frame_bytes.min(MAX_FRAME_BYTES),
+    ));
+    let client = Client::new(cmd_tx, cfg.identity.peer_id(), streams.clone());
+    let event_loop = EventLoop::new(swarm, cmd_rx, ev_tx, &cfg, streams, incoming);
+    Ok((client, ev_rx, event_loop))
 }
 
 /// Builds the swarm, runs its event loop on the tokio runtime, waits until every listener

@@ -42,6 +42,8 @@ pub(crate) struct Behaviour {
     pub kad: kad::Behaviour<MemoryStore>,
     pub gossipsub: gossipsub::Behaviour,
     pub session: request_response::Behaviour<FrameCodec>,
+    /// Long-lived session streams ([`super::stream`]).
+    pub stream: libp2p_stream::Behaviour,
     pub dialback: request_response::Behaviour<FrameCodec>,
     /// Dials `/p2p-circuit` addresses and holds reservations on relays.
     pub relay_client: relay::client::Behaviour,
@@ -171,6 +173,7 @@ fn behaviour(
         kad,
         gossipsub,
         session,
+        stream: libp2p_stream::Behaviour::new(),
         dialback,
         relay_client,
         relay: relay.into(),

@@ -1,12 +1,14 @@
 //! [`Client`]: the cloneable handle to a peer's event loop.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use libp2p::{request_response, Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
 use super::heartbeat::GossipStats;
 use super::reachability::Reachability;
+use super::stream::{StreamResponder, StreamStats, Streamed, Streams};
 use super::P2pError;
 use crate::types::{BlockRange, Capability, GpuLive, ModelId, RemoteSpan, ServerInfo, ServerLoad};
 
@@ -46,9 +48,36 @@ impl Announcement {
 /// The channel to answer one inbound session request on ([`Client::respond`]).
 #[derive(Debug)]
 pub struct ResponseChannel {
-    pub(crate) inner: request_response::ResponseChannel<Vec<u8>>,
-    /// The request came over a relayed connection (its bytes are counted as relayed).
-    pub(crate) relayed: bool,
+    pub(crate) inner: Responder,
+}
+
+#[derive(Debug)]
+pub(crate) enum Responder {
+    /// A request-response exchange, answered through the event loop.
+    Exchange {
+        channel: request_response::ResponseChannel<Vec<u8>>,
+        /// The request came over a relayed connection (its bytes are counted as relayed).
+        relayed: bool,
+    },
+    /// A request on a session stream, answered straight onto it.
+    Stream(StreamResponder),
+}
+
+impl ResponseChannel {
+    pub(crate) fn exchange(
+        channel: request_response::ResponseChannel<Vec<u8>>,
+        relayed: bool,
+    ) -> Self {
+        Self {
+            inner: Responder::Exchange { channel, relayed },
+        }
+    }
+
+    pub(crate) fn streamed(responder: StreamResponder) -> Self {
+        Self {
+            inner: Responder::Stream(responder),
+        }
+    }
 }
 
 /// Counters of what this peer accepted, rejected and dropped.
@@ -67,6 +96,8 @@ pub struct P2pStats {
     pub dht_providers_rejected: u64,
     /// Events dropped because the event queue was full.
     pub events_dropped: u64,
+    /// Session streams: opened, let in, requests sent on them.
+    pub streams: StreamStats,
     /// Connections closed because their peer stopped answering pings.
     pub unresponsive_closed: u64,
     /// Inbound connections refused because their IP address already held
@@ -99,7 +130,12 @@ pub(crate) enum Command {
     LiveServers(ModelId, oneshot::Sender<Vec<ServerInfo>>),
     KnownServers(ModelId, oneshot::Sender<Vec<RemoteSpan>>),
     Request(PeerId, Vec<u8>, Reply<Vec<u8>>),
-    Respond(ResponseChannel, Vec<u8>, Reply<()>),
+    Respond {
+        channel: request_response::ResponseChannel<Vec<u8>>,
+        relayed: bool,
+        response: Vec<u8>,
+        reply: Reply<()>,
+    },
     Stats(oneshot::Sender<P2pStats>),
     CheckReachability(Reply<Vec<Reachability>>),
     NatReport(oneshot::Sender<super::nat::NatReport>),
@@ -112,11 +148,16 @@ pub(crate) enum Command {
 pub struct Client {
     tx: mpsc::Sender<Command>,
     peer_id: PeerId,
+    streams: Arc<Streams>,
 }
 
 impl Client {
-    pub(crate) fn new(tx: mpsc::Sender<Command>, peer_id: PeerId) -> Self {
-        Self { tx, peer_id }
+    pub(crate) fn new(tx: mpsc::Sender<Command>, peer_id: PeerId, streams: Arc<Streams>) -> Self {
+        Self {
+            tx,
+            peer_id,
+            streams,
+        }
     }
 
     async fn send(&self, cmd: Command) -> Result<(), P2pError> {
@@ -253,8 +294,14 @@ impl Client {
         self.ask(|r| Command::KnownServers(model, r)).await
     }
 
-    /// Sends a `/mesh/session/1` request to `peer` and waits for its response.
+    /// Sends a session request to `peer` and waits for its response: on the session
+    /// stream to `peer` when it may go there ([`super::stream`]), else as a
+    /// `/mesh/session/1` request-response exchange.
     pub async fn request(&self, peer: PeerId, request: Vec<u8>) -> Result<Vec<u8>, P2pError> {
+        let request = match self.streams.request(peer, request).await {
+            Streamed::Done(answer) => return answer,
+            Streamed::NotTaken(request) => request,
+        };
         self.call(|r| Command::Request(peer, request, r)).await
     }
 
@@ -264,7 +311,18 @@ impl Client {
         channel: ResponseChannel,
         response: Vec<u8>,
     ) -> Result<(), P2pError> {
-        self.call(|r| Command::Respond(channel, response, r)).await
+        match channel.inner {
+            Responder::Stream(responder) => responder.answer(response),
+            Responder::Exchange { channel, relayed } => {
+                self.call(|reply| Command::Respond {
+                    channel,
+                    relayed,
+                    response,
+                    reply,
+                })
+                .await
+            }
+        }
     }
 
     /// Asks a connected peer (a bootstrap if possible) to open a TCP connection to each of
@@ -281,7 +339,9 @@ impl Client {
 
     /// Counters of accepted, rejected and dropped messages.
     pub async fn stats(&self) -> Result<P2pStats, P2pError> {
-        self.ask(Command::Stats).await
+        let mut stats = self.ask(Command::Stats).await?;
+        stats.streams = self.streams.stats();
+        Ok(stats)
     }
 
     /// Peers with at least one open connection.

@@ -1,4 +1,5 @@
-//! `/mesh/session/1`: request-response of opaque byte frames.
+//! `/mesh/session/1`: request-response of opaque byte frames; and the tagged frames of
+//! `/mesh/session-stream/1` ([`super::stream`]).
 //!
 //! One request and one response per stream, each a single frame: a 4-byte big-endian length
 //! followed by that many bytes. The length is checked against the codec's maximum before any
@@ -58,6 +59,79 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     io.write_all(&len.to_be_bytes()).await?;
     io.write_all(data).await?;
     io.flush().await
+}
+
+/// What a frame on a session stream ([`super::stream`]) carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameKind {
+    /// A session request, client to server.
+    Request = 0,
+    /// The answer to the request of the same id.
+    Answer = 1,
+    /// The server dropped the request of that id without an answer.
+    Unanswered = 2,
+}
+
+/// A stream frame's header before its payload: request id (8 bytes, big-endian), kind.
+pub const TAG_BYTES: usize = 9;
+
+/// Writes one stream frame: the 4-byte length of header and payload, the header
+/// ([`TAG_BYTES`]), then the payload. Refused over `max` bytes of payload.
+pub async fn write_tagged<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    id: u64,
+    kind: FrameKind,
+    payload: &[u8],
+    max: usize,
+) -> io::Result<()> {
+    let len = u32::try_from(payload.len() + TAG_BYTES)
+        .ok()
+        .filter(|_| payload.len() <= max)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "frame of {} bytes exceeds the limit of {max}",
+                    payload.len()
+                ),
+            )
+        })?;
+    let mut head = [0u8; 4 + TAG_BYTES];
+    head[..4].copy_from_slice(&len.to_be_bytes());
+    head[4..12].copy_from_slice(&id.to_be_bytes());
+    head[12] = kind as u8;
+    io.write_all(&head).await?;
+    io.write_all(payload).await?;
+    io.flush().await
+}
+
+/// Reads one stream frame of at most `max` bytes of payload: its id, kind and payload.
+pub async fn read_tagged<R: AsyncRead + Unpin>(
+    io: &mut R,
+    max: usize,
+) -> io::Result<(u64, FrameKind, Vec<u8>)> {
+    let mut frame = read_frame(io, max.saturating_add(TAG_BYTES)).await?;
+    if frame.len() < TAG_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {} bytes is shorter than its header", frame.len()),
+        ));
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&frame[..8]);
+    let kind = match frame[8] {
+        0 => FrameKind::Request,
+        1 => FrameKind::Answer,
+        2 => FrameKind::Unanswered,
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unknown frame kind {other}"),
+            ))
+        }
+    };
+    frame.drain(..TAG_BYTES);
+    Ok((u64::from_be_bytes(id), kind, frame))
 }
 
 /// The request-response codec for [`SESSION_PROTOCOL`]: opaque bytes both ways.
@@ -151,6 +225,34 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[tokio::test]
+    async fn tagged_frames_round_trip_and_bad_headers_are_errors() {
+        let mut buf = Vec::new();
+        write_tagged(&mut buf, 7, FrameKind::Answer, b"abc", 16)
+            .await
+            .unwrap();
+        assert_eq!(&buf[..4], &12u32.to_be_bytes());
+        let got = read_tagged(&mut Cursor::new(buf), 16).await.unwrap();
+        assert_eq!(got, (7, FrameKind::Answer, b"abc".to_vec()));
+
+        let err = write_tagged(&mut Vec::new(), 1, FrameKind::Request, &[0u8; 17], 16)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        // A frame too short for its header, and one of an unknown kind.
+        let mut short = 3u32.to_be_bytes().to_vec();
+        short.extend([0u8; 3]);
+        let err = read_tagged(&mut Cursor::new(short), 16).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let mut unknown = 9u32.to_be_bytes().to_vec();
+        unknown.extend([0u8; 8]);
+        unknown.push(9);
+        let err = read_tagged(&mut Cursor::new(unknown), 16)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
     #[tokio::test]

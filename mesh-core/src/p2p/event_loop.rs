@@ -18,6 +18,7 @@
 //! | `nat.rs` | AutoNAT, relay reservations and server counters, DCUtR, UPnP, moving to direct |
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
@@ -37,6 +38,7 @@ use super::heartbeat::LiveTable;
 use super::ip_limit::{IpLimitExceeded, PendingLimitExceeded};
 use super::known::KnownTable;
 use super::reachability::Reachability;
+use super::stream::{self, Streams};
 use super::{Event, P2pConfig, P2pError, Role};
 use crate::types::{GpuLive, ModelId, RemoteSpan};
 
@@ -99,6 +101,15 @@ struct Announced {
     next_discovery: Instant,
 }
 
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Who waits for a lookup.
 enum LookupOwner {
     Client(Reply<Vec<RemoteSpan>>),
@@ -157,6 +168,10 @@ pub struct EventLoop {
     /// AutoNAT verdict, relay reservations, connections by kind.
     nat: nat::NatState,
     stopping: Option<oneshot::Sender<()>>,
+    /// Session streams: told which peers are reached directly.
+    streams: Arc<Streams>,
+    /// Inbound session streams, served from [`EventLoop::run`] on (servers only).
+    incoming: Option<libp2p_stream::IncomingStreams>,
 }
 
 impl EventLoop {
@@ -165,6 +180,8 @@ impl EventLoop {
         commands: mpsc::Receiver<Command>,
         events: mpsc::Sender<Event>,
         cfg: &P2pConfig,
+        streams: Arc<Streams>,
+        incoming: Option<libp2p_stream::IncomingStreams>,
     ) -> Self {
         let (dialback_done_tx, dialback_done_rx) = mpsc::channel(MAX_DIALBACKS_IN_FLIGHT);
         let bootstrap: Vec<(PeerId, Multiaddr)> = cfg
@@ -218,11 +235,18 @@ impl EventLoop {
             next_rejoin: Instant::now() + cfg.announce_interval,
             nat,
             stopping: None,
+            streams,
+            incoming,
         }
     }
 
     /// Runs until [`super::Client::shutdown`] or until every client is dropped.
     pub async fn run(mut self) {
+        // Aborted with the loop: the streams it serves end with their connections.
+        let acceptor = self.incoming.take().map(|incoming| {
+            let accept = stream::accept(incoming, self.streams.clone(), self.events.clone());
+            AbortOnDrop(tokio::spawn(accept))
+        });
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -242,6 +266,7 @@ impl EventLoop {
                 break;
             }
         }
+        drop(acceptor);
         if let Some(done) = self.stopping.take() {
             let _ = done.send(());
         }
@@ -296,6 +321,7 @@ impl EventLoop {
                     ConnectedPoint::Listener { .. } => None,
                 };
                 self.nat_connection(peer_id, connection_id, endpoint.is_relayed(), dialed);
+                self.update_direct(peer_id);
                 tracing::debug!(%peer_id, %remote, relayed = endpoint.is_relayed(), "connected");
                 if let Some((reply, _)) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Ok(()));
@@ -310,6 +336,7 @@ impl EventLoop {
             } => {
                 tracing::debug!(%peer_id, relayed = endpoint.is_relayed(), "connection closed: {cause:?}");
                 self.nat_connection_closed(peer_id, connection_id);
+                self.update_direct(peer_id);
                 if num_established == 0 {
                     self.remote_ips.remove(&peer_id);
                     tracing::debug!(%peer_id, "disconnected");
@@ -367,6 +394,12 @@ impl EventLoop {
     }
 
     /// Hands an event to the node; a full queue drops it (counted) rather than block the loop.
+    /// Tells the session streams whether `peer` is now reached over direct connections
+    /// only.
+    fn update_direct(&self, peer: PeerId) {
+        self.streams.set_direct(peer, self.all_direct(&peer));
+    }
+
     fn emit(&mut self, event: Event) {
         if self.events.try_send(event).is_err() {
             self.stats.events_dropped += 1;

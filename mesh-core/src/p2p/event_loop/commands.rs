@@ -52,15 +52,20 @@ impl EventLoop {
                 let id = self.swarm.behaviour_mut().session.send_request(&peer, data);
                 self.pending_requests.insert(id, (peer, len, reply));
             }
-            Command::Respond(channel, data, reply) => {
-                if channel.relayed {
-                    self.stats.relay.relayed_bytes_sent += data.len() as u64;
+            Command::Respond {
+                channel,
+                relayed,
+                response,
+                reply,
+            } => {
+                if relayed {
+                    self.stats.relay.relayed_bytes_sent += response.len() as u64;
                 }
                 let result = self
                     .swarm
                     .behaviour_mut()
                     .session
-                    .send_response(channel.inner, data)
+                    .send_response(channel, response)
                     .map_err(|_| P2pError::Respond);
                 let _ = reply.send(result);
             }

@@ -396,6 +396,14 @@ impl EventLoop {
         }
     }
 
+    /// Whether `peer` has connections and none of them goes through a relay.
+    pub(super) fn all_direct(&self, peer: &PeerId) -> bool {
+        self.nat
+            .conns
+            .get(peer)
+            .is_some_and(|c| !c.is_empty() && c.values().all(|c| !c.relayed))
+    }
+
     /// Whether `id` (a connection to `peer`) goes through a relay.
     pub(super) fn is_relayed_connection(&self, peer: &PeerId, id: ConnectionId) -> bool {
         self.nat

@@ -28,10 +28,7 @@ impl EventLoop {
                         self.emit(Event::InboundRequest {
                             peer,
                             request,
-                            channel: ResponseChannel {
-                                inner: channel,
-                                relayed,
-                            },
+                            channel: ResponseChannel::exchange(channel, relayed),
                         })
                     }
                     request_response::Message::Response {

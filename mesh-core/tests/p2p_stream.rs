@@ -1,0 +1,251 @@
+//! Session streams between real swarms on 127.0.0.1: small requests share one long-lived
+//! stream and their answers come back by id in any order; a request the server drops fails
+//! at once; large requests, and requesters that turned streams off, go by request-response;
+//! a raw peer that opens too many streams or sends a frame that is not a request is cut
+//! off, and the server goes on answering.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::{noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder};
+use mesh_core::identity::Identity;
+use mesh_core::p2p::codec::{read_tagged, write_tagged, FrameKind};
+use mesh_core::p2p::stream::{MAX_STREAMED_REQUEST, MAX_STREAMS_PER_PEER};
+use mesh_core::p2p::{self, Event, P2pConfig, P2pStats, Role, STREAM_PROTOCOL};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn local() -> Multiaddr {
+    "/ip4/127.0.0.1/tcp/0".parse().unwrap()
+}
+
+/// A server that answers each request with its bytes reversed; a request starting with
+/// `slow` after 400 ms, and one that is `drop` never.
+async fn echo_server() -> (p2p::Peer, tokio::task::JoinHandle<()>) {
+    let mut cfg = P2pConfig::new(Identity::generate(), Role::Server);
+    cfg.listen = vec![local()];
+    let mut server = p2p::spawn(cfg).await.unwrap();
+    let client = server.client.clone();
+    let events = std::mem::replace(&mut server.events, tokio::sync::mpsc::channel(1).1);
+    let task = tokio::spawn(answer_all(client, events));
+    (server, task)
+}
+
+async fn answer_all(client: p2p::Client, mut events: tokio::sync::mpsc::Receiver<Event>) {
+    while let Some(event) = events.recv().await {
+        let Event::InboundRequest {
+            request, channel, ..
+        } = event
+        else {
+            continue;
+        };
+        if request == b"drop" {
+            continue;
+        }
+        let client = client.clone();
+        tokio::spawn(async move {
+            if request.starts_with(b"slow") {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+            let reply: Vec<u8> = request.iter().rev().copied().collect();
+            let _ = client.respond(channel, reply).await;
+        });
+    }
+}
+
+async fn requester(server: &p2p::Peer, streams: bool) -> p2p::Peer {
+    let mut cfg = P2pConfig::new(Identity::generate(), Role::Client);
+    cfg.bootstrap = server.listen_addrs.clone();
+    cfg.request_timeout = Duration::from_secs(30);
+    cfg.session_streams = streams;
+    p2p::spawn(cfg).await.unwrap()
+}
+
+async fn wait_stats(
+    client: &p2p::Client,
+    what: &str,
+    pred: impl Fn(&P2pStats) -> bool,
+) -> P2pStats {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let stats = client.stats().await.unwrap();
+        if pred(&stats) {
+            return stats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn reversed(bytes: &[u8]) -> Vec<u8> {
+    bytes.iter().rev().copied().collect()
+}
+
+#[tokio::test]
+async fn small_requests_share_one_stream_and_answers_come_back_by_id() {
+    let (server, echo) = echo_server().await;
+    let server_id = server.client.local_peer_id();
+    let client = requester(&server, true).await;
+
+    for i in 0..20u8 {
+        let got = client
+            .client
+            .request(server_id, vec![i, 1, 2])
+            .await
+            .unwrap();
+        assert_eq!(got, vec![2, 1, i]);
+    }
+    let stats = client.client.stats().await.unwrap().streams;
+    assert_eq!((stats.opened, stats.requests), (1, 20), "{stats:?}");
+    assert_eq!(server.client.stats().await.unwrap().streams.accepted, 1);
+
+    // A slow answer does not hold up a later request's: the stream matches answers to
+    // requests by id, not by order.
+    let slow = tokio::spawn({
+        let client = client.client.clone();
+        async move { client.request(server_id, b"slow one".to_vec()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let fast = client.client.request(server_id, b"fast".to_vec()).await;
+    assert_eq!(fast.unwrap(), b"tsaf");
+    assert!(!slow.is_finished(), "the slow answer came first");
+    assert_eq!(slow.await.unwrap().unwrap(), reversed(b"slow one"));
+
+    // A request the server drops fails at once, not after the 30 s request timeout.
+    let asked = Instant::now();
+    let dropped = client.client.request(server_id, b"drop".to_vec()).await;
+    assert!(dropped.is_err(), "{dropped:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    // Over the streamed size: request-response, on its own substream.
+    let big = vec![3u8; MAX_STREAMED_REQUEST + 1];
+    assert_eq!(
+        client.client.request(server_id, big.clone()).await.unwrap(),
+        big
+    );
+    let stats = client.client.stats().await.unwrap().streams;
+    assert_eq!((stats.opened, stats.requests), (1, 22), "{stats:?}");
+    echo.abort();
+}
+
+#[tokio::test]
+async fn a_requester_with_streams_off_asks_by_request_response() {
+    let (server, echo) = echo_server().await;
+    let server_id = server.client.local_peer_id();
+    let client = requester(&server, false).await;
+    for i in 0..5u8 {
+        let got = client.client.request(server_id, vec![i, 9]).await.unwrap();
+        assert_eq!(got, vec![9, i]);
+    }
+    let stats = client.client.stats().await.unwrap().streams;
+    assert_eq!((stats.opened, stats.requests), (0, 0), "{stats:?}");
+    assert_eq!(server.client.stats().await.unwrap().streams.accepted, 0);
+    echo.abort();
+}
+
+#[derive(libp2p::swarm::NetworkBehaviour)]
+struct Raw {
+    stream: libp2p_stream::Behaviour,
+}
+
+fn raw_swarm() -> Swarm<Raw> {
+    SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| Raw {
+            stream: libp2p_stream::Behaviour::new(),
+        })
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build()
+}
+
+/// Dials `server` from a raw swarm driven in the background; its stream control.
+async fn raw_peer_of(server: &p2p::Peer) -> (libp2p_stream::Control, PeerId) {
+    let mut swarm = raw_swarm();
+    let control = swarm.behaviour().stream.new_control();
+    let server_id = server.client.local_peer_id();
+    swarm.dial(server.listen_addrs[0].clone()).unwrap();
+    tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    (control, server_id)
+}
+
+#[tokio::test]
+async fn a_raw_peer_over_the_stream_limits_or_sending_garbage_is_cut_off() {
+    let (server, echo) = echo_server().await;
+    let (mut control, server_id) = raw_peer_of(&server).await;
+    let protocol: StreamProtocol = STREAM_PROTOCOL;
+    let mut open = Vec::new();
+    for _ in 0..MAX_STREAMS_PER_PEER + 2 {
+        let stream = tokio::time::timeout(LIMIT, control.open_stream(server_id, protocol.clone()))
+            .await
+            .expect("open in time")
+            .expect("stream");
+        open.push(stream);
+    }
+    let stats = wait_stats(&server.client, "streams over the limit refused", |s| {
+        s.streams.refused >= 2
+    })
+    .await;
+    assert_eq!(
+        stats.streams.accepted as usize, MAX_STREAMS_PER_PEER,
+        "{stats:?}"
+    );
+
+    // A well-formed request on an admitted stream is answered under its id...
+    let mut first = open.remove(0);
+    write_tagged(&mut first, 41, FrameKind::Request, b"xyz", 1024)
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(LIMIT, read_tagged(&mut first, 1024))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    assert_eq!(answer, (41, FrameKind::Answer, b"zyx".to_vec()));
+
+    // ...an answer sent as if it were a request closes the stream...
+    write_tagged(&mut first, 42, FrameKind::Answer, b"nope", 1024)
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(LIMIT, read_tagged(&mut first, 1024))
+        .await
+        .expect("closed in time");
+    assert!(closed.is_err(), "{closed:?}");
+
+    // ...and so does a length over the server's frame limit, before any body is read.
+    let mut second = open.remove(0);
+    futures::AsyncWriteExt::write_all(&mut second, &u32::MAX.to_be_bytes())
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(LIMIT, read_tagged(&mut second, 1024))
+        .await
+        .expect("closed in time");
+    assert!(closed.is_err(), "{closed:?}");
+
+    // The server goes on answering others.
+    let client = requester(&server, true).await;
+    let got = client
+        .client
+        .request(server_id, b"ok".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(got, b"ko");
+    assert_eq!(client.client.stats().await.unwrap().streams.requests, 1);
+    echo.abort();
+}
