@@ -8,15 +8,19 @@
 //! - `whole/mesh-3`: the same through a 3-server mesh on loopback (real swarms, TCP,
 //!   noise, yamux, wire frames), as a client sees it, servers pushing each step's output
 //!   to the next; `whole/mesh-3-relayed`: the same with every output back through the
-//!   client (`SessionConfig::push` off);
+//!   client (`SessionConfig::push` off); `whole/mesh-3-exchange` and
+//!   `whole/mesh-3-relayed-exchange`: both again on a second mesh whose peers ask by
+//!   request-response instead of on session streams (`P2pConfig::session_streams` off);
 //! - `whole/mesh-3-verify-{10,50,100}pct-local`, `whole/mesh-3-verify-{10,50,100}pct-witness`:
 //!   the same with that fraction of each hop's steps re-checked, against the client's own
 //!   weights or against a second server of the span (the mesh has two servers per span).
 //! - `hop/*`: what one hop of a step costs, apart: `encode` (the step and its answer
 //!   through the wire format and back), `transport` (a request and its answer between two
-//!   real swarms on loopback, answered at once by the event loop's task: no worker, no
-//!   model), and `mesh-1` (the whole model as one server's span, as a client sees it: the
-//!   same as `whole/local` plus one hop). `mesh-1` − `whole/local` is one hop's overhead;
+//!   real swarms on loopback, answered at once by the server's event handler: no worker,
+//!   no model) by request-response and `transport-stream` on a session stream, and
+//!   `mesh-1` (the whole model as one server's span, as a client sees it: the same as
+//!   `whole/local` plus one hop), on streams, and `mesh-1-exchange` by request-response.
+//!   `mesh-1` − `whole/local` is one hop's overhead;
 //!   what `encode` and `transport` do not explain of it is the worker hand-off and the
 //!   session's bookkeeping on both sides.
 //!
@@ -130,11 +134,9 @@ fn whole_model(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     // Two servers per span (routes still take 3 hops): the second answers checks.
     let split = BlockRange::even_split(8, 3);
+    let spans = [split.clone(), split].concat();
     let mesh = rt
-        .block_on(LocalMesh::start(
-            dir.path(),
-            &[split.clone(), split].concat(),
-        ))
+        .block_on(LocalMesh::start(dir.path(), &spans))
         .expect("mesh");
     let client = rt.block_on(mesh.client()).expect("client");
 
@@ -168,6 +170,31 @@ fn whole_model(c: &mut Criterion) {
     group.bench_function("mesh-3-relayed", |b| {
         b.iter_custom(|iters| steps(relayed.clone(), SessionContext::default(), iters))
     });
+    // The same mesh with every peer asking by request-response, not on session streams.
+    let exchange = rt
+        .block_on(LocalMesh::start_without_streams(dir.path(), &spans))
+        .expect("mesh");
+    let exchange_client = rt.block_on(exchange.client()).expect("client");
+    for (name, cfg) in [
+        ("mesh-3-exchange", SessionConfig::default()),
+        ("mesh-3-relayed-exchange", relayed.clone()),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let ctx = SessionContext::default();
+                mesh_steps(
+                    &rt,
+                    &exchange_client,
+                    &exchange,
+                    &head,
+                    cfg.clone(),
+                    ctx,
+                    iters,
+                )
+            })
+        });
+    }
+    rt.block_on(exchange.stop()).expect("stop");
     let verifying = |rate| SessionConfig {
         verify: VerifyConfig {
             rate,
@@ -234,18 +261,25 @@ fn hop_costs(c: &mut Criterion) {
         })
     });
 
-    // Two swarms; the server answers every request at once with a step's answer.
+    // Two swarms; the server answers every request at once with a step's answer. One
+    // requester asks by request-response, the other on a session stream.
     let answer = wire::encode(&response).expect("encode");
     let asked = wire::encode(&request).expect("encode");
-    let (server_id, client, stop) = rt.block_on(async {
+    let (server_id, exchange, streamed, stop) = rt.block_on(async {
         let server = p2p::spawn(p2p_loopback(Role::Server))
             .await
             .expect("server");
         let server_id = server.client.local_peer_id();
         let addrs = server.client.listen_addrs().await.expect("addrs");
-        let client = p2p::spawn(p2p_loopback(Role::Client))
+        let requester = |session_streams| async move {
+            p2p::spawn(p2p::P2pConfig {
+                session_streams,
+                ..p2p_loopback(Role::Client)
+            })
             .await
-            .expect("client");
+            .expect("client")
+        };
+        let (exchange, streamed) = (requester(false).await, requester(true).await);
         let ann = Announcement {
             model: ModelId::new(tiny::TINY_MODEL_ID),
             span: BlockRange::new(0, 8),
@@ -272,29 +306,44 @@ fn hop_costs(c: &mut Criterion) {
             },
         ));
         let addr = addrs[0].clone().with(p2p::Protocol::P2p(server_id));
-        client.client.dial(addr).await.expect("dial");
-        (server_id, client, stop)
+        exchange.client.dial(addr.clone()).await.expect("dial");
+        streamed.client.dial(addr).await.expect("dial");
+        (server_id, exchange, streamed, stop)
     });
-    group.bench_function("transport", |b| {
-        b.iter(|| {
-            rt.block_on(client.client.request(server_id, asked.clone()))
-                .expect("answer")
-        })
-    });
+    for (name, requester) in [("transport", &exchange), ("transport-stream", &streamed)] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(requester.client.request(server_id, asked.clone()))
+                    .expect("answer")
+            })
+        });
+    }
+    let stats = rt.block_on(streamed.client.stats()).expect("stats").streams;
+    assert!(
+        stats.requests > 0,
+        "no request went on the stream: {stats:?}"
+    );
     let _ = stop.send(());
 
-    let mesh = rt
-        .block_on(LocalMesh::start(dir.path(), &[BlockRange::new(0, 8)]))
+    let whole = [BlockRange::new(0, 8)];
+    let streamed = rt
+        .block_on(LocalMesh::start(dir.path(), &whole))
         .expect("mesh");
-    let mesh_client = rt.block_on(mesh.client()).expect("client");
-    group.bench_function("mesh-1", |b| {
-        b.iter_custom(|iters| {
-            let (cfg, ctx) = (SessionConfig::default(), SessionContext::default());
-            mesh_steps(&rt, &mesh_client, &mesh, &head, cfg, ctx, iters)
-        })
-    });
+    let exchange = rt
+        .block_on(LocalMesh::start_without_streams(dir.path(), &whole))
+        .expect("mesh");
+    for (name, mesh) in [("mesh-1", &streamed), ("mesh-1-exchange", &exchange)] {
+        let mesh_client = rt.block_on(mesh.client()).expect("client");
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let (cfg, ctx) = (SessionConfig::default(), SessionContext::default());
+                mesh_steps(&rt, &mesh_client, mesh, &head, cfg, ctx, iters)
+            })
+        });
+    }
     group.finish();
-    rt.block_on(mesh.stop()).expect("stop");
+    rt.block_on(streamed.stop()).expect("stop");
+    rt.block_on(exchange.stop()).expect("stop");
 }
 
 /// `iters` decode steps of one position through `mesh` as `client` sees them (embedding

@@ -51,6 +51,8 @@ pub struct LocalMesh {
     /// What nodes added from now on compute in and on.
     pub dtype: DType,
     pub device: Device,
+    /// Whether nodes added from now on, and clients, use session streams.
+    pub session_streams: bool,
 }
 
 /// A peer config listening on an ephemeral loopback port. Every peer of a loopback mesh
@@ -79,6 +81,25 @@ impl LocalMesh {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, NodeError> {
+        Self::start_inner(model_dir, spans, dtype, device, true).await
+    }
+
+    /// [`LocalMesh::start`] with every peer (servers and [`LocalMesh::client`]) asking by
+    /// request-response rather than on session streams, to measure one against the other.
+    pub async fn start_without_streams(
+        model_dir: &Path,
+        spans: &[BlockRange],
+    ) -> Result<Self, NodeError> {
+        Self::start_inner(model_dir, spans, DType::F32, &Device::Cpu, false).await
+    }
+
+    async fn start_inner(
+        model_dir: &Path,
+        spans: &[BlockRange],
+        dtype: DType,
+        device: &Device,
+        session_streams: bool,
+    ) -> Result<Self, NodeError> {
         let files = ModelFiles::open(model_dir)?;
         let boot = p2p::spawn(loopback_config(Role::Bootstrap, vec![])).await?;
         let boot_addr =
@@ -102,6 +123,7 @@ impl LocalMesh {
             billing: None,
             dtype,
             device: device.clone(),
+            session_streams,
         };
         for span in spans {
             mesh.add_node(*span).await?;
@@ -159,7 +181,10 @@ impl LocalMesh {
                 .billing
                 .as_ref()
                 .map(|(root, _)| root.join(format!("node{}", self.nodes.len()))),
-            p2p: loopback_config(Role::Server, vec![self.boot_addr.clone()]),
+            p2p: P2pConfig {
+                session_streams: self.session_streams,
+                ..loopback_config(Role::Server, vec![self.boot_addr.clone()])
+            },
             capability: crate::probe::capability(),
         };
         let node = Node::start(cfg).await?;
@@ -189,8 +214,11 @@ impl LocalMesh {
 
     /// A client peer that knows only the bootstrap, once the servers cover every block.
     pub async fn client(&self) -> Result<p2p::Peer, NodeError> {
-        let client =
-            p2p::spawn(loopback_config(Role::Client, vec![self.boot_addr.clone()])).await?;
+        let client = p2p::spawn(P2pConfig {
+            session_streams: self.session_streams,
+            ..loopback_config(Role::Client, vec![self.boot_addr.clone()])
+        })
+        .await?;
         pipeline::wait_for_coverage(
             &client.client,
             &self.model,
