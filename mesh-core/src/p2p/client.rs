@@ -312,7 +312,7 @@ impl Client {
         response: Vec<u8>,
     ) -> Result<(), P2pError> {
         match channel.inner {
-            Responder::Stream(responder) => responder.answer(response),
+            Responder::Stream(responder) => responder.answer(response).await,
             Responder::Exchange { channel, relayed } => {
                 self.call(|reply| Command::Respond {
                     channel,

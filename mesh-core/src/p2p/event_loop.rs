@@ -338,6 +338,7 @@ impl EventLoop {
                 self.nat_connection_closed(peer_id, connection_id);
                 self.update_direct(peer_id);
                 if num_established == 0 {
+                    self.streams.peer_gone(peer_id);
                     self.remote_ips.remove(&peer_id);
                     tracing::debug!(%peer_id, "disconnected");
                 }

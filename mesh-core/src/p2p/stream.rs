@@ -24,15 +24,15 @@
 //! the request timeout.
 
 use std::collections::{HashMap, HashSet};
-use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::io::{ReadHalf, WriteHalf};
 use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
 use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use super::codec::{read_tagged, write_tagged, FrameKind};
 use super::{Event, P2pError};
@@ -54,10 +54,6 @@ pub const MAX_STREAMS_PER_PEER: usize = 4;
 pub const MAX_INBOUND_STREAMS: usize = 1024;
 /// How long opening a stream may take before the request goes by request-response.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Requests queued for a stream's task before callers wait.
-const OUTGOING_QUEUE: usize = 32;
-/// A requester prunes answers nobody waits for any more past this many.
-const PRUNE_PENDING_AT: usize = 256;
 
 /// What went over session streams, this peer's side.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -71,28 +67,39 @@ pub struct StreamStats {
     /// Requests this peer sent on a stream.
     pub requests: u64,
     /// Small requests to a direct peer sent by request-response instead: the stream
-    /// could not be opened, or closed before the request was written.
+    /// could not be opened, or was closing when the request came.
     pub fell_back: u64,
 }
 
-/// The answer a stream's task gives one request.
+/// The answer a request on a stream gets.
 enum Outcome {
     Answer(Vec<u8>),
     Unanswered,
-    /// The stream closed before the request was written: it may go another way.
-    Unsent(Vec<u8>),
-    Failed(String),
 }
 
-struct Outgoing {
-    request: Vec<u8>,
-    reply: oneshot::Sender<Outcome>,
-}
-
-#[derive(Clone)]
+/// One open stream to a server, shared by every request to it: callers write their own
+/// frames (under the lock) and its reader task hands each answer to its caller, so a
+/// request crosses no task of its own.
 struct Channel {
     id: u64,
-    tx: mpsc::Sender<Outgoing>,
+    /// `None` once the stream is closing: a request that finds it so goes another way.
+    write: tokio::sync::Mutex<Option<WriteHalf<Stream>>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
+    next_request: AtomicU64,
+    /// When a request last went out, for closing it unused ([`CLIENT_IDLE`]).
+    last_used: Mutex<Instant>,
+    /// Cancelled when the peer's last connection closes.
+    gone: CancellationToken,
+}
+
+impl Channel {
+    /// Takes the write half (so no request writes any more) and closes it.
+    async fn close(&self) {
+        let write = self.write.lock().await.take();
+        if let Some(mut write) = write {
+            let _ = tokio::time::timeout(Duration::from_secs(1), write.close()).await;
+        }
+    }
 }
 
 /// Where a request went.
@@ -112,7 +119,9 @@ pub(crate) struct Streams {
     direct: Mutex<HashSet<PeerId>>,
     /// Peers that refused the protocol.
     unsupported: Mutex<HashSet<PeerId>>,
-    channels: Mutex<HashMap<PeerId, Channel>>,
+    channels: Mutex<HashMap<PeerId, Arc<Channel>>>,
+    /// Streams each peer has open to this server.
+    inbound: Mutex<HashMap<PeerId, Inbound>>,
     next_channel: AtomicU64,
     request_timeout: Duration,
     max_frame: usize,
@@ -149,6 +158,7 @@ impl Streams {
             direct: Mutex::default(),
             unsupported: Mutex::default(),
             channels: Mutex::default(),
+            inbound: Mutex::default(),
             next_channel: AtomicU64::new(0),
             request_timeout,
             max_frame,
@@ -181,6 +191,21 @@ impl Streams {
         }
     }
 
+    /// Called by the event loop when `peer`'s last connection closed: a stream does not
+    /// always learn that by itself as soon (a connection closed for failed pings closes
+    /// gracefully, and over a cut link that takes long), so the requests waiting on it fail
+    /// now, as request-response's do, and the server stops serving its streams.
+    pub(crate) fn peer_gone(&self, peer: PeerId) {
+        if let Some(channel) = lock(&self.channels).remove(&peer) {
+            channel.gone.cancel();
+            lock(&channel.pending).clear();
+        }
+        if let Some(inbound) = lock(&self.inbound).get_mut(&peer) {
+            inbound.gone.cancel();
+            inbound.gone = CancellationToken::new();
+        }
+    }
+
     /// Sends `request` to `peer` on its stream when it may go there.
     pub(crate) async fn request(self: &Arc<Self>, peer: PeerId, request: Vec<u8>) -> Streamed {
         if !self.enabled
@@ -194,38 +219,64 @@ impl Streams {
             self.fell_back.fetch_add(1, Ordering::Relaxed);
             return Streamed::NotTaken(request);
         };
+        let id = channel.next_request.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
-        if let Err(mpsc::error::SendError(o)) = channel.tx.send(Outgoing { request, reply }).await {
-            self.forget(peer, channel.id);
-            self.fell_back.fetch_add(1, Ordering::Relaxed);
-            return Streamed::NotTaken(o.request);
-        }
+        lock(&channel.pending).insert(id, reply);
         let failed = |reason: String| Streamed::Done(Err(P2pError::Request { peer, reason }));
+        let written = tokio::time::timeout(self.request_timeout, async {
+            let mut write = channel.write.lock().await;
+            let Some(write) = write.as_mut() else {
+                return Ok(false);
+            };
+            *lock(&channel.last_used) = Instant::now();
+            write_tagged(write, id, FrameKind::Request, &request, self.max_frame)
+                .await
+                .map(|()| true)
+        })
+        .await;
+        match written {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                // The stream closed before this request was written.
+                lock(&channel.pending).remove(&id);
+                self.fell_back.fetch_add(1, Ordering::Relaxed);
+                return Streamed::NotTaken(request);
+            }
+            Ok(Err(e)) => {
+                lock(&channel.pending).remove(&id);
+                self.forget(peer, channel.id);
+                channel.close().await;
+                return failed(format!("writing to the stream: {e}"));
+            }
+            Err(_) => {
+                // Part of a frame may be out: nothing more can go on this stream.
+                lock(&channel.pending).remove(&id);
+                self.forget(peer, channel.id);
+                channel.close().await;
+                return failed("writing to the stream timed out".into());
+            }
+        }
         match tokio::time::timeout(self.request_timeout, answer).await {
-            Err(_) => failed(format!(
-                "no answer within {} s",
-                self.request_timeout.as_secs()
-            )),
+            Err(_) => {
+                lock(&channel.pending).remove(&id);
+                failed(format!(
+                    "no answer within {} s",
+                    self.request_timeout.as_secs()
+                ))
+            }
             Ok(Err(_)) => failed("the stream closed before the answer".into()),
             Ok(Ok(Outcome::Answer(answer))) => {
                 self.requests.fetch_add(1, Ordering::Relaxed);
                 Streamed::Done(Ok(answer))
             }
             Ok(Ok(Outcome::Unanswered)) => failed("the peer dropped the request".into()),
-            Ok(Ok(Outcome::Unsent(request))) => {
-                self.fell_back.fetch_add(1, Ordering::Relaxed);
-                Streamed::NotTaken(request)
-            }
-            Ok(Ok(Outcome::Failed(reason))) => failed(reason),
         }
     }
 
     /// The open stream to `peer`, or a new one.
-    async fn channel(self: &Arc<Self>, peer: PeerId) -> Option<Channel> {
+    async fn channel(self: &Arc<Self>, peer: PeerId) -> Option<Arc<Channel>> {
         if let Some(c) = lock(&self.channels).get(&peer) {
-            if !c.tx.is_closed() {
-                return Some(c.clone());
-            }
+            return Some(c.clone());
         }
         let mut control = lock(&self.control).clone();
         let stream =
@@ -247,23 +298,26 @@ impl Streams {
                     return None;
                 }
             };
-        let (tx, rx) = mpsc::channel(OUTGOING_QUEUE);
-        let channel = Channel {
+        let (read, write) = stream.split();
+        let channel = Arc::new(Channel {
             id: self.next_channel.fetch_add(1, Ordering::Relaxed),
-            tx,
-        };
+            write: tokio::sync::Mutex::new(Some(write)),
+            pending: Mutex::default(),
+            next_request: AtomicU64::new(0),
+            last_used: Mutex::new(Instant::now()),
+            gone: CancellationToken::new(),
+        });
         {
             let mut channels = lock(&self.channels);
             if let Some(c) = channels.get(&peer) {
-                // Another request opened one meanwhile: use it, close ours.
-                if !c.tx.is_closed() {
-                    return Some(c.clone());
-                }
+                // Another request opened one meanwhile: use it; ours closes unused.
+                return Some(c.clone());
             }
             channels.insert(peer, channel.clone());
         }
         self.opened.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(run_channel(Arc::clone(self), peer, channel.id, stream, rx));
+        tokio::spawn(read_answers(self.clone(), peer, channel.clone(), read));
+        tokio::spawn(close_when_unused(self.clone(), peer, channel.clone()));
         Some(channel)
     }
 
@@ -275,126 +329,152 @@ impl Streams {
     }
 }
 
-/// A requester's stream: writes the queued requests, hands each answer to its caller,
-/// closes when unused for [`CLIENT_IDLE`] or broken.
-async fn run_channel(
+/// Hands each answer on `channel` to its caller until the stream closes or breaks; then
+/// its callers learn so at once.
+async fn read_answers(
     streams: Arc<Streams>,
     peer: PeerId,
-    id: u64,
-    stream: Stream,
-    mut requests: mpsc::Receiver<Outgoing>,
+    channel: Arc<Channel>,
+    mut read: ReadHalf<Stream>,
 ) {
-    let (read, mut write) = stream.split();
-    let (frames_tx, mut frames) = mpsc::channel(OUTGOING_QUEUE);
-    let reader = tokio::spawn(read_frames(read, frames_tx, streams.max_frame));
-    let mut pending: HashMap<u64, oneshot::Sender<Outcome>> = HashMap::new();
-    let mut next = 0u64;
-    let why = loop {
-        tokio::select! {
-            outgoing = requests.recv() => {
-                let Some(Outgoing { request, reply }) = outgoing else { break "unused" };
-                next += 1;
-                let written = tokio::time::timeout(
-                    streams.request_timeout,
-                    write_tagged(&mut write, next, FrameKind::Request, &request, streams.max_frame),
-                )
-                .await
-                .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")));
-                if let Err(e) = written {
-                    let _ = reply.send(Outcome::Failed(format!("writing to the stream: {e}")));
-                    break "write failed";
+    loop {
+        let frame = tokio::select! {
+            frame = read_tagged(&mut read, streams.max_frame) => frame,
+            () = channel.gone.cancelled() => break,
+        };
+        match frame {
+            Ok((id, kind, payload)) => {
+                if let Some(reply) = lock(&channel.pending).remove(&id) {
+                    let _ = reply.send(match kind {
+                        FrameKind::Answer => Outcome::Answer(payload),
+                        _ => Outcome::Unanswered,
+                    });
                 }
-                if pending.len() >= PRUNE_PENDING_AT {
-                    pending.retain(|_, r| !r.is_closed());
-                }
-                pending.insert(next, reply);
             }
-            frame = frames.recv() => match frame {
-                Some(Ok((rid, kind, payload))) => {
-                    if let Some(reply) = pending.remove(&rid) {
-                        let _ = reply.send(match kind {
-                            FrameKind::Answer => Outcome::Answer(payload),
-                            _ => Outcome::Unanswered,
-                        });
-                    }
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(%peer, "session stream: {e}");
-                    break "read failed";
-                }
-                None => break "closed",
-            },
-            () = tokio::time::sleep(CLIENT_IDLE), if pending.is_empty() => break "idle",
+            Err(e) => {
+                tracing::trace!(%peer, "session stream closed: {e}");
+                break;
+            }
         }
-    };
-    tracing::trace!(%peer, why, "session stream closed");
-    reader.abort();
-    streams.forget(peer, id);
-    requests.close();
-    while let Ok(o) = requests.try_recv() {
-        let _ = o.reply.send(Outcome::Unsent(o.request));
     }
-    // Requests written but unanswered are dropped: their callers see the stream closed.
-    drop(pending);
-    let _ = tokio::time::timeout(Duration::from_secs(1), write.close()).await;
+    streams.forget(peer, channel.id);
+    channel.close().await;
+    // Requests written but unanswered: their callers see the stream closed.
+    lock(&channel.pending).clear();
 }
 
-type Frame = io::Result<(u64, FrameKind, Vec<u8>)>;
-
-async fn read_frames(mut read: ReadHalf<Stream>, tx: mpsc::Sender<Frame>, max: usize) {
+/// Closes `channel` once no request went out for [`CLIENT_IDLE`] and none waits.
+async fn close_when_unused(streams: Arc<Streams>, peer: PeerId, channel: Arc<Channel>) {
     loop {
-        let frame = read_tagged(&mut read, max).await;
-        let last = frame.is_err();
-        if tx.send(frame).await.is_err() || last {
+        tokio::time::sleep(CLIENT_IDLE / 4).await;
+        let mut write = channel.write.lock().await;
+        if write.is_none() {
+            return; // Closed already.
+        }
+        if lock(&channel.last_used).elapsed() >= CLIENT_IDLE && lock(&channel.pending).is_empty() {
+            streams.forget(peer, channel.id);
+            let taken = write.take();
+            drop(write);
+            if let Some(mut taken) = taken {
+                let _ = tokio::time::timeout(Duration::from_secs(1), taken.close()).await;
+            }
             return;
         }
     }
 }
 
-/// An answer queued for a server's stream; its permit frees the request's slot once
-/// written.
-#[derive(Debug)]
-struct Answer {
-    id: u64,
-    kind: FrameKind,
-    payload: Vec<u8>,
-    _slot: OwnedSemaphorePermit,
-}
+/// A server's write half of one stream, shared by the responders of its requests;
+/// `None` once a write failed.
+type SharedWrite = Arc<tokio::sync::Mutex<Option<WriteHalf<Stream>>>>;
 
-/// Answers one request that came on a stream; dropped unanswered, it tells the requester
-/// so at once.
-#[derive(Debug)]
+/// Answers one request that came on a stream, writing straight onto it; dropped
+/// unanswered, it tells the requester so at once.
 pub(crate) struct StreamResponder {
     id: u64,
-    answers: mpsc::Sender<Answer>,
+    write: SharedWrite,
+    /// The request's place among the stream's unanswered ones, freed once answered.
     slot: Option<OwnedSemaphorePermit>,
+    timeout: Duration,
+    max_frame: usize,
+}
+
+impl std::fmt::Debug for StreamResponder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamResponder")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StreamResponder {
-    /// Queues the answer; the queue has room for every slot, so this never waits.
-    pub(crate) fn answer(mut self, payload: Vec<u8>) -> Result<(), P2pError> {
-        self.send(FrameKind::Answer, payload)
-    }
-
-    fn send(&mut self, kind: FrameKind, payload: Vec<u8>) -> Result<(), P2pError> {
-        let slot = self.slot.take().ok_or(P2pError::Respond)?;
-        self.answers
-            .try_send(Answer {
-                id: self.id,
-                kind,
-                payload,
-                _slot: slot,
-            })
-            .map_err(|_| P2pError::Respond)
+    pub(crate) async fn answer(mut self, payload: Vec<u8>) -> Result<(), P2pError> {
+        let slot = self.slot.take();
+        let written = send(
+            &self.write,
+            self.id,
+            FrameKind::Answer,
+            &payload,
+            self.timeout,
+            self.max_frame,
+        )
+        .await;
+        drop(slot);
+        written
     }
 }
 
 impl Drop for StreamResponder {
     fn drop(&mut self) {
-        if self.slot.is_some() {
-            let _ = self.send(FrameKind::Unanswered, Vec::new());
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (write, id, timeout, max) = (self.write.clone(), self.id, self.timeout, self.max_frame);
+        runtime.spawn(async move {
+            let _ = send(&write, id, FrameKind::Unanswered, &[], timeout, max).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Writes one frame under the stream's lock, within `timeout`; a failed or late write
+/// gives the stream up.
+async fn send(
+    write: &SharedWrite,
+    id: u64,
+    kind: FrameKind,
+    payload: &[u8],
+    timeout: Duration,
+    max: usize,
+) -> Result<(), P2pError> {
+    let written = tokio::time::timeout(timeout, async {
+        let mut guard = write.lock().await;
+        let half = guard.as_mut().ok_or(P2pError::Respond)?;
+        let result = write_tagged(half, id, kind, payload, max).await;
+        if result.is_err() {
+            *guard = None;
+        }
+        result.map_err(|_| P2pError::Respond)
+    })
+    .await;
+    match written {
+        Ok(result) => result,
+        Err(_) => {
+            // Part of a frame may be out: nothing more can go on this stream.
+            write.lock().await.take();
+            Err(P2pError::Respond)
         }
     }
+}
+
+/// A peer's streams open to this server.
+#[derive(Default)]
+struct Inbound {
+    open: usize,
+    /// Cancelled (and replaced) when the peer's last connection closes.
+    gone: CancellationToken,
 }
 
 /// A server's side: lets in streams under the caps and serves each.
@@ -403,32 +483,33 @@ pub(crate) async fn accept(
     streams: Arc<Streams>,
     events: mpsc::Sender<Event>,
 ) {
-    let open: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
     while let Some((peer, stream)) = incoming.next().await {
-        let admitted = {
-            let mut open = lock(&open);
-            let total: usize = open.values().sum();
-            let mine = open.entry(peer).or_default();
-            let admitted = *mine < MAX_STREAMS_PER_PEER && total < MAX_INBOUND_STREAMS;
-            if admitted {
-                *mine += 1;
-            }
-            admitted
+        let gone = {
+            let mut inbound = lock(&streams.inbound);
+            let total: usize = inbound.values().map(|i| i.open).sum();
+            let mine = inbound.entry(peer).or_default();
+            (mine.open < MAX_STREAMS_PER_PEER && total < MAX_INBOUND_STREAMS).then(|| {
+                mine.open += 1;
+                mine.gone.clone()
+            })
         };
-        if !admitted {
+        let Some(gone) = gone else {
             streams.refused.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%peer, "session stream refused: over the stream limits");
             continue;
-        }
+        };
         streams.accepted.fetch_add(1, Ordering::Relaxed);
-        let (open, events, streams) = (open.clone(), events.clone(), streams.clone());
+        let (events, streams) = (events.clone(), streams.clone());
         tokio::spawn(async move {
-            serve(peer, stream, &streams, events).await;
-            let mut open = lock(&open);
-            if let Some(n) = open.get_mut(&peer) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    open.remove(&peer);
+            tokio::select! {
+                () = serve(peer, stream, &streams, events) => {}
+                () = gone.cancelled() => {}
+            }
+            let mut inbound = lock(&streams.inbound);
+            if let Some(i) = inbound.get_mut(&peer) {
+                i.open = i.open.saturating_sub(1);
+                if i.open == 0 {
+                    inbound.remove(&peer);
                 }
             }
         });
@@ -439,35 +520,31 @@ pub(crate) async fn accept(
 /// silent for [`SERVER_IDLE`] or sends a malformed frame.
 async fn serve(peer: PeerId, stream: Stream, streams: &Streams, events: mpsc::Sender<Event>) {
     let (mut read, write) = stream.split();
-    let (answers, answers_rx) = mpsc::channel(MAX_IN_FLIGHT_PER_STREAM);
-    tokio::spawn(write_answers(
-        write,
-        answers_rx,
-        streams.request_timeout,
-        streams.max_frame,
-    ));
+    let write: SharedWrite = Arc::new(tokio::sync::Mutex::new(Some(write)));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_STREAM));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
+            break;
         };
         let frame = tokio::time::timeout(SERVER_IDLE, read_tagged(&mut read, streams.max_frame));
         let (id, request) = match frame.await {
             Ok(Ok((id, FrameKind::Request, request))) => (id, request),
             Ok(Ok((_, kind, _))) => {
                 tracing::debug!(%peer, ?kind, "session stream: not a request; closing it");
-                return;
+                break;
             }
             Ok(Err(e)) => {
                 tracing::debug!(%peer, "session stream: {e}");
-                return;
+                break;
             }
-            Err(_) => return,
+            Err(_) => break,
         };
         let channel = super::ResponseChannel::streamed(StreamResponder {
             id,
-            answers: answers.clone(),
+            write: write.clone(),
             slot: Some(slot),
+            timeout: streams.request_timeout,
+            max_frame: streams.max_frame,
         });
         let event = Event::InboundRequest {
             peer,
@@ -475,28 +552,14 @@ async fn serve(peer: PeerId, stream: Stream, streams: &Streams, events: mpsc::Se
             channel,
         };
         if events.send(event).await.is_err() {
-            return;
+            break;
         }
     }
-}
-
-/// Writes a stream's answers in the order they are ready, until every responder is gone
-/// or a write fails or takes longer than `timeout`.
-async fn write_answers(
-    mut write: WriteHalf<Stream>,
-    mut answers: mpsc::Receiver<Answer>,
-    timeout: Duration,
-    max: usize,
-) {
-    while let Some(a) = answers.recv().await {
-        let written = tokio::time::timeout(
-            timeout,
-            write_tagged(&mut write, a.id, a.kind, &a.payload, max),
-        )
-        .await;
-        if !matches!(written, Ok(Ok(()))) {
-            return;
+    // Answers still owed go out as they come; the stream closes when the last is written
+    // (every responder holds the write half) or now, if none is owed.
+    if Arc::strong_count(&write) == 1 {
+        if let Some(mut half) = write.lock().await.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), half.close()).await;
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), write.close()).await;
 }
