@@ -395,10 +395,13 @@ impl EventLoop {
     }
 
     /// Hands an event to the node; a full queue drops it (counted) rather than block the loop.
-    /// Tells the session streams whether `peer` is now reached over direct connections
-    /// only.
+    /// Tells the session streams whether a stream to `peer` may be opened now: when its
+    /// one connection is direct. libp2p-stream opens a stream on a connection chosen at
+    /// random, and a second connection is most often short-lived (an AutoNAT dial-back,
+    /// closed once answered) and would take the stream and its requests with it.
     fn update_direct(&self, peer: PeerId) {
-        self.streams.set_direct(peer, self.all_direct(&peer));
+        self.streams
+            .set_direct(peer, self.one_direct_connection(&peer));
     }
 
     fn emit(&mut self, event: Event) {

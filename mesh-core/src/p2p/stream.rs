@@ -12,8 +12,11 @@
 //! Requests take the stream only when:
 //! - they are small ([`MAX_STREAMED_REQUEST`]): a long prefill would hold every decode
 //!   step queued behind it, so it goes by request-response on its own substream;
-//! - the peer is reached directly: a stream stays on the connection it was opened on, and
-//!   a relayed connection is counted apart and given up once a direct one exists;
+//! - a new stream is opened only while the peer has one connection and it is direct: a
+//!   stream stays on the connection it was opened on (libp2p-stream picks one at random),
+//!   a relayed connection is counted apart and given up once a direct one exists, and a
+//!   second connection is most often an AutoNAT dial-back about to close. An open stream
+//!   goes on serving while other connections come and go;
 //! - the peer speaks the protocol: one that does not is asked by request-response from
 //!   then on.
 //!
@@ -66,8 +69,9 @@ pub struct StreamStats {
     pub refused: u64,
     /// Requests this peer sent on a stream.
     pub requests: u64,
-    /// Small requests to a direct peer sent by request-response instead: the stream
-    /// could not be opened, or was closing when the request came.
+    /// Small requests sent by request-response instead: no stream was open to the peer
+    /// and none could be opened (the peer is not reached over one direct connection, or
+    /// opening failed), or it was closing when the request came.
     pub fell_back: u64,
 }
 
@@ -115,7 +119,7 @@ pub(crate) enum Streamed {
 pub(crate) struct Streams {
     enabled: bool,
     control: Mutex<libp2p_stream::Control>,
-    /// Peers whose every connection is direct.
+    /// Peers a new stream may be opened to: their one connection is direct.
     direct: Mutex<HashSet<PeerId>>,
     /// Peers that refused the protocol.
     unsupported: Mutex<HashSet<PeerId>>,
@@ -210,7 +214,6 @@ impl Streams {
     pub(crate) async fn request(self: &Arc<Self>, peer: PeerId, request: Vec<u8>) -> Streamed {
         if !self.enabled
             || request.len() > MAX_STREAMED_REQUEST
-            || !lock(&self.direct).contains(&peer)
             || lock(&self.unsupported).contains(&peer)
         {
             return Streamed::NotTaken(request);
@@ -277,6 +280,9 @@ impl Streams {
     async fn channel(self: &Arc<Self>, peer: PeerId) -> Option<Arc<Channel>> {
         if let Some(c) = lock(&self.channels).get(&peer) {
             return Some(c.clone());
+        }
+        if !lock(&self.direct).contains(&peer) {
+            return None;
         }
         let mut control = lock(&self.control).clone();
         let stream =

@@ -396,12 +396,12 @@ impl EventLoop {
         }
     }
 
-    /// Whether `peer` has connections and none of them goes through a relay.
-    pub(super) fn all_direct(&self, peer: &PeerId) -> bool {
+    /// Whether `peer` has exactly one connection and it is direct.
+    pub(super) fn one_direct_connection(&self, peer: &PeerId) -> bool {
         self.nat
             .conns
             .get(peer)
-            .is_some_and(|c| !c.is_empty() && c.values().all(|c| !c.relayed))
+            .is_some_and(|c| c.len() == 1 && c.values().all(|c| !c.relayed))
     }
 
     /// Whether `id` (a connection to `peer`) goes through a relay.
