@@ -3,7 +3,9 @@
 //! Every bad input must be rejected and counted, none may crash the peer, and good input
 //! sent afterwards must still be accepted.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use libp2p::identity::Keypair;
@@ -62,18 +64,13 @@ async fn wait_stats(
     what: &str,
     pred: impl Fn(&P2pStats) -> bool,
 ) -> P2pStats {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let stats = client.stats().await.unwrap();
-        if pred(&stats) {
-            return stats;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {stats:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(
+        what,
+        LIMIT,
+        || async { client.stats().await.unwrap() },
+        pred,
+    )
+    .await
 }
 
 #[tokio::test]

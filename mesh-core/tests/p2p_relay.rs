@@ -6,6 +6,8 @@
 //! stay public without piling up dial-back connections. (Network namespaces, where the
 //! client has no route to the server at all, are in `mesh-node/tests/nat.rs`.)
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use mesh_core::identity::Identity;
@@ -78,18 +80,13 @@ async fn wait_nat(
     what: &str,
     pred: impl Fn(&NatReport) -> bool,
 ) -> NatReport {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let r = client.nat_report().await.unwrap();
-        if pred(&r) {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(
+        what,
+        LIMIT,
+        || async { client.nat_report().await.unwrap() },
+        pred,
+    )
+    .await
 }
 
 async fn wait_stats(
@@ -97,18 +94,13 @@ async fn wait_stats(
     what: &str,
     pred: impl Fn(&P2pStats) -> bool,
 ) -> P2pStats {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let s = client.stats().await.unwrap();
-        if pred(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(
+        what,
+        LIMIT,
+        || async { client.stats().await.unwrap() },
+        pred,
+    )
+    .await
 }
 
 #[tokio::test]

@@ -4,6 +4,8 @@
 //! a raw peer that opens too many streams or sends a frame that is not a request is cut
 //! off, and the server goes on answering.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -66,18 +68,13 @@ async fn wait_stats(
     what: &str,
     pred: impl Fn(&P2pStats) -> bool,
 ) -> P2pStats {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let stats = client.stats().await.unwrap();
-        if pred(&stats) {
-            return stats;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {stats:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until(
+        what,
+        LIMIT,
+        || async { client.stats().await.unwrap() },
+        pred,
+    )
+    .await
 }
 
 fn reversed(bytes: &[u8]) -> Vec<u8> {
@@ -132,6 +129,30 @@ async fn small_requests_share_one_stream_and_answers_come_back_by_id() {
     );
     let stats = client.client.stats().await.unwrap().streams;
     assert_eq!((stats.opened, stats.requests), (1, 22), "{stats:?}");
+    echo.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_first_requests_at_once_open_one_stream_and_all_are_answered() {
+    let (server, echo) = echo_server().await;
+    let server_id = server.client.local_peer_id();
+    let client = requester(&server, true).await;
+    // More at once than a server lets one peer open streams: each must still be answered.
+    let asks = (0..3 * MAX_STREAMS_PER_PEER as u8).map(|i| {
+        let client = client.client.clone();
+        tokio::spawn(async move { client.request(server_id, vec![i, 7]).await })
+    });
+    for (i, answer) in futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(answer.unwrap().unwrap(), vec![7, i as u8]);
+    }
+    let stats = client.client.stats().await.unwrap().streams;
+    assert_eq!(stats.opened, 1, "{stats:?}");
+    let served = server.client.stats().await.unwrap().streams;
+    assert_eq!((served.accepted, served.refused), (1, 0), "{served:?}");
     echo.abort();
 }
 

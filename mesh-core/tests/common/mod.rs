@@ -1,4 +1,8 @@
-//! Helpers shared by mesh-core's integration tests.
+//! Helpers shared by mesh-core's integration tests; not every test file uses every one.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 /// Largest absolute difference between `got` and `want`, relative to `want`'s largest
 /// magnitude: the measure every logits comparison here uses.
@@ -14,8 +18,7 @@ pub fn relative_error(got: &[f32], want: &[f32]) -> f32 {
 
 /// A random-weight model larger than the fixtures, written as safetensors in `dir`: wide
 /// enough (hidden 256, intermediate 768) that q4k applies to every matrix instead of
-/// falling back to q8_0. Not every test file sharing this module uses it.
-#[allow(dead_code)]
+/// falling back to q8_0.
 pub fn larger_model(dir: &std::path::Path) -> std::path::PathBuf {
     let cfg = mesh_core::model::LlamaConfig::from_json(
         &serde_json::json!({
@@ -29,4 +32,26 @@ pub fn larger_model(dir: &std::path::Path) -> std::path::PathBuf {
     .unwrap();
     mesh_core::model::tiny::write_random(dir, &cfg).unwrap();
     dir.to_path_buf()
+}
+
+/// Reads `read` every 50 ms until `done` holds for what it gives, and returns that; panics
+/// after `limit`, saying what it waited for and what it saw last.
+pub async fn wait_until<T: std::fmt::Debug, F: Future<Output = T>>(
+    what: &str,
+    limit: Duration,
+    mut read: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        let seen = read().await;
+        if done(&seen) {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
