@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::wait_stats;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
@@ -15,7 +17,7 @@ use libp2p::{gossipsub, identify, noise, tcp, yamux, Multiaddr, PeerId, Swarm, S
 use mesh_core::identity::Identity;
 use mesh_core::p2p::dht::{self, ServerRecord};
 use mesh_core::p2p::heartbeat::{self, Heartbeat};
-use mesh_core::p2p::{self, Announcement, Event, P2pConfig, P2pStats, Role};
+use mesh_core::p2p::{self, Announcement, Event, P2pConfig, Role};
 use mesh_core::types::{Capability, GpuLive, GpuSummary};
 use mesh_core::{wire, BlockRange, ModelId, ServerLoad};
 
@@ -57,20 +59,6 @@ async fn announce_tiny(client: &p2p::Client) {
         })
         .await
         .unwrap();
-}
-
-async fn wait_stats(
-    client: &p2p::Client,
-    what: &str,
-    pred: impl Fn(&P2pStats) -> bool,
-) -> P2pStats {
-    common::wait_until(
-        what,
-        LIMIT,
-        || async { client.stats().await.unwrap() },
-        pred,
-    )
-    .await
 }
 
 #[tokio::test]

@@ -8,12 +8,13 @@
 
 mod common;
 
+use common::wait_stats;
+
 use std::time::{Duration, Instant};
 
 use mesh_core::identity::Identity;
 use mesh_core::p2p::{
-    self, Event, Multiaddr, NatReport, P2pConfig, P2pStats, PeerId, Reach, RelayLimits, RelayMode,
-    Role,
+    self, Event, Multiaddr, NatReport, P2pConfig, PeerId, Reach, RelayLimits, RelayMode, Role,
 };
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -84,20 +85,6 @@ async fn wait_nat(
         what,
         LIMIT,
         || async { client.nat_report().await.unwrap() },
-        pred,
-    )
-    .await
-}
-
-async fn wait_stats(
-    client: &p2p::Client,
-    what: &str,
-    pred: impl Fn(&P2pStats) -> bool,
-) -> P2pStats {
-    common::wait_until(
-        what,
-        LIMIT,
-        || async { client.stats().await.unwrap() },
         pred,
     )
     .await

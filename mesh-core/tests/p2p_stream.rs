@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::wait_stats;
+
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -13,7 +15,7 @@ use libp2p::{noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm, SwarmB
 use mesh_core::identity::Identity;
 use mesh_core::p2p::codec::{read_tagged, write_tagged, FrameKind};
 use mesh_core::p2p::stream::{MAX_STREAMED_REQUEST, MAX_STREAMS_PER_PEER};
-use mesh_core::p2p::{self, Event, P2pConfig, P2pStats, Role, STREAM_PROTOCOL};
+use mesh_core::p2p::{self, Event, P2pConfig, Role, STREAM_PROTOCOL};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -61,20 +63,6 @@ async fn requester(server: &p2p::Peer, streams: bool) -> p2p::Peer {
     cfg.request_timeout = Duration::from_secs(30);
     cfg.session_streams = streams;
     p2p::spawn(cfg).await.unwrap()
-}
-
-async fn wait_stats(
-    client: &p2p::Client,
-    what: &str,
-    pred: impl Fn(&P2pStats) -> bool,
-) -> P2pStats {
-    common::wait_until(
-        what,
-        LIMIT,
-        || async { client.stats().await.unwrap() },
-        pred,
-    )
-    .await
 }
 
 fn reversed(bytes: &[u8]) -> Vec<u8> {

@@ -55,3 +55,13 @@ pub async fn wait_until<T: std::fmt::Debug, F: Future<Output = T>>(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Polls `client`'s counters until `done` holds for them (see [`wait_until`]).
+pub async fn wait_stats(
+    client: &mesh_core::p2p::Client,
+    what: &str,
+    done: impl Fn(&mesh_core::p2p::P2pStats) -> bool,
+) -> mesh_core::p2p::P2pStats {
+    let read = || async { client.stats().await.unwrap() };
+    wait_until(what, Duration::from_secs(30), read, done).await
+}
