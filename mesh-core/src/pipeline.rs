@@ -63,6 +63,14 @@ pub enum PipelineError {
         requested: u32,
         longest: u32,
     },
+    /// A step would run past the positions the session was opened for
+    /// ([`SessionConfig::max_len`]): refused before anything is sent; the session is as it
+    /// was. Open a longer session for longer text.
+    #[error(
+        "the session holds {max_len} positions and this step would end at {requested}: \
+         open the session with a larger max_len"
+    )]
+    SessionFull { max_len: u32, requested: u64 },
     /// Servers cover these blocks, but only at prices over the client's ceiling
     /// ([`RoutePolicy::max_price`], [`RoutePolicy::max_price_ratio`]).
     #[error("no route for blocks {range} of {model} within the price ceiling: {}", priced_out_list(.servers))]

@@ -99,3 +99,81 @@ async fn too_long_a_session_is_a_clear_error_and_bans_nobody() {
     assert_eq!(reputation.get(&shorter).failures, 0);
     mesh.stop().await.unwrap();
 }
+
+/// A step past the session's own length (`SessionConfig::max_len`) is the caller's
+/// mistake, not the servers': it is refused before anything is sent, with an error that
+/// says so, no server is marked as failed, and the session goes on from where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_past_the_sessions_length_is_a_clear_error_and_fails_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write(dir.path()).unwrap();
+    let mesh = LocalMesh::start(dir.path(), &BlockRange::even_split(8, 2))
+        .await
+        .unwrap();
+    let client = mesh.client().await.unwrap();
+    let reputation = Reputation::in_memory();
+    let ctx = SessionContext {
+        reputation: reputation.clone(),
+        ..SessionContext::default()
+    };
+    let cfg = SessionConfig {
+        max_len: 8,
+        rediscover_for: Duration::from_millis(200),
+        ..SessionConfig::default()
+    };
+    let mut session =
+        RemoteSession::open_with(client.client.clone(), mesh.model().clone(), 8, cfg, ctx)
+            .await
+            .unwrap();
+    let route: Vec<_> = session.route().iter().map(|h| h.peer).collect();
+    let hidden = |n: usize| {
+        candle_core::Tensor::ones(
+            (1, n, tiny::config().hidden_size),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let full = |err: PipelineError| {
+        assert!(
+            matches!(
+                err,
+                PipelineError::SessionFull {
+                    max_len: 8,
+                    requested: 9
+                }
+            ),
+            "{err}"
+        )
+    };
+    session.step(hidden(6), 0).await.unwrap();
+    session.step(hidden(1), 6).await.unwrap();
+    // Two positions at 7 would end at 9.
+    full(
+        session
+            .step(hidden(2), 7)
+            .await
+            .expect_err("past 8 positions"),
+    );
+    session.step(hidden(1), 7).await.unwrap();
+    full(
+        session
+            .step(hidden(1), 8)
+            .await
+            .expect_err("past 8 positions"),
+    );
+    // Nothing changed: the same route, nobody failed or banned, and the last position
+    // still runs again.
+    assert_eq!(
+        session.route().iter().map(|h| h.peer).collect::<Vec<_>>(),
+        route
+    );
+    assert!(session.banned().is_empty());
+    for peer in &route {
+        assert_eq!(reputation.get(peer).failures, 0, "{peer} marked as failed");
+    }
+    let last = session.step_rewinding(hidden(1), 7).await.unwrap();
+    assert_eq!(last.dims(), [1, 1, tiny::config().hidden_size]);
+    session.close().await;
+    mesh.stop().await.unwrap();
+}

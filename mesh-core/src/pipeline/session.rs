@@ -263,6 +263,14 @@ impl RemoteSession {
         rewind: bool,
     ) -> Result<Tensor, PipelineError> {
         let seq = hidden.dim(1)?;
+        // Every server would refuse it, and the client would take that for their failure.
+        let requested = u64::from(start_pos) + seq as u64;
+        if requested > u64::from(self.cfg.max_len) {
+            return Err(PipelineError::SessionFull {
+                max_len: self.cfg.max_len,
+                requested,
+            });
+        }
         let mut x = hidden;
         let mut i = 0;
         // Hops from this one on are sent the step by the client after a push fell through:
