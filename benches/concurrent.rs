@@ -8,7 +8,8 @@
 //! memory, as a real model's does), also split over two servers that push each step on
 //! to each other, so both batch. Every client's text is checked against its text alone.
 //!
-//! Run: `cargo bench --bench concurrent` (TOKENS=n per client, default 64).
+//! Run: `cargo bench --bench concurrent` (TOKENS=n per client, default 64; ONLY=tiny or
+//! ONLY=wide for one model).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -118,7 +119,11 @@ async fn main() -> anyhow::Result<()> {
         "{:<36} {:>10} {:>16} {:>16} {:>16}",
         "model, servers, steps", "1 client", "4 clients", "16 clients", "32 clients"
     );
+    let only = std::env::var("ONLY").ok();
     for (name, cfg) in [("tiny", tiny::config()), ("wide", wide())] {
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
         let dir = tempfile::tempdir()?;
         match name {
             "tiny" => tiny::write(dir.path())?,

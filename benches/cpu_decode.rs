@@ -12,7 +12,8 @@
 //! transformers on the same weights (`scripts/time_transformers.py`).
 //!
 //! Run: `cargo bench --bench cpu_decode` (`TOKENS=n` steps per row, default 64; `ONLY=`
-//! a substring of "shape dtype path" to time only those rows, for profiling).
+//! a substring of "shape dtype path" to time only those rows, for profiling; the mesh
+//! row comes with "512-wide F32 avx512", or whichever ISA is this CPU's best).
 
 use std::process::Command;
 use std::time::Instant;
@@ -24,7 +25,7 @@ use mesh::decode_timing::{
 use mesh_core::local_mesh::LocalMesh;
 use mesh_core::model::matvec::{self, Isa};
 use mesh_core::model::{ClientHead, ModelFiles, Quantization};
-use mesh_core::pipeline::RemoteSession;
+use mesh_core::pipeline::{RemoteSession, SessionConfig};
 use mesh_core::BlockRange;
 
 const CONTEXT: usize = 16;
@@ -85,11 +86,13 @@ fn main() -> anyhow::Result<()> {
     }
     matvec::set_enabled(true);
     matvec::set_isa(Isa::detect());
-    if std::env::var("ONLY").is_ok() {
-        return Ok(());
-    }
     // Quantized projections (QMatMul), f32 activations; the LM head stays f32.
-    for q in [Quantization::Q8_0, Quantization::Q4K] {
+    let quantized = if std::env::var("ONLY").is_ok() {
+        &[][..]
+    } else {
+        &[Quantization::Q8_0, Quantization::Q4K][..]
+    };
+    for &q in quantized {
         for on in [false, true] {
             matvec::set_enabled(on);
             let shape = ModelShape::WIDE_512;
@@ -108,6 +111,11 @@ fn main() -> anyhow::Result<()> {
     }
     matvec::set_enabled(true);
 
+    // The mesh row goes with the one-process row it is compared with.
+    let best = format!("512-wide F32 {}", Isa::detect().name());
+    if !selected(&best) {
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     write_model_dir(ModelShape::WIDE_512, DType::F32, 4096, dir.path())?;
     let mesh_ms = mesh_decode(dir.path(), tokens)?;
@@ -192,7 +200,10 @@ fn mesh_decode(dir: &std::path::Path, tokens: usize) -> anyhow::Result<f64> {
             client.client.clone(),
             mesh.model().clone(),
             blocks,
-            Default::default(),
+            SessionConfig {
+                max_len: (CONTEXT + 2 + tokens) as u32,
+                ..SessionConfig::default()
+            },
             Default::default(),
         )
         .await?;

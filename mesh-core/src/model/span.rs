@@ -183,6 +183,7 @@ impl SpanModel {
         }
         let blocks = self.blocks_of(cache)?;
         if seq == 1 && dims[0] == 1 && self.takes_cpu_step(blocks) {
+            let _step = matvec::pool().hold();
             let mut x = hidden
                 .to_dtype(DType::F32)?
                 .flatten_all()?
@@ -260,6 +261,7 @@ impl SpanModel {
         blocks: &[Block],
         steps: &mut [(&mut SpanCache, &Tensor)],
     ) -> Result<Vec<Tensor>, ModelError> {
+        let _step = matvec::pool().hold();
         let mut xs = Vec::with_capacity(steps.len());
         let mut rotations = Vec::with_capacity(steps.len());
         for (cache, hidden) in steps.iter() {

@@ -2,8 +2,13 @@
 //!
 //! A decode step runs dozens of small products back to back (q/k/v, o, gate/up, down per
 //! block, then the LM head). A fork-join per product (rayon, candle's gemm) pays a wake-up
-//! and a sleep each time; here the workers spin briefly between products, so a step's
-//! products reach them in a few hundred nanoseconds, and they park once the step is over.
+//! and a sleep each time; here the workers spin between products, so a step's products
+//! reach them in a few hundred nanoseconds, and they park once the step is over.
+//!
+//! A caller marks a step with [`WorkerPool::hold`]: while a hold is alive the workers spin
+//! through the gaps between its products; once the last hold drops they park after
+//! [`GRACE`]. Spinning past the end of a step burns a core that, on a machine whose cores
+//! the process shares with its network tasks or with other nodes, the next hop needs.
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -12,10 +17,14 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How long an idle worker spins for the next product before it parks: longer than the
-/// gap between two products of one step, far shorter than the gap between two tokens of
-/// a mesh that waits on the network.
-const SPIN: Duration = Duration::from_micros(200);
+/// How long an idle worker spins for the next product when no step holds the pool: longer
+/// than the gap between two products, far shorter than a step.
+const GRACE: Duration = Duration::from_micros(20);
+
+/// How long an idle worker spins while a step holds the pool: longer than any gap between
+/// two products of one step (norms, rope, cache writes), short enough that a hold kept by
+/// mistake across a network wait costs little.
+const SPIN_HELD: Duration = Duration::from_millis(2);
 
 /// Threads of the process-wide pool: `MESH_CPU_THREADS`, else every core.
 pub fn threads_from_env() -> usize {
@@ -72,6 +81,8 @@ struct Shared {
     epoch: AtomicU64,
     entered: AtomicUsize,
     sleeping: AtomicUsize,
+    /// Live [`Hold`]s: steps under way whose next product is coming.
+    held: AtomicUsize,
     shutdown: AtomicBool,
     park: Mutex<()>,
     wake: Condvar,
@@ -98,6 +109,7 @@ impl WorkerPool {
             epoch: AtomicU64::new(0),
             entered: AtomicUsize::new(0),
             sleeping: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             park: Mutex::new(()),
             wake: Condvar::new(),
@@ -121,6 +133,14 @@ impl WorkerPool {
     /// Threads that run a job: the workers and the caller.
     pub fn threads(&self) -> usize {
         self.workers.len() + 1
+    }
+
+    /// Keep the workers spinning between products until the returned guard drops: a
+    /// step's whole run of products, so a worker neither parks in a gap nor spins on
+    /// after the step.
+    pub fn hold(&self) -> Hold<'_> {
+        self.shared.held.fetch_add(1, Ordering::SeqCst);
+        Hold { pool: self }
     }
 
     /// Run `task(0) .. task(tasks - 1)` across the pool and return when all have run.
@@ -165,6 +185,18 @@ impl WorkerPool {
     }
 }
 
+/// A step under way; see [`WorkerPool::hold`].
+#[must_use = "the workers park as soon as the hold drops"]
+pub struct Hold<'a> {
+    pool: &'a WorkerPool,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.pool.shared.held.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Drop for WorkerPool {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
@@ -182,8 +214,9 @@ fn worker(shared: &Shared) {
     IN_WORKER.set(true);
     let mut seen = shared.epoch.load(Ordering::SeqCst);
     loop {
-        // Spin for the next job, then park until one is published.
-        let spin_until = Instant::now() + SPIN;
+        // Spin for the next job while a step holds the pool (or briefly), then park
+        // until one is published.
+        let idle_since = Instant::now();
         let mut spins = 0u32;
         while shared.epoch.load(Ordering::SeqCst) == seen {
             if shared.shutdown.load(Ordering::Relaxed) {
@@ -191,8 +224,15 @@ fn worker(shared: &Shared) {
             }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(256) && Instant::now() >= spin_until {
-                park(shared, seen);
+            if spins.is_multiple_of(64) {
+                let limit = if shared.held.load(Ordering::Relaxed) > 0 {
+                    SPIN_HELD
+                } else {
+                    GRACE
+                };
+                if idle_since.elapsed() >= limit {
+                    park(shared, seen);
+                }
             }
         }
         if shared.shutdown.load(Ordering::Relaxed) {
@@ -259,7 +299,7 @@ mod tests {
     fn parked_workers_wake_for_the_next_job() {
         let pool = WorkerPool::new(2);
         let count = AtomicUsize::new(0);
-        std::thread::sleep(SPIN * 5);
+        std::thread::sleep(SPIN_HELD * 2);
         assert!(pool.run(16, &|_| {
             count.fetch_add(1, Ordering::Relaxed);
         }));
