@@ -87,16 +87,14 @@ fn main() -> anyhow::Result<()> {
     matvec::set_enabled(true);
     matvec::set_isa(Isa::detect());
     // Quantized projections (QMatMul), f32 activations; the LM head stays f32.
-    let quantized = if std::env::var("ONLY").is_ok() {
-        &[][..]
-    } else {
-        &[Quantization::Q8_0, Quantization::Q4K][..]
-    };
-    for &q in quantized {
+    for q in [Quantization::Q8_0, Quantization::Q4K] {
         for on in [false, true] {
             matvec::set_enabled(on);
             let shape = ModelShape::WIDE_512;
             let path = if on { "cpu step" } else { "candle ops" };
+            if !selected(&format!("{} F32, {q} blocks {path}", shape.name)) {
+                continue;
+            }
             let t = time_decode(
                 shape,
                 &Device::Cpu,

@@ -3,10 +3,10 @@
 //! The blocks call [`Linear::forward`] and never ask which; only fusing projections on a
 //! GPU (stacking dense matrices) looks inside.
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
-use super::matvec::Dense;
+use super::matvec::{self, Dense};
 
 use super::ModelError;
 
@@ -45,6 +45,19 @@ impl Linear {
         }
     }
 
+    /// The q8_0 matrix and its bias, for the CPU's matrix-vector path; `None` when dense
+    /// or quantized otherwise.
+    pub fn as_q8_0(&self) -> Option<(&QTensor, Option<&Tensor>)> {
+        match self {
+            Self::Quantized {
+                matmul: QMatMul::QTensor(q),
+                bias,
+                ..
+            } if q.dtype() == GgmlDType::Q8_0 => Some((q, bias.as_ref())),
+            _ => None,
+        }
+    }
+
     /// The dense weight and bias, for stacking; `None` when quantized.
     pub fn dense_parts(&self) -> Option<(&Tensor, Option<&Tensor>)> {
         match self {
@@ -58,6 +71,34 @@ impl Linear {
             Self::Dense(l) => l.weight().dim(0),
             Self::Quantized { out_dim, .. } => Ok(*out_dim),
         }
+    }
+
+    /// Whether one-row products run on the CPU's matrix-vector path.
+    pub fn on_pool(&self) -> bool {
+        self.as_dense().is_some() || self.as_q8_0().is_some()
+    }
+
+    /// Every part's product with each of `xs` (`[row][part]`) on the CPU's matrix-vector
+    /// path, when the parts are all dense or all q8_0; `None` otherwise (candle's, then).
+    pub fn multiply_rows_f32(
+        parts: &[&Linear],
+        xs: &[&[f32]],
+    ) -> Result<Option<Vec<Vec<Vec<f32>>>>, ModelError> {
+        if let Some(dense) = parts
+            .iter()
+            .map(|p| p.as_dense())
+            .collect::<Option<Vec<_>>>()
+        {
+            return matvec::multiply_rows_f32(&dense, xs);
+        }
+        if let Some(q8) = parts
+            .iter()
+            .map(|p| p.as_q8_0())
+            .collect::<Option<Vec<_>>>()
+        {
+            return matvec::multiply_rows_q8_0(&q8, xs);
+        }
+        Ok(None)
     }
 
     /// `x`: `[..., in]` in the compute dtype; the result is in the same dtype. Quantized

@@ -24,17 +24,21 @@
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Mutex;
 
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Storage, Tensor, D};
 use candle_nn::{Linear, Module};
 
 use super::ModelError;
 
 mod pool;
+mod q8_0;
 pub(crate) mod simd;
 #[cfg(test)]
 mod tests;
 
-pub use pool::{global as pool, WorkerPool};
+pub use pool::{global as pool, Hold, WorkerPool};
 pub(crate) use simd::Elems;
 pub use simd::Isa;
 
@@ -173,14 +177,62 @@ pub fn multiply_rows_f32(
         };
         weights.push(elems);
     }
+    let outs = multiply_all(&weights, xs)?;
+    drop(guards);
+    let biases: Vec<Option<&Tensor>> = parts.iter().map(|p| p.bias()).collect();
+    add_biases(outs, &biases).map(Some)
+}
+
+/// [`multiply_rows_f32`] for q8_0 matrices (GGML's blocks, read in place) and their
+/// biases. `None` when a matrix is not q8_0 on the CPU, or its rows are not `xs`' width
+/// or not a multiple of 32 wide.
+pub fn multiply_rows_q8_0(
+    parts: &[(&QTensor, Option<&Tensor>)],
+    xs: &[&[f32]],
+) -> Result<Option<Vec<Vec<Vec<f32>>>>, ModelError> {
+    let Some(cols) = xs.first().map(|x| x.len()) else {
+        return Ok(Some(Vec::new()));
+    };
+    if xs.iter().any(|x| x.len() != cols) {
+        return Ok(None);
+    }
+    let mut data = Vec::with_capacity(parts.len());
+    for (q, _) in parts {
+        let fits = q.dtype() == GgmlDType::Q8_0
+            && q.device().is_cpu()
+            && matches!(q.shape().dims(), [_, c] if *c == cols);
+        if !fits {
+            return Ok(None);
+        }
+        match q.data()? {
+            Cow::Borrowed(bytes) if q8_0::fits(bytes, cols) => data.push(bytes),
+            _ => return Ok(None),
+        }
+    }
+    let weights: Vec<Elems<'_>> = data.into_iter().map(Elems::Q8_0).collect();
+    let outs = multiply_all(&weights, xs)?;
+    let biases: Vec<Option<&Tensor>> = parts.iter().map(|(_, b)| *b).collect();
+    add_biases(outs, &biases).map(Some)
+}
+
+/// `[row][part]` products of every weight with every input row.
+fn multiply_all(weights: &[Elems<'_>], xs: &[&[f32]]) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
+    let cols = xs.first().map_or(1, |x| x.len().max(1));
     let mut outs: Vec<Vec<Vec<f32>>> = xs
         .iter()
         .map(|_| weights.iter().map(|w| vec![0f32; w.len() / cols]).collect())
         .collect();
-    multiply(&weights, xs, &mut outs)?;
-    drop(guards);
-    for (p, part) in parts.iter().enumerate() {
-        if let Some(b) = part.bias() {
+    multiply(weights, xs, &mut outs)?;
+    Ok(outs)
+}
+
+/// Add part `p`'s bias (if any) to every row's output of part `p`.
+fn add_biases(
+    mut outs: Vec<Vec<Vec<f32>>>,
+    biases: &[Option<&Tensor>],
+) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
+    for (p, bias) in biases.iter().enumerate() {
+        if let Some(b) = bias {
             let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             for row in outs.iter_mut() {
                 for (o, b) in row[p].iter_mut().zip(&b) {
@@ -189,7 +241,7 @@ pub fn multiply_rows_f32(
             }
         }
     }
-    Ok(Some(outs))
+    Ok(outs)
 }
 
 /// `outs[r][p] = weights[p] · xs[r]` for every part and row, the weight rows of all parts
@@ -239,7 +291,7 @@ fn multiply(
         // A few weight rows at a time (about L2-sized), dotted with every input row
         // while they are in cache. One input row takes the same path, so its numbers
         // are the same alone or among others.
-        let block = (BLOCK_BYTES / (cols * w.elem_bytes()).max(1))
+        let block = (BLOCK_BYTES / w.row_bytes(cols).max(1))
             .next_multiple_of(4)
             .max(4);
         if let Ok(mut slots) = task.rows.lock() {

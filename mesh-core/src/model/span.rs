@@ -183,7 +183,7 @@ impl SpanModel {
         }
         let blocks = self.blocks_of(cache)?;
         if seq == 1 && dims[0] == 1 && self.takes_cpu_step(blocks) {
-            let _step = matvec::pool().hold();
+            let _step = hold_pool(blocks);
             let mut x = hidden
                 .to_dtype(DType::F32)?
                 .flatten_all()?
@@ -261,7 +261,7 @@ impl SpanModel {
         blocks: &[Block],
         steps: &mut [(&mut SpanCache, &Tensor)],
     ) -> Result<Vec<Tensor>, ModelError> {
-        let _step = matvec::pool().hold();
+        let _step = hold_pool(blocks);
         let mut xs = Vec::with_capacity(steps.len());
         let mut rotations = Vec::with_capacity(steps.len());
         for (cache, hidden) in steps.iter() {
@@ -297,4 +297,12 @@ impl SpanModel {
         }
         Ok(outs)
     }
+}
+
+/// Hold the pool for a step of `blocks` when all their products run on it.
+fn hold_pool(blocks: &[Block]) -> Option<matvec::Hold<'static>> {
+    blocks
+        .iter()
+        .all(Block::products_on_pool)
+        .then(|| matvec::pool().hold())
 }

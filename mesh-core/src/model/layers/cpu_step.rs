@@ -53,6 +53,16 @@ impl Block {
         !self.fused_decode
     }
 
+    /// Whether every product of a step runs on the pool (dense or q8_0 weights): only
+    /// then may a step hold the pool's workers spinning, since candle's quantized kernels
+    /// bring threads of their own that would wait for those cores.
+    pub(crate) fn products_on_pool(&self) -> bool {
+        self.attn.qkv.on_pool()
+            && self.attn.o_proj.on_pool()
+            && self.mlp.gate_up.on_pool()
+            && self.mlp.down_proj.on_pool()
+    }
+
     /// The block's output for one token of each of several sessions: each row's hidden
     /// state updated in place, its keys and values written at its position of its own
     /// cache in `dtype`. The products read each weight once for all rows ([`matvec`]);
@@ -143,17 +153,22 @@ impl RmsNorm {
 }
 
 impl Projections {
+    fn on_pool(&self) -> bool {
+        match self {
+            Self::Separate(parts) => parts.iter().all(Linear::on_pool),
+            Self::Fused { .. } => true,
+        }
+    }
+
     /// Every projection of each row of `xs` (`[row][projection]`), through the pool
     /// where the weights allow.
     fn forward_rows_f32(&self, xs: &[Vec<f32>]) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
         match self {
             Self::Separate(parts) => {
-                let dense: Option<Vec<&Dense>> = parts.iter().map(Linear::as_dense).collect();
-                if let Some(dense) = dense {
-                    let rows: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
-                    if let Some(outs) = matvec::multiply_rows_f32(&dense, &rows)? {
-                        return Ok(outs);
-                    }
+                let parts: Vec<&Linear> = parts.iter().collect();
+                let rows: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+                if let Some(outs) = Linear::multiply_rows_f32(&parts, &rows)? {
+                    return Ok(outs);
                 }
                 xs.iter()
                     .map(|x| parts.iter().map(|p| project(p, x)).collect())
@@ -179,9 +194,15 @@ impl Projections {
 /// One projection of each row of `xs`: through the pool when dense, else (quantized)
 /// through candle a row at a time.
 fn project_rows(linear: &Linear, xs: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ModelError> {
-    match linear.as_dense() {
-        Some(dense) => project_rows_dense(dense, xs),
-        None => xs.iter().map(|x| project(linear, x)).collect(),
+    if let Some(dense) = linear.as_dense() {
+        return project_rows_dense(dense, xs);
+    }
+    let rows: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+    match Linear::multiply_rows_f32(&[linear], &rows)? {
+        Some(outs) if outs.iter().all(|o| o.len() == 1) => {
+            Ok(outs.into_iter().flat_map(|mut o| o.pop()).collect())
+        }
+        _ => xs.iter().map(|x| project(linear, x)).collect(),
     }
 }
 

@@ -3,6 +3,8 @@
 
 use std::sync::OnceLock;
 
+use super::q8_0;
+
 #[cfg(target_arch = "aarch64")]
 #[path = "neon.rs"]
 mod neon;
@@ -72,7 +74,12 @@ impl Isa {
 
     #[cfg(target_arch = "x86_64")]
     fn best() -> Isa {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        // Every AVX-512 CPU has AVX2, FMA and F16C; the AVX-512 kernels use them too.
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
             Isa::Avx512
         } else if std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
@@ -99,12 +106,14 @@ impl Isa {
     }
 }
 
-/// A row-major weight matrix's elements; half types as their bits.
+/// A row-major weight matrix's elements; half types as their bits, q8_0 as its blocks
+/// (rows a multiple of 32 wide: [`q8_0::fits`]).
 #[derive(Clone, Copy, Debug)]
 pub enum Elems<'a> {
     F32(&'a [f32]),
     F16(&'a [u16]),
     Bf16(&'a [u16]),
+    Q8_0(&'a [u8]),
 }
 
 impl<'a> Elems<'a> {
@@ -120,17 +129,21 @@ impl<'a> Elems<'a> {
         })
     }
 
+    /// Weights held (as if dense).
     pub(crate) fn len(&self) -> usize {
         match self {
             Elems::F32(w) => w.len(),
             Elems::F16(w) | Elems::Bf16(w) => w.len(),
+            Elems::Q8_0(w) => w.len() / q8_0::BLOCK_BYTES * q8_0::BLOCK_VALUES,
         }
     }
 
-    pub(crate) fn elem_bytes(&self) -> usize {
+    /// Bytes of one row of `cols` weights.
+    pub(crate) fn row_bytes(&self, cols: usize) -> usize {
         match self {
-            Elems::F32(_) => 4,
-            Elems::F16(_) | Elems::Bf16(_) => 2,
+            Elems::F32(_) => cols * 4,
+            Elems::F16(_) | Elems::Bf16(_) => cols * 2,
+            Elems::Q8_0(_) => q8_0::row_bytes(cols),
         }
     }
 }
@@ -141,6 +154,9 @@ pub fn dot_rows(isa: Isa, w: Elems<'_>, first: usize, x: &[f32], out: &mut [f32]
     let cols = x.len();
     let end = (first + out.len()) * cols;
     debug_assert!(end <= w.len());
+    if let Elems::Q8_0(w) = w {
+        return q8_0::dot_rows(isa, w, first, x, out);
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx2 => x86::dot_rows(isa, w, first, x, out),
@@ -187,6 +203,7 @@ pub fn widen(w: Elems<'_>, from: usize, out: &mut [f32]) {
                 *o = bf16_to_f32(b);
             }
         }
+        Elems::Q8_0(w) => q8_0::widen(w, from, out),
     }
 }
 
@@ -199,6 +216,10 @@ pub fn portable_rows(w: Elems<'_>, first: usize, x: &[f32], out: &mut [f32]) {
             Elems::F32(w) => portable_dot(&w[at..at + cols], x, |v| v),
             Elems::F16(w) => portable_dot(&w[at..at + cols], x, f16_to_f32),
             Elems::Bf16(w) => portable_dot(&w[at..at + cols], x, bf16_to_f32),
+            Elems::Q8_0(w) => {
+                q8_0::portable_rows(w, first + i, x, std::slice::from_mut(o));
+                continue;
+            }
         };
     }
 }

@@ -166,3 +166,76 @@ fn forward_many_keeps_each_part() -> Result<(), ModelError> {
     }
     Ok(())
 }
+
+/// q8_0 rows, as candle quantizes them: every path against the reference, the reference
+/// against the dequantized matrix in f64, four inputs at once as each alone, and
+/// `multiply_rows_q8_0` (the pool's split, with a bias) against the same sums; a matrix
+/// whose rows are not a multiple of 32 wide is left to candle.
+#[test]
+fn q8_0_rows_are_the_dequantized_matrix_times_the_input() -> Result<(), ModelError> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use std::borrow::Cow;
+    let dev = Device::Cpu;
+    for (rows, cols) in [(1, 32), (5, 64), (13, 96), (70, 512)] {
+        let w = Tensor::new(random(rows * cols, 30), &dev)?.reshape((rows, cols))?;
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+        let deq = q.dequantize(&dev)?.flatten_all()?.to_vec1::<f32>()?;
+        let Cow::Borrowed(bytes) = q.data()? else {
+            panic!("a CPU QTensor lends its bytes");
+        };
+        let elems = Elems::Q8_0(bytes);
+        assert_eq!(elems.len(), rows * cols);
+        let xs: Vec<Vec<f32>> = (0..4).map(|k| random(cols, 40 + k)).collect();
+        let mut want = vec![0f32; rows];
+        simd::portable_rows(elems, 0, &xs[0], &mut want);
+        for (r, got) in want.iter().enumerate() {
+            let exact: f64 = (0..cols)
+                .map(|j| f64::from(deq[r * cols + j]) * f64::from(xs[0][j]))
+                .sum();
+            assert!(
+                (f64::from(*got) - exact).abs() < 1e-4,
+                "row {r} of {rows}x{cols}"
+            );
+        }
+        for isa in Isa::available() {
+            let mut got = vec![0f32; rows];
+            simd::dot_rows(isa, elems, 0, &xs[0], &mut got);
+            let err = max_rel_err(&got, &want);
+            assert!(err < 1e-5, "{isa:?} {rows}x{cols}: {err}");
+            let mut tail = vec![0f32; rows - 1];
+            simd::dot_rows(isa, elems, 1, &xs[0], &mut tail);
+            assert_eq!(tail, got[1..], "{isa:?} offset");
+            let mut outs: Vec<Vec<f32>> = (0..4).map(|_| vec![0f32; rows]).collect();
+            let [o0, o1, o2, o3] = &mut outs[..] else {
+                unreachable!("four outputs")
+            };
+            let x = |k: usize| xs[k].as_slice();
+            simd::dot_rows_4(isa, elems, 0, [x(0), x(1), x(2), x(3)], [o0, o1, o2, o3]);
+            for (k, out) in outs.iter().enumerate() {
+                let mut alone = vec![0f32; rows];
+                simd::dot_rows(isa, elems, 0, &xs[k], &mut alone);
+                assert_eq!(out, &alone, "{isa:?} input {k}");
+            }
+        }
+        let bias = Tensor::new(random(rows, 50), &dev)?;
+        let inputs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+        let outs = multiply_rows_q8_0(&[(&q, Some(&bias)), (&q, None)], &inputs)?
+            .ok_or(ModelError::EmptyPrompt)?;
+        let b = bias.to_vec1::<f32>()?;
+        for (k, row) in outs.iter().enumerate() {
+            let mut alone = vec![0f32; rows];
+            simd::dot_rows(isa(), elems, 0, &xs[k], &mut alone);
+            assert_eq!(row[1], alone);
+            let biased: Vec<f32> = alone.iter().zip(&b).map(|(a, b)| a + b).collect();
+            assert_eq!(row[0], biased);
+        }
+    }
+    let w = Tensor::new(random(4 * 256, 31), &dev)?.reshape((4, 256))?;
+    let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+    let x = random(128, 32);
+    assert!(
+        multiply_rows_q8_0(&[(&q, None)], &[&x])?.is_none(),
+        "rows of 256, input of 128"
+    );
+    Ok(())
+}
