@@ -285,9 +285,21 @@ fn multiply(
         }
     }
     let isa = isa();
+    // q8_0 products take each input rounded per block, once for all their tasks.
+    let rounded: Vec<q8_0::RoundedInput> = if weights.iter().any(|w| matches!(w, Elems::Q8_0(_))) {
+        xs.iter().map(|x| q8_0::RoundedInput::of(x)).collect()
+    } else {
+        Vec::new()
+    };
     let ok = pool.run(tasks.len(), &|t| {
         let task = &tasks[t];
         let w = weights[task.part];
+        if let (Elems::Q8_0(bytes), Ok(mut slots)) = (w, task.rows.lock()) {
+            for (input, rows) in rounded.iter().zip(slots.iter_mut()) {
+                q8_0::dot_rows_rounded(isa, bytes, task.first, input, rows);
+            }
+            return;
+        }
         // A few weight rows at a time (about L2-sized), dotted with every input row
         // while they are in cache. One input row takes the same path, so its numbers
         // are the same alone or among others.
