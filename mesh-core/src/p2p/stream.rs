@@ -86,8 +86,8 @@ enum Outcome {
 /// request crosses no task of its own.
 struct Channel {
     id: u64,
-    /// Closed once the stream is closing: a request that finds it so goes another way.
-    write: FrameWriter,
+    /// `None` once the stream is closing: a request that finds it so goes another way.
+    write: tokio::sync::Mutex<Option<WriteHalf<Stream>>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
     next_request: AtomicU64,
     /// When a request last went out, for closing it unused ([`CLIENT_IDLE`]).
@@ -96,76 +96,13 @@ struct Channel {
     gone: CancellationToken,
 }
 
-/// One stream's write half, shared by everyone who writes frames on it (a client's
-/// callers, a server's responders): each frame goes out whole under the lock, within a
-/// time bound. A write that fails or runs late closes it for all, since part of a frame
-/// may be out.
-struct FrameWriter(tokio::sync::Mutex<Option<WriteHalf<Stream>>>);
-
-/// What became of a frame.
-enum Wrote {
-    Sent,
-    /// The stream was closed before it: nothing went out.
-    Closed,
-    /// It failed or ran late; the stream is closed now.
-    Failed(String),
-}
-
-impl FrameWriter {
-    fn new(half: WriteHalf<Stream>) -> Self {
-        Self(tokio::sync::Mutex::new(Some(half)))
-    }
-
-    async fn write(
-        &self,
-        id: u64,
-        kind: FrameKind,
-        payload: &[u8],
-        max: usize,
-        timeout: Duration,
-    ) -> Wrote {
-        let written = tokio::time::timeout(timeout, async {
-            let mut guard = self.0.lock().await;
-            let Some(half) = guard.as_mut() else {
-                return Wrote::Closed;
-            };
-            match write_tagged(half, id, kind, payload, max).await {
-                Ok(()) => Wrote::Sent,
-                Err(e) => {
-                    *guard = None;
-                    Wrote::Failed(e.to_string())
-                }
-            }
-        })
-        .await;
-        match written {
-            Ok(wrote) => wrote,
-            Err(_) => {
-                self.0.lock().await.take();
-                Wrote::Failed(format!("timed out after {} s", timeout.as_secs()))
-            }
-        }
-    }
-
-    /// Closes the stream when `unused()`, asked under the lock so that no frame starts
-    /// meanwhile. `None` when it was closed already.
-    async fn close_if(&self, unused: impl FnOnce() -> bool) -> Option<bool> {
-        let mut guard = self.0.lock().await;
-        guard.as_ref()?;
-        if !unused() {
-            return Some(false);
-        }
-        let half = guard.take();
-        drop(guard);
-        if let Some(mut half) = half {
-            let _ = tokio::time::timeout(Duration::from_secs(1), half.close()).await;
-        }
-        Some(true)
-    }
-
-    /// Closes the stream: no frame goes out after this.
+impl Channel {
+    /// Takes the write half (so no request writes any more) and closes it.
     async fn close(&self) {
-        self.close_if(|| true).await;
+        let write = self.write.lock().await.take();
+        if let Some(mut write) = write {
+            let _ = tokio::time::timeout(Duration::from_secs(1), write.close()).await;
+        }
     }
 }
 
@@ -289,30 +226,37 @@ impl Streams {
         let (reply, answer) = oneshot::channel();
         lock(&channel.pending).insert(id, reply);
         let failed = |reason: String| Streamed::Done(Err(P2pError::Request { peer, reason }));
-        *lock(&channel.last_used) = Instant::now();
-        let wrote = channel
-            .write
-            .write(
-                id,
-                FrameKind::Request,
-                &request,
-                self.max_frame,
-                self.request_timeout,
-            )
-            .await;
-        match wrote {
-            Wrote::Sent => {}
-            Wrote::Closed => {
+        let written = tokio::time::timeout(self.request_timeout, async {
+            let mut write = channel.write.lock().await;
+            let Some(write) = write.as_mut() else {
+                return Ok(false);
+            };
+            *lock(&channel.last_used) = Instant::now();
+            write_tagged(write, id, FrameKind::Request, &request, self.max_frame)
+                .await
+                .map(|()| true)
+        })
+        .await;
+        match written {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
                 // The stream closed before this request was written.
                 lock(&channel.pending).remove(&id);
                 self.fell_back.fetch_add(1, Ordering::Relaxed);
                 return Streamed::NotTaken(request);
             }
-            Wrote::Failed(e) => {
+            Ok(Err(e)) => {
                 lock(&channel.pending).remove(&id);
                 self.forget(peer, channel.id);
-                channel.write.close().await;
+                channel.close().await;
                 return failed(format!("writing to the stream: {e}"));
+            }
+            Err(_) => {
+                // Part of a frame may be out: nothing more can go on this stream.
+                lock(&channel.pending).remove(&id);
+                self.forget(peer, channel.id);
+                channel.close().await;
+                return failed("writing to the stream timed out".into());
             }
         }
         match tokio::time::timeout(self.request_timeout, answer).await {
@@ -363,7 +307,7 @@ impl Streams {
         let (read, write) = stream.split();
         let channel = Arc::new(Channel {
             id: self.next_channel.fetch_add(1, Ordering::Relaxed),
-            write: FrameWriter::new(write),
+            write: tokio::sync::Mutex::new(Some(write)),
             pending: Mutex::default(),
             next_request: AtomicU64::new(0),
             last_used: Mutex::new(Instant::now()),
@@ -420,7 +364,7 @@ async fn read_answers(
         }
     }
     streams.forget(peer, channel.id);
-    channel.write.close().await;
+    channel.close().await;
     // Requests written but unanswered: their callers see the stream closed.
     lock(&channel.pending).clear();
 }
@@ -429,24 +373,25 @@ async fn read_answers(
 async fn close_when_unused(streams: Arc<Streams>, peer: PeerId, channel: Arc<Channel>) {
     loop {
         tokio::time::sleep(CLIENT_IDLE / 4).await;
-        let unused = || {
-            let unused = lock(&channel.last_used).elapsed() >= CLIENT_IDLE
-                && lock(&channel.pending).is_empty();
-            if unused {
-                streams.forget(peer, channel.id);
+        let mut write = channel.write.lock().await;
+        if write.is_none() {
+            return; // Closed already.
+        }
+        if lock(&channel.last_used).elapsed() >= CLIENT_IDLE && lock(&channel.pending).is_empty() {
+            streams.forget(peer, channel.id);
+            let taken = write.take();
+            drop(write);
+            if let Some(mut taken) = taken {
+                let _ = tokio::time::timeout(Duration::from_secs(1), taken.close()).await;
             }
-            unused
-        };
-        match channel.write.close_if(unused).await {
-            Some(false) => {}
-            // Closed now, or already.
-            Some(true) | None => return,
+            return;
         }
     }
 }
 
-/// A server's write half of one stream, shared by the responders of its requests.
-type SharedWrite = Arc<FrameWriter>;
+/// A server's write half of one stream, shared by the responders of its requests;
+/// `None` once a write failed.
+type SharedWrite = Arc<tokio::sync::Mutex<Option<WriteHalf<Stream>>>>;
 
 /// Answers one request that came on a stream, writing straight onto it; dropped
 /// unanswered, it tells the requester so at once.
@@ -500,7 +445,8 @@ impl Drop for StreamResponder {
     }
 }
 
-/// Writes one answer frame (see [`FrameWriter::write`]).
+/// Writes one frame under the stream's lock, within `timeout`; a failed or late write
+/// gives the stream up.
 async fn send(
     write: &SharedWrite,
     id: u64,
@@ -509,9 +455,23 @@ async fn send(
     timeout: Duration,
     max: usize,
 ) -> Result<(), P2pError> {
-    match write.write(id, kind, payload, max, timeout).await {
-        Wrote::Sent => Ok(()),
-        Wrote::Closed | Wrote::Failed(_) => Err(P2pError::Respond),
+    let written = tokio::time::timeout(timeout, async {
+        let mut guard = write.lock().await;
+        let half = guard.as_mut().ok_or(P2pError::Respond)?;
+        let result = write_tagged(half, id, kind, payload, max).await;
+        if result.is_err() {
+            *guard = None;
+        }
+        result.map_err(|_| P2pError::Respond)
+    })
+    .await;
+    match written {
+        Ok(result) => result,
+        Err(_) => {
+            // Part of a frame may be out: nothing more can go on this stream.
+            write.lock().await.take();
+            Err(P2pError::Respond)
+        }
     }
 }
 
@@ -566,7 +526,7 @@ pub(crate) async fn accept(
 /// silent for [`SERVER_IDLE`] or sends a malformed frame.
 async fn serve(peer: PeerId, stream: Stream, streams: &Streams, events: mpsc::Sender<Event>) {
     let (mut read, write) = stream.split();
-    let write: SharedWrite = Arc::new(FrameWriter::new(write));
+    let write: SharedWrite = Arc::new(tokio::sync::Mutex::new(Some(write)));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_STREAM));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -604,6 +564,8 @@ async fn serve(peer: PeerId, stream: Stream, streams: &Streams, events: mpsc::Se
     // Answers still owed go out as they come; the stream closes when the last is written
     // (every responder holds the write half) or now, if none is owed.
     if Arc::strong_count(&write) == 1 {
-        write.close().await;
+        if let Some(mut half) = write.lock().await.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), half.close()).await;
+        }
     }
 }
