@@ -117,6 +117,7 @@ pub fn widen(w: &[u8], from: usize, out: &mut [f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
+    use super::super::simd::x86::{prefetch, AHEAD_ROWS};
     use super::{row_bytes, RoundedInput, BLOCK_BYTES, BLOCK_VALUES};
 
     /// A block's weight scale, converted by F16C.
@@ -165,6 +166,8 @@ mod x86 {
                     let xv = _mm512_loadu_si512(xp.add(b * BLOCK_VALUES).cast());
                     for (k, (acc, scales)) in acc.iter_mut().zip(&scales).enumerate() {
                         let p = wp.add((first + i + k) * row + b * BLOCK_BYTES + 2);
+                        // The scale pass touches each line first and would wait on it.
+                        prefetch(p, AHEAD_ROWS * row);
                         let wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(p.cast()));
                         let sums = _mm512_cvtepi32_ps(_mm512_madd_epi16(wv, xv));
                         let scale = _mm512_set1_ps(scales[b - b0]);

@@ -10,7 +10,7 @@ use super::q8_0;
 mod neon;
 #[cfg(target_arch = "x86_64")]
 #[path = "x86.rs"]
-mod x86;
+pub(super) mod x86;
 
 /// The instruction set a product runs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
