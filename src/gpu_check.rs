@@ -304,7 +304,7 @@ pub fn decode(device: &Device, dtype: DType, tokens: usize) -> anyhow::Result<Ve
                     "{:.3} ms/token, {:.0} tok/s, {:.0} GB/s, {:.2}x floor ({:.3} ms)",
                     t.ms_per_token,
                     1e3 / t.ms_per_token,
-                    t.bytes_per_token / (t.ms_per_token / 1e3) / 1e9,
+                    t.gb_per_s(),
                     ratio,
                     floor_ms
                 ),
