@@ -45,15 +45,15 @@ impl Linear {
         }
     }
 
-    /// The q8_0 matrix and its bias, for the CPU's matrix-vector path; `None` when dense
-    /// or quantized otherwise.
-    pub fn as_q8_0(&self) -> Option<(&QTensor, Option<&Tensor>)> {
+    /// The q8_0 or q4k matrix and its bias, for the CPU's matrix-vector path; `None` when
+    /// dense or quantized otherwise.
+    pub fn as_block_quantized(&self) -> Option<(&QTensor, Option<&Tensor>)> {
         match self {
             Self::Quantized {
                 matmul: QMatMul::QTensor(q),
                 bias,
                 ..
-            } if q.dtype() == GgmlDType::Q8_0 => Some((q, bias.as_ref())),
+            } if matches!(q.dtype(), GgmlDType::Q8_0 | GgmlDType::Q4K) => Some((q, bias.as_ref())),
             _ => None,
         }
     }
@@ -75,11 +75,12 @@ impl Linear {
 
     /// Whether one-row products run on the CPU's matrix-vector path.
     pub fn on_pool(&self) -> bool {
-        self.as_dense().is_some() || self.as_q8_0().is_some()
+        self.as_dense().is_some() || self.as_block_quantized().is_some()
     }
 
     /// Every part's product with each of `xs` (`[row][part]`) on the CPU's matrix-vector
-    /// path, when the parts are all dense or all q8_0; `None` otherwise (candle's, then).
+    /// path, when the parts are all dense or all q8_0/q4k; `None` otherwise (candle's,
+    /// then).
     pub fn multiply_rows_f32(
         parts: &[&Linear],
         xs: &[&[f32]],
@@ -91,12 +92,12 @@ impl Linear {
         {
             return matvec::multiply_rows_f32(&dense, xs);
         }
-        if let Some(q8) = parts
+        if let Some(quantized) = parts
             .iter()
-            .map(|p| p.as_q8_0())
+            .map(|p| p.as_block_quantized())
             .collect::<Option<Vec<_>>>()
         {
-            return matvec::multiply_rows_q8_0(&q8, xs);
+            return matvec::multiply_rows_quantized(&quantized, xs);
         }
         Ok(None)
     }

@@ -33,6 +33,7 @@ use candle_nn::{Linear, Module};
 use super::ModelError;
 
 mod pool;
+mod q4k;
 mod q8_0;
 pub(crate) mod simd;
 #[cfg(test)]
@@ -183,10 +184,10 @@ pub fn multiply_rows_f32(
     add_biases(outs, &biases).map(Some)
 }
 
-/// [`multiply_rows_f32`] for q8_0 matrices (GGML's blocks, read in place) and their
-/// biases. `None` when a matrix is not q8_0 on the CPU, or its rows are not `xs`' width
-/// or not a multiple of 32 wide.
-pub fn multiply_rows_q8_0(
+/// [`multiply_rows_f32`] for q8_0 and q4k matrices (GGML's blocks, read in place) and
+/// their biases. `None` when a matrix is neither on the CPU, or its rows are not `xs`'
+/// width or not whole blocks wide.
+pub fn multiply_rows_quantized(
     parts: &[(&QTensor, Option<&Tensor>)],
     xs: &[&[f32]],
 ) -> Result<Option<Vec<Vec<Vec<f32>>>>, ModelError> {
@@ -196,20 +197,20 @@ pub fn multiply_rows_q8_0(
     if xs.iter().any(|x| x.len() != cols) {
         return Ok(None);
     }
-    let mut data = Vec::with_capacity(parts.len());
+    let mut weights = Vec::with_capacity(parts.len());
     for (q, _) in parts {
-        let fits = q.dtype() == GgmlDType::Q8_0
-            && q.device().is_cpu()
-            && matches!(q.shape().dims(), [_, c] if *c == cols);
-        if !fits {
+        if !q.device().is_cpu() || !matches!(q.shape().dims(), [_, c] if *c == cols) {
             return Ok(None);
         }
-        match q.data()? {
-            Cow::Borrowed(bytes) if q8_0::fits(bytes, cols) => data.push(bytes),
+        let Cow::Borrowed(bytes) = q.data()? else {
+            return Ok(None);
+        };
+        weights.push(match q.dtype() {
+            GgmlDType::Q8_0 if q8_0::fits(bytes, cols) => Elems::Q8_0(bytes),
+            GgmlDType::Q4K if q4k::fits(bytes, cols) => Elems::Q4K(bytes),
             _ => return Ok(None),
-        }
+        });
     }
-    let weights: Vec<Elems<'_>> = data.into_iter().map(Elems::Q8_0).collect();
     let outs = multiply_all(&weights, xs)?;
     let biases: Vec<Option<&Tensor>> = parts.iter().map(|(_, b)| *b).collect();
     add_biases(outs, &biases).map(Some)
@@ -285,20 +286,35 @@ fn multiply(
         }
     }
     let isa = isa();
-    // q8_0 products take each input rounded per block, once for all their tasks.
-    let rounded: Vec<q8_0::RoundedInput> = if weights.iter().any(|w| matches!(w, Elems::Q8_0(_))) {
+    // Quantized products take each input rounded per block, once for all their tasks.
+    let any = |f: fn(&Elems<'_>) -> bool| weights.iter().any(f);
+    let rounded_q8_0: Vec<q8_0::RoundedInput> = if any(|w| matches!(w, Elems::Q8_0(_))) {
         xs.iter().map(|x| q8_0::RoundedInput::of(x)).collect()
+    } else {
+        Vec::new()
+    };
+    let rounded_q4k: Vec<q4k::RoundedInput> = if any(|w| matches!(w, Elems::Q4K(_))) {
+        xs.iter().map(|x| q4k::RoundedInput::of(x)).collect()
     } else {
         Vec::new()
     };
     let ok = pool.run(tasks.len(), &|t| {
         let task = &tasks[t];
         let w = weights[task.part];
-        if let (Elems::Q8_0(bytes), Ok(mut slots)) = (w, task.rows.lock()) {
-            for (input, rows) in rounded.iter().zip(slots.iter_mut()) {
-                q8_0::dot_rows_rounded(isa, bytes, task.first, input, rows);
+        match (w, task.rows.lock()) {
+            (Elems::Q8_0(bytes), Ok(mut slots)) => {
+                for (input, rows) in rounded_q8_0.iter().zip(slots.iter_mut()) {
+                    q8_0::dot_rows_rounded(isa, bytes, task.first, input, rows);
+                }
+                return;
             }
-            return;
+            (Elems::Q4K(bytes), Ok(mut slots)) => {
+                for (input, rows) in rounded_q4k.iter().zip(slots.iter_mut()) {
+                    q4k::dot_rows_rounded(isa, bytes, task.first, input, rows);
+                }
+                return;
+            }
+            _ => {}
         }
         // A few weight rows at a time (about L2-sized), dotted with every input row
         // while they are in cache. One input row takes the same path, so its numbers

@@ -14,6 +14,7 @@ pub fn dot_rows(w: Elems<'_>, first: usize, x: &[f32], out: &mut [f32]) {
         match w {
             Elems::F32(w) => rows(w, first, x, out, |p| vld1q_f32(p), |v| v),
             Elems::Q8_0(w) => super::q8_0::portable_rows(w, first, x, out),
+            Elems::Q4K(w) => super::q4k::portable_rows(w, first, x, out),
             Elems::Bf16(w) => rows(
                 w,
                 first,

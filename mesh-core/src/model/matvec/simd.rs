@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use super::q8_0;
+use super::{q4k, q8_0};
 
 #[cfg(target_arch = "aarch64")]
 #[path = "neon.rs"]
@@ -106,14 +106,15 @@ impl Isa {
     }
 }
 
-/// A row-major weight matrix's elements; half types as their bits, q8_0 as its blocks
-/// (rows a multiple of 32 wide: [`q8_0::fits`]).
+/// A row-major weight matrix's elements; half types as their bits, q8_0 and q4k as their
+/// blocks (rows whole blocks wide: [`q8_0::fits`], [`q4k::fits`]).
 #[derive(Clone, Copy, Debug)]
 pub enum Elems<'a> {
     F32(&'a [f32]),
     F16(&'a [u16]),
     Bf16(&'a [u16]),
     Q8_0(&'a [u8]),
+    Q4K(&'a [u8]),
 }
 
 impl<'a> Elems<'a> {
@@ -135,6 +136,7 @@ impl<'a> Elems<'a> {
             Elems::F32(w) => w.len(),
             Elems::F16(w) | Elems::Bf16(w) => w.len(),
             Elems::Q8_0(w) => w.len() / q8_0::BLOCK_BYTES * q8_0::BLOCK_VALUES,
+            Elems::Q4K(w) => w.len() / q4k::BLOCK_BYTES * q4k::BLOCK_VALUES,
         }
     }
 
@@ -144,6 +146,7 @@ impl<'a> Elems<'a> {
             Elems::F32(_) => cols * 4,
             Elems::F16(_) | Elems::Bf16(_) => cols * 2,
             Elems::Q8_0(_) => q8_0::row_bytes(cols),
+            Elems::Q4K(_) => q4k::row_bytes(cols),
         }
     }
 }
@@ -154,8 +157,10 @@ pub fn dot_rows(isa: Isa, w: Elems<'_>, first: usize, x: &[f32], out: &mut [f32]
     let cols = x.len();
     let end = (first + out.len()) * cols;
     debug_assert!(end <= w.len());
-    if let Elems::Q8_0(w) = w {
-        return q8_0::dot_rows(isa, w, first, x, out);
+    match w {
+        Elems::Q8_0(w) => return q8_0::dot_rows(isa, w, first, x, out),
+        Elems::Q4K(w) => return q4k::dot_rows(isa, w, first, x, out),
+        _ => {}
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -204,6 +209,7 @@ pub fn widen(w: Elems<'_>, from: usize, out: &mut [f32]) {
             }
         }
         Elems::Q8_0(w) => q8_0::widen(w, from, out),
+        Elems::Q4K(w) => q4k::widen(w, from, out),
     }
 }
 
@@ -218,6 +224,10 @@ pub fn portable_rows(w: Elems<'_>, first: usize, x: &[f32], out: &mut [f32]) {
             Elems::Bf16(w) => portable_dot(&w[at..at + cols], x, bf16_to_f32),
             Elems::Q8_0(w) => {
                 q8_0::portable_rows(w, first + i, x, std::slice::from_mut(o));
+                continue;
+            }
+            Elems::Q4K(w) => {
+                q4k::portable_rows(w, first + i, x, std::slice::from_mut(o));
                 continue;
             }
         };

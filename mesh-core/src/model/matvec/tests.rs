@@ -1,3 +1,6 @@
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module};
 use rand::{Rng, SeedableRng};
@@ -168,49 +171,84 @@ fn forward_many_keeps_each_part() -> Result<(), ModelError> {
 }
 
 /// q8_0 rows, as candle quantizes them: every path against the reference, the reference
-/// against the dequantized matrix in f64 (within the input's rounding), four inputs at once as each alone, and
-/// `multiply_rows_q8_0` (the pool's split, with a bias) against the same sums; a matrix
-/// whose rows are not a multiple of 32 wide is left to candle.
+/// against the dequantized matrix in f64 within a bound computed from the input's rounding
+/// (16 bits per block of 32: each row off by at most half a step per weight), and
+/// `multiply_rows_quantized` (the pool's split, with a bias) against the same sums; a
+/// matrix of other width is refused.
 #[test]
 fn q8_0_rows_are_the_dequantized_matrix_times_the_input() -> Result<(), ModelError> {
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use std::borrow::Cow;
+    let shapes = [(1, 32), (5, 64), (13, 96), (70, 512)];
+    block_quantized_rows(GgmlDType::Q8_0, &shapes, 32767.0, |_, w| w.abs())
+}
+
+/// q4k rows, as candle quantizes them, under the same checks. The input is rounded to 8
+/// bits per block of 32, and the rounding multiplies `d·sc·q` (the weight before its min
+/// is taken off), at most `d·63·15` for super-block scale `d`.
+#[test]
+fn q4k_rows_are_the_dequantized_matrix_times_the_input() -> Result<(), ModelError> {
+    let shapes = [(1, 256), (5, 512), (13, 768), (70, 512)];
+    block_quantized_rows(GgmlDType::Q4K, &shapes, 127.0, |block, _| {
+        f64::from(simd::f16_to_f32(u16::from_le_bytes([block[0], block[1]]))) * 63.0 * 15.0
+    })
+}
+
+/// The checks of the two tests above: `levels` the input's rounding steps per sign,
+/// `magnitude(block, w)` a bound on what multiplies the rounded input for a weight `w`
+/// in `block` (its bytes).
+fn block_quantized_rows(
+    dtype: GgmlDType,
+    shapes: &[(usize, usize)],
+    levels: f64,
+    magnitude: impl Fn(&[u8], f64) -> f64,
+) -> Result<(), ModelError> {
     let dev = Device::Cpu;
-    for (rows, cols) in [(1, 32), (5, 64), (13, 96), (70, 512)] {
+    let (block_values, block_bytes) = (dtype.block_size(), dtype.type_size());
+    for &(rows, cols) in shapes {
         let w = Tensor::new(random(rows * cols, 30), &dev)?.reshape((rows, cols))?;
-        let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+        let q = QTensor::quantize(&w, dtype)?;
         let deq = q.dequantize(&dev)?.flatten_all()?.to_vec1::<f32>()?;
         let Cow::Borrowed(bytes) = q.data()? else {
             panic!("a CPU QTensor lends its bytes");
         };
-        let elems = Elems::Q8_0(bytes);
+        let elems = match dtype {
+            GgmlDType::Q8_0 => Elems::Q8_0(bytes),
+            _ => Elems::Q4K(bytes),
+        };
         assert_eq!(elems.len(), rows * cols);
+        let mut widened = vec![0f32; rows * cols];
+        simd::widen(elems, 0, &mut widened);
+        assert_eq!(widened, deq, "{dtype:?} widened");
         let xs: Vec<Vec<f32>> = (0..4).map(|k| random(cols, 40 + k)).collect();
         let mut want = vec![0f32; rows];
         simd::portable_rows(elems, 0, &xs[0], &mut want);
-        // The input is rounded per block of 32 to 16 bits of its largest magnitude: each
-        // row is off by at most half a step per weight, plus f32's own rounding.
         let step: Vec<f64> = xs[0]
             .chunks(32)
-            .map(|b| f64::from(b.iter().fold(0f32, |m, v| m.max(v.abs()))) / 32767.0)
+            .map(|b| f64::from(b.iter().fold(0f32, |m, v| m.max(v.abs()))) / levels)
             .collect();
         for (r, got) in want.iter().enumerate() {
             let w = |j: usize| f64::from(deq[r * cols + j]);
+            let block = |j: usize| &bytes[(r * cols + j) / block_values * block_bytes..];
             let exact: f64 = (0..cols).map(|j| w(j) * f64::from(xs[0][j])).sum();
             let bound: f64 = (0..cols)
-                .map(|j| w(j).abs() * (step[j / 32] / 2.0 + 1e-6 * f64::from(xs[0][j]).abs()))
+                .map(|j| {
+                    let x = f64::from(xs[0][j]).abs();
+                    magnitude(block(j), w(j)) * step[j / 32] / 2.0 + 1e-5 * w(j).abs() * x
+                })
                 .sum();
             let err = (f64::from(*got) - exact).abs();
-            assert!(err <= bound, "row {r} of {rows}x{cols}: {err} > {bound}");
+            assert!(
+                err <= bound,
+                "{dtype:?} row {r} of {rows}x{cols}: {err} > {bound}"
+            );
         }
         for isa in Isa::available() {
             let mut got = vec![0f32; rows];
             simd::dot_rows(isa, elems, 0, &xs[0], &mut got);
             let err = max_rel_err(&got, &want);
-            assert!(err < 1e-5, "{isa:?} {rows}x{cols}: {err}");
+            assert!(err < 1e-5, "{dtype:?} {isa:?} {rows}x{cols}: {err}");
             let mut tail = vec![0f32; rows - 1];
             simd::dot_rows(isa, elems, 1, &xs[0], &mut tail);
-            assert_eq!(tail, got[1..], "{isa:?} offset");
+            assert_eq!(tail, got[1..], "{dtype:?} {isa:?} offset");
             let mut outs: Vec<Vec<f32>> = (0..4).map(|_| vec![0f32; rows]).collect();
             let [o0, o1, o2, o3] = &mut outs[..] else {
                 unreachable!("four outputs")
@@ -220,12 +258,12 @@ fn q8_0_rows_are_the_dequantized_matrix_times_the_input() -> Result<(), ModelErr
             for (k, out) in outs.iter().enumerate() {
                 let mut alone = vec![0f32; rows];
                 simd::dot_rows(isa, elems, 0, &xs[k], &mut alone);
-                assert_eq!(out, &alone, "{isa:?} input {k}");
+                assert_eq!(out, &alone, "{dtype:?} {isa:?} input {k}");
             }
         }
         let bias = Tensor::new(random(rows, 50), &dev)?;
         let inputs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
-        let outs = multiply_rows_q8_0(&[(&q, Some(&bias)), (&q, None)], &inputs)?
+        let outs = multiply_rows_quantized(&[(&q, Some(&bias)), (&q, None)], &inputs)?
             .ok_or(ModelError::EmptyPrompt)?;
         let b = bias.to_vec1::<f32>()?;
         for (k, row) in outs.iter().enumerate() {
@@ -236,12 +274,13 @@ fn q8_0_rows_are_the_dequantized_matrix_times_the_input() -> Result<(), ModelErr
             assert_eq!(row[0], biased);
         }
     }
-    let w = Tensor::new(random(4 * 256, 31), &dev)?.reshape((4, 256))?;
-    let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
-    let x = random(128, 32);
+    let wide = block_values * 2;
+    let w = Tensor::new(random(4 * wide, 31), &dev)?.reshape((4, wide))?;
+    let q = QTensor::quantize(&w, dtype)?;
+    let x = random(block_values, 32);
     assert!(
-        multiply_rows_q8_0(&[(&q, None)], &[&x])?.is_none(),
-        "rows of 256, input of 128"
+        multiply_rows_quantized(&[(&q, None)], &[&x])?.is_none(),
+        "{dtype:?}: rows of {wide}, input of {block_values}"
     );
     Ok(())
 }

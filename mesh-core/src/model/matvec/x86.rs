@@ -27,6 +27,7 @@ pub fn dot_rows(isa: Isa, w: Elems<'_>, first: usize, x: &[f32], out: &mut [f32]
             (_, Elems::F16(w)) => avx2::rows_f16(w, first, x, out),
             (_, Elems::Bf16(w)) => avx2::rows_bf16(w, first, x, out),
             (_, Elems::Q8_0(w)) => super::q8_0::dot_rows(isa, w, first, x, out),
+            (_, Elems::Q4K(w)) => super::q4k::dot_rows(isa, w, first, x, out),
         }
     }
 }
