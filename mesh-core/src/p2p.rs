@@ -52,6 +52,7 @@ mod ip_limit;
 mod known;
 mod listen;
 pub mod nat;
+mod nudge;
 pub mod reachability;
 mod run;
 pub mod stream;

@@ -1,6 +1,8 @@
 //! Real swarms on loopback in one process ([`LocalMesh`]): bootstrap, span servers,
 //! clients. The process-level versions (separate OS processes) live in mesh-node/tests.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
@@ -218,6 +220,36 @@ async fn no_replacement_fails_with_a_clear_error_not_a_hang() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_concurrent_sessions_all_complete_correctly() {
     let f = fixture(&BlockRange::even_split(8, 3)).await;
+    for generated in ten_sessions_at_once(&f).await {
+        assert_eq!(generated.unwrap(), f.want);
+    }
+    f.mesh.stop().await.unwrap();
+}
+
+/// Ten sessions at once on a new mesh, sixteen rounds, while a thread spins on a core.
+/// Under such load a session stream left a write unwoken (about one round in forty here,
+/// one run in five of the test above beside a CPU hog), and the requests behind it waited
+/// out their 20 s step timeout (`p2p/nudge.rs`). A round takes well under a second, so
+/// one that takes 10 s has stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_concurrent_sessions_under_cpu_load_never_stall() {
+    let _hogs = CpuHogs::start(1);
+    // A fresh mesh each round: the stall came while the sessions' first requests opened
+    // the streams.
+    for round in 0..16 {
+        let f = fixture(&BlockRange::even_split(8, 3)).await;
+        let generated = tokio::time::timeout(Duration::from_secs(10), ten_sessions_at_once(&f))
+            .await
+            .unwrap_or_else(|_| panic!("round {round} stalled"));
+        for g in generated {
+            assert_eq!(g.unwrap(), f.want, "round {round}");
+        }
+        f.mesh.stop().await.unwrap();
+    }
+}
+
+/// What ten sessions opened at once on `f`'s mesh generate.
+async fn ten_sessions_at_once(f: &Fixture) -> Vec<Result<Vec<u32>, PipelineError>> {
     let client = f.mesh.client().await.unwrap();
     let runs = (0..10).map(|_| {
         let p2p = client.client.clone();
@@ -231,8 +263,41 @@ async fn ten_concurrent_sessions_all_complete_correctly() {
             Ok::<_, PipelineError>(generation.generated().to_vec())
         })
     });
-    for result in futures::future::join_all(runs).await {
-        assert_eq!(result.unwrap().unwrap(), f.want);
+    futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .map(|r| r.expect("a session task panicked"))
+        .collect()
+}
+
+/// Threads spinning on the cores until dropped.
+struct CpuHogs {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl CpuHogs {
+    fn start(n: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
     }
-    f.mesh.stop().await.unwrap();
+}
+
+impl Drop for CpuHogs {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }

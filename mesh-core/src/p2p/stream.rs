@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{read_tagged, write_tagged, FrameKind};
+use super::nudge::Nudged;
 use super::{Event, P2pError};
 
 /// The protocol's name; listed in docs/protocol.md.
@@ -75,6 +76,10 @@ pub struct StreamStats {
     pub fell_back: u64,
 }
 
+/// A session stream as both sides use it: pending writes polled again every
+/// [`super::nudge::NUDGE`], since a stream was seen to leave one unwoken.
+type SessionStream = Nudged<Stream>;
+
 /// The answer a request on a stream gets.
 enum Outcome {
     Answer(Vec<u8>),
@@ -87,7 +92,7 @@ enum Outcome {
 struct Channel {
     id: u64,
     /// `None` once the stream is closing: a request that finds it so goes another way.
-    write: tokio::sync::Mutex<Option<WriteHalf<Stream>>>,
+    write: tokio::sync::Mutex<Option<WriteHalf<SessionStream>>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
     next_request: AtomicU64,
     /// When a request last went out, for closing it unused ([`CLIENT_IDLE`]).
@@ -304,7 +309,7 @@ impl Streams {
                     return None;
                 }
             };
-        let (read, write) = stream.split();
+        let (read, write) = Nudged::new(stream).split();
         let channel = Arc::new(Channel {
             id: self.next_channel.fetch_add(1, Ordering::Relaxed),
             write: tokio::sync::Mutex::new(Some(write)),
@@ -341,7 +346,7 @@ async fn read_answers(
     streams: Arc<Streams>,
     peer: PeerId,
     channel: Arc<Channel>,
-    mut read: ReadHalf<Stream>,
+    mut read: ReadHalf<SessionStream>,
 ) {
     loop {
         let frame = tokio::select! {
@@ -391,7 +396,7 @@ async fn close_when_unused(streams: Arc<Streams>, peer: PeerId, channel: Arc<Cha
 
 /// A server's write half of one stream, shared by the responders of its requests;
 /// `None` once a write failed.
-type SharedWrite = Arc<tokio::sync::Mutex<Option<WriteHalf<Stream>>>>;
+type SharedWrite = Arc<tokio::sync::Mutex<Option<WriteHalf<SessionStream>>>>;
 
 /// Answers one request that came on a stream, writing straight onto it; dropped
 /// unanswered, it tells the requester so at once.
@@ -525,7 +530,7 @@ pub(crate) async fn accept(
 /// Reads `peer`'s requests off one stream into the event queue until it closes, falls
 /// silent for [`SERVER_IDLE`] or sends a malformed frame.
 async fn serve(peer: PeerId, stream: Stream, streams: &Streams, events: mpsc::Sender<Event>) {
-    let (mut read, write) = stream.split();
+    let (mut read, write) = Nudged::new(stream).split();
     let write: SharedWrite = Arc::new(tokio::sync::Mutex::new(Some(write)));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_STREAM));
     loop {
