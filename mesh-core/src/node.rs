@@ -177,6 +177,9 @@ pub struct Node {
     ledger: Option<crate::ledger::Store>,
     /// Live GPU figures, read again every heartbeat and sent with it.
     gpu: GpuReadings,
+    /// Whether the span's decode steps run on the CPU's worker pool, woken as each
+    /// request is queued so that its wake-up overlaps the hand-off to the worker thread.
+    wakes_pool: bool,
 }
 
 /// Bytes of the largest session frame: `max_len` positions of f32 hidden states, plus room
@@ -224,6 +227,7 @@ impl Node {
         .await
         .map_err(|_| NodeError::WorkerGone)??;
         let quantization = model.quantization().unwrap_or_default().to_string();
+        let wakes_pool = model.decodes_on_pool();
         tracing::info!(model = %cfg.model_id, %span, weight_bytes = model.weight_bytes(), quantization, "span loaded");
 
         let admission = Arc::new(Mutex::new(Admission::new(&cfg.limits)));
@@ -276,6 +280,7 @@ impl Node {
             admission,
             ledger,
             gpu,
+            wakes_pool,
         })
     }
 
@@ -323,6 +328,7 @@ impl Node {
             admission,
             ledger: _,
             gpu,
+            wakes_pool,
         } = self;
         let load_task = tokio::spawn(report_load(
             peer.client.clone(),
@@ -336,15 +342,20 @@ impl Node {
                 peer,
                 request,
                 channel,
-            } => dispatch(
-                client,
-                &request_jobs,
-                &busy,
-                &admission,
-                peer,
-                request,
-                channel,
-            ),
+            } => {
+                let queued = dispatch(
+                    client,
+                    &request_jobs,
+                    &busy,
+                    &admission,
+                    peer,
+                    request,
+                    channel,
+                );
+                if queued && wakes_pool {
+                    crate::model::matvec::pool().expect_work();
+                }
+            }
             other => on_event(&other),
         })
         .await;
@@ -392,7 +403,8 @@ pub(crate) async fn pick_span(
 }
 
 /// Admit one request ([`Admission`]), queue it for the worker and answer when it is done;
-/// a request over its peer's limits or a full queue is answered at once.
+/// a request over its peer's limits or a full queue is answered at once. Whether it was
+/// queued.
 fn dispatch(
     client: &p2p::Client,
     jobs: &mpsc::Sender<Job>,
@@ -401,7 +413,7 @@ fn dispatch(
     peer: PeerId,
     bytes: Vec<u8>,
     channel: p2p::ResponseChannel,
-) {
+) -> bool {
     let client = client.clone();
     let admitted = match admission.lock() {
         Ok(mut a) => a.admit(peer, Instant::now()),
@@ -415,7 +427,8 @@ fn dispatch(
                 Refusal::Busy
             })
     });
-    if queued.is_err() {
+    let was_queued = queued.is_ok();
+    if !was_queued {
         busy.fetch_add(1, Ordering::Relaxed);
     }
     let admission = admission.clone();
@@ -445,6 +458,7 @@ fn dispatch(
             }
         }
     });
+    was_queued
 }
 
 /// Send a step's output on to the next server, again after a moment while it is busy

@@ -93,6 +93,14 @@ impl SpanModel {
         &self.device
     }
 
+    /// Whether a decode step's products run on the CPU's worker pool ([`matvec::pool`]),
+    /// which a server then wakes as soon as a request arrives.
+    pub fn decodes_on_pool(&self) -> bool {
+        !self.blocks.is_empty()
+            && self.takes_cpu_step(&self.blocks)
+            && self.blocks.iter().all(Block::products_on_pool)
+    }
+
     /// Whether decode steps run mesh's fused kernels (on by default on a GPU where the
     /// model's shape has them); off runs candle's generic ops, for comparisons. On the CPU
     /// the kernels are their references, so turning it on there tests the wiring.

@@ -26,6 +26,10 @@ const GRACE: Duration = Duration::from_micros(20);
 /// mistake across a network wait costs little.
 const SPIN_HELD: Duration = Duration::from_millis(2);
 
+/// How long workers spin after [`WorkerPool::expect_work`]: the hand-off of a request to
+/// the thread that runs it and its decoding, with room to spare.
+const SPIN_EXPECTED: Duration = Duration::from_micros(500);
+
 /// Threads of the process-wide pool: `MESH_CPU_THREADS`, else every core.
 pub fn threads_from_env() -> usize {
     std::env::var("MESH_CPU_THREADS")
@@ -83,9 +87,20 @@ struct Shared {
     sleeping: AtomicUsize,
     /// Live [`Hold`]s: steps under way whose next product is coming.
     held: AtomicUsize,
+    /// Until when (nanoseconds past `origin`) a step is known to be on its way: see
+    /// [`WorkerPool::expect_work`].
+    expected_until: AtomicU64,
+    origin: Instant,
     shutdown: AtomicBool,
     park: Mutex<()>,
     wake: Condvar,
+}
+
+impl Shared {
+    /// Whether [`WorkerPool::expect_work`] said a step is coming, and not too long ago.
+    fn expecting(&self) -> bool {
+        (self.origin.elapsed().as_nanos() as u64) < self.expected_until.load(Ordering::SeqCst)
+    }
 }
 
 /// Worker threads that run the tasks of one job at a time, with the caller's thread.
@@ -110,6 +125,8 @@ impl WorkerPool {
             entered: AtomicUsize::new(0),
             sleeping: AtomicUsize::new(0),
             held: AtomicUsize::new(0),
+            expected_until: AtomicU64::new(0),
+            origin: Instant::now(),
             shutdown: AtomicBool::new(false),
             park: Mutex::new(()),
             wake: Condvar::new(),
@@ -141,6 +158,21 @@ impl WorkerPool {
     pub fn hold(&self) -> Hold<'_> {
         self.shared.held.fetch_add(1, Ordering::SeqCst);
         Hold { pool: self }
+    }
+
+    /// A step is on its way (a request has just arrived for it): wake parked workers now
+    /// and keep them spinning for up to [`SPIN_EXPECTED`], so the step's first products
+    /// find them awake instead of paying a wake-up each.
+    pub fn expect_work(&self) {
+        let shared = &*self.shared;
+        let until = shared.origin.elapsed() + SPIN_EXPECTED;
+        shared
+            .expected_until
+            .fetch_max(until.as_nanos() as u64, Ordering::SeqCst);
+        if shared.sleeping.load(Ordering::SeqCst) > 0 {
+            let _lock = shared.park.lock();
+            shared.wake.notify_all();
+        }
     }
 
     /// Run `task(0) .. task(tasks - 1)` across the pool and return when all have run.
@@ -230,7 +262,7 @@ fn worker(shared: &Shared) {
                 } else {
                     GRACE
                 };
-                if idle_since.elapsed() >= limit {
+                if idle_since.elapsed() >= limit && !shared.expecting() {
                     park(shared, seen);
                 }
             }
@@ -268,7 +300,10 @@ fn park(shared: &Shared, seen: u64) {
         return;
     };
     shared.sleeping.fetch_add(1, Ordering::SeqCst);
-    while shared.epoch.load(Ordering::SeqCst) == seen && !shared.shutdown.load(Ordering::SeqCst) {
+    while shared.epoch.load(Ordering::SeqCst) == seen
+        && !shared.shutdown.load(Ordering::SeqCst)
+        && !shared.expecting()
+    {
         lock = match shared.wake.wait(lock) {
             Ok(l) => l,
             Err(p) => p.into_inner(),
@@ -300,6 +335,35 @@ mod tests {
         let pool = WorkerPool::new(2);
         let count = AtomicUsize::new(0);
         std::thread::sleep(SPIN_HELD * 2);
+        assert!(pool.run(16, &|_| {
+            count.fetch_add(1, Ordering::Relaxed);
+        }));
+        assert_eq!(count.load(Ordering::Relaxed), 16);
+    }
+
+    /// Waits (up to a second) for the pool's parked workers to number `n`.
+    fn sleeping_becomes(pool: &WorkerPool, n: usize) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            if pool.shared.sleeping.load(Ordering::SeqCst) == n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        false
+    }
+
+    #[test]
+    fn expected_work_wakes_parked_workers_for_a_while_only() {
+        let pool = WorkerPool::new(3);
+        assert!(sleeping_becomes(&pool, 2), "idle workers park");
+        pool.expect_work();
+        assert!(
+            sleeping_becomes(&pool, 0),
+            "told a step is coming, they wake"
+        );
+        assert!(sleeping_becomes(&pool, 2), "no step came: they park again");
+        let count = AtomicUsize::new(0);
         assert!(pool.run(16, &|_| {
             count.fetch_add(1, Ordering::Relaxed);
         }));
