@@ -4,9 +4,9 @@
 //! blocks, vocab 32000, 167 MB of f32 weights per token), in f32, f16 and bf16, each path
 //! a decode step can take: candle's generic matmul, and mesh's matrix-vector products
 //! with each instruction set this CPU has. Each row: ms/token, the bandwidth achieved
-//! (weights + KV read per token over the time) and the ratio to the floor (those bytes
-//! over this machine's memory bandwidth with one thread per core: the best of copying,
-//! reading, and any row's own pace, over the run; see `Bandwidth`).
+//! (weights + KV read per token over the time) and the ratio to two floors (those bytes
+//! over this machine's memory bandwidth with one thread per core, the better of copying
+//! and reading: measured around the row, and the best of the run; see `Bandwidth`).
 //!
 //! Then the 512-wide f32 model through a 3-node mesh on loopback against one process,
 //! and, where `MESH_BENCH_PYTHON` names a Python with torch and transformers,
@@ -20,9 +20,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use mesh::decode_timing::{
-    argmax, copy_bandwidth, time_decode, write_model_dir, DecodeTiming, ModelShape,
-};
+use mesh::decode_timing::{argmax, time_decode, write_model_dir, DecodeTiming, ModelShape};
 use mesh_core::local_mesh::LocalMesh;
 use mesh_core::model::matvec::{self, Isa};
 use mesh_core::model::{ClientHead, ModelFiles, Quantization};
@@ -63,7 +61,6 @@ fn main() -> anyhow::Result<()> {
                 if !selected(&format!("{} {dtype:?} {name}", shape.name)) {
                     continue;
                 }
-                bandwidth.measure()?;
                 let timing = time_decode(shape, &Device::Cpu, dtype, CONTEXT, tokens, false, None);
                 let label = format!("| {} | {dtype:?} | {name} |", shape.name);
                 match timing {
@@ -91,7 +88,6 @@ fn main() -> anyhow::Result<()> {
             if !selected(&format!("{} F32, {q} blocks {path}", shape.name)) {
                 continue;
             }
-            bandwidth.measure()?;
             let t = time_decode(
                 shape,
                 &Device::Cpu,
@@ -111,26 +107,31 @@ fn main() -> anyhow::Result<()> {
     matvec::set_enabled(true);
     println!(
         "memory bandwidth: {:.1} GB/s, the best of the run ({threads} threads; measured \
-         {:.1}-{:.1} GB/s copying or reading before each row). Best ISA: {}\n",
+         {:.1}-{:.1} GB/s copying or reading around each row's steps). Best ISA: {}\n",
         bandwidth.best / 1e9,
         bandwidth.worst / 1e9,
         bandwidth.measured / 1e9,
         Isa::detect().name()
     );
-    println!("| shape | dtype | path | ms/token | GB/s | × floor | floor ms |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| shape | dtype | path | ms/token | GB/s (memory's around it) | × floor around the row | × floor, run's best | floor ms, run's best |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for (label, timing) in rows {
         match timing {
             Ok(t) => {
+                let around = t.bandwidth_around.unwrap_or(0.0).max(t.gb_per_s() * 1e9);
                 let floor_ms = t.bytes_per_token / bandwidth.best * 1e3;
                 println!(
-                    "{label} {:.3} | {:.1} | {:.2} | {floor_ms:.3} |",
+                    "{label} {:.3} | {:.1} ({:.1}) | {:.2} | {:.2} | {floor_ms:.3} |",
                     t.ms_per_token,
                     t.gb_per_s(),
+                    around / 1e9,
+                    t.ms_per_token / (t.bytes_per_token / around * 1e3),
                     t.ms_per_token / floor_ms,
                 );
             }
-            Err(e) => println!("{label} failed: {e} | | | |"),
+            Err(e) => println!("{label} failed: {e} | | | | |"),
         }
     }
 
@@ -200,9 +201,12 @@ fn selected(row: &str) -> bool {
 }
 
 /// This machine's memory bandwidth, which swings by up to 1.7x with its neighbours' load
-/// (and with where the kernel placed the pages): measured before each row, and raised to
-/// whatever a decode row achieved, so that every floor is over the best bandwidth the run
-/// saw and no row looks near its floor because memory was slow when the floor was taken.
+/// (and with where the kernel placed the pages): measured just before and after each
+/// row's timed steps (`DecodeTiming::bandwidth_around`). Each row is held
+/// to two floors: the better bandwidth of the two around its steps (or its own pace, if
+/// faster), which is what memory gave while it ran, and the best of the whole run, raised
+/// to any row's pace, so that no row looks near its floor because memory was slow when
+/// the floor was taken.
 #[derive(Default)]
 struct Bandwidth {
     best: f64,
@@ -211,19 +215,17 @@ struct Bandwidth {
 }
 
 impl Bandwidth {
-    fn measure(&mut self) -> anyhow::Result<()> {
-        let now = copy_bandwidth(&Device::Cpu)?;
-        self.measured = self.measured.max(now);
-        self.best = self.best.max(now);
-        self.worst = if self.worst == 0.0 {
-            now
-        } else {
-            self.worst.min(now)
-        };
-        Ok(())
-    }
-
+    /// A row's pace, and the bandwidths measured around it, count for the run's best.
     fn achieved(&mut self, t: &DecodeTiming) {
+        if let Some(now) = t.bandwidth_around {
+            self.measured = self.measured.max(now);
+            self.worst = if self.worst == 0.0 {
+                now
+            } else {
+                self.worst.min(now)
+            };
+            self.best = self.best.max(now);
+        }
         self.best = self.best.max(t.gb_per_s() * 1e9);
     }
 }

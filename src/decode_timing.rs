@@ -139,13 +139,15 @@ pub fn copy_bandwidth(device: &Device) -> anyhow::Result<f64> {
 /// each reading alone its part of 256 MiB, far past any cache. A shared machine's
 /// bandwidth swings from round to round and the floor is what it gives at best; a
 /// decode step only reads, and reading can outrun copying, so the better of the two
-/// counts. Both buffers are written first, so no round pays for page faults.
+/// counts. Reading goes through [`read_all`]: the widest vectors with prefetching, as the
+/// decode kernels read, since a plain loop leaves this machine's bandwidth unused. Both
+/// buffers are written first, so no round pays for page faults.
 pub fn cpu_bandwidth(threads: usize) -> f64 {
-    let elems = 1usize << 25;
-    let src: Vec<u64> = (0..elems as u64).collect();
-    let mut dst = vec![2u64; elems];
+    let elems = 1usize << 26;
+    let src: Vec<f32> = (0..elems).map(|i| (i % 251) as f32).collect();
+    let mut dst = vec![2f32; elems];
     let part = elems.div_ceil(threads.max(1));
-    let bytes = (elems * 8) as f64;
+    let bytes = (elems * 4) as f64;
     let mut best = 0f64;
     for _ in 0..12 {
         let started = Instant::now();
@@ -159,12 +161,12 @@ pub fn cpu_bandwidth(threads: usize) -> f64 {
         let sum = std::thread::scope(|s| {
             let parts: Vec<_> = src
                 .chunks(part)
-                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &v| a.wrapping_add(v))))
+                .map(|c| s.spawn(move || read_all(c)))
                 .collect();
             parts
                 .into_iter()
-                .map(|p| p.join().unwrap_or(0))
-                .fold(0u64, u64::wrapping_add)
+                .map(|p| p.join().unwrap_or(0.0))
+                .sum::<f32>()
         });
         std::hint::black_box(sum);
         best = best.max(bytes / started.elapsed().as_secs_f64());
@@ -173,12 +175,84 @@ pub fn cpu_bandwidth(threads: usize) -> f64 {
     best
 }
 
+/// Every element of `data` read once, summed (so the reads happen): AVX-512 or AVX2
+/// loads into eight sums with the lines 4 KiB ahead prefetched, where the CPU has them.
+pub fn read_all(data: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            return unsafe { read_all_avx512(data) };
+        }
+        if std::arch::is_x86_feature_detected!("avx") {
+            // SAFETY: the CPU has AVX (checked just above).
+            return unsafe { read_all_avx(data) };
+        }
+    }
+    data.iter().sum()
+}
+
+/// Elements prefetched ahead of the reads: 4 KiB, a page.
+#[cfg(target_arch = "x86_64")]
+const READ_AHEAD: usize = 1024;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn read_all_avx512(data: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut sums = [_mm512_setzero_ps(); 8];
+    let mut chunks = data.chunks_exact(128);
+    for (i, chunk) in chunks.by_ref().enumerate() {
+        let ahead = data
+            .as_ptr()
+            .wrapping_add(i * 128 + READ_AHEAD)
+            .cast::<i8>();
+        for line in 0..8 {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+        }
+        for (k, sum) in sums.iter_mut().enumerate() {
+            *sum = _mm512_add_ps(*sum, _mm512_loadu_ps(chunk.as_ptr().add(16 * k)));
+        }
+    }
+    let total = sums
+        .iter()
+        .fold(_mm512_setzero_ps(), |a, &s| _mm512_add_ps(a, s));
+    _mm512_reduce_add_ps(total) + chunks.remainder().iter().sum::<f32>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn read_all_avx(data: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut sums = [_mm256_setzero_ps(); 8];
+    let mut chunks = data.chunks_exact(64);
+    for (i, chunk) in chunks.by_ref().enumerate() {
+        let ahead = data.as_ptr().wrapping_add(i * 64 + READ_AHEAD).cast::<i8>();
+        for line in 0..4 {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+        }
+        for (k, sum) in sums.iter_mut().enumerate() {
+            *sum = _mm256_add_ps(*sum, _mm256_loadu_ps(chunk.as_ptr().add(8 * k)));
+        }
+    }
+    let mut lanes = [0f32; 8];
+    let total = sums
+        .iter()
+        .fold(_mm256_setzero_ps(), |a, &s| _mm256_add_ps(a, s));
+    _mm256_storeu_ps(lanes.as_mut_ptr(), total);
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
 /// One timed decode run.
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeTiming {
     pub ms_per_token: f64,
     /// Weights (blocks, final norm, LM head, one embedding row) and KV cache read per token.
     pub bytes_per_token: f64,
+    /// On the CPU, the better of the memory bandwidths ([`cpu_bandwidth`]) measured just
+    /// before and just after the timed steps, in bytes per second: what memory gave while
+    /// they ran, on a machine whose bandwidth swings with its neighbours' load.
+    pub bandwidth_around: Option<f64>,
 }
 
 impl DecodeTiming {
@@ -211,6 +285,12 @@ pub fn time_decode(
     let mut cache = span.new_cache(max_len)?;
     let prompt: Vec<u32> = (0..context as u32).map(|i| 1 + i % 1000).collect();
     let mut next = step(&span, &head, &mut cache, &prompt)?;
+    let bandwidth = || {
+        device
+            .is_cpu()
+            .then(|| cpu_bandwidth(mesh_core::model::matvec::pool().threads()))
+    };
+    let before = bandwidth();
     // Two warm-up steps load every kernel module before the clock starts.
     for _ in 0..2 {
         next = step(&span, &head, &mut cache, &[next])?;
@@ -220,6 +300,7 @@ pub fn time_decode(
         next = step(&span, &head, &mut cache, &[next])?;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let bandwidth_around = before.zip(bandwidth()).map(|(b, a)| b.max(a));
     let (h, v) = (cfg.hidden_size as f64, cfg.vocab_size as f64);
     let kv_bytes = (2 * cfg.num_blocks() as usize * cfg.num_kv_heads() * cfg.head_dim()) as f64
         * (context + 2 + tokens / 2) as f64
@@ -230,6 +311,7 @@ pub fn time_decode(
     Ok(DecodeTiming {
         ms_per_token: seconds * 1e3 / tokens as f64,
         bytes_per_token: span.weight_bytes() as f64 + head_bytes + kv_bytes,
+        bandwidth_around,
     })
 }
 
@@ -275,4 +357,18 @@ pub fn write_model_dir(
     std::fs::write(dir.join("config.json"), shape.config_json(max_positions))?;
     std::fs::write(dir.join("tokenizer.json"), tiny::tokenizer_json())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_all;
+
+    #[test]
+    fn reading_all_sums_every_element_once() {
+        for len in [0usize, 1, 63, 64, 127, 128, 129, 5000] {
+            let data: Vec<f32> = (0..len).map(|i| (i % 7) as f32).collect();
+            let expected: f32 = data.iter().sum();
+            assert_eq!(read_all(&data), expected, "{len} elements");
+        }
+    }
 }
