@@ -175,7 +175,7 @@ pub fn cpu_bandwidth(threads: usize) -> f64 {
     best
 }
 
-/// Every element of `data` read once, summed (so the reads happen): AVX-512 or AVX2
+/// Every element of `data` read once, summed (so the reads happen): AVX-512 or AVX
 /// loads into eight sums with the lines 4 KiB ahead prefetched, where the CPU has them.
 pub fn read_all(data: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
