@@ -73,6 +73,21 @@ impl Linear {
         }
     }
 
+    /// Weights in the matrix (rows × columns), however they are stored.
+    pub fn elements(&self) -> usize {
+        match self {
+            Self::Dense(l) => l.weight().elem_count(),
+            Self::Quantized {
+                matmul: QMatMul::QTensor(q),
+                ..
+            } => q.shape().elem_count(),
+            Self::Quantized {
+                matmul: QMatMul::Tensor(t) | QMatMul::TensorF16(t),
+                ..
+            } => t.elem_count(),
+        }
+    }
+
     /// Whether one-row products run on the CPU's matrix-vector path.
     pub fn on_pool(&self) -> bool {
         self.as_dense().is_some() || self.as_block_quantized().is_some()

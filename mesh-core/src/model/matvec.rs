@@ -51,6 +51,23 @@ const TASKS_PER_THREAD: usize = 4;
 /// core's L2 keeps, so several rows (sessions) read each weight from memory once.
 const BLOCK_BYTES: usize = 64 << 10;
 
+/// Work (weight elements read, times input rows) below which a job runs on the caller's
+/// thread alone, and a step whose jobs all do leaves the workers parked. Handing a job to
+/// the workers and waiting for them costs about 2.5 µs on the 2-core machine we measure
+/// on, so the split loses below about 48K elements and wins from 128K on (a 512 KiB f32
+/// matrix: 22 µs alone, 12.6 µs split). Between the two, what decides is the spinning: the
+/// tiny model's steps (largest job 88K elements) ran a 3-node mesh in one process 19 %
+/// faster per token with the workers parked than with them spinning through each step
+/// for a product or two, which shared two cores with the nodes' network tasks
+/// (docs/performance.md).
+pub(crate) const MIN_SHARED_WORK: usize = 128 << 10;
+
+/// Whether a job of `work` weight elements (times input rows) goes to the pool's workers
+/// ([`MIN_SHARED_WORK`]).
+pub(crate) fn worth_sharing(work: usize) -> bool {
+    work >= MIN_SHARED_WORK
+}
+
 static ENABLED: AtomicBool = AtomicBool::new(true);
 /// 0: not chosen yet (detect on first use); else `Isa as u8 + 1`.
 static CHOSEN_ISA: AtomicU8 = AtomicU8::new(0);
@@ -298,7 +315,15 @@ fn multiply(
     } else {
         Vec::new()
     };
-    let ok = pool.run(tasks.len(), &|t| {
+    let share = worth_sharing(total * cols * xs.len());
+    let run = |tasks: usize, task: &(dyn Fn(usize) + Sync)| {
+        if share {
+            pool.run(tasks, task)
+        } else {
+            pool.run_here(tasks, task)
+        }
+    };
+    let ok = run(tasks.len(), &|t| {
         let task = &tasks[t];
         let w = weights[task.part];
         match (w, task.rows.lock()) {

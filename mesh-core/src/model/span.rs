@@ -96,9 +96,7 @@ impl SpanModel {
     /// Whether a decode step's products run on the CPU's worker pool ([`matvec::pool`]),
     /// which a server then wakes as soon as a request arrives.
     pub fn decodes_on_pool(&self) -> bool {
-        !self.blocks.is_empty()
-            && self.takes_cpu_step(&self.blocks)
-            && self.blocks.iter().all(Block::products_on_pool)
+        self.takes_cpu_step(&self.blocks) && shares_pool(&self.blocks, 1)
     }
 
     /// Whether decode steps run mesh's fused kernels (on by default on a GPU where the
@@ -191,7 +189,7 @@ impl SpanModel {
         }
         let blocks = self.blocks_of(cache)?;
         if seq == 1 && dims[0] == 1 && self.takes_cpu_step(blocks) {
-            let _step = hold_pool(blocks);
+            let _step = hold_pool(blocks, 1);
             let mut x = hidden
                 .to_dtype(DType::F32)?
                 .flatten_all()?
@@ -269,7 +267,7 @@ impl SpanModel {
         blocks: &[Block],
         steps: &mut [(&mut SpanCache, &Tensor)],
     ) -> Result<Vec<Tensor>, ModelError> {
-        let _step = hold_pool(blocks);
+        let _step = hold_pool(blocks, steps.len());
         let mut xs = Vec::with_capacity(steps.len());
         let mut rotations = Vec::with_capacity(steps.len());
         for (cache, hidden) in steps.iter() {
@@ -307,10 +305,61 @@ impl SpanModel {
     }
 }
 
-/// Hold the pool for a step of `blocks` when all their products run on it.
-fn hold_pool(blocks: &[Block]) -> Option<matvec::Hold<'static>> {
-    blocks
-        .iter()
-        .all(Block::products_on_pool)
-        .then(|| matvec::pool().hold())
+/// Whether a step of `rows` sessions through `blocks` runs its products on the pool's
+/// workers: all of them on the pool, and some worth a hand-off ([`matvec::worth_sharing`]).
+fn shares_pool(blocks: &[Block], rows: usize) -> bool {
+    !blocks.is_empty()
+        && blocks.iter().all(Block::products_on_pool)
+        && blocks
+            .iter()
+            .any(|b| matvec::worth_sharing(b.largest_product() * rows))
+}
+
+/// Hold the pool for a step of `rows` sessions through `blocks` when it runs on the
+/// workers ([`shares_pool`]); a step too small for them leaves them parked.
+fn hold_pool(blocks: &[Block], rows: usize) -> Option<matvec::Hold<'static>> {
+    shares_pool(blocks, rows).then(|| matvec::pool().hold())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tiny;
+
+    fn span_of(dir: &std::path::Path, hidden: usize, intermediate: usize) -> SpanModel {
+        let cfg = LlamaConfig::from_json(
+            &serde_json::json!({
+                "vocab_size": 259, "hidden_size": hidden, "intermediate_size": intermediate,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "bos_token_id": 1,
+                "eos_token_id": 2
+            })
+            .to_string(),
+        )
+        .expect("config");
+        tiny::write_random(dir, &cfg).expect("model");
+        let files = ModelFiles::open(dir).expect("files");
+        SpanModel::load(&files, BlockRange::new(0, 2), DType::F32, &Device::Cpu).expect("span")
+    }
+
+    /// A span whose products are all too small for a hand-off ([`matvec::MIN_SHARED_WORK`])
+    /// leaves the workers parked, and a server does not wake them for its requests; one
+    /// with a product worth splitting holds them, and a batch of small steps may too.
+    #[test]
+    fn only_steps_worth_splitting_hold_the_workers() {
+        let (small, large) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        // Largest job: gate and up, 2 · 344 · 128 = 88K elements.
+        let small = span_of(small.path(), 128, 344);
+        // 2 · 768 · 256 = 393K elements.
+        let large = span_of(large.path(), 256, 768);
+        assert!(!small.decodes_on_pool());
+        assert!(!shares_pool(&small.blocks, 1));
+        assert!(shares_pool(&small.blocks, 2));
+        assert!(large.decodes_on_pool());
+        assert!(shares_pool(&large.blocks, 1));
+        assert!(!shares_pool(&[], 16));
+    }
 }

@@ -63,6 +63,20 @@ impl Block {
             && self.mlp.down_proj.on_pool()
     }
 
+    /// Weight elements of the step's largest job (a fused projection counts as one):
+    /// whether its steps are worth the pool's workers ([`matvec::worth_sharing`]).
+    pub(crate) fn largest_product(&self) -> usize {
+        [
+            self.attn.qkv.elements(),
+            self.attn.o_proj.elements(),
+            self.mlp.gate_up.elements(),
+            self.mlp.down_proj.elements(),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+    }
+
     /// The block's output for one token of each of several sessions: each row's hidden
     /// state updated in place, its keys and values written at its position of its own
     /// cache in `dtype`. The products read each weight once for all rows ([`matvec`]);
@@ -153,6 +167,14 @@ impl RmsNorm {
 }
 
 impl Projections {
+    /// Weight elements of all the projections (one job on the pool).
+    fn elements(&self) -> usize {
+        match self {
+            Self::Separate(parts) => parts.iter().map(Linear::elements).sum(),
+            Self::Fused { linear, .. } => linear.weight().elem_count(),
+        }
+    }
+
     fn on_pool(&self) -> bool {
         match self {
             Self::Separate(parts) => parts.iter().all(Linear::on_pool),
@@ -285,7 +307,16 @@ fn attend(
     let isa = matvec::isa();
     let mut out = vec![0f32; heads * hd];
     let slots: Vec<Mutex<&mut [f32]>> = out.chunks_mut(group * hd).map(Mutex::new).collect();
-    let ok = matvec::pool().run(kv_heads, &|g| {
+    let pool = matvec::pool();
+    let read = 2 * kv_heads * len * hd;
+    let run = |tasks: usize, task: &(dyn Fn(usize) + Sync)| {
+        if matvec::worth_sharing(read) {
+            pool.run(tasks, task)
+        } else {
+            pool.run_here(tasks, task)
+        }
+    };
+    let ok = run(kv_heads, &|g| {
         let Ok(mut o) = slots[g].lock() else {
             return;
         };

@@ -191,6 +191,21 @@ impl WorkerPool {
         }
     }
 
+    /// Run `task(0) .. task(tasks - 1)` on the caller's thread alone, the workers left
+    /// where they are: for a job too small to be worth a hand-off ([`super::worth_sharing`]).
+    /// Returns `false` if a task panicked, as [`Self::run`] does.
+    pub fn run_here(&self, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> bool {
+        let job = Job {
+            task,
+            tasks,
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+        };
+        job.work();
+        !job.panicked.load(Ordering::Relaxed)
+    }
+
     /// Run `task(0) .. task(tasks - 1)` across the pool and return when all have run.
     /// Returns `false` if a task panicked (its product is then incomplete).
     pub fn run(&self, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> bool {
@@ -339,6 +354,23 @@ fn park(shared: &Shared, seen: u64, seen_expectations: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A job too small to share runs wholly on its caller, and a panic in it is reported.
+    #[test]
+    fn run_here_runs_every_task_on_the_callers_thread() {
+        let pool = WorkerPool::new(3);
+        let caller = std::thread::current().id();
+        let seen = Mutex::new(Vec::new());
+        assert!(pool.run_here(16, &|t| {
+            if let Ok(mut s) = seen.lock() {
+                s.push((t, std::thread::current().id()));
+            }
+        }));
+        let seen = seen.into_inner().unwrap_or_default();
+        let want: Vec<_> = (0..16).map(|t| (t, caller)).collect();
+        assert_eq!(seen, want);
+        assert!(!pool.run_here(2, &|t| assert_ne!(t, 1, "a task that panics")));
+    }
 
     #[test]
     fn every_task_runs_once_across_many_jobs() {

@@ -118,7 +118,23 @@ fn the_reference_is_a_dot_product() {
 #[test]
 fn dense_agrees_with_candle_linear() -> Result<(), ModelError> {
     let dev = Device::Cpu;
-    let (out, inp) = (300, 96);
+    // One product the caller runs alone, one split across the workers.
+    for (out, inp) in [(300, 96), (1100, 128)] {
+        assert_ne!(
+            super::worth_sharing(300 * 96),
+            super::worth_sharing(1100 * 128)
+        );
+        dense_agrees_with_candle_linear_at(&dev, out, inp)?;
+    }
+    Ok(())
+}
+
+fn dense_agrees_with_candle_linear_at(
+    dev: &Device,
+    out: usize,
+    inp: usize,
+) -> Result<(), ModelError> {
+    let dev = dev.clone();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let w = Tensor::new(random(out * inp, 5), &dev)?
             .reshape((out, inp))?
@@ -177,7 +193,7 @@ fn forward_many_keeps_each_part() -> Result<(), ModelError> {
 /// matrix of other width is refused.
 #[test]
 fn q8_0_rows_are_the_dequantized_matrix_times_the_input() -> Result<(), ModelError> {
-    let shapes = [(1, 32), (5, 64), (13, 96), (70, 512)];
+    let shapes = [(1, 32), (5, 64), (13, 96), (70, 512), (300, 512)];
     block_quantized_rows(GgmlDType::Q8_0, &shapes, 32767.0, |_, w| w.abs())
 }
 
@@ -186,7 +202,7 @@ fn q8_0_rows_are_the_dequantized_matrix_times_the_input() -> Result<(), ModelErr
 /// is taken off), at most `d·63·15` for super-block scale `d`.
 #[test]
 fn q4k_rows_are_the_dequantized_matrix_times_the_input() -> Result<(), ModelError> {
-    let shapes = [(1, 256), (5, 512), (13, 768), (70, 512)];
+    let shapes = [(1, 256), (5, 512), (13, 768), (70, 512), (300, 512)];
     block_quantized_rows(GgmlDType::Q4K, &shapes, 127.0, |block, _| {
         f64::from(simd::f16_to_f32(u16::from_le_bytes([block[0], block[1]]))) * 63.0 * 15.0
     })
