@@ -180,6 +180,9 @@ pub struct Node {
     /// Whether the span's decode steps run on the CPU's worker pool, woken as each
     /// request is queued so that its wake-up overlaps the hand-off to the worker thread.
     wakes_pool: bool,
+    /// Steps' outputs the worker pushes on to the next server (peer, encoded request),
+    /// sent as soon as each step ran, before its answer is signed.
+    pushes: mpsc::Receiver<(PeerId, Vec<u8>)>,
 }
 
 /// Bytes of the largest session frame: `max_len` positions of f32 hidden states, plus room
@@ -248,10 +251,11 @@ impl Node {
         }
         let free = server.free_cache_bytes() as u64;
         let (jobs, rx) = mpsc::channel(REQUEST_QUEUE);
+        let (push_tx, pushes) = mpsc::channel(REQUEST_QUEUE);
         let (snap_tx, snapshot) = watch::channel(NodeSnapshot::default());
         let worker = std::thread::Builder::new()
             .name("mesh-span".into())
-            .spawn(move || work(server, rx, snap_tx))
+            .spawn(move || work(server, rx, push_tx, snap_tx))
             .map_err(|_| NodeError::WorkerGone)?;
         let ann = Announcement {
             model: cfg.model_id,
@@ -281,6 +285,7 @@ impl Node {
             ledger,
             gpu,
             wakes_pool,
+            pushes,
         })
     }
 
@@ -329,6 +334,7 @@ impl Node {
             ledger: _,
             gpu,
             wakes_pool,
+            pushes,
         } = self;
         let load_task = tokio::spawn(report_load(
             peer.client.clone(),
@@ -336,6 +342,7 @@ impl Node {
             gpu,
             heartbeat_interval,
         ));
+        let push_task = tokio::spawn(send_pushes(peer.client.clone(), pushes));
         let request_jobs = jobs.clone();
         let result = p2p::serve(peer, ann, shutdown, move |client, event| match event {
             Event::InboundRequest {
@@ -360,6 +367,7 @@ impl Node {
         })
         .await;
         load_task.abort();
+        push_task.abort();
         let _ = jobs.send(Job::StopAccepting).await;
         drop(jobs);
         let _ = tokio::task::spawn_blocking(move || worker.join()).await;
@@ -438,14 +446,7 @@ fn dispatch(
                 let answer = answer.await;
                 finish(&admission, &peer);
                 match answer {
-                    Ok(Outgoing { bytes, push }) => {
-                        // The next server's input first: it is on the token's path, the
-                        // answer to the client is not.
-                        if let Some((next, push)) = push {
-                            tokio::spawn(push_on(client.clone(), next, push));
-                        }
-                        Some(bytes)
-                    }
+                    Ok(Outgoing { bytes }) => Some(bytes),
                     // The worker dropped a waiting step (it stopped).
                     Err(_) => wire::encode(&SessionResponse::Refused(Refusal::ShuttingDown)).ok(),
                 }
@@ -459,6 +460,13 @@ fn dispatch(
         }
     });
     was_queued
+}
+
+/// Send each step's output the worker pushes on to its next server ([`push_on`]).
+async fn send_pushes(client: p2p::Client, mut pushes: mpsc::Receiver<(PeerId, Vec<u8>)>) {
+    while let Some((next, push)) = pushes.recv().await {
+        tokio::spawn(push_on(client.clone(), next, push));
+    }
 }
 
 /// Send a step's output on to the next server, again after a moment while it is busy

@@ -61,6 +61,42 @@ fn signing_bytes(
     out
 }
 
+/// What an attestation states, before it is signed: a server digests a step's frames as
+/// it answers, and signs once the step's output is on its way to the next server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unsigned {
+    session: SessionId,
+    start_pos: u32,
+    input: [u8; 32],
+    output: [u8; 32],
+}
+
+impl Unsigned {
+    pub fn of(
+        session: &SessionId,
+        start_pos: u32,
+        input: &WireTensor,
+        output: &WireTensor,
+    ) -> Self {
+        Self {
+            session: *session,
+            start_pos,
+            input: digest(input),
+            output: digest(output),
+        }
+    }
+
+    /// Sign as the server holding `key`.
+    pub fn sign(&self, key: &SigningKey) -> Attestation {
+        let bytes = signing_bytes(&self.session, self.start_pos, &self.input, &self.output);
+        Attestation {
+            input: self.input,
+            output: self.output,
+            signature: Sig(key.sign(&bytes).to_bytes()),
+        }
+    }
+}
+
 impl Attestation {
     /// Sign one step as the server holding `key`.
     pub fn sign(
@@ -70,13 +106,7 @@ impl Attestation {
         input: &WireTensor,
         output: &WireTensor,
     ) -> Self {
-        let (input, output) = (digest(input), digest(output));
-        let sig = key.sign(&signing_bytes(session, start_pos, &input, &output));
-        Self {
-            input,
-            output,
-            signature: Sig(sig.to_bytes()),
-        }
+        Unsigned::of(session, start_pos, input, output).sign(key)
     }
 
     /// Check that `server` signed exactly this input and output for this step.

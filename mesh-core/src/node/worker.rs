@@ -1,5 +1,7 @@
 //! The span's worker thread: owns the [`SpanServer`] and its sessions, serves queued
-//! requests one per peer in turn, and holds the steps that wait for a pushed input.
+//! requests one per peer in turn, and holds the steps that wait for a pushed input. A
+//! step's output goes on to the next server before its answer is signed and encoded: the
+//! push is on the token's path, the signature is not.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -29,31 +31,38 @@ pub(super) enum Job {
     StopAccepting,
 }
 
-/// What the worker hands back for one request: the encoded answer, and the push its
-/// output makes on to the next server (`peer`, the encoded request), if it makes one.
+/// What the worker hands back for one request: the encoded answer.
 pub(super) struct Outgoing {
     pub bytes: Vec<u8>,
-    pub push: Option<(PeerId, Vec<u8>)>,
 }
 
 impl Outgoing {
-    /// Encode `answer` (and its push); an answer that cannot be encoded becomes a refusal
-    /// saying why.
+    /// Encode `answer`; one that cannot be encoded becomes a refusal saying why.
     fn of(answer: Answer) -> Self {
         let bytes = wire::encode(&answer.response).unwrap_or_else(|e| {
             let refusal = SessionResponse::Refused(Refusal::BadRequest(e.to_string()));
             wire::encode(&refusal).unwrap_or_default()
         });
-        let push = answer
-            .push
-            .and_then(|order| match wire::encode(&order.request) {
-                Ok(push) => Some((order.peer, push)),
-                Err(e) => {
-                    tracing::warn!("push not encoded: {e}");
-                    None
-                }
-            });
-        Self { bytes, push }
+        Self { bytes }
+    }
+}
+
+/// Send the push `answer` orders (its output, on to the next server) to the node's
+/// network side. A push not sent is only logged: the client, not hearing from the next
+/// server in time, sends it the input itself.
+fn push_on(answer: &mut Answer, pushes: &mpsc::Sender<(PeerId, Vec<u8>)>) {
+    let Some(order) = answer.push.take() else {
+        return;
+    };
+    let sent = wire::encode(&order.request)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| {
+            pushes
+                .try_send((order.peer, bytes))
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = sent {
+        tracing::warn!(next = %order.peer, "push not sent: {e}");
     }
 }
 
@@ -62,6 +71,7 @@ impl Outgoing {
 pub(super) fn work(
     mut server: SpanServer,
     mut jobs: mpsc::Receiver<Job>,
+    pushes: mpsc::Sender<(PeerId, Vec<u8>)>,
     published: watch::Sender<NodeSnapshot>,
 ) {
     let mut metrics = NodeMetrics::default();
@@ -140,19 +150,27 @@ pub(super) fn work(
         if requests.is_empty() {
             continue;
         }
-        for (served, reply) in server
-            .serve_many(requests, Instant::now())
-            .into_iter()
-            .zip(replies)
-        {
-            if let Some((session, answer)) = served.released {
+        let mut served = server.serve_many(requests, Instant::now());
+        // Every output on to its next server first, then the signatures and answers.
+        for s in &mut served {
+            if let Reply::Now(answer) = &mut s.reply {
+                push_on(answer, &pushes);
+            }
+            if let Some((_, answer)) = &mut s.released {
+                push_on(answer, &pushes);
+            }
+        }
+        for (mut served, reply) in served.into_iter().zip(replies) {
+            if let Some((session, mut answer)) = served.released.take() {
+                server.seal(&mut answer);
                 let out = observe(&mut metrics, blocks, answer);
                 if let Some((_, waiting)) = parked.remove(&session) {
                     let _ = waiting.send(out);
                 }
             }
             match served.reply {
-                Reply::Now(answer) => {
+                Reply::Now(mut answer) => {
+                    server.seal(&mut answer);
                     let _ = reply.send(observe(&mut metrics, blocks, *answer));
                 }
                 Reply::Waits(session) => {

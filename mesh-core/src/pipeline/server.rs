@@ -10,9 +10,10 @@ use candle_core::Device;
 use libp2p::PeerId;
 
 use super::protocol::{Refusal, SessionRequest, SessionResponse};
+use crate::ledger::attestation::Unsigned;
 use crate::ledger::{
-    now_ms, unpaid_of, Attestation, ConfigHash, LedgerError, Meter, Outcome, Receipt, Reputation,
-    SignedReceipt, Store, Terms,
+    now_ms, unpaid_of, ConfigHash, LedgerError, Meter, Outcome, Receipt, Reputation, SignedReceipt,
+    Store, Terms,
 };
 use crate::model::{SpanCache, SpanModel};
 use crate::types::{BlockRange, ModelId, SessionId};
@@ -282,8 +283,16 @@ impl SpanServer {
         }
     }
 
-    /// Serve one request from `peer`: a client's, or a push from the server before.
+    /// Serve one request from `peer`: a client's, or a push from the server before; a
+    /// step's answer comes signed.
     pub fn serve(&mut self, peer: PeerId, request: SessionRequest, now: Instant) -> Served {
+        let mut served = self.serve_unsealed(peer, request, now);
+        self.seal_served(&mut served);
+        served
+    }
+
+    /// [`Self::serve`], its answers left for [`Self::seal`].
+    fn serve_unsealed(&mut self, peer: PeerId, request: SessionRequest, now: Instant) -> Served {
         let client = peer;
         // The session's client moved on: a step still waiting for its push is ended.
         let ended = match &request {
@@ -292,7 +301,7 @@ impl SpanServer {
             | SessionRequest::Close { session } => self.end_waiting(client, *session),
             _ => None,
         };
-        let response = match request {
+        let stepped: Stepped = match request {
             SessionRequest::Step {
                 session,
                 start_pos,
@@ -310,23 +319,29 @@ impl SpanServer {
                 model,
                 span,
                 max_len,
-            } => self.open(client, session, model, span, max_len, now),
+            } => self.open(client, session, model, span, max_len, now).into(),
             SessionRequest::Forward {
                 session,
                 start_pos,
                 hidden,
             } => self.forward(client, session, start_pos, &hidden, now),
-            SessionRequest::Close { session } => self.close(client, session),
-            SessionRequest::Countersigned { receipt } => self.countersigned(client, &receipt),
+            SessionRequest::Close { session } => self.close(client, session).into(),
+            SessionRequest::Countersigned { receipt } => {
+                self.countersigned(client, &receipt).into()
+            }
             SessionRequest::Rewind {
                 session,
                 to,
                 hidden,
             } => self.rewind(client, session, to, &hidden, now),
         };
+        let mut served = self.answered(stepped.response);
+        if let Reply::Now(answer) = &mut served.reply {
+            answer.unsigned = stepped.unsigned;
+        }
         Served {
             released: ended,
-            ..self.answered(response)
+            ..served
         }
     }
 
@@ -465,13 +480,13 @@ impl SpanServer {
         start_pos: u32,
         hidden: &WireTensor,
         now: Instant,
-    ) -> SessionResponse {
+    ) -> Stepped {
         let Some(state) = owned(&mut self.sessions, client, session) else {
-            return SessionResponse::Refused(Refusal::UnknownSession);
+            return SessionResponse::Refused(Refusal::UnknownSession).into();
         };
         let input = match hidden.to_tensor(&Device::Cpu) {
             Ok(t) => t,
-            Err(e) => return SessionResponse::Refused(Refusal::BadRequest(e.to_string())),
+            Err(e) => return SessionResponse::Refused(Refusal::BadRequest(e.to_string())).into(),
         };
         let started = Instant::now();
         // The answer travels in the span's dtype: a bf16 span sends half the bytes of f32.
@@ -483,7 +498,7 @@ impl SpanServer {
             .and_then(|out| WireTensor::from_tensor(&out).map_err(|e| e.to_string()));
         let output = match output {
             Ok(t) => t,
-            Err(e) => return SessionResponse::Refused(Refusal::BadRequest(e)),
+            Err(e) => return SessionResponse::Refused(Refusal::BadRequest(e)).into(),
         };
         let micros = started.elapsed().as_micros() as u64;
         let positions = input.dim(1).unwrap_or(0) as u64;
@@ -491,7 +506,8 @@ impl SpanServer {
     }
 
     /// A step of `session` ran (`positions` positions of `input` into `output`, in
-    /// `micros` of compute): count it, bill it, sign it, and answer it.
+    /// `micros` of compute): count it, bill it, and answer it, its attestation digested
+    /// but not yet signed ([`SpanServer::seal`]).
     #[allow(clippy::too_many_arguments)]
     fn finish_step(
         &mut self,
@@ -502,9 +518,9 @@ impl SpanServer {
         positions: u64,
         micros: u64,
         now: Instant,
-    ) -> SessionResponse {
+    ) -> Stepped {
         let Some(state) = self.sessions.get_mut(&session) else {
-            return SessionResponse::Refused(Refusal::UnknownSession);
+            return SessionResponse::Refused(Refusal::UnknownSession).into();
         };
         state.last_used = now;
         if positions > 1 {
@@ -530,15 +546,40 @@ impl SpanServer {
                 .flatten()
         });
         let receipt = self.bill(issued);
-        SessionResponse::Hidden {
-            attestation: self
-                .signer
-                .as_ref()
-                .map(|key| Attestation::sign(key, &session, start_pos, input, &output)),
-            session,
-            hidden: output,
-            compute_micros: micros,
-            receipt,
+        let unsigned = self
+            .signer
+            .as_ref()
+            .map(|_| Unsigned::of(&session, start_pos, input, &output));
+        Stepped {
+            response: SessionResponse::Hidden {
+                attestation: None,
+                session,
+                hidden: output,
+                compute_micros: micros,
+                receipt,
+            },
+            unsigned,
+        }
+    }
+
+    /// Sign the step `answer` carries, if it ran one and this server signs: after its
+    /// output was pushed on ([`SpanServer::serve_many`]), so the signature is off the
+    /// token's path.
+    pub fn seal(&self, answer: &mut Answer) {
+        if let (Some(unsigned), Some(key), SessionResponse::Hidden { attestation, .. }) =
+            (answer.unsigned.take(), &self.signer, &mut answer.response)
+        {
+            *attestation = Some(unsigned.sign(key));
+        }
+    }
+
+    /// [`Self::seal`] every answer `served` holds.
+    fn seal_served(&self, served: &mut Served) {
+        if let Reply::Now(answer) = &mut served.reply {
+            self.seal(answer);
+        }
+        if let Some((_, answer)) = &mut served.released {
+            self.seal(answer);
         }
     }
 
@@ -551,25 +592,26 @@ impl SpanServer {
         to: u32,
         hidden: &WireTensor,
         now: Instant,
-    ) -> SessionResponse {
+    ) -> Stepped {
         let Some(state) = owned(&mut self.sessions, client, session) else {
-            return SessionResponse::Refused(Refusal::UnknownSession);
+            return SessionResponse::Refused(Refusal::UnknownSession).into();
         };
         let cached = state.cache.len();
         let to = to as usize;
         if to > cached {
             return SessionResponse::Refused(Refusal::BadRequest(format!(
                 "rewind to position {to}, past the {cached} positions cached"
-            )));
+            )))
+            .into();
         }
         state.cache.truncate(to);
-        let response = self.forward(client, session, to as u32, hidden, now);
-        if matches!(response, SessionResponse::Refused(_)) {
+        let stepped = self.forward(client, session, to as u32, hidden, now);
+        if matches!(stepped.response, SessionResponse::Refused(_)) {
             if let Some(state) = self.sessions.get_mut(&session) {
                 state.cache.restore_len(cached);
             }
         }
-        response
+        stepped
     }
 
     fn close(&mut self, client: PeerId, session: SessionId) -> SessionResponse {
@@ -642,5 +684,21 @@ fn owned(
 
 mod batch;
 mod push;
+
+/// A step's response, and its attestation still to sign ([`SpanServer::seal`]).
+#[derive(Debug)]
+struct Stepped {
+    response: SessionResponse,
+    unsigned: Option<Unsigned>,
+}
+
+impl From<SessionResponse> for Stepped {
+    fn from(response: SessionResponse) -> Self {
+        Self {
+            response,
+            unsigned: None,
+        }
+    }
+}
 #[cfg(test)]
 mod tests;

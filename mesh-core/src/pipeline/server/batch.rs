@@ -42,6 +42,9 @@ impl SpanServer {
     /// `Step` carrying its input, or the `Push` a waiting step waits for) that come first
     /// for their session run as one pass, and the other requests after it, in the order
     /// they came. One answer per request, in that order.
+    ///
+    /// The steps' answers come unsigned: send their pushes on first, then sign each with
+    /// [`SpanServer::seal`], so the next server's input does not wait for a signature.
     pub fn serve_many(
         &mut self,
         requests: Vec<(PeerId, SessionRequest)>,
@@ -83,7 +86,7 @@ impl SpanServer {
         }
         self.run_decodes(decodes, now, &mut served);
         for (index, peer, request) in rest {
-            served[index] = Some(self.serve(peer, request, now));
+            served[index] = Some(self.serve_unsealed(peer, request, now));
         }
         served
             .into_iter()
@@ -185,14 +188,14 @@ impl SpanServer {
             let output = out
                 .map_err(|e| e.to_string())
                 .and_then(|t| WireTensor::from_tensor(&t).map_err(|e| e.to_string()));
-            let response = match output {
+            let stepped = match output {
                 Ok(output) => self.finish_step(d.id, start_pos, &hidden, output, 1, micros, now),
                 Err(e) => {
                     self.stats.refusals += 1;
-                    SessionResponse::Refused(Refusal::BadRequest(e))
+                    SessionResponse::Refused(Refusal::BadRequest(e)).into()
                 }
             };
-            let answer = Answer::pushing(response, start_pos, push_to);
+            let answer = Answer::pushing(stepped, start_pos, push_to);
             let result = match d.pushed {
                 false => Served::now(answer),
                 true => Served {

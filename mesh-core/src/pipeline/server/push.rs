@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use libp2p::PeerId;
 
-use super::{owned, SpanServer};
+use super::{owned, SpanServer, Stepped};
+use crate::ledger::attestation::Unsigned;
 use crate::pipeline::protocol::{PushTarget, Refusal, SessionRequest, SessionResponse, StepInput};
 use crate::types::SessionId;
 use crate::wire::WireTensor;
@@ -48,6 +49,8 @@ pub enum Reply {
 pub struct Answer {
     pub response: SessionResponse,
     pub push: Option<PushOrder>,
+    /// The step's attestation, until [`SpanServer::seal`] signs it into `response`.
+    pub(super) unsigned: Option<Unsigned>,
 }
 
 impl Answer {
@@ -55,15 +58,13 @@ impl Answer {
         Self {
             response,
             push: None,
+            unsigned: None,
         }
     }
 
     /// A step's answer, its output ordered on to `push_to` (if set and the step ran).
-    pub(super) fn pushing(
-        response: SessionResponse,
-        start_pos: u32,
-        push_to: Option<PushTarget>,
-    ) -> Self {
+    pub(super) fn pushing(stepped: Stepped, start_pos: u32, push_to: Option<PushTarget>) -> Self {
+        let Stepped { response, unsigned } = stepped;
         let push = match (&response, push_to) {
             (SessionResponse::Hidden { hidden, .. }, Some(target)) => Some(PushOrder {
                 peer: target.peer,
@@ -75,7 +76,11 @@ impl Answer {
             }),
             _ => None,
         };
-        Self { response, push }
+        Self {
+            response,
+            push,
+            unsigned,
+        }
     }
 }
 
@@ -224,14 +229,14 @@ impl SpanServer {
         push_to: Option<PushTarget>,
         now: Instant,
     ) -> Answer {
-        let response = if rewind {
+        let stepped = if rewind {
             self.rewind(client, session, start_pos, hidden, now)
         } else {
             self.forward(client, session, start_pos, hidden, now)
         };
-        if matches!(response, SessionResponse::Refused(_)) {
+        if matches!(stepped.response, SessionResponse::Refused(_)) {
             self.stats.refusals += 1;
         }
-        Answer::pushing(response, start_pos, push_to)
+        Answer::pushing(stepped, start_pos, push_to)
     }
 }
