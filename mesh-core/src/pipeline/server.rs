@@ -20,6 +20,7 @@ use crate::types::{BlockRange, ModelId, SessionId};
 use crate::wire::WireTensor;
 pub use batch::MAX_BATCH;
 pub use push::{Answer, PushOrder, Reply, Served};
+use seal::Stepped;
 
 /// What one server lets its clients spend.
 #[derive(Clone, Debug)]
@@ -562,27 +563,6 @@ impl SpanServer {
         }
     }
 
-    /// Sign the step `answer` carries, if it ran one and this server signs: after its
-    /// output was pushed on ([`SpanServer::serve_many`]), so the signature is off the
-    /// token's path.
-    pub fn seal(&self, answer: &mut Answer) {
-        if let (Some(unsigned), Some(key), SessionResponse::Hidden { attestation, .. }) =
-            (answer.unsigned.take(), &self.signer, &mut answer.response)
-        {
-            *attestation = Some(unsigned.sign(key));
-        }
-    }
-
-    /// [`Self::seal`] every answer `served` holds.
-    fn seal_served(&self, served: &mut Served) {
-        if let Reply::Now(answer) = &mut served.reply {
-            self.seal(answer);
-        }
-        if let Some((_, answer)) = &mut served.released {
-            self.seal(answer);
-        }
-    }
-
     /// [`SessionRequest::Rewind`]: truncate, then forward; a refused step leaves the cache
     /// as it was.
     fn rewind(
@@ -684,21 +664,7 @@ fn owned(
 
 mod batch;
 mod push;
+mod seal;
 
-/// A step's response, and its attestation still to sign ([`SpanServer::seal`]).
-#[derive(Debug)]
-struct Stepped {
-    response: SessionResponse,
-    unsigned: Option<Unsigned>,
-}
-
-impl From<SessionResponse> for Stepped {
-    fn from(response: SessionResponse) -> Self {
-        Self {
-            response,
-            unsigned: None,
-        }
-    }
-}
 #[cfg(test)]
 mod tests;
