@@ -60,7 +60,17 @@ struct Job<'a> {
     panicked: AtomicBool,
 }
 
-impl Job<'_> {
+impl<'a> Job<'a> {
+    fn new(task: &'a (dyn Fn(usize) + Sync), tasks: usize) -> Self {
+        Self {
+            task,
+            tasks,
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+        }
+    }
+
     /// Claim and run tasks until none are left.
     fn work(&self) {
         loop {
@@ -195,13 +205,7 @@ impl WorkerPool {
     /// where they are: for a job too small to be worth a hand-off ([`super::worth_sharing`]).
     /// Returns `false` if a task panicked, as [`Self::run`] does.
     pub fn run_here(&self, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> bool {
-        let job = Job {
-            task,
-            tasks,
-            next: AtomicUsize::new(0),
-            done: AtomicUsize::new(0),
-            panicked: AtomicBool::new(false),
-        };
+        let job = Job::new(task, tasks);
         job.work();
         !job.panicked.load(Ordering::Relaxed)
     }
@@ -209,13 +213,7 @@ impl WorkerPool {
     /// Run `task(0) .. task(tasks - 1)` across the pool and return when all have run.
     /// Returns `false` if a task panicked (its product is then incomplete).
     pub fn run(&self, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> bool {
-        let job = Job {
-            task,
-            tasks,
-            next: AtomicUsize::new(0),
-            done: AtomicUsize::new(0),
-            panicked: AtomicBool::new(false),
-        };
+        let job = Job::new(task, tasks);
         // One task, no workers, a nested call, or another thread's job in flight: inline.
         let guard = match self.busy.try_lock() {
             Ok(g) => Some(g),
