@@ -68,6 +68,16 @@ pub(crate) fn worth_sharing(work: usize) -> bool {
     work >= MIN_SHARED_WORK
 }
 
+/// Run a job of `work` (as [`worth_sharing`] counts it): across the pool when it is worth
+/// the hand-off, else on the caller alone. Returns `false` if a task panicked.
+pub(crate) fn run_job(work: usize, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> bool {
+    if worth_sharing(work) {
+        pool().run(tasks, task)
+    } else {
+        pool().run_here(tasks, task)
+    }
+}
+
 static ENABLED: AtomicBool = AtomicBool::new(true);
 /// 0: not chosen yet (detect on first use); else `Isa as u8 + 1`.
 static CHOSEN_ISA: AtomicU8 = AtomicU8::new(0);
@@ -315,15 +325,7 @@ fn multiply(
     } else {
         Vec::new()
     };
-    let share = worth_sharing(total * cols * xs.len());
-    let run = |tasks: usize, task: &(dyn Fn(usize) + Sync)| {
-        if share {
-            pool.run(tasks, task)
-        } else {
-            pool.run_here(tasks, task)
-        }
-    };
-    let ok = run(tasks.len(), &|t| {
+    let ok = run_job(total * cols * xs.len(), tasks.len(), &|t| {
         let task = &tasks[t];
         let w = weights[task.part];
         match (w, task.rows.lock()) {

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{NodeSnapshot, REQUEST_QUEUE};
 use crate::metrics::NodeMetrics;
 use crate::pipeline::admission::FairQueue;
-use crate::pipeline::server::{Answer, Reply, MAX_BATCH};
+use crate::pipeline::server::{Answer, Reply, Served, MAX_BATCH};
 use crate::pipeline::{Refusal, SessionRequest, SessionResponse, SpanServer};
 use crate::types::SessionId;
 use crate::wire;
@@ -152,13 +152,8 @@ pub(super) fn work(
         }
         let mut served = server.serve_many(requests, Instant::now());
         // Every output on to its next server first, then the signatures and answers.
-        for s in &mut served {
-            if let Reply::Now(answer) = &mut s.reply {
-                push_on(answer, &pushes);
-            }
-            if let Some((_, answer)) = &mut s.released {
-                push_on(answer, &pushes);
-            }
+        for answer in served.iter_mut().flat_map(Served::answers_mut) {
+            push_on(answer, &pushes);
         }
         for (mut served, reply) in served.into_iter().zip(replies) {
             if let Some((session, mut answer)) = served.released.take() {

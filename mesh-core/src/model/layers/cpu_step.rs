@@ -307,16 +307,9 @@ fn attend(
     let isa = matvec::isa();
     let mut out = vec![0f32; heads * hd];
     let slots: Vec<Mutex<&mut [f32]>> = out.chunks_mut(group * hd).map(Mutex::new).collect();
-    let pool = matvec::pool();
+    // Each kv head's keys and values are read once.
     let read = 2 * kv_heads * len * hd;
-    let run = |tasks: usize, task: &(dyn Fn(usize) + Sync)| {
-        if matvec::worth_sharing(read) {
-            pool.run(tasks, task)
-        } else {
-            pool.run_here(tasks, task)
-        }
-    };
-    let ok = run(kv_heads, &|g| {
+    let ok = matvec::run_job(read, kv_heads, &|g| {
         let Ok(mut o) = slots[g].lock() else {
             return;
         };

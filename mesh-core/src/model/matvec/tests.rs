@@ -117,24 +117,17 @@ fn the_reference_is_a_dot_product() {
 /// bias, in each dtype; several rows go to candle unchanged.
 #[test]
 fn dense_agrees_with_candle_linear() -> Result<(), ModelError> {
-    let dev = Device::Cpu;
     // One product the caller runs alone, one split across the workers.
-    for (out, inp) in [(300, 96), (1100, 128)] {
-        assert_ne!(
-            super::worth_sharing(300 * 96),
-            super::worth_sharing(1100 * 128)
-        );
-        dense_agrees_with_candle_linear_at(&dev, out, inp)?;
+    let shapes = [(300, 96), (1100, 128)];
+    assert!(!super::worth_sharing(300 * 96) && super::worth_sharing(1100 * 128));
+    for (out, inp) in shapes {
+        dense_agrees_with_candle_linear_at(out, inp)?;
     }
     Ok(())
 }
 
-fn dense_agrees_with_candle_linear_at(
-    dev: &Device,
-    out: usize,
-    inp: usize,
-) -> Result<(), ModelError> {
-    let dev = dev.clone();
+fn dense_agrees_with_candle_linear_at(out: usize, inp: usize) -> Result<(), ModelError> {
+    let dev = Device::Cpu;
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let w = Tensor::new(random(out * inp, 5), &dev)?
             .reshape((out, inp))?

@@ -35,6 +35,16 @@ impl Served {
             released: None,
         }
     }
+
+    /// Every answer this holds: the reply's, if it is answered now, and the released one.
+    pub fn answers_mut(&mut self) -> impl Iterator<Item = &mut Answer> {
+        let now = match &mut self.reply {
+            Reply::Now(answer) => Some(answer.as_mut()),
+            Reply::Waits(_) => None,
+        };
+        now.into_iter()
+            .chain(self.released.as_mut().map(|(_, answer)| answer))
+    }
 }
 
 #[derive(Debug)]

@@ -2,7 +2,7 @@
 //! was pushed on ([`SpanServer::serve_many`]): the signature (tens of microseconds) is
 //! then off the token's path.
 
-use super::{Answer, Reply, Served, SpanServer};
+use super::{Answer, Served, SpanServer};
 use crate::ledger::attestation::Unsigned;
 use crate::pipeline::protocol::SessionResponse;
 
@@ -36,11 +36,6 @@ impl SpanServer {
 
     /// [`Self::seal`] every answer `served` holds.
     pub(super) fn seal_served(&self, served: &mut Served) {
-        if let Reply::Now(answer) = &mut served.reply {
-            self.seal(answer);
-        }
-        if let Some((_, answer)) = &mut served.released {
-            self.seal(answer);
-        }
+        served.answers_mut().for_each(|answer| self.seal(answer));
     }
 }
