@@ -85,6 +85,7 @@ fn three_node_generation_yields_three_countersigned_receipts_matching_the_work()
             model: t.model.clone(),
             span,
             max_len: 64,
+            attest: true,
         };
         assert!(matches!(
             s.srv.handle(client.peer_id(), open, now),

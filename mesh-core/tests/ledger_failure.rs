@@ -18,6 +18,7 @@ fn open(srv: &mut SpanServer, client: PeerId, session: SessionId) -> SessionResp
         model: ModelId::new(tiny::TINY_MODEL_ID),
         span: srv.span().range(),
         max_len: 16,
+        attest: true,
     };
     srv.handle(client, open, std::time::Instant::now())
 }

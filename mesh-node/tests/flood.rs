@@ -67,6 +67,7 @@ async fn flood(
             model: ModelId::new(MODEL),
             span: BlockRange::new(0, NUM_BLOCKS),
             max_len: MAX_LEN,
+            attest: true,
         };
         let forward = SessionRequest::Forward {
             session,

@@ -20,6 +20,9 @@ pub enum SessionRequest {
         model: ModelId,
         span: BlockRange,
         max_len: u32,
+        /// Sign every step's answer ([`Attestation`]): a client that checks servers keeps
+        /// the signatures as evidence; one that does not would only pay for them.
+        attest: bool,
     },
     /// Run `hidden` (`[1, seq, hidden_size]`) at positions `start_pos..start_pos+seq`.
     Forward {

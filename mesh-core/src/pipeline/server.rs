@@ -115,6 +115,8 @@ struct Session {
     waiting: Option<push::Waiting>,
     /// A pushed input that came before the client's step naming it.
     early: Option<push::EarlyPush>,
+    /// The client asked for every step's answer signed (`SessionRequest::Open`).
+    attest: bool,
 }
 
 /// Sessions on one loaded span.
@@ -129,7 +131,7 @@ pub struct SpanServer {
     throughput: f32,
     accepting: bool,
     billing: Option<(Billing, ConfigHash)>,
-    /// Signs every step's output ([`Attestation`]).
+    /// Signs the steps of sessions whose client asked for it ([`Attestation`]).
     signer: Option<ed25519_dalek::SigningKey>,
     /// Why the ledger failed, once it did: from then on no billed session is opened.
     ledger_failure: std::cell::OnceCell<String>,
@@ -320,7 +322,10 @@ impl SpanServer {
                 model,
                 span,
                 max_len,
-            } => self.open(client, session, model, span, max_len, now).into(),
+                attest,
+            } => self
+                .open(client, session, model, span, max_len, attest, now)
+                .into(),
             SessionRequest::Forward {
                 session,
                 start_pos,
@@ -354,6 +359,7 @@ impl SpanServer {
         Served::now(Answer::plain(response))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn open(
         &mut self,
         client: PeerId,
@@ -361,6 +367,7 @@ impl SpanServer {
         model: ModelId,
         span: BlockRange,
         max_len: u32,
+        attest: bool,
         now: Instant,
     ) -> SessionResponse {
         let refuse = SessionResponse::Refused;
@@ -464,9 +471,10 @@ impl SpanServer {
                 last_used: now,
                 waiting: None,
                 early: None,
+                attest,
             },
         );
-        tracing::info!(%session, %client, %span, max_len, "session opened");
+        tracing::info!(%session, %client, %span, max_len, attest, "session opened");
         SessionResponse::Opened {
             session,
             span,
@@ -524,6 +532,7 @@ impl SpanServer {
             return SessionResponse::Refused(Refusal::UnknownSession).into();
         };
         state.last_used = now;
+        let attest = state.attest;
         if positions > 1 {
             state.usage.prefill_tokens += positions;
             self.stats.prefill_tokens += positions;
@@ -550,6 +559,7 @@ impl SpanServer {
         let unsigned = self
             .signer
             .as_ref()
+            .filter(|_| attest)
             .map(|_| Unsigned::of(&session, start_pos, input, &output));
         Stepped {
             response: SessionResponse::Hidden {

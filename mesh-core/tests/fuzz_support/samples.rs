@@ -120,6 +120,7 @@ pub fn requests() -> Vec<SessionRequest> {
             model: model(),
             span: BlockRange::new(2, 5),
             max_len: 64,
+            attest: true,
         },
         SessionRequest::Forward {
             session,

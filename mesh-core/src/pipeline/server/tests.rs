@@ -5,6 +5,8 @@ use crate::model::{tiny, ModelFiles};
 use crate::pipeline::protocol::{PushTarget, StepInput};
 use candle_core::{DType, Tensor};
 
+mod signing;
+
 fn server(limits: ServerLimits) -> (tempfile::TempDir, SpanServer) {
     let dir = tempfile::tempdir().unwrap();
     tiny::write(dir.path()).unwrap();
@@ -22,6 +24,7 @@ fn open(session: SessionId, span: BlockRange, max_len: u32) -> SessionRequest {
         model: ModelId::new(tiny::TINY_MODEL_ID),
         span,
         max_len,
+        attest: true,
     }
 }
 
@@ -108,6 +111,7 @@ fn refuses_with_reasons() {
         model: ModelId::new("other"),
         span,
         max_len: 8,
+        attest: true,
     };
     assert!(matches!(
         srv.handle(a, wrong_model, now),
@@ -597,65 +601,4 @@ fn pushes_served_together_release_what_each_step_would_get_alone() {
         }
     }
     assert_eq!(srv.stats().decode_tokens, 3);
-}
-
-/// A batch's steps come back with their pushes ordered and their signatures left to
-/// `seal` (so the worker sends the push first); `serve` signs at once. Either way the
-/// attestation covers the step's input and output.
-#[test]
-fn steps_served_together_are_signed_by_seal_after_their_push() {
-    let id = crate::identity::Identity::generate();
-    let (_d, srv) = server(ServerLimits::default());
-    let mut srv = srv.with_signer(id.signing_key());
-    let (client, next) = (PeerId::random(), PeerId::random());
-    let (s, now) = (SessionId::random(), Instant::now());
-    srv.handle(client, open(s, BlockRange::new(2, 6), 64), now);
-    let prefill = SessionRequest::Forward {
-        session: s,
-        start_pos: 0,
-        hidden: varied(4, 0),
-    };
-    let signed = answered(srv.serve(client, prefill, now));
-    let SessionResponse::Hidden { attestation, .. } = &signed.response else {
-        panic!("{:?}", signed.response);
-    };
-    let attestation = attestation.expect("serve signs");
-    attestation
-        .verify(&id.peer_id(), &s, 0, &varied(4, 0), output_of(&signed))
-        .expect("a valid attestation");
-
-    let input = varied(1, 5);
-    let step = SessionRequest::Step {
-        session: s,
-        start_pos: 4,
-        rewind: false,
-        input: StepInput::Hidden(input.clone()),
-        push_to: Some(PushTarget {
-            peer: next,
-            session: SessionId::random(),
-        }),
-    };
-    let mut answer = answered(srv.serve_many(vec![(client, step)], now).remove(0));
-    assert!(matches!(
-        &answer.response,
-        SessionResponse::Hidden {
-            attestation: None,
-            ..
-        }
-    ));
-    assert!(matches!(&answer.push, Some(order) if order.peer == next));
-    srv.seal(&mut answer);
-    let SessionResponse::Hidden { attestation, .. } = &answer.response else {
-        panic!("{:?}", answer.response);
-    };
-    let attestation = attestation.expect("sealed");
-    attestation
-        .verify(&id.peer_id(), &s, 4, &input, output_of(&answer))
-        .expect("a valid attestation");
-    // Sealing twice signs nothing again.
-    srv.seal(&mut answer);
-    assert!(matches!(
-        &answer.response,
-        SessionResponse::Hidden { attestation: Some(a), .. } if *a == attestation
-    ));
 }

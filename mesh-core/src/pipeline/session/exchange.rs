@@ -33,6 +33,7 @@ impl RemoteSession {
             model: self.model.clone(),
             span: hop.span,
             max_len: self.cfg.max_len,
+            attest: self.cfg.verify.enabled(),
         };
         match self.request(hop.peer, &req).await? {
             SessionResponse::Opened { terms, .. } => {
