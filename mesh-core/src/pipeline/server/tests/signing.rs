@@ -2,14 +2,20 @@
 
 use super::*;
 
+/// A server with default limits that signs with a fresh identity.
+fn signing_server() -> (crate::identity::Identity, tempfile::TempDir, SpanServer) {
+    let id = crate::identity::Identity::generate();
+    let (dir, srv) = server(ServerLimits::default());
+    let srv = srv.with_signer(id.signing_key());
+    (id, dir, srv)
+}
+
 /// A batch's steps come back with their pushes ordered and their signatures left to
 /// `seal` (so the worker sends the push first); `serve` signs at once. Either way the
 /// attestation covers the step's input and output.
 #[test]
 fn steps_served_together_are_signed_by_seal_after_their_push() {
-    let id = crate::identity::Identity::generate();
-    let (_d, srv) = server(ServerLimits::default());
-    let mut srv = srv.with_signer(id.signing_key());
+    let (id, _d, mut srv) = signing_server();
     let (client, next) = (PeerId::random(), PeerId::random());
     let (s, now) = (SessionId::random(), Instant::now());
     srv.handle(client, open(s, BlockRange::new(2, 6), 64), now);
@@ -68,9 +74,7 @@ fn steps_served_together_are_signed_by_seal_after_their_push() {
 /// session on the same signing server gets every step signed.
 #[test]
 fn only_sessions_that_ask_for_attestations_get_them() {
-    let id = crate::identity::Identity::generate();
-    let (_d, srv) = server(ServerLimits::default());
-    let mut srv = srv.with_signer(id.signing_key());
+    let (id, _d, mut srv) = signing_server();
     let (client, now) = (PeerId::random(), Instant::now());
     let (unchecked, checked) = (SessionId::random(), SessionId::random());
     for (session, attest) in [(unchecked, false), (checked, true)] {
