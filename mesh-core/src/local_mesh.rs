@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::identity::Identity;
 use crate::model::builtin::{self, Builtin};
 use crate::model::ModelFiles;
-use crate::node::{Node, NodeConfig, NodeError};
+use crate::node::{Node, NodeConfig, NodeError, NodeHandle};
 use crate::p2p::{self, P2pConfig, Role};
 use crate::pipeline::{self, ServerLimits};
 use crate::types::{BlockRange, ModelId};
@@ -33,6 +33,7 @@ const LOCAL_HEARTBEAT: Duration = Duration::from_millis(500);
 struct RunningNode {
     peer: PeerId,
     span: BlockRange,
+    handle: NodeHandle,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), NodeError>>,
 }
@@ -156,6 +157,14 @@ impl LocalMesh {
             .collect()
     }
 
+    /// The status view of server `peer` ([`NodeHandle::snapshot`] for its counters).
+    pub fn node(&self, peer: PeerId) -> Option<NodeHandle> {
+        self.nodes
+            .iter()
+            .find(|n| n.peer == peer)
+            .map(|n| n.handle.clone())
+    }
+
     /// Start one more server of `span`.
     pub async fn add_node(&mut self, span: BlockRange) -> Result<PeerId, NodeError> {
         self.add_node_with(span, ServerLimits::default()).await
@@ -189,6 +198,7 @@ impl LocalMesh {
         };
         let node = Node::start(cfg).await?;
         let peer = node.peer_id();
+        let handle = node.handle();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(node.run(
             async {
@@ -199,6 +209,7 @@ impl LocalMesh {
         self.nodes.push(RunningNode {
             peer,
             span,
+            handle,
             stop: Some(tx),
             task,
         });

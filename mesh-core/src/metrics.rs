@@ -73,6 +73,9 @@ impl Histogram {
 pub struct NodeMetrics {
     /// Session requests handled (any kind, refused or not).
     pub requests: u64,
+    /// Of those, the ones served on the network task instead of the worker thread (small
+    /// steps of a small CPU span arriving while it was idle).
+    pub inline_requests: u64,
     /// Request bytes received, response bytes sent.
     pub bytes_in: u64,
     pub bytes_out: u64,

@@ -49,6 +49,18 @@ async fn fixture(spans: &[BlockRange]) -> Fixture {
     }
 }
 
+/// A session over the whole model through `f`'s mesh, with the default settings.
+async fn open_default(f: &Fixture, client: &mesh_core::p2p::Peer) -> RemoteSession {
+    RemoteSession::open(
+        client.client.clone(),
+        f.mesh.model().clone(),
+        8,
+        SessionConfig::default(),
+    )
+    .await
+    .unwrap()
+}
+
 /// Three servers generate what one process does, with servers pushing to each other
 /// (every later hop's input pushed, none relayed) and with the client relaying.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,6 +90,49 @@ async fn three_servers_generate_what_one_process_does() {
         assert_eq!((stats.pushed, stats.relayed), (pushed, 0), "push {push}");
         session.close().await;
     }
+    f.mesh.stop().await.unwrap();
+}
+
+/// A small CPU span serves the one-position steps that find it idle on its network task
+/// (no hand-off to its worker thread and back), and a prompt's many positions on the
+/// worker thread; the output is the one process's either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_decode_steps_skip_the_worker_thread_and_prompts_do_not() {
+    let f = fixture(&[BlockRange::new(0, 8)]).await;
+    let client = f.mesh.client().await.unwrap();
+    let (server, _) = f.mesh.servers()[0];
+    let node = f.mesh.node(server).unwrap();
+    let mut session = open_default(&f, &client).await;
+    // A prompt of 24 positions: more than a step taken inline carries.
+    let prompt: Vec<u32> = PROMPT.iter().cycle().take(24).copied().collect();
+    let local = LocalModel::load_split(f._dir.path(), 1, &Device::Cpu).unwrap();
+    let want = local
+        .generate_ids(prompt.clone(), &params(), |_| {})
+        .unwrap()
+        .generated()
+        .to_vec();
+    let before = node.snapshot().metrics;
+    let mut generation = Generation::new(prompt, params(), 512).unwrap();
+    pipeline::generate(&f.head, &mut session, &mut generation, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(generation.generated(), want.as_slice());
+    // The worker publishes its counters just after it answers the last step.
+    let mut after = node.snapshot().metrics;
+    for _ in 0..100 {
+        if after.requests - before.requests >= 12 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = node.snapshot().metrics;
+    }
+    let requests = after.requests - before.requests;
+    let inline = after.inline_requests - before.inline_requests;
+    // The prompt, then 11 one-position steps: each went inline unless a heartbeat's
+    // snapshot held the worker just then; the prompt never does.
+    assert_eq!(requests, 12, "{after:?}");
+    assert!((6..=11).contains(&inline), "{inline} of {requests} inline");
+    session.close().await;
     f.mesh.stop().await.unwrap();
 }
 
@@ -172,14 +227,7 @@ async fn a_dead_middle_server_is_replaced_and_the_output_is_unchanged() {
 async fn a_server_that_joins_mid_session_takes_over() {
     let mut f = fixture(&BlockRange::even_split(8, 3)).await;
     let client = f.mesh.client().await.unwrap();
-    let mut session = RemoteSession::open(
-        client.client.clone(),
-        f.mesh.model().clone(),
-        8,
-        SessionConfig::default(),
-    )
-    .await
-    .unwrap();
+    let mut session = open_default(&f, &client).await;
     let middle = session.route()[1].span;
     let got = generate_killing_middle(&mut f.mesh, &f.head, &mut session, Some(middle))
         .await

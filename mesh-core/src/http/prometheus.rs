@@ -377,6 +377,12 @@ impl HttpState {
             &one(snap.metrics.requests.to_string()),
         );
         m(
+            "mesh_requests_inline_total",
+            "counter",
+            "Session requests served on the network task, without the span worker's thread.",
+            &one(snap.metrics.inline_requests.to_string()),
+        );
+        m(
             "mesh_bytes_total",
             "counter",
             "Session protocol payload bytes.",
