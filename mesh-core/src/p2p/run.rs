@@ -22,8 +22,8 @@ pub async fn run_bootstrap(peer: Peer, shutdown: impl Future<Output = ()>) -> Re
 /// Announces `ann` (DHT + heartbeats), hands every [`Event`] to `on_event` until `shutdown`
 /// resolves, then withdraws the announcement and stops the peer.
 ///
-/// `on_event` must not block: to serve a request, spawn a task with the [`Client`] clone it
-/// receives and answer through [`Client::respond`].
+/// `on_event` must not block for long: to serve a request, spawn a task with the
+/// [`Client`] clone it receives and answer through [`Client::respond`].
 pub async fn serve(
     peer: Peer,
     ann: Announcement,
@@ -72,7 +72,13 @@ async fn drive(
         tokio::select! {
             () = &mut shutdown => break,
             event = peer.events.recv() => match event {
-                Some(event) => on_event(&peer.client, event),
+                Some(event) => {
+                    on_event(&peer.client, event);
+                    // A handler may work a while (a node serves small steps inline): give
+                    // the thread back between events, or a queue that never empties keeps
+                    // this task from being stopped and from sharing its worker.
+                    tokio::task::yield_now().await;
+                }
                 None => return Err(P2pError::Closed),
             },
         }
@@ -86,4 +92,61 @@ async fn drive(
     peer.client.shutdown().await?;
     let _ = peer.task.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use tokio::sync::mpsc;
+
+    use super::super::{spawn, Event, Role};
+    use super::drive;
+    use crate::local_mesh::loopback_config;
+    use crate::types::ModelId;
+
+    /// A handler that works a while per event (a node serving small steps inline) must
+    /// not keep its task from being stopped while events keep coming: a crashed node in
+    /// the tests (an aborted task) served five more steps before this held.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_handler_is_stopped_at_its_next_event() {
+        let mut peer = spawn(loopback_config(Role::Client, Vec::new()))
+            .await
+            .unwrap();
+        let (tx, events) = mpsc::channel(256);
+        peer.events = events;
+        let who = peer.client.local_peer_id();
+        let feeder = tokio::spawn(async move {
+            while tx
+                .send(Event::ServerDown {
+                    peer: who,
+                    model: ModelId::new("m"),
+                })
+                .await
+                .is_ok()
+            {}
+        });
+        let handled = Arc::new(AtomicU64::new(0));
+        let counter = handled.clone();
+        let task = tokio::spawn(drive(peer, std::future::pending(), move |_, _| {
+            let until = Instant::now() + Duration::from_millis(1);
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        task.abort();
+        let at_abort = handled.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let after = handled.load(Ordering::SeqCst) - at_abort;
+        feeder.abort();
+        assert!(at_abort > 0, "the handler never ran");
+        assert!(
+            after <= 2,
+            "{after} events handled after the task was stopped"
+        );
+    }
 }
