@@ -448,7 +448,7 @@ pub(crate) async fn pick_span(
 
 /// Admit one request ([`Admission`]), queue it for the worker (or serve it now,
 /// [`InlineSteps`]) and answer when it is done; a request over its peer's limits or a
-/// full queue is answered at once. Whether it went to the worker thread.
+/// full queue is answered at once. Whether it was queued or served.
 #[allow(clippy::too_many_arguments)]
 fn dispatch(
     client: &p2p::Client,
@@ -466,7 +466,6 @@ fn dispatch(
         Err(_) => Err(Refusal::ShuttingDown),
     };
     let (reply, answer) = oneshot::channel();
-    let mut to_thread = false;
     let queued = admitted.and_then(|()| {
         // Nothing waits for the worker and it is not working: this step's turn is now.
         let idle = inline
@@ -476,15 +475,14 @@ fn dispatch(
             state.serve_now(peer, bytes, reply);
             return Ok(());
         }
-        to_thread = true;
         jobs.try_send(Job::Request { peer, bytes, reply })
             .map_err(|_| {
                 finish(admission, &peer);
                 Refusal::Busy
             })
     });
-    let was_queued = queued.is_ok() && to_thread;
-    if queued.is_err() {
+    let was_queued = queued.is_ok();
+    if !was_queued {
         busy.fetch_add(1, Ordering::Relaxed);
     }
     let admission = admission.clone();
