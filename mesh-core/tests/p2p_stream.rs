@@ -159,6 +159,44 @@ async fn a_requester_with_streams_off_asks_by_request_response() {
     echo.abort();
 }
 
+/// Two servers that dial each other at once hold two connections, which gossipsub keeps
+/// alive for good, and no session stream opens between peers with two connections: their
+/// steps and pushes went by request-response for the life of the pair. One of the two
+/// is closed once it lasted, and a stream opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_that_dial_each_other_at_once_keep_one_connection_and_stream() {
+    let (a, echo_a) = echo_server().await;
+    let (b, echo_b) = echo_server().await;
+    // What a dial at once from each side leaves (at once, one of the two handshakes may
+    // fail instead): a connection each peer dialed. Without its `/p2p` part the second
+    // dial is made though the peer is connected.
+    a.client.dial(b.listen_addrs[0].clone()).await.unwrap();
+    let mut a_addr = a.listen_addrs[0].clone();
+    a_addr.pop();
+    b.client.dial(a_addr).await.unwrap();
+    for peer in [&a, &b] {
+        wait_stats(&peer.client, "two connections to one peer", |s| {
+            s.connected_peers == 1 && s.connections == 2
+        })
+        .await;
+    }
+    for peer in [&a, &b] {
+        wait_stats(&peer.client, "one connection left", |s| {
+            s.connected_peers == 1 && s.connections == 1
+        })
+        .await;
+    }
+    let b_id = b.client.local_peer_id();
+    assert_eq!(
+        a.client.request(b_id, vec![1, 2]).await.unwrap(),
+        vec![2, 1]
+    );
+    let stats = a.client.stats().await.unwrap().streams;
+    assert_eq!((stats.opened, stats.requests), (1, 1), "{stats:?}");
+    echo_a.abort();
+    echo_b.abort();
+}
+
 #[derive(libp2p::swarm::NetworkBehaviour)]
 struct Raw {
     stream: libp2p_stream::Behaviour,

@@ -60,6 +60,8 @@ struct Conn {
     /// The address this peer dialed it at (`None`: the peer dialed us); a dial-back is
     /// found by it.
     dialed: Option<Multiaddr>,
+    /// When it was established: a second connection is pruned only once it lasted.
+    since: Instant,
 }
 
 impl NatState {
@@ -381,6 +383,7 @@ impl EventLoop {
             Conn {
                 relayed,
                 dialed: dialed.cloned(),
+                since: Instant::now(),
             },
         );
     }
@@ -437,6 +440,7 @@ impl EventLoop {
         }
         self.close_superseded_relayed();
         self.close_answered_dialbacks();
+        self.close_duplicate_connections(now);
     }
 
     fn reserve_or_release(&mut self) {
@@ -568,6 +572,8 @@ fn status_word(s: &autonat::NatStatus) -> String {
         autonat::NatStatus::Unknown => "unknown".into(),
     }
 }
+
+mod duplicates;
 
 #[cfg(test)]
 mod tests {
