@@ -17,7 +17,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{DType, Device};
 use libp2p::{Multiaddr, PeerId};
@@ -29,10 +29,9 @@ use crate::model::{ModelError, ModelFiles, Quantization, SpanModel};
 use crate::p2p::{self, Announcement, Event, P2pConfig, P2pError};
 use crate::pipeline::admission::Admission;
 use crate::pipeline::balance::{block_coverage, choose_span};
-use crate::pipeline::{Billing, Refusal, ServerLimits, ServerStats, SessionResponse, SpanServer};
+use crate::pipeline::{Billing, ServerLimits, ServerStats, SpanServer};
 use crate::probe::GpuReadings;
 use crate::types::{BlockRange, Capability, GpuLive, ModelId, ServerLoad};
-use crate::wire;
 
 /// A running receipt every this many tokens per session.
 const RECEIPT_EVERY_TOKENS: u64 = 16;
@@ -43,13 +42,6 @@ const MAX_UNPAID_TOKENS: u64 = 4096;
 
 /// Requests waiting for the worker; beyond this a client is told the server is busy.
 const REQUEST_QUEUE: usize = 64;
-
-/// How long a push may take to be taken by the next server (it answers once it ran the
-/// step) before it counts as failed in the log.
-const PUSH_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Tries of a push the next server answers `Busy` (a few milliseconds apart).
-const PUSH_ATTEMPTS: u32 = 4;
 
 /// Everything a provider node needs.
 #[derive(Clone, Debug)]
@@ -161,8 +153,10 @@ impl NodeHandle {
     }
 }
 
+mod dispatch;
 mod worker;
-use worker::{work, Job, Outgoing, SpanWorker};
+use dispatch::{dispatch, send_pushes, Queue};
+use worker::{work, Job, SpanWorker};
 
 /// Positions a step may carry and still run on the network task when the worker is idle
 /// ([`InlineSteps`]): decode steps, and the few positions of a speculative draft.
@@ -385,16 +379,13 @@ impl Node {
                 request,
                 channel,
             } => {
-                let queued = dispatch(
-                    client,
-                    &request_jobs,
-                    inline.as_ref(),
-                    &busy,
-                    &admission,
-                    peer,
-                    request,
-                    channel,
-                );
+                let queue = Queue {
+                    jobs: &request_jobs,
+                    inline: inline.as_ref(),
+                    busy: &busy,
+                    admission: &admission,
+                };
+                let queued = dispatch(client, queue, peer, request, channel);
                 if queued && wakes_pool {
                     crate::model::matvec::pool().expect_work();
                 }
@@ -444,115 +435,6 @@ pub(crate) async fn pick_span(
         choose_span(&coverage, len).ok_or(NodeError::P2p(P2pError::Invalid("span length")))?;
     tracing::info!(%span, known_servers = servers.len(), ?coverage, "picked the least-served blocks");
     Ok(span)
-}
-
-/// Admit one request ([`Admission`]), queue it for the worker (or serve it now,
-/// [`InlineSteps`]) and answer when it is done; a request over its peer's limits or a
-/// full queue is answered at once. Whether it was queued or served.
-#[allow(clippy::too_many_arguments)]
-fn dispatch(
-    client: &p2p::Client,
-    jobs: &mpsc::Sender<Job>,
-    inline: Option<&InlineSteps>,
-    busy: &AtomicU64,
-    admission: &Arc<Mutex<Admission>>,
-    peer: PeerId,
-    bytes: Vec<u8>,
-    channel: p2p::ResponseChannel,
-) -> bool {
-    let client = client.clone();
-    let admitted = match admission.lock() {
-        Ok(mut a) => a.admit(peer, Instant::now()),
-        Err(_) => Err(Refusal::ShuttingDown),
-    };
-    let (reply, answer) = oneshot::channel();
-    let queued = admitted.and_then(|()| {
-        // Nothing waits for the worker and it is not working: this step's turn is now.
-        let idle = inline
-            .filter(|i| bytes.len() <= i.max_bytes && jobs.capacity() == jobs.max_capacity())
-            .and_then(|i| i.state.try_lock().ok());
-        if let Some(mut state) = idle {
-            state.serve_now(peer, bytes, reply);
-            return Ok(());
-        }
-        jobs.try_send(Job::Request { peer, bytes, reply })
-            .map_err(|_| {
-                finish(admission, &peer);
-                Refusal::Busy
-            })
-    });
-    let was_queued = queued.is_ok();
-    if !was_queued {
-        busy.fetch_add(1, Ordering::Relaxed);
-    }
-    let admission = admission.clone();
-    tokio::spawn(async move {
-        let response = match queued {
-            Ok(()) => {
-                let answer = answer.await;
-                finish(&admission, &peer);
-                match answer {
-                    Ok(Outgoing { bytes }) => Some(bytes),
-                    // The worker dropped a waiting step (it stopped).
-                    Err(_) => wire::encode(&SessionResponse::Refused(Refusal::ShuttingDown)).ok(),
-                }
-            }
-            Err(refusal) => wire::encode(&SessionResponse::Refused(refusal)).ok(),
-        };
-        if let Some(bytes) = response {
-            if let Err(e) = client.respond(channel, bytes).await {
-                tracing::debug!(%peer, "response not delivered: {e}");
-            }
-        }
-    });
-    was_queued
-}
-
-/// Send each step's output the worker pushes on to its next server ([`push_on`]).
-async fn send_pushes(client: p2p::Client, mut pushes: mpsc::Receiver<(PeerId, Vec<u8>)>) {
-    while let Some((next, push)) = pushes.recv().await {
-        tokio::spawn(push_on(client.clone(), next, push));
-    }
-}
-
-/// Send a step's output on to the next server, again after a moment while it is busy
-/// (its in-flight cap counts this server as one peer, whatever clients the pushes are
-/// for). A push not taken is only logged: the client, not hearing from the next server
-/// in time, sends it the input itself.
-async fn push_on(client: p2p::Client, next: PeerId, push: Vec<u8>) {
-    for attempt in 1..=PUSH_ATTEMPTS {
-        let answer =
-            match tokio::time::timeout(PUSH_TIMEOUT, client.request(next, push.clone())).await {
-                Err(_) => Err(format!("no answer within {} s", PUSH_TIMEOUT.as_secs())),
-                Ok(Err(e)) => Err(e.to_string()),
-                Ok(Ok(reply)) => wire::decode::<SessionResponse>(&reply, wire::SMALL_LIMIT)
-                    .map_err(|e| e.to_string()),
-            };
-        let why = match answer {
-            Ok(SessionResponse::Acknowledged) => return,
-            Ok(SessionResponse::Refused(Refusal::Busy)) if attempt < PUSH_ATTEMPTS => {
-                tokio::time::sleep(Duration::from_millis(2 * attempt as u64)).await;
-                continue;
-            }
-            Ok(SessionResponse::Refused(Refusal::RateLimited { retry_after_ms }))
-                if attempt < PUSH_ATTEMPTS && retry_after_ms <= 50 =>
-            {
-                tokio::time::sleep(Duration::from_millis(retry_after_ms)).await;
-                continue;
-            }
-            Ok(SessionResponse::Refused(r)) => r.to_string(),
-            Ok(other) => format!("unexpected answer {other:?}"),
-            Err(why) => why,
-        };
-        tracing::info!(%next, "push not taken: {why}");
-        return;
-    }
-}
-
-fn finish(admission: &Mutex<Admission>, peer: &PeerId) {
-    if let Ok(mut a) = admission.lock() {
-        a.finish(peer);
-    }
 }
 
 /// Refresh the heartbeat's load figures and GPU readings and expire idle sessions, once

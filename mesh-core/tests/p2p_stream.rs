@@ -159,6 +159,77 @@ async fn a_requester_with_streams_off_asks_by_request_response() {
     echo.abort();
 }
 
+#[tokio::test]
+async fn a_notice_reaches_the_server_unanswered_and_without_a_stream_comes_back() {
+    let mut cfg = P2pConfig::new(Identity::generate(), Role::Server);
+    cfg.listen = vec![local()];
+    let mut server = p2p::spawn(cfg).await.unwrap();
+    let server_id = server.client.local_peer_id();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::channel(16);
+    let responder = server.client.clone();
+    let mut events = std::mem::replace(&mut server.events, tokio::sync::mpsc::channel(1).1);
+    let serving = tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            if let Event::InboundRequest {
+                request, channel, ..
+            } = event
+            {
+                let _ = seen_tx
+                    .send((request.clone(), channel.wants_answer()))
+                    .await;
+                if request != b"drop" {
+                    // Answering a notice writes nothing.
+                    let _ = responder.respond(channel, reversed(&request)).await;
+                }
+            }
+        }
+    });
+    let client = requester(&server, true).await;
+
+    // The first request opens the stream; notices then go on it.
+    assert_eq!(
+        client
+            .client
+            .request(server_id, b"ab".to_vec())
+            .await
+            .unwrap(),
+        b"ba"
+    );
+    assert_eq!(seen.recv().await.unwrap(), (b"ab".to_vec(), true));
+    for notice in [&b"push 1"[..], b"drop", b"push 2"] {
+        client
+            .client
+            .notify(server_id, notice.to_vec())
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(LIMIT, seen.recv()).await.unwrap();
+        assert_eq!(got.unwrap(), (notice.to_vec(), false));
+    }
+    // Nothing came back for them: a request after them gets its own answer, not theirs
+    // (a stray answer or "unanswered" frame would be read as this request's).
+    assert_eq!(
+        client
+            .client
+            .request(server_id, b"cd".to_vec())
+            .await
+            .unwrap(),
+        b"dc"
+    );
+    assert_eq!(seen.recv().await.unwrap(), (b"cd".to_vec(), true));
+    let stats = client.client.stats().await.unwrap().streams;
+    assert_eq!(
+        (stats.opened, stats.requests, stats.notices),
+        (1, 2, 3),
+        "{stats:?}"
+    );
+
+    // A requester with streams off gets its notice back, to send as a request.
+    let off = requester(&server, false).await;
+    let back = off.client.notify(server_id, b"push 3".to_vec()).await;
+    assert_eq!(back, Err(b"push 3".to_vec()));
+    serving.abort();
+}
+
 /// Two servers that dial each other at once hold two connections, which gossipsub keeps
 /// alive for good, and no session stream opens between peers with two connections: their
 /// steps and pushes went by request-response for the life of the pair. One of the two

@@ -1,6 +1,8 @@
 //! Real swarms on loopback in one process ([`LocalMesh`]): bootstrap, span servers,
 //! clients. The process-level versions (separate OS processes) live in mesh-node/tests.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,6 +70,15 @@ async fn three_servers_generate_what_one_process_does() {
     let f = fixture(&BlockRange::even_split(8, 3)).await;
     let client = f.mesh.client().await.unwrap();
     let model = f.mesh.model().clone();
+    // Each server reaches the others over one connection (a second one, while two
+    // dial each other at once, keeps a new stream from opening until it closes).
+    for (peer, _) in f.mesh.servers() {
+        let node = f.mesh.node(peer).unwrap();
+        common::wait_stats(node.client(), "one connection to each peer", |s| {
+            s.connected_peers >= 4 && s.connections == s.connected_peers
+        })
+        .await;
+    }
     for push in [true, false] {
         let cfg = SessionConfig {
             push,
@@ -88,6 +99,14 @@ async fn three_servers_generate_what_one_process_does() {
         let pushed = if push { 24 } else { 0 };
         let stats = session.push_stats();
         assert_eq!((stats.pushed, stats.relayed), (pushed, 0), "push {push}");
+        // Pushes go as notices on the servers' streams, unanswered: one message a hop.
+        let mut notices = 0;
+        for (peer, _) in f.mesh.servers() {
+            let node = f.mesh.node(peer).unwrap();
+            notices += node.client().stats().await.unwrap().streams.notices;
+        }
+        // Relaying sends none (the count is the pushing run's).
+        assert_eq!(notices, 24, "push {push}");
         session.close().await;
     }
     f.mesh.stop().await.unwrap();

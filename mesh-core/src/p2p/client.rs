@@ -78,6 +78,15 @@ impl ResponseChannel {
             inner: Responder::Stream(responder),
         }
     }
+
+    /// False for a notice ([`Client::notify`]): its sender reads no answer, so a refusal
+    /// reaches nobody.
+    pub fn wants_answer(&self) -> bool {
+        match &self.inner {
+            Responder::Exchange { .. } => true,
+            Responder::Stream(responder) => responder.wants_answer(),
+        }
+    }
 }
 
 /// Counters of what this peer accepted, rejected and dropped.
@@ -303,6 +312,13 @@ impl Client {
             Streamed::NotTaken(request) => request,
         };
         self.call(|r| Command::Request(peer, request, r)).await
+    }
+
+    /// Sends `request` to `peer` as a notice on the session stream to it: the server
+    /// answers nothing, so this costs one message instead of two. It comes back when no
+    /// stream may carry it; send it with [`Client::request`] then.
+    pub async fn notify(&self, peer: PeerId, request: Vec<u8>) -> Result<(), Vec<u8>> {
+        self.streams.notify(peer, request).await
     }
 
     /// Answers an [`super::Event::InboundRequest`].

@@ -56,8 +56,29 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
                 format!("frame of {} bytes exceeds the limit of {max}", data.len()),
             )
         })?;
-    io.write_all(&len.to_be_bytes()).await?;
-    io.write_all(data).await?;
+    write_parts(io, &len.to_be_bytes(), data).await
+}
+
+/// Frames up to this size go out in one write: a yamux stream makes a frame of every
+/// write, so a header written apart costs the connection a frame (and most often a
+/// noise message and a syscall) of its own. Larger payloads are not copied.
+const COALESCE_BYTES: usize = 64 << 10;
+
+/// Writes `head` then `payload`, as one write when the payload is small, and flushes.
+async fn write_parts<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    head: &[u8],
+    payload: &[u8],
+) -> io::Result<()> {
+    if payload.len() <= COALESCE_BYTES {
+        let mut frame = Vec::with_capacity(head.len() + payload.len());
+        frame.extend_from_slice(head);
+        frame.extend_from_slice(payload);
+        io.write_all(&frame).await?;
+    } else {
+        io.write_all(head).await?;
+        io.write_all(payload).await?;
+    }
     io.flush().await
 }
 
@@ -70,6 +91,9 @@ pub enum FrameKind {
     Answer = 1,
     /// The server dropped the request of that id without an answer.
     Unanswered = 2,
+    /// A session request that wants no answer (a push between servers): the server
+    /// sends nothing back for it, whatever becomes of it.
+    Notice = 3,
 }
 
 /// A stream frame's header before its payload: request id (8 bytes, big-endian), kind.
@@ -100,9 +124,7 @@ pub async fn write_tagged<W: AsyncWrite + Unpin>(
     head[..4].copy_from_slice(&len.to_be_bytes());
     head[4..12].copy_from_slice(&id.to_be_bytes());
     head[12] = kind as u8;
-    io.write_all(&head).await?;
-    io.write_all(payload).await?;
-    io.flush().await
+    write_parts(io, &head, payload).await
 }
 
 /// Reads one stream frame of at most `max` bytes of payload: its id, kind and payload.
@@ -123,6 +145,7 @@ pub async fn read_tagged<R: AsyncRead + Unpin>(
         0 => FrameKind::Request,
         1 => FrameKind::Answer,
         2 => FrameKind::Unanswered,
+        3 => FrameKind::Notice,
         other => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -253,6 +276,64 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// Counts the writes a frame takes.
+    struct CountingWriter {
+        bytes: Vec<u8>,
+        writes: usize,
+    }
+
+    impl AsyncWrite for CountingWriter {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.writes += 1;
+            self.bytes.extend_from_slice(buf);
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_small_frame_is_one_write_and_a_large_one_round_trips() {
+        let mut small = CountingWriter {
+            bytes: Vec::new(),
+            writes: 0,
+        };
+        write_tagged(&mut small, 3, FrameKind::Notice, &[5u8; 2048], 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(small.writes, 1, "header and payload in one write");
+        let got = read_tagged(&mut Cursor::new(small.bytes), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(got, (3, FrameKind::Notice, vec![5u8; 2048]));
+
+        let large: Vec<u8> = (0..COALESCE_BYTES + 7).map(|i| i as u8).collect();
+        let mut big = CountingWriter {
+            bytes: Vec::new(),
+            writes: 0,
+        };
+        write_frame(&mut big, &large, 1 << 20).await.unwrap();
+        assert_eq!(big.writes, 2, "a large payload is not copied");
+        let got = read_frame(&mut Cursor::new(big.bytes), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(got, large);
     }
 
     #[tokio::test]

@@ -70,6 +70,8 @@ pub struct StreamStats {
     pub refused: u64,
     /// Requests this peer sent on a stream.
     pub requests: u64,
+    /// Notices this peer sent on a stream: requests that want no answer (pushes).
+    pub notices: u64,
     /// Small requests sent by request-response instead: no stream was open to the peer
     /// and none could be opened (the peer is not reached over one direct connection, or
     /// opening failed), or it was closing when the request came.
@@ -138,6 +140,7 @@ pub(crate) struct Streams {
     accepted: AtomicU64,
     refused: AtomicU64,
     requests: AtomicU64,
+    notices: AtomicU64,
     fell_back: AtomicU64,
 }
 
@@ -175,6 +178,7 @@ impl Streams {
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            notices: AtomicU64::new(0),
             fell_back: AtomicU64::new(0),
         }
     }
@@ -186,6 +190,7 @@ impl Streams {
             accepted: get(&self.accepted),
             refused: get(&self.refused),
             requests: get(&self.requests),
+            notices: get(&self.notices),
             fell_back: get(&self.fell_back),
         }
     }
@@ -278,6 +283,56 @@ impl Streams {
                 Streamed::Done(Ok(answer))
             }
             Ok(Ok(Outcome::Unanswered)) => failed("the peer dropped the request".into()),
+        }
+    }
+
+    /// Sends `request` to `peer` on its stream as a notice, which the server does not
+    /// answer; the request comes back when it may not go there (the caller sends it by
+    /// request-response and takes the answer). A notice that cannot be written is given
+    /// up with the stream, and comes back too.
+    pub(crate) async fn notify(
+        self: &Arc<Self>,
+        peer: PeerId,
+        request: Vec<u8>,
+    ) -> Result<(), Vec<u8>> {
+        if !self.enabled
+            || request.len() > MAX_STREAMED_REQUEST
+            || lock(&self.unsupported).contains(&peer)
+        {
+            return Err(request);
+        }
+        let Some(channel) = self.channel(peer).await else {
+            self.fell_back.fetch_add(1, Ordering::Relaxed);
+            return Err(request);
+        };
+        let id = channel.next_request.fetch_add(1, Ordering::Relaxed);
+        let written = tokio::time::timeout(self.request_timeout, async {
+            let mut write = channel.write.lock().await;
+            let Some(write) = write.as_mut() else {
+                return Ok(false);
+            };
+            *lock(&channel.last_used) = Instant::now();
+            write_tagged(write, id, FrameKind::Notice, &request, self.max_frame)
+                .await
+                .map(|()| true)
+        })
+        .await;
+        match written {
+            Ok(Ok(true)) => {
+                self.notices.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Ok(false)) => {
+                self.fell_back.fetch_add(1, Ordering::Relaxed);
+                Err(request)
+            }
+            Ok(Err(_)) | Err(_) => {
+                // Part of a frame may be out: nothing more can go on this stream.
+                self.forget(peer, channel.id);
+                channel.close().await;
+                self.fell_back.fetch_add(1, Ordering::Relaxed);
+                Err(request)
+            }
         }
     }
 
@@ -402,6 +457,8 @@ type SharedWrite = Arc<tokio::sync::Mutex<Option<WriteHalf<SessionStream>>>>;
 /// unanswered, it tells the requester so at once.
 pub(crate) struct StreamResponder {
     id: u64,
+    /// False for a notice: nothing is written back, answered or not.
+    wants_answer: bool,
     write: SharedWrite,
     /// The request's place among the stream's unanswered ones, freed once answered.
     slot: Option<OwnedSemaphorePermit>,
@@ -418,8 +475,15 @@ impl std::fmt::Debug for StreamResponder {
 }
 
 impl StreamResponder {
+    pub(crate) fn wants_answer(&self) -> bool {
+        self.wants_answer
+    }
+
     pub(crate) async fn answer(mut self, payload: Vec<u8>) -> Result<(), P2pError> {
         let slot = self.slot.take();
+        if !self.wants_answer {
+            return Ok(());
+        }
         let written = send(
             &self.write,
             self.id,
@@ -436,6 +500,9 @@ impl StreamResponder {
 
 impl Drop for StreamResponder {
     fn drop(&mut self) {
+        if !self.wants_answer {
+            return;
+        }
         let Some(slot) = self.slot.take() else {
             return;
         };
@@ -538,8 +605,10 @@ async fn serve(peer: PeerId, stream: Stream, streams: &Streams, events: mpsc::Se
             break;
         };
         let frame = tokio::time::timeout(SERVER_IDLE, read_tagged(&mut read, streams.max_frame));
-        let (id, request) = match frame.await {
-            Ok(Ok((id, FrameKind::Request, request))) => (id, request),
+        let (id, kind, request) = match frame.await {
+            Ok(Ok((id, kind @ (FrameKind::Request | FrameKind::Notice), request))) => {
+                (id, kind, request)
+            }
             Ok(Ok((_, kind, _))) => {
                 tracing::debug!(%peer, ?kind, "session stream: not a request; closing it");
                 break;
@@ -552,6 +621,7 @@ async fn serve(peer: PeerId, stream: Stream, streams: &Streams, events: mpsc::Se
         };
         let channel = super::ResponseChannel::streamed(StreamResponder {
             id,
+            wants_answer: kind == FrameKind::Request,
             write: write.clone(),
             slot: Some(slot),
             timeout: streams.request_timeout,
