@@ -113,6 +113,15 @@ impl Channel {
     }
 }
 
+/// What became of a frame written on a stream ([`Streams::write_on`]).
+enum Written {
+    Sent,
+    /// The stream had closed: nothing was written.
+    Closed,
+    /// The write failed or timed out, and the stream is closed.
+    Failed(String),
+}
+
 /// Where a request went.
 pub(crate) enum Streamed {
     /// Sent on a stream: its answer or why there is none.
@@ -222,51 +231,27 @@ impl Streams {
 
     /// Sends `request` to `peer` on its stream when it may go there.
     pub(crate) async fn request(self: &Arc<Self>, peer: PeerId, request: Vec<u8>) -> Streamed {
-        if !self.enabled
-            || request.len() > MAX_STREAMED_REQUEST
-            || lock(&self.unsupported).contains(&peer)
-        {
-            return Streamed::NotTaken(request);
-        }
-        let Some(channel) = self.channel(peer).await else {
-            self.fell_back.fetch_add(1, Ordering::Relaxed);
+        let Some(channel) = self.stream_for(peer, request.len()).await else {
             return Streamed::NotTaken(request);
         };
         let id = channel.next_request.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         lock(&channel.pending).insert(id, reply);
         let failed = |reason: String| Streamed::Done(Err(P2pError::Request { peer, reason }));
-        let written = tokio::time::timeout(self.request_timeout, async {
-            let mut write = channel.write.lock().await;
-            let Some(write) = write.as_mut() else {
-                return Ok(false);
-            };
-            *lock(&channel.last_used) = Instant::now();
-            write_tagged(write, id, FrameKind::Request, &request, self.max_frame)
-                .await
-                .map(|()| true)
-        })
-        .await;
-        match written {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => {
+        match self
+            .write_on(peer, &channel, id, FrameKind::Request, &request)
+            .await
+        {
+            Written::Sent => {}
+            Written::Closed => {
                 // The stream closed before this request was written.
                 lock(&channel.pending).remove(&id);
                 self.fell_back.fetch_add(1, Ordering::Relaxed);
                 return Streamed::NotTaken(request);
             }
-            Ok(Err(e)) => {
+            Written::Failed(why) => {
                 lock(&channel.pending).remove(&id);
-                self.forget(peer, channel.id);
-                channel.close().await;
-                return failed(format!("writing to the stream: {e}"));
-            }
-            Err(_) => {
-                // Part of a frame may be out: nothing more can go on this stream.
-                lock(&channel.pending).remove(&id);
-                self.forget(peer, channel.id);
-                channel.close().await;
-                return failed("writing to the stream timed out".into());
+                return failed(why);
             }
         }
         match tokio::time::timeout(self.request_timeout, answer).await {
@@ -295,45 +280,69 @@ impl Streams {
         peer: PeerId,
         request: Vec<u8>,
     ) -> Result<(), Vec<u8>> {
-        if !self.enabled
-            || request.len() > MAX_STREAMED_REQUEST
-            || lock(&self.unsupported).contains(&peer)
-        {
-            return Err(request);
-        }
-        let Some(channel) = self.channel(peer).await else {
-            self.fell_back.fetch_add(1, Ordering::Relaxed);
+        let Some(channel) = self.stream_for(peer, request.len()).await else {
             return Err(request);
         };
         let id = channel.next_request.fetch_add(1, Ordering::Relaxed);
+        match self
+            .write_on(peer, &channel, id, FrameKind::Notice, &request)
+            .await
+        {
+            Written::Sent => {
+                self.notices.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Written::Closed | Written::Failed(_) => {
+                self.fell_back.fetch_add(1, Ordering::Relaxed);
+                Err(request)
+            }
+        }
+    }
+
+    /// The stream a request of `len` bytes to `peer` may go on, if any: streams are on,
+    /// the peer speaks the protocol, the request is small, and a stream is open or may
+    /// be opened (counted as fallen back when it may not).
+    async fn stream_for(self: &Arc<Self>, peer: PeerId, len: usize) -> Option<Arc<Channel>> {
+        if !self.enabled || len > MAX_STREAMED_REQUEST || lock(&self.unsupported).contains(&peer) {
+            return None;
+        }
+        let channel = self.channel(peer).await;
+        if channel.is_none() {
+            self.fell_back.fetch_add(1, Ordering::Relaxed);
+        }
+        channel
+    }
+
+    /// Writes one frame on `channel` within the request timeout. A frame that failed or
+    /// timed out may be partly out, so nothing more can go on that stream: it is closed.
+    async fn write_on(
+        &self,
+        peer: PeerId,
+        channel: &Channel,
+        id: u64,
+        kind: FrameKind,
+        payload: &[u8],
+    ) -> Written {
         let written = tokio::time::timeout(self.request_timeout, async {
             let mut write = channel.write.lock().await;
             let Some(write) = write.as_mut() else {
                 return Ok(false);
             };
             *lock(&channel.last_used) = Instant::now();
-            write_tagged(write, id, FrameKind::Notice, &request, self.max_frame)
+            write_tagged(write, id, kind, payload, self.max_frame)
                 .await
                 .map(|()| true)
         })
         .await;
-        match written {
-            Ok(Ok(true)) => {
-                self.notices.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Ok(Ok(false)) => {
-                self.fell_back.fetch_add(1, Ordering::Relaxed);
-                Err(request)
-            }
-            Ok(Err(_)) | Err(_) => {
-                // Part of a frame may be out: nothing more can go on this stream.
-                self.forget(peer, channel.id);
-                channel.close().await;
-                self.fell_back.fetch_add(1, Ordering::Relaxed);
-                Err(request)
-            }
-        }
+        let why = match written {
+            Ok(Ok(true)) => return Written::Sent,
+            Ok(Ok(false)) => return Written::Closed,
+            Ok(Err(e)) => format!("writing to the stream: {e}"),
+            Err(_) => "writing to the stream timed out".to_string(),
+        };
+        self.forget(peer, channel.id);
+        channel.close().await;
+        Written::Failed(why)
     }
 
     /// The open stream to `peer`, or a new one.
