@@ -68,17 +68,15 @@ pub(super) fn dispatch(
     // dropped before the answer is awaited, or a step waiting for its push would keep the
     // worker from ever seeing its queue close at shutdown.
     let retry_on = match &queued {
-        Err(not) if !channel.wants_answer() && retry_wait(&not.refusal, 1).is_some() => Some((
-            queue.jobs.clone(),
-            queue.busy.clone(),
-            queue.admission.clone(),
-        )),
+        Err(not) if !channel.wants_answer() && retry_wait(&not.refusal, 1).is_some() => {
+            Some(queue.jobs.clone())
+        }
         _ => None,
     };
     let (busy, admission) = (queue.busy.clone(), queue.admission.clone());
     tokio::spawn(async move {
         let queued = match (queued, retry_on) {
-            (Err(not), Some((jobs, busy, admission))) => {
+            (Err(not), Some(jobs)) => {
                 let queue = Queue {
                     jobs: &jobs,
                     inline: None,

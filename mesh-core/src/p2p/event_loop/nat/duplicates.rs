@@ -56,6 +56,10 @@ impl EventLoop {
     /// Closes a peer's surplus direct connections ([`surplus`]), except while a request
     /// of ours waits on that peer (request-response may have put it on either).
     pub(in crate::p2p::event_loop) fn close_duplicate_connections(&mut self, now: Instant) {
+        // Every tick, and almost always nothing to do: no set of busy peers built then.
+        if self.nat.conns.values().all(|c| c.len() < 2) {
+            return;
+        }
         let busy = self.busy_peers();
         let mut to_close = Vec::new();
         for (peer, conns) in &self.nat.conns {
