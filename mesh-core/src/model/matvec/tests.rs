@@ -65,7 +65,15 @@ fn every_isa_matches_the_portable_reference() {
 /// must not change a session's numbers.
 #[test]
 fn four_inputs_at_once_are_each_input_alone_bit_for_bit() {
-    for (rows, cols) in [(1, 1), (3, 7), (5, 16), (13, 40), (9, 64), (37, 517)] {
+    for (rows, cols) in [
+        (1, 1),
+        (3, 7),
+        (5, 16),
+        (13, 40),
+        (9, 64),
+        (6, 100),
+        (37, 517),
+    ] {
         let w = random((rows + 1) * cols, 3);
         let xs: Vec<Vec<f32>> = (0..4).map(|q| random(cols, 10 + q)).collect();
         let (f16, bf16) = halves(&w);
