@@ -68,13 +68,14 @@ pub fn dot_rows_rounded(isa: Isa, w: &[u8], first: usize, input: &RoundedInput, 
     match isa {
         // SAFETY: `isa` came from `Isa::detect`/`available`, which checked the CPU for
         // these features (AVX-512 implies F16C; BW is checked here); the caller checked
-        // the rows are in `w` and `x.len()` is a multiple of 32.
+        // the rows are in `w` and `x.len()` is a multiple of 32. One row at a time: four
+        // side by side were a little slower on AMD Zen 4 (docs/performance.md).
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if std::arch::is_x86_feature_detected!("avx512bw") => unsafe {
-            x86::rows_avx512::<4>(w, first, input, out)
+            x86::rows_avx512::<1>(w, first, input, out)
         },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx2 => unsafe { x86::rows_avx2::<4>(w, first, input, out) },
+        Isa::Avx512 | Isa::Avx2 => unsafe { x86::rows_avx2::<1>(w, first, input, out) },
         _ => rounded_rows(w, first, input, out),
     }
 }

@@ -12,13 +12,15 @@ pub fn dot_rows(isa: Isa, w: Elems<'_>, first: usize, x: &[f32], out: &mut [f32]
     // the caller) and within `x`.
     unsafe {
         match (isa, w) {
+            // One row at a time, as the dense kernels read: four side by side ran 1.1-1.4x
+            // slower on AMD Zen 4 (docs/performance.md, "One row at a time").
             (Isa::Avx512, Elems::Bf16(w)) if x.len().is_multiple_of(32) => {
                 let (even, odd) = deinterleave(x);
-                avx512::rows_bf16_pairs::<4>(w, first, &even, &odd, out)
+                avx512::rows_bf16_pairs::<1>(w, first, &even, &odd, out)
             }
             (Isa::Avx2, Elems::Bf16(w)) if x.len().is_multiple_of(16) => {
                 let (even, odd) = deinterleave(x);
-                avx2::rows_bf16_pairs::<4>(w, first, &even, &odd, out)
+                avx2::rows_bf16_pairs::<1>(w, first, &even, &odd, out)
             }
             (Isa::Avx512, Elems::F32(w)) => avx512::rows_f32(w, first, x, out),
             (Isa::Avx512, Elems::F16(w)) => avx512::rows_f16(w, first, x, out),
