@@ -188,12 +188,14 @@ macro_rules! row_kernels {
     };
 }
 
-/// Four-input row kernels: one weight row at a time against four inputs (`4 × $acc`
-/// sums in registers), each weight load feeding all four. Every (row, input) takes the
+/// Four-input row kernels: `$rows` weight rows at a time against four inputs
+/// (`$rows × 4 × $acc` sums in registers), then one row at a time; each weight load
+/// feeds four inputs and each input load `$rows` rows. Every (row, input) takes the
 /// loads [`row_kernels`] takes for it, in its order, so the numbers are the same.
 macro_rules! row4_kernels {
-    ($feat:literal, $vec:ty, $lanes:expr, $acc:expr, $zero:ident, $fmadd:ident, $add:ident,
-     $loadx:ident, $sum:ident, $( $name:ident: $t:ty => $load:ident, $scalar:expr; )+) => {
+    ($feat:literal, $vec:ty, $lanes:expr, $acc:expr, $rows:expr, $zero:ident, $fmadd:ident,
+     $add:ident, $loadx:ident, $sum:ident,
+     $( $name:ident: $t:ty => $load:ident, $scalar:expr; )+) => {
         $(
             #[target_feature(enable = $feat)]
             pub unsafe fn $name(
@@ -209,35 +211,55 @@ macro_rules! row4_kernels {
                 let main = cols - cols % $lanes;
                 let wp = w.as_ptr();
                 let xp = [xs[0].as_ptr(), xs[1].as_ptr(), xs[2].as_ptr(), xs[3].as_ptr()];
-                for i in 0..n {
-                    let row = first + i;
-                    let rp = wp.add(row * cols);
-                    let mut acc: [[$vec; $acc]; 4] = [[$zero(); $acc]; 4];
-                    let mut j = 0;
-                    while j + STEP <= main {
-                        for a in 0..$acc {
-                            let at = j + a * $lanes;
-                            prefetch(rp.add(at), ahead);
-                            let wv = $load(rp.add(at));
+                let mut i = 0;
+                macro_rules! block {
+                    ($k:expr) => {{
+                        let rp: [*const $t; $k] = std::array::from_fn(|k| wp.add((first + i + k) * cols));
+                        let mut acc: [[[$vec; $acc]; 4]; $k] = [[[$zero(); $acc]; 4]; $k];
+                        let mut j = 0;
+                        while j + STEP <= main {
+                            for a in 0..$acc {
+                                let at = j + a * $lanes;
+                                let xv: [$vec; 4] = std::array::from_fn(|q| $loadx(xp[q].add(at)));
+                                for k in 0..$k {
+                                    prefetch(rp[k].add(at), ahead);
+                                    let wv = $load(rp[k].add(at));
+                                    for q in 0..4 {
+                                        acc[k][q][a] = $fmadd(wv, xv[q], acc[k][q][a]);
+                                    }
+                                }
+                            }
+                            j += STEP;
+                        }
+                        while j < main {
+                            let xv: [$vec; 4] = std::array::from_fn(|q| $loadx(xp[q].add(j)));
+                            for k in 0..$k {
+                                let wv = $load(rp[k].add(j));
+                                for q in 0..4 {
+                                    acc[k][q][0] = $fmadd(wv, xv[q], acc[k][q][0]);
+                                }
+                            }
+                            j += $lanes;
+                        }
+                        for k in 0..$k {
+                            let row = first + i + k;
                             for q in 0..4 {
-                                acc[q][a] = $fmadd(wv, $loadx(xp[q].add(at)), acc[q][a]);
+                                let sums = &acc[k][q];
+                                let total = sums[1..].iter().fold(sums[0], |t, &a| $add(t, a));
+                                let tail: f32 = (main..cols)
+                                    .map(|j| $scalar(w[row * cols + j]) * xs[q][j])
+                                    .sum();
+                                outs[q][i + k] = $sum(total) + tail;
                             }
                         }
-                        j += STEP;
-                    }
-                    while j < main {
-                        let wv = $load(rp.add(j));
-                        for q in 0..4 {
-                            acc[q][0] = $fmadd(wv, $loadx(xp[q].add(j)), acc[q][0]);
-                        }
-                        j += $lanes;
-                    }
-                    for q in 0..4 {
-                        let total = acc[q][1..].iter().fold(acc[q][0], |t, &a| $add(t, a));
-                        let tail: f32 =
-                            (main..cols).map(|j| $scalar(w[row * cols + j]) * xs[q][j]).sum();
-                        outs[q][i] = $sum(total) + tail;
-                    }
+                        i += $k;
+                    }};
+                }
+                while n - i >= $rows {
+                    block!($rows);
+                }
+                while i < n {
+                    block!(1);
                 }
             }
         )+
@@ -290,15 +312,15 @@ mod avx512 {
         sum
     );
 
-    row_kernels!("avx512f", __m512, 16, 4, _mm512_setzero_ps, _mm512_fmadd_ps, _mm512_add_ps,
+    row_kernels!("avx512f", __m512, 16, 2, _mm512_setzero_ps, _mm512_fmadd_ps, _mm512_add_ps,
         load_f32, sum,
         rows_f32: f32 => load_f32, |v: f32| v;
         rows_f16: u16 => load_f16, f16_to_f32;
         rows_bf16: u16 => load_bf16, bf16_to_f32;
     );
 
-    row4_kernels!("avx512f", __m512, 16, 4, _mm512_setzero_ps, _mm512_fmadd_ps, _mm512_add_ps,
-        load_f32, sum,
+    row4_kernels!("avx512f", __m512, 16, 2, 3, _mm512_setzero_ps, _mm512_fmadd_ps,
+        _mm512_add_ps, load_f32, sum,
         rows4_f32: f32 => load_f32, |v: f32| v;
         rows4_f16: u16 => load_f16, f16_to_f32;
     );
@@ -360,7 +382,7 @@ mod avx2 {
         rows_bf16: u16 => load_bf16, bf16_to_f32;
     );
 
-    row4_kernels!("avx2,fma,f16c", __m256, 8, 2, _mm256_setzero_ps, _mm256_fmadd_ps,
+    row4_kernels!("avx2,fma,f16c", __m256, 8, 2, 1, _mm256_setzero_ps, _mm256_fmadd_ps,
         _mm256_add_ps, load_f32, sum, rows4_f32: f32 => load_f32, |v: f32| v;
         rows4_f16: u16 => load_f16, f16_to_f32;
     );
