@@ -149,8 +149,9 @@ macro_rules! bf16_pair_kernel {
 /// weights stream as one sequential read, which every CPU's prefetchers follow, and the
 /// sums' chains leave room for the loads. Four rows read side by side (the first shape of
 /// these kernels, sharing each load of `x`) streamed half as fast on AMD Zen 4: 10-11
-/// GB/s on one core against 17-20 for one row and 21-30 for one row into four sums.
-/// [`row4_kernels`] keeps this order for every (row, input), so batches are bit for bit.
+/// GB/s on one core against 17-20 for one row. Two sums a row stream as fast as four and
+/// leave registers for [`row4_kernels`] to take three rows at a time; it keeps this order
+/// for every (row, input), so batches are bit for bit.
 macro_rules! row_kernels {
     ($feat:literal, $vec:ty, $lanes:expr, $acc:expr, $zero:ident, $fmadd:ident, $add:ident,
      $loadx:ident, $sum:ident, $( $name:ident: $t:ty => $load:ident, $scalar:expr; )+) => {
