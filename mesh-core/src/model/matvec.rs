@@ -36,6 +36,7 @@ mod pool;
 mod q4k;
 mod q8_0;
 pub(crate) mod simd;
+mod spread;
 #[cfg(test)]
 mod tests;
 

@@ -17,6 +17,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::spread::Spread;
+
 /// How long an idle worker spins for the next product when no step holds the pool: longer
 /// than the gap between two products, far shorter than a step.
 const GRACE: Duration = Duration::from_micros(20);
@@ -107,6 +109,7 @@ struct Shared {
     expected_until: AtomicU64,
     origin: Instant,
     shutdown: AtomicBool,
+    spread: Spread,
     park: Mutex<()>,
     wake: Condvar,
 }
@@ -145,6 +148,7 @@ impl WorkerPool {
             expected_until: AtomicU64::new(0),
             origin: Instant::now(),
             shutdown: AtomicBool::new(false),
+            spread: Spread::new(threads.max(1) - 1),
             park: Mutex::new(()),
             wake: Condvar::new(),
         });
@@ -225,6 +229,7 @@ impl WorkerPool {
             return !job.panicked.load(Ordering::Relaxed);
         }
         let shared = &*self.shared;
+        shared.spread.keep_off_callers_core();
         // SAFETY: the pointer is published only until this function clears it and has
         // seen every worker that could have read it leave (`entered == 0`), so no worker
         // touches `job` after it goes out of scope; the lifetime is erased for the store.
@@ -243,6 +248,13 @@ impl WorkerPool {
         wait_until(|| shared.entered.load(Ordering::SeqCst) == 0);
         drop(guard);
         !job.panicked.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+impl WorkerPool {
+    pub(super) fn spread_for_tests(&self) -> &Spread {
+        &self.shared.spread
     }
 }
 
@@ -273,6 +285,7 @@ impl Drop for WorkerPool {
 
 fn worker(shared: &Shared) {
     IN_WORKER.set(true);
+    shared.spread.register_this_worker();
     let mut seen = shared.epoch.load(Ordering::SeqCst);
     loop {
         // Spin for the next job while a step holds the pool (or briefly), then park
