@@ -72,10 +72,10 @@ pub fn dot_rows_rounded(isa: Isa, w: &[u8], first: usize, input: &RoundedInput, 
         // side by side were a little slower on AMD Zen 4 (docs/performance.md).
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if std::arch::is_x86_feature_detected!("avx512bw") => unsafe {
-            x86::rows_avx512::<1>(w, first, input, out)
+            x86::rows_avx512(w, first, input, out)
         },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx2 => unsafe { x86::rows_avx2::<1>(w, first, input, out) },
+        Isa::Avx512 | Isa::Avx2 => unsafe { x86::rows_avx2(w, first, input, out) },
         _ => rounded_rows(w, first, input, out),
     }
 }
@@ -129,103 +129,67 @@ mod x86 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
     }
 
-    /// `N` rows at a time share each load of the input's block, then the rest one by one.
-    /// The scales of 16 blocks of a row are converted at once.
+    /// One row at a time (as the dense kernels: one sequential stream); the scales of 16
+    /// blocks of a row are converted at once.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    pub unsafe fn rows_avx512<const N: usize>(
-        w: &[u8],
-        first: usize,
-        input: &RoundedInput,
-        out: &mut [f32],
-    ) {
+    pub unsafe fn rows_avx512(w: &[u8], first: usize, input: &RoundedInput, out: &mut [f32]) {
         let blocks = input.scales.len();
         let row = row_bytes(input.values.len());
         let (wp, xp, sp) = (w.as_ptr(), input.values.as_ptr(), input.scales.as_ptr());
-        let mut i = 0;
-        while i < out.len() {
-            if out.len() - i < N {
-                rows_avx512::<1>(w, first + i, input, &mut out[i..]);
-                return;
-            }
-            let mut acc = [_mm512_setzero_ps(); N];
-            let mut scales = [[0f32; 16]; N];
+        for (i, o) in out.iter_mut().enumerate() {
+            let rp = wp.add((first + i) * row);
+            let mut acc = _mm512_setzero_ps();
+            let mut scales = [0f32; 16];
             let mut b0 = 0;
             while b0 < blocks {
                 let nb = (blocks - b0).min(16);
                 let mask: __mmask16 = if nb == 16 { 0xFFFF } else { (1u16 << nb) - 1 };
                 let sx = _mm512_maskz_loadu_ps(mask, sp.add(b0));
-                for (k, scales) in scales.iter_mut().enumerate() {
-                    let mut bits = [0u16; 16];
-                    let p = wp.add((first + i + k) * row + b0 * BLOCK_BYTES);
-                    for (b, bits) in bits.iter_mut().enumerate().take(nb) {
-                        *bits = u16::from_le(p.add(b * BLOCK_BYTES).cast::<u16>().read_unaligned());
-                    }
-                    let d = _mm512_cvtph_ps(_mm256_loadu_si256(bits.as_ptr().cast()));
-                    _mm512_storeu_ps(scales.as_mut_ptr(), _mm512_mul_ps(d, sx));
+                let mut bits = [0u16; 16];
+                for (b, bits) in bits.iter_mut().enumerate().take(nb) {
+                    let p = rp.add((b0 + b) * BLOCK_BYTES);
+                    *bits = u16::from_le(p.cast::<u16>().read_unaligned());
                 }
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(bits.as_ptr().cast()));
+                _mm512_storeu_ps(scales.as_mut_ptr(), _mm512_mul_ps(d, sx));
                 for b in b0..b0 + nb {
                     let xv = _mm512_loadu_si512(xp.add(b * BLOCK_VALUES).cast());
-                    for (k, (acc, scales)) in acc.iter_mut().zip(&scales).enumerate() {
-                        let p = wp.add((first + i + k) * row + b * BLOCK_BYTES + 2);
-                        // The scale pass touches each line first and would wait on it.
-                        prefetch(p, AHEAD_ROWS * row);
-                        let wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(p.cast()));
-                        let sums = _mm512_cvtepi32_ps(_mm512_madd_epi16(wv, xv));
-                        let scale = _mm512_set1_ps(scales[b - b0]);
-                        *acc = _mm512_fmadd_ps(sums, scale, *acc);
-                    }
+                    let p = rp.add(b * BLOCK_BYTES + 2);
+                    // The scale pass touches each line first and would wait on it.
+                    prefetch(p, AHEAD_ROWS * row);
+                    let wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(p.cast()));
+                    let sums = _mm512_cvtepi32_ps(_mm512_madd_epi16(wv, xv));
+                    acc = _mm512_fmadd_ps(sums, _mm512_set1_ps(scales[b - b0]), acc);
                 }
                 b0 += nb;
             }
-            for (k, acc) in acc.iter().enumerate() {
-                out[i + k] = _mm512_reduce_add_ps(*acc);
-            }
-            i += N;
+            *o = _mm512_reduce_add_ps(acc);
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn rows_avx2<const N: usize>(
-        w: &[u8],
-        first: usize,
-        input: &RoundedInput,
-        out: &mut [f32],
-    ) {
-        let blocks = input.scales.len();
+    pub unsafe fn rows_avx2(w: &[u8], first: usize, input: &RoundedInput, out: &mut [f32]) {
         let row = row_bytes(input.values.len());
         let (wp, xp) = (w.as_ptr(), input.values.as_ptr());
-        let mut i = 0;
-        while i < out.len() {
-            if out.len() - i < N {
-                rows_avx2::<1>(w, first + i, input, &mut out[i..]);
-                return;
-            }
-            let mut acc = [_mm256_setzero_ps(); N];
-            for (b, sx) in input.scales.iter().enumerate().take(blocks) {
+        for (i, o) in out.iter_mut().enumerate() {
+            let rp = wp.add((first + i) * row);
+            let mut acc = _mm256_setzero_ps();
+            for (b, sx) in input.scales.iter().enumerate() {
                 let at = xp.add(b * BLOCK_VALUES);
                 let x0 = _mm256_loadu_si256(at.cast());
                 let x1 = _mm256_loadu_si256(at.add(16).cast());
-                for (k, acc) in acc.iter_mut().enumerate() {
-                    let p = wp.add((first + i + k) * row + b * BLOCK_BYTES);
-                    let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(2).cast()));
-                    let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(18).cast()));
-                    // At most four products of 127 × 32767 a lane: exact in f32.
-                    let sums =
-                        _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                    let s = _mm256_set1_ps(scale(p) * sx);
-                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), s, *acc);
-                }
+                let p = rp.add(b * BLOCK_BYTES);
+                let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(2).cast()));
+                let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(18).cast()));
+                // At most four products of 127 × 32767 a lane: exact in f32.
+                let sums = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+                let s = _mm256_set1_ps(scale(p) * sx);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), s, acc);
             }
-            for (k, acc) in acc.iter().enumerate() {
-                let s = _mm_add_ps(
-                    _mm256_castps256_ps128(*acc),
-                    _mm256_extractf128_ps::<1>(*acc),
-                );
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-                out[i + k] = _mm_cvtss_f32(s);
-            }
-            i += N;
+            let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+            *o = _mm_cvtss_f32(s);
         }
     }
 }

@@ -16,11 +16,11 @@ pub fn dot_rows(isa: Isa, w: Elems<'_>, first: usize, x: &[f32], out: &mut [f32]
             // slower on AMD Zen 4 (docs/performance.md, "One row at a time").
             (Isa::Avx512, Elems::Bf16(w)) if x.len().is_multiple_of(32) => {
                 let (even, odd) = deinterleave(x);
-                avx512::rows_bf16_pairs::<1>(w, first, &even, &odd, out)
+                avx512::rows_bf16_pairs(w, first, &even, &odd, out)
             }
             (Isa::Avx2, Elems::Bf16(w)) if x.len().is_multiple_of(16) => {
                 let (even, odd) = deinterleave(x);
-                avx2::rows_bf16_pairs::<1>(w, first, &even, &odd, out)
+                avx2::rows_bf16_pairs(w, first, &even, &odd, out)
             }
             (Isa::Avx512, Elems::F32(w)) => avx512::rows_f32(w, first, x, out),
             (Isa::Avx512, Elems::F16(w)) => avx512::rows_f16(w, first, x, out),
@@ -94,14 +94,14 @@ fn deinterleave(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
     x.chunks_exact(2).map(|p| (p[0], p[1])).unzip()
 }
 
-/// bf16 rows against a deinterleaved input, `N` rows at a time (then one at a time):
-/// each load of `$lanes` lanes holds `2 × $lanes` weights, the even ones in each lane's
-/// low half, the odd ones in its high half.
+/// bf16 rows against a deinterleaved input, one row at a time (as [`row_kernels`], for
+/// the same reason): each load of `$lanes` lanes holds `2 × $lanes` weights, the even ones
+/// in each lane's low half, the odd ones in its high half.
 macro_rules! bf16_pair_kernel {
     ($feat:literal, $vec:ty, $ivec:ty, $lanes:expr, $zero:ident, $fmadd:ident, $add:ident,
      $loadx:ident, $loadi:ident, $shift:ident, $and:ident, $set1:ident, $cast:ident, $sum:ident) => {
         #[target_feature(enable = $feat)]
-        pub unsafe fn rows_bf16_pairs<const N: usize>(
+        pub unsafe fn rows_bf16_pairs(
             w: &[u16],
             first: usize,
             even: &[f32],
@@ -112,31 +112,21 @@ macro_rules! bf16_pair_kernel {
             let ahead = ahead_elements::<u16>(cols);
             let high = $set1(0xFFFF_0000_u32 as i32);
             let wp = w.as_ptr();
-            let mut i = 0;
-            while i < out.len() {
-                if out.len() - i < N {
-                    rows_bf16_pairs::<1>(w, first + i, even, odd, &mut out[i..]);
-                    return;
-                }
-                let mut acc_even: [$vec; N] = [$zero(); N];
-                let mut acc_odd: [$vec; N] = [$zero(); N];
+            for (i, o) in out.iter_mut().enumerate() {
+                let rp = wp.add((first + i) * cols);
+                let (mut acc_even, mut acc_odd): ($vec, $vec) = ($zero(), $zero());
                 let mut j = 0;
                 while j < cols {
                     let xe = $loadx(even.as_ptr().add(j / 2));
                     let xo = $loadx(odd.as_ptr().add(j / 2));
-                    for k in 0..N {
-                        let p = wp.add((first + i + k) * cols + j);
-                        prefetch(p, ahead);
-                        let v: $ivec = $loadi(p.cast());
-                        acc_even[k] = $fmadd($cast($shift::<16>(v)), xe, acc_even[k]);
-                        acc_odd[k] = $fmadd($cast($and(v, high)), xo, acc_odd[k]);
-                    }
+                    let p = rp.add(j);
+                    prefetch(p, ahead);
+                    let v: $ivec = $loadi(p.cast());
+                    acc_even = $fmadd($cast($shift::<16>(v)), xe, acc_even);
+                    acc_odd = $fmadd($cast($and(v, high)), xo, acc_odd);
                     j += 2 * $lanes;
                 }
-                for k in 0..N {
-                    out[i + k] = $sum($add(acc_even[k], acc_odd[k]));
-                }
-                i += N;
+                *o = $sum($add(acc_even, acc_odd));
             }
         }
     };
