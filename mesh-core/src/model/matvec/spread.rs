@@ -65,41 +65,48 @@ mod linux {
             }
         }
 
+        /// A worker that starts after the workers were told to avoid a core avoids it too.
         pub(super) fn register_this_worker(&self) {
             // SAFETY: gettid has no preconditions.
             let tid = unsafe { libc::gettid() };
             if let Ok(mut tids) = self.tids.lock() {
                 tids.push(tid);
+                let avoided = self.avoided.load(Ordering::Relaxed);
+                if avoided >= 0 {
+                    self.set_all_but(avoided, &[tid]);
+                }
             }
         }
 
         pub(super) fn keep_off_callers_core(&self) {
-            // Only where the workers fit on the other cores: with more threads than
-            // cores, shutting them out of one would crowd them onto fewer still.
-            if self.workers == 0 || self.workers >= self.allowed.len() {
-                return;
-            }
             // SAFETY: sched_getcpu has no preconditions; it returns -1 on failure.
             let cpu = unsafe { libc::sched_getcpu() };
             if cpu < 0 || self.avoided.load(Ordering::Relaxed) == cpu {
                 return;
             }
-            let Some(set) = cpu_set(self.allowed.iter().filter(|&&c| c != cpu as usize)) else {
+            // Under the lock, so a worker registering meanwhile reads the new core.
+            if let Ok(tids) = self.tids.lock() {
+                self.set_all_but(cpu, &tids);
+                self.avoided.store(cpu, Ordering::Relaxed);
+            }
+        }
+
+        /// Let threads `tids` run on every allowed CPU but `cpu`: only where the workers
+        /// fit on the other cores, since with more threads than cores, shutting them out
+        /// of one would crowd them onto fewer still.
+        fn set_all_but(&self, cpu: i32, tids: &[libc::pid_t]) {
+            if self.workers == 0 || self.workers >= self.allowed.len() {
+                return;
+            }
+            let Some(set) = cpu_set(self.allowed.iter().filter(|&&c| c as i32 != cpu)) else {
                 return;
             };
-            let Ok(tids) = self.tids.lock() else {
-                return;
-            };
-            for &tid in tids.iter() {
+            for &tid in tids {
                 // SAFETY: `set` is a valid, initialised cpu_set_t of the size passed. A
                 // failure (a worker gone, a cpuset that changed) leaves it where it was.
                 unsafe {
                     libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
                 }
-            }
-            // Remembered only once every worker has been told, so a late starter is too.
-            if tids.len() == self.workers {
-                self.avoided.store(cpu, Ordering::Relaxed);
             }
         }
     }
@@ -113,18 +120,23 @@ mod linux {
 
     /// The CPUs the calling thread may run on (empty if that cannot be read).
     pub(super) fn allowed_cpus() -> Vec<usize> {
+        affinity_of(0).unwrap_or_default()
+    }
+
+    /// The CPUs thread `tid` (0: the calling thread) may run on.
+    pub(super) fn affinity_of(tid: libc::pid_t) -> Option<Vec<usize>> {
         // SAFETY: an all-zero cpu_set_t is a valid empty set; sched_getaffinity writes at
         // most the size passed.
         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        let got =
-            unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-        if got != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            // SAFETY: `c` is below CPU_SETSIZE, inside the set.
-            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-            .collect()
+        let got = unsafe {
+            libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set)
+        };
+        (got == 0).then(|| {
+            (0..libc::CPU_SETSIZE as usize)
+                // SAFETY: `c` is below CPU_SETSIZE, inside the set.
+                .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+                .collect()
+        })
     }
 
     /// A cpu_set_t holding `cpus`; `None` if it would be empty or a CPU is out of range.
@@ -141,21 +153,6 @@ mod linux {
             any = true;
         }
         any.then_some(set)
-    }
-
-    /// The CPUs thread `tid` may run on.
-    #[cfg(test)]
-    pub(super) fn affinity_of(tid: libc::pid_t) -> Vec<usize> {
-        // SAFETY: as in `allowed_cpus`.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        let got = unsafe {
-            libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set)
-        };
-        assert_eq!(got, 0, "sched_getaffinity({tid})");
-        (0..libc::CPU_SETSIZE as usize)
-            // SAFETY: `c` is below CPU_SETSIZE.
-            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-            .collect()
     }
 }
 
@@ -218,7 +215,11 @@ mod tests {
                     pin_this_thread(cpu);
                     run(&pool);
                     let want: Vec<usize> = allowed.iter().copied().filter(|&c| c != cpu).collect();
-                    assert_eq!(affinity_of(tids[0]), want, "handed out from CPU {cpu}");
+                    assert_eq!(
+                        affinity_of(tids[0]),
+                        Some(want),
+                        "handed out from CPU {cpu}"
+                    );
                 }
             });
         });
@@ -234,7 +235,7 @@ mod tests {
             sum.fetch_add(i, std::sync::atomic::Ordering::Relaxed);
         }));
         for tid in pool.spread_for_tests().worker_tids() {
-            assert_eq!(affinity_of(tid), allowed);
+            assert_eq!(affinity_of(tid), Some(allowed.clone()));
         }
     }
 }
