@@ -67,6 +67,11 @@ async fn run(
     for span in spans {
         mesh.add_node_with(*span, limits.clone()).await?;
     }
+    // Time the steady state: two servers that dialed each other at once push by
+    // request-response until one of the two connections is closed.
+    if !mesh.settle(Duration::from_secs(30)).await {
+        eprintln!("warning: the mesh's servers still hold two connections to a peer");
+    }
     let most = 32;
     let mut clients = Vec::with_capacity(most);
     for _ in 0..most {

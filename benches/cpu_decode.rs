@@ -17,7 +17,7 @@
 //! row comes with "512-wide F32 avx512", or whichever ISA is this CPU's best).
 
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use mesh::decode_timing::{argmax, time_decode, write_model_dir, DecodeTiming, ModelShape};
@@ -239,6 +239,11 @@ fn mesh_decode(dir: &std::path::Path, tokens: usize) -> anyhow::Result<f64> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let mesh = LocalMesh::start(dir, &BlockRange::even_split(blocks, 3)).await?;
+        // Time the steady state: servers that dialed each other at once push by
+        // request-response until one of the two connections is closed.
+        if !mesh.settle(Duration::from_secs(30)).await {
+            eprintln!("warning: the mesh's servers still hold two connections to a peer");
+        }
         let client = mesh.client().await?;
         let mut session = RemoteSession::open_with(
             client.client.clone(),

@@ -138,6 +138,7 @@ fn whole_model(c: &mut Criterion) {
     let mesh = rt
         .block_on(LocalMesh::start(dir.path(), &spans))
         .expect("mesh");
+    rt.block_on(settle(&mesh));
     let client = rt.block_on(mesh.client()).expect("client");
 
     let mut group = c.benchmark_group("whole");
@@ -163,6 +164,7 @@ fn whole_model(c: &mut Criterion) {
     group.bench_function("mesh-3", |b| {
         b.iter_custom(|iters| steps(SessionConfig::default(), SessionContext::default(), iters))
     });
+    rt.block_on(report_pushes(&mesh));
     let relayed = SessionConfig {
         push: false,
         ..SessionConfig::default()
@@ -174,6 +176,7 @@ fn whole_model(c: &mut Criterion) {
     let exchange = rt
         .block_on(LocalMesh::start_without_streams(dir.path(), &spans))
         .expect("mesh");
+    rt.block_on(settle(&exchange));
     let exchange_client = rt.block_on(exchange.client()).expect("client");
     for (name, cfg) in [
         ("mesh-3-exchange", SessionConfig::default()),
@@ -337,6 +340,8 @@ fn hop_costs(c: &mut Criterion) {
     let exchange = rt
         .block_on(LocalMesh::start_without_streams(dir.path(), &whole))
         .expect("mesh");
+    rt.block_on(settle(&streamed));
+    rt.block_on(settle(&exchange));
     for (name, mesh) in [("mesh-1", &streamed), ("mesh-1-exchange", &exchange)] {
         let mesh_client = rt.block_on(mesh.client()).expect("client");
         group.bench_function(name, |b| {
@@ -388,6 +393,31 @@ fn mesh_steps(
         }
         total
     })
+}
+
+/// Waits until the mesh's servers hold one connection per peer, so that what is timed is
+/// the steady state, not the seconds after start-up when two servers that dialed each
+/// other at once still push by request-response ([`LocalMesh::settle`]).
+async fn settle(mesh: &LocalMesh) {
+    if !mesh.settle(Duration::from_secs(30)).await {
+        eprintln!("warning: the mesh's servers still hold two connections to a peer");
+    }
+}
+
+/// Prints how the mesh's servers sent their pushes so far: on session streams, or by
+/// request-response because no stream could be had.
+async fn report_pushes(mesh: &LocalMesh) {
+    let (mut streamed, mut fell_back) = (0, 0);
+    for (peer, _) in mesh.servers() {
+        let Some(node) = mesh.node(peer) else {
+            continue;
+        };
+        if let Ok(stats) = node.client().stats().await {
+            streamed += stats.streams.notices;
+            fell_back += stats.streams.fell_back;
+        }
+    }
+    eprintln!("pushes between servers: {streamed} on streams, {fell_back} by request-response");
 }
 
 /// A swarm's settings on loopback with no bootstrap.

@@ -75,6 +75,11 @@ async fn main() -> anyhow::Result<()> {
     let draft = Builtin::DemoDraft.ensure_under(home.path())?;
     let blocks = ModelFiles::open(&target)?.config.num_blocks();
     let mesh = LocalMesh::start(&target, &BlockRange::even_split(blocks, 3)).await?;
+    // Time the steady state: two servers that dialed each other at once push by
+    // request-response until one of the two connections is closed.
+    if !mesh.settle(Duration::from_secs(30)).await {
+        eprintln!("warning: the mesh's servers still hold two connections to a peer");
+    }
     let client = |d: Option<(&std::path::Path, usize)>| {
         let mut b = MeshClient::builder()
             .bootstrap([mesh.bootstrap_addr().clone()])

@@ -240,6 +240,47 @@ impl LocalMesh {
         Ok(client)
     }
 
+    /// Waits (up to `within`) until every server is connected to the servers of the spans
+    /// next to its own over one connection each, and says whether that came. Servers
+    /// started together find each other at the same instant and may dial each other at
+    /// once; while a pair holds both connections its pushes go by request-response rather
+    /// than on a session stream, until one connection has lasted long enough to be closed
+    /// (`p2p/event_loop/nat/duplicates.rs`): some seconds. A benchmark of the steady
+    /// state waits for this first.
+    pub async fn settle(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.settled().await {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        true
+    }
+
+    async fn settled(&self) -> bool {
+        let running: Vec<&RunningNode> = self
+            .nodes
+            .iter()
+            .filter(|n| !n.task.is_finished())
+            .collect();
+        for n in &running {
+            let p2p = n.handle.client();
+            let (Ok(stats), Ok(connected)) = (p2p.stats().await, p2p.connected_peers().await)
+            else {
+                return false;
+            };
+            let reached = running
+                .iter()
+                .filter(|m| m.span.end == n.span.start || m.span.start == n.span.end)
+                .all(|m| connected.contains(&m.peer));
+            if stats.connections > stats.connected_peers || !reached {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Stop every server cleanly, then the bootstrap.
     pub async fn stop(mut self) -> Result<(), NodeError> {
         for n in &mut self.nodes {
