@@ -3,8 +3,11 @@
 //! stream is opened to it (libp2p-stream would pick either, `p2p/stream.rs`), so its
 //! steps and pushes go by request-response for the life of the pair. Once a second
 //! direct connection has lasted a few seconds (an AutoNAT dial-back is closed sooner),
-//! one is closed. Both sides pick the same one without a word between them: only the
-//! peer that dialed a surplus connection closes it.
+//! one is closed. Both sides pick the same one without a word between them, and either
+//! may close it: a side with a request in flight to the peer waits (request-response may
+//! have put it on either connection), and while a pair's pushes go by request-response
+//! the pusher has one in flight at almost every tick, so the pair would not otherwise
+//! settle while the pushes kept coming.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -18,11 +21,13 @@ use crate::p2p::event_loop::EventLoop;
 /// How long two direct connections to one peer may both stand before one is closed.
 const SETTLE: Duration = Duration::from_secs(5);
 
-/// The connections to `peer` this side closes so that one direct connection remains:
-/// when the peer dialed one too and has the smaller id, every one this side dialed (the
-/// peer keeps its own, and closes nothing); else every one this side dialed but the
-/// oldest. Connections younger than [`SETTLE`], relayed ones and `dialbacks` count for
-/// nothing (they close on their own).
+/// The connections to `peer` this side closes so that one direct connection remains.
+/// When both sides dialed, the smaller id's connections stay: the larger closes every
+/// one it dialed, the smaller every one the peer dialed (the same ones, so either side
+/// alone settles the pair) and its own but the oldest. When only one side dialed, it
+/// closes every one but the oldest. Connections younger than [`SETTLE`], relayed ones and
+/// `dialbacks` count for nothing (they close on their own; a dial-back the peer made to
+/// answer our AutoNAT probe is closed by it sooner than [`SETTLE`]).
 fn surplus(
     local: &PeerId,
     peer: &PeerId,
@@ -46,10 +51,20 @@ fn surplus(
         .filter(|(_, c)| c.dialed.is_some())
         .map(|(id, c)| (c.since, **id))
         .collect();
-    let theirs = settled.len() - ours.len();
     ours.sort();
-    let keep = if theirs > 0 && local > peer { 0 } else { 1 };
-    ours.into_iter().skip(keep).map(|(_, id)| id).collect()
+    let theirs = settled
+        .iter()
+        .filter(|(_, c)| c.dialed.is_none())
+        .map(|(id, _)| **id);
+    let all_but_oldest =
+        |ours: Vec<(Instant, ConnectionId)>| ours.into_iter().skip(1).map(|(_, id)| id);
+    match (ours.is_empty(), theirs.clone().next().is_none()) {
+        // Only the peer dialed: it closes.
+        (true, _) => Vec::new(),
+        (false, true) => all_but_oldest(ours).collect(),
+        (false, false) if local > peer => ours.into_iter().map(|(_, id)| id).collect(),
+        (false, false) => all_but_oldest(ours).chain(theirs).collect(),
+    }
 }
 
 impl EventLoop {
@@ -93,19 +108,18 @@ mod tests {
         }
     }
 
-    /// Two peers, each with one connection it dialed to the other: the larger closes
-    /// its own, the smaller nothing, so exactly one connection stays.
+    fn smaller_and_larger() -> (PeerId, PeerId) {
+        let (x, y) = (PeerId::random(), PeerId::random());
+        (x.min(y), x.max(y))
+    }
+
+    /// Two peers, each with one connection it dialed to the other: both pick the one the
+    /// larger dialed, so exactly one connection stays whichever side closes first (the
+    /// other may be waiting on a request in flight).
     #[test]
-    fn of_two_crossed_dials_only_the_larger_peers_closes() {
+    fn of_two_crossed_dials_both_sides_close_the_larger_peers() {
         let now = Instant::now() + Duration::from_secs(60);
-        let (a, b) = {
-            let (x, y) = (PeerId::random(), PeerId::random());
-            if x < y {
-                (x, y)
-            } else {
-                (y, x)
-            }
-        };
+        let (a, b) = smaller_and_larger();
         let (first, second) = (
             ConnectionId::new_unchecked(1),
             ConnectionId::new_unchecked(2),
@@ -113,10 +127,34 @@ mod tests {
         let none = HashSet::new();
         // On `a`: `first` is the one it dialed, `second` the one `b` dialed.
         let at_a = HashMap::from([(first, conn(true, 10, now)), (second, conn(false, 10, now))]);
-        assert!(surplus(&a, &b, &at_a, &none, now).is_empty());
+        assert_eq!(surplus(&a, &b, &at_a, &none, now), vec![second]);
         // On `b` the same two: `second` is its own.
         let at_b = HashMap::from([(first, conn(false, 10, now)), (second, conn(true, 10, now))]);
         assert_eq!(surplus(&b, &a, &at_b, &none, now), vec![second]);
+    }
+
+    /// The smaller peer dialed twice and the larger once: the smaller's older one stays,
+    /// and the smaller alone closes the other two.
+    #[test]
+    fn the_smaller_peer_keeps_only_its_oldest() {
+        let now = Instant::now() + Duration::from_secs(60);
+        let (a, b) = smaller_and_larger();
+        let ids: Vec<ConnectionId> = (1..=3).map(ConnectionId::new_unchecked).collect();
+        let none = HashSet::new();
+        let at_a = HashMap::from([
+            (ids[0], conn(true, 30, now)),
+            (ids[1], conn(true, 10, now)),
+            (ids[2], conn(false, 20, now)),
+        ]);
+        let mut closed = surplus(&a, &b, &at_a, &none, now);
+        closed.sort();
+        assert_eq!(closed, vec![ids[1], ids[2]]);
+        let at_b = HashMap::from([
+            (ids[0], conn(false, 30, now)),
+            (ids[1], conn(false, 10, now)),
+            (ids[2], conn(true, 20, now)),
+        ]);
+        assert_eq!(surplus(&b, &a, &at_b, &none, now), vec![ids[2]]);
     }
 
     #[test]
