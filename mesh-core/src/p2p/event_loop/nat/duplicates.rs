@@ -6,8 +6,8 @@
 //! one is closed. Both sides pick the same one without a word between them, and either
 //! may close it: a side with a request in flight to the peer waits (request-response may
 //! have put it on either connection), and while a pair's pushes go by request-response
-//! the pusher has one in flight at almost every tick, so the pair would not otherwise
-//! settle while the pushes kept coming.
+//! the pusher has one in flight at many ticks, so a pair left to the pusher alone could
+//! stay unsettled while the pushes kept coming.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
