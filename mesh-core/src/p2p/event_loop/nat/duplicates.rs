@@ -58,7 +58,7 @@ fn surplus(
         .map(|(id, _)| **id);
     let all_but_oldest =
         |ours: Vec<(Instant, ConnectionId)>| ours.into_iter().skip(1).map(|(_, id)| id);
-    match (ours.is_empty(), theirs.clone().next().is_none()) {
+    match (ours.is_empty(), ours.len() == settled.len()) {
         // Only the peer dialed: it closes.
         (true, _) => Vec::new(),
         (false, true) => all_but_oldest(ours).collect(),
